@@ -1,0 +1,165 @@
+"""The `ripe` command line: run, chat, models, bench.
+
+Errors a user can cause print one line (`ripe: error: ...`) and exit 1; nothing here touches a tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ripelm import __version__
+from ripelm.models.errors import RipelmError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="model name (see `ripe models`) or path to a .gguf file (default: the bundled SmolLM2-135M)",
+    )
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "native", "llama.cpp"],
+        help="inference engine (default: native when it supports the model, else llama.cpp)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="compute device for the native engine (default: CUDA, then MPS, then CPU)",
+    )
+    p.add_argument(
+        "--ctx", type=int, default=None, metavar="N", help="context window in tokens (default 4096)"
+    )
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--temp", type=float, default=0.7, metavar="T", help="temperature; 0 is greedy (default 0.7)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=40, metavar="K", help="keep the K most likely tokens (0: all)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling mass (default 0.95)"
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.05,
+        metavar="P",
+        help="drop tokens below P x the top token's probability (default 0.05)",
+    )
+    p.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="penalty for recently seen tokens (1.0: off)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling"
+    )
+    p.add_argument("--max-tokens", "-n", type=int, default=512, metavar="N", help="most tokens to generate")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop at this string (repeatable)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ripe",
+        description="A local, private LLM assistant for the terminal.",
+        epilog='Examples:\n  ripe chat\n  ripe run "What is the capital of France?"\n  ripe bench --runs 5',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ripe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="answer one prompt and stream the reply to stdout",
+        description="Answer one prompt (chat template applied) and stream the reply.",
+    )
+    run.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    run.add_argument("--raw", action="store_true", help="plain text completion, no chat template")
+    run.add_argument("--system", default=None, help="system prompt")
+    run.add_argument("--stats", action="store_true", help="print speed and token counts to stderr afterwards")
+    _add_model_args(run)
+    _add_sampling_args(run)
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="An interactive chat. Type /exit or press Ctrl-D to leave.",
+    )
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+
+    sub.add_parser("models", help="list the models available (the bundled default included)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="compare native and llama.cpp speed on one model",
+        description="Prefill and decode tokens/s, load time and peak memory of the native "
+        "engine and llama.cpp on the same GGUF, medians of several runs, each "
+        "run in a fresh process.",
+    )
+    bench.add_argument("--model", "-m", default=None, help="model name or .gguf path (default: bundled)")
+    bench.add_argument("--runs", type=int, default=5, help="runs per engine (default 5)")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
+    bench.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    bench.add_argument("--threads", type=int, default=2, help="CPU threads for both engines (default 2)")
+    bench.add_argument("--engines", default="native,llama.cpp", help="comma-separated engines to measure")
+    bench.add_argument(
+        "--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="device for the native engine"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "run":
+            from ripelm.commands import cmd_run
+
+            return cmd_run(args)
+        if args.command == "chat":
+            from ripelm.commands import cmd_chat
+
+            return cmd_chat(args)
+        if args.command == "models":
+            from ripelm.commands import cmd_models
+
+            return cmd_models(args)
+        if args.command == "bench":
+            from ripelm.bench import cmd_bench
+
+            return cmd_bench(args)
+    except RipelmError as e:
+        print(f"ripe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `ripe run ... | head`); not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Compute kernels: GGUF dequantization in torch, packed int4 linear, attention and norms."""

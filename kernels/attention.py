@@ -1,0 +1,48 @@
+"""Causal grouped-query attention over a key/value history.
+
+`attention` is the fast path (torch SDPA, which picks a fused kernel per device); `attention_reference`
+is the plain softmax(QK^T / sqrt(d)) V that tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
+    """q [T, H, D] holds positions q_start..q_start+T-1; k, v [S, KV, D] hold positions 0..S-1.
+
+    Query i attends to keys 0..q_start+i. Returns [T, H, D] in q's dtype.
+    """
+    t, s = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = q.shape[1] != k.shape[1]
+    if t == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
+    elif q_start == 0 and s == t:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+    else:
+        mask = causal_mask(t, s, q_start, q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
+
+
+def causal_mask(t: int, s: int, q_start: int, device: torch.device) -> torch.Tensor:
+    """Boolean [T, S] mask, True where query i (at position q_start + i) may see key j."""
+    qpos = torch.arange(q_start, q_start + t, device=device)[:, None]
+    return torch.arange(s, device=device)[None, :] <= qpos
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
+    """Same contract as `attention`, in float32 with an explicit softmax."""
+    h, kv = q.shape[1], k.shape[1]
+    rep = h // kv
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.float(), kf) / math.sqrt(q.shape[-1])
+    mask = causal_mask(q.shape[0], k.shape[0], q_start, q.device)
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), vf).to(q.dtype)

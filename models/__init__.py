@@ -1,0 +1,1 @@
+"""GGUF reading and validation, architecture configs, the model catalog and store."""

@@ -1,0 +1,1 @@
+"""Inference runtime: forward, KV cache, sampling, generation, tokenizer, chat templates, engines."""

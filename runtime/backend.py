@@ -1,0 +1,148 @@
+"""What every engine offers the app: tokenize, render a chat, stream a generation.
+
+A `Backend` turns a prompt (token ids) and `SamplingParams` into a stream of token ids; the shared
+text pipeline here (streaming detokenizer, end-of-generation tokens, stop strings, token budget, stats)
+turns that into `TokenEvent`s, so every engine stops, counts and reports the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ripelm.runtime.chat_template import ChatTemplate
+from ripelm.runtime.errors import ContextOverflowError, EmptyPromptError
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.runtime.stopping import StopStrings
+from ripelm.runtime.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V were reused instead of recomputed
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # time to first token (prefill + first sample)
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    total_s: float = 0.0
+    finish_reason: str = ""  # "stop" (EOS or stop string), "length", "cancelled"
+    engine: str = ""
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class TokenEvent:
+    text: str
+    token_id: int | None = None
+    done: bool = False
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class TokenStep:
+    """One sampled token from an engine, with how long producing it took."""
+
+    token: int
+    seconds: float
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    context_length: int
+    device: str
+
+    def generate_ids(
+        self, prompt: list[int], params: SamplingParams, stats: GenerationStats
+    ) -> Iterator[int]:
+        """Sampled token ids, one at a time, until the caller stops iterating. Fills prompt/cache stats."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str  # already templated text, or raw text when raw=True
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event | None = None
+
+
+def prompt_ids(backend: Backend, text: str, *, add_bos: bool | None = None) -> list[int]:
+    if not text.strip():
+        raise EmptyPromptError("the prompt is empty")
+    ids = backend.tokenizer.encode(text, add_bos=add_bos)
+    if len(ids) >= backend.context_length:
+        raise ContextOverflowError(
+            f"the prompt is {len(ids)} tokens but the context window is {backend.context_length}"
+        )
+    return ids
+
+
+def stream(
+    backend: Backend, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
+) -> Iterator[TokenEvent]:
+    """Run a generation and yield text as it becomes safe to show; the last event has done=True and stats."""
+    params.validate()
+    stats = GenerationStats(prompt_tokens=len(prompt), engine=backend.name)
+    budget = min(params.max_tokens, backend.context_length - len(prompt))
+    if budget < 1:
+        raise ContextOverflowError(
+            f"the prompt is {len(prompt)} tokens and leaves no room in the context window of "
+            f"{backend.context_length}"
+        )
+    decoder = StreamDecoder(backend.tokenizer)
+    stops = StopStrings(params.stop)
+    eog = backend.tokenizer.eog_ids
+    t0 = time.perf_counter()
+    t_first = None
+    finish = "length"
+    gen = backend.generate_ids(prompt, params, stats)
+    try:
+        for tok in gen:
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+            if tok in eog:
+                finish = "stop"
+                break
+            stats.generated_tokens += 1
+            text = stops.feed(decoder.feed(tok))
+            if text:
+                yield TokenEvent(text, tok)
+            if stops.hit is not None:
+                finish = "stop"
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if stats.generated_tokens >= budget:
+                break
+    finally:
+        gen.close()
+    tail = stops.feed(decoder.flush()) + stops.flush()
+    end = time.perf_counter()
+    stats.finish_reason = finish
+    stats.total_s = end - t0
+    if t_first is not None:
+        stats.ttft_s = t_first - t0
+        computed = max(1, stats.prompt_tokens - stats.cached_tokens)
+        stats.prefill_tok_s = computed / max(stats.ttft_s, 1e-9)
+        if stats.generated_tokens > 1:
+            stats.decode_tok_s = (stats.generated_tokens - 1) / max(end - t_first, 1e-9)
+    yield TokenEvent(tail, None, done=True, stats=stats)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (how much cached K/V a new prompt reuses)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

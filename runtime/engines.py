@@ -1,0 +1,67 @@
+"""Open the engine a user asked for, or pick one: native when it supports the model, else llama.cpp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ripelm.models.errors import UnsupportedModelError
+from ripelm.models.gguf_file import open_gguf
+from ripelm.runtime.backend import Backend
+from ripelm.runtime.errors import BackendError
+
+ENGINES = ("auto", "native", "llama.cpp")
+
+
+def native_support_problem(model_path: Path) -> str | None:
+    """Why the native engine cannot run this (valid) model, or None if it can."""
+    from ripelm.runtime.loader import check_supported
+
+    g = open_gguf(model_path)
+    try:
+        check_supported(g)
+    except UnsupportedModelError as e:
+        return str(e)
+    finally:
+        g.close()
+    return None
+
+
+def open_backend(
+    model_path: Path,
+    *,
+    engine: str = "auto",
+    device: str | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> Backend:
+    if engine not in ENGINES:
+        raise BackendError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    if engine == "auto":
+        problem = native_support_problem(model_path)
+        if problem is None:
+            engine = "native"
+        else:
+            try:
+                backend = _llama_cpp(model_path, device, n_ctx, threads)
+            except BackendError as e:
+                raise UnsupportedModelError(f"{problem}; llama.cpp cannot run it either") from e
+            if notice:
+                notice(f"using llama.cpp: {problem}")
+            return backend
+    if engine == "native":
+        from ripelm.runtime.device import set_threads
+        from ripelm.runtime.native import NativeBackend
+
+        set_threads(threads)
+        return NativeBackend(model_path, device=device, n_ctx=n_ctx)
+    return _llama_cpp(model_path, device, n_ctx, threads)
+
+
+def _llama_cpp(model_path: Path, device: str | None, n_ctx: int | None, threads: int | None) -> Backend:
+    if device not in (None, "auto", "cpu"):
+        raise BackendError("the llama.cpp engine here runs on the CPU; use --engine native for --device")
+    from ripelm.runtime.llama_cpp_backend import LlamaCppBackend
+
+    return LlamaCppBackend(model_path, n_ctx=n_ctx, n_threads=threads)

@@ -1,0 +1,19 @@
+"""Errors a user can cause at generation time (bad prompt, too long, bad settings)."""
+
+from ripelm.models.errors import RipelmError
+
+
+class ContextOverflowError(RipelmError):
+    """The prompt (plus what must be generated) does not fit the model's context window."""
+
+
+class EmptyPromptError(RipelmError):
+    """Nothing to generate from."""
+
+
+class BackendError(RipelmError):
+    """An engine could not be used (missing dependency, unsupported device...)."""
+
+
+class BadSamplingError(RipelmError):
+    """A sampling setting out of its range (negative temperature, top-p above 1...)."""

@@ -1,0 +1,90 @@
+"""The llama.cpp engine (through llama-cpp-python): runs what the native engine does not, and is the
+reference our logits are checked against."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ripelm.models.gguf_file import open_gguf
+from ripelm.runtime.backend import GenerationStats, common_prefix
+from ripelm.runtime.chat_template import ChatTemplate
+from ripelm.runtime.errors import BackendError
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.runtime.tokenizer import Tokenizer, quiet_llama_logs
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+    device = "cpu"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        logits_all: bool = False,
+        n_batch: int = 512,
+        tokenizer: Tokenizer | None = None,
+    ):
+        try:
+            import llama_cpp
+        except ImportError as e:  # pragma: no cover - it is a hard dependency
+            raise BackendError(f"llama-cpp-python is not installed: {e}") from e
+        self.path = Path(model_path)
+        g = open_gguf(self.path)  # validate before llama.cpp's own parser touches the file
+        trained = int(g.get(f"{g.architecture}.context_length", 4096) or 4096)
+        template_src = g.get("tokenizer.chat_template")
+        g.close()
+        self.context_length = min(n_ctx or 4096, trained)
+        quiet_llama_logs()
+        try:
+            self.llm = llama_cpp.Llama(
+                str(self.path),
+                n_ctx=self.context_length,
+                n_threads=n_threads or default_threads(),
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                logits_all=logits_all,
+                verbose=False,
+            )
+        except Exception as e:
+            raise BackendError(f"llama.cpp could not load {self.path.name}: {e}") from e
+        self.tokenizer = tokenizer or Tokenizer(self.path)
+        self.template = ChatTemplate(
+            template_src, bos_token=self.tokenizer.bos_text, eos_token=self.tokenizer.eos_text
+        )
+
+    def generate_ids(
+        self, prompt: list[int], params: SamplingParams, stats: GenerationStats
+    ) -> Iterator[int]:
+        llm = self.llm
+        stats.cached_tokens = common_prefix(list(llm._input_ids), prompt)
+        if params.seed is not None:
+            llm.set_seed(params.seed)
+        yield from llm.generate(
+            prompt,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repetition_penalty,
+            reset=False,
+        )
+
+    def teacher_forced_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] for every position (needs logits_all=True)."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()

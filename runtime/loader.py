@@ -1,0 +1,191 @@
+"""Turn a validated GGUF file into a `Transformer` whose weights stay quantized.
+
+Q4_0/Q4_1/Q4_K and ternary TQ1_0/TQ2_0 matrices become packed int4 layers (codes unchanged), Q8_0
+becomes two exact 4-bit halves on the same kernel, the rest (F32/F16/BF16/Q5_K/Q6_K...) dense in the
+compute dtype. Projections that read the same input (Q/K/V, gate/up) are fused into one matmul when
+their formats allow.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ripelm.kernels.dequant import dequantize, dequantize_rows, q4_codes_scales_offsets, q8_0_as_two_q4
+from ripelm.kernels.packed_linear import (
+    ConcatLinear,
+    DenseLinear,
+    Int4Codes,
+    Int4Linear,
+    SplitInt8Linear,
+    int4_shape_ok,
+)
+from ripelm.kernels.quant_types import QuantType
+from ripelm.models.config import ModelConfig, config_from_gguf
+from ripelm.models.errors import UnsupportedModelError
+from ripelm.models.gguf_file import GGUFFile, unsupported_tensor_types
+from ripelm.runtime.model import LayerWeights, Transformer
+
+INT4_TYPES = {QuantType.Q4_0, QuantType.Q4_1, QuantType.Q4_K, QuantType.TQ1_0, QuantType.TQ2_0}
+DENSE_TYPES = {
+    QuantType.F32,
+    QuantType.F16,
+    QuantType.BF16,
+    QuantType.Q5_0,
+    QuantType.Q5_1,
+    QuantType.Q5_K,
+    QuantType.Q6_K,
+}
+SUPPORTED_TYPES = {int(t) for t in INT4_TYPES | DENSE_TYPES | {QuantType.Q8_0}}
+
+
+@dataclass
+class _Matrix:
+    """One 2-D weight as read from the file, before it becomes a layer."""
+
+    name: str
+    qtype: QuantType
+    shape: tuple[int, int]  # torch order [out, in]
+    raw: np.ndarray  # the tensor's bytes, memory-mapped from the file
+
+    def int4(self) -> Int4Codes:
+        p = q4_codes_scales_offsets(self.raw, int(self.qtype), self.shape)
+        return Int4Codes(p.codes, p.scale, p.offset, p.group_size)
+
+    def dense(self) -> torch.Tensor:
+        return dequantize(self.raw, int(self.qtype), self.shape)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding lookup that dequantizes only the requested rows of the file's table."""
+
+    def __init__(self, m: _Matrix, device: torch.device):
+        super().__init__()
+        self.m = m
+        self.device = device
+        self.raw = _mapped_tensor(m.raw)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_rows(self.raw, int(self.m.qtype), self.m.shape, tokens.cpu())
+        return rows.to(self.device)
+
+
+def _mapped_tensor(raw: np.ndarray) -> torch.Tensor:
+    """A torch view of read-only mapped file bytes, made once so per-token lookups do not re-wrap it."""
+    with warnings.catch_warnings():
+        # torch warns that the array is not writable; nothing ever writes through this view.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw)
+
+
+def _linear(
+    parts: list[_Matrix], bias: list[torch.Tensor] | None, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """One layer computing the outputs of `parts` side by side; one fused matmul if they share a format."""
+    b = torch.cat(bias) if bias else None
+    kinds = {_kind(p) for p in parts}
+    if len(kinds) > 1:
+        return ConcatLinear(
+            [_linear([p], None if bias is None else [bias[i]], dtype, device) for i, p in enumerate(parts)]
+        )
+    kind = kinds.pop()
+    if kind.startswith("int4"):
+        codes = [p.int4() for p in parts]
+        q = codes[0] if len(codes) == 1 else Int4Codes.cat(codes)  # type: ignore[arg-type]
+        return Int4Linear(q, b, dtype=dtype, device=device)  # type: ignore[arg-type]
+    if kind == "q8_0":
+        halves = [q8_0_as_two_q4(p.raw, p.shape) for p in parts]
+        high = Int4Codes.cat([Int4Codes(*h) for h, _ in halves])
+        low = Int4Codes.cat([Int4Codes(*lo) for _, lo in halves])
+        return SplitInt8Linear(high, low, b, dtype=dtype, device=device)
+    return DenseLinear(torch.cat([p.dense() for p in parts]), b, dtype=dtype, device=device)
+
+
+def _kind(m: _Matrix) -> str:
+    """How a matrix will be held: int4 (with its group size), split Q8_0, or dense."""
+    n, k = m.shape
+    if m.qtype in INT4_TYPES:
+        group = 256 if m.qtype in (QuantType.TQ1_0, QuantType.TQ2_0) else 32
+        if int4_shape_ok(n, k, group):
+            return f"int4/{group}"
+    if m.qtype == QuantType.Q8_0 and int4_shape_ok(n, 2 * k, 32):
+        return "q8_0"
+    return "dense"
+
+
+def check_supported(g: GGUFFile) -> ModelConfig:
+    """Config of a model the native engine can run; UnsupportedModelError naming what it cannot."""
+    cfg = config_from_gguf(g)
+    bad = unsupported_tensor_types(g, SUPPORTED_TYPES)
+    if bad:
+        kinds = sorted({t for _, t in bad})
+        raise UnsupportedModelError(
+            f"native engine does not support tensor type(s) {', '.join(kinds)} (e.g. {bad[0][0]})"
+        )
+    if cfg.rope_scaling_type not in (None, "none", "linear"):
+        raise UnsupportedModelError(f"native engine does not support rope scaling '{cfg.rope_scaling_type}'")
+    return cfg
+
+
+def load_transformer(
+    g: GGUFFile, *, device: torch.device, dtype: torch.dtype, reference: bool = False
+) -> Transformer:
+    """The model with packed weights, or with `reference=True` the exact float32 model tests compare to."""
+    cfg = check_supported(g)
+    if reference:
+        dtype = torch.float32
+
+    def linear(parts: list[_Matrix], bias: list[torch.Tensor] | None) -> nn.Module:
+        if reference:
+            b = torch.cat(bias) if bias else None
+            return DenseLinear(torch.cat([m.dense() for m in parts]), b, dtype=dtype, device=device)
+        return _linear(parts, bias, dtype, device)
+
+    def mat(name: str) -> _Matrix:
+        info = g.tensors[name]
+        return _Matrix(name, QuantType(info.ggml_type), tuple(info.torch_shape), g.tensor_bytes(name))  # type: ignore[arg-type]
+
+    def vec(name: str) -> torch.Tensor:
+        info = g.tensors[name]
+        return dequantize(g.tensor_bytes(name), info.ggml_type, info.torch_shape).to(device)
+
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        bias = [vec(p + f"attn_{x}.bias") for x in "qkv"] if cfg.attn_bias else None
+        layers.append(
+            LayerWeights(
+                attn_norm=vec(p + "attn_norm.weight"),
+                wqkv=linear(
+                    [mat(p + "attn_q.weight"), mat(p + "attn_k.weight"), mat(p + "attn_v.weight")],
+                    bias,
+                ),
+                wo=linear([mat(p + "attn_output.weight")], None),
+                ffn_norm=vec(p + "ffn_norm.weight"),
+                w_gate_up=linear([mat(p + "ffn_gate.weight"), mat(p + "ffn_up.weight")], None),
+                w_down=linear([mat(p + "ffn_down.weight")], None),
+                q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
+                k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+            )
+        )
+    embed_m = mat("token_embd.weight")
+    head_m = embed_m if cfg.tied_embeddings else mat("output.weight")
+    head_raw = _mapped_tensor(head_m.raw)
+    freq_factors = vec("rope_freqs.weight").cpu() if "rope_freqs.weight" in g.tensors else None
+    return Transformer(
+        cfg,
+        QuantizedEmbedding(embed_m, device),
+        layers,
+        vec("output_norm.weight"),
+        linear([head_m], None),
+        dtype=dtype,
+        device=device,
+        rope_freq_factors=freq_factors,
+        head_rows=None
+        if reference
+        else lambda ids: dequantize_rows(head_raw, int(head_m.qtype), head_m.shape, ids),
+    )

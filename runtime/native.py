@@ -1,0 +1,119 @@
+"""The native engine: our torch transformer over a GGUF file, one sequence at a time.
+
+The KV cache survives between generations and is rewound to the longest common prefix of the new
+prompt, so a chat turn that extends the previous one only prefills its new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ripelm.models.gguf_file import open_gguf
+from ripelm.runtime.backend import GenerationStats, common_prefix
+from ripelm.runtime.chat_template import ChatTemplate
+from ripelm.runtime.device import compute_dtype, pick_device
+from ripelm.runtime.errors import ContextOverflowError
+from ripelm.runtime.kv_cache import ContiguousKVCache
+from ripelm.runtime.loader import load_transformer
+from ripelm.runtime.sampling import Sampler, SamplingParams
+from ripelm.runtime.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512
+
+
+class NativeBackend:
+    name = "native"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str | None = None,
+        n_ctx: int | None = None,
+        tokenizer: Tokenizer | None = None,
+        reference: bool = False,
+    ):
+        """`reference=True` loads the exact float32 model (dequantized weights) that tests compare to."""
+        self.path = Path(model_path)
+        self.gguf = open_gguf(self.path)
+        self.torch_device = pick_device(device)
+        self.device = str(self.torch_device)
+        self.model = load_transformer(
+            self.gguf, device=self.torch_device, dtype=compute_dtype(self.torch_device), reference=reference
+        )
+        self.dtype = self.model.dtype
+        cfg = self.model.cfg
+        self.cfg = cfg
+        self.context_length = min(n_ctx or 4096, cfg.context_length)
+        self.tokenizer = tokenizer or Tokenizer(self.path)
+        self.template = ChatTemplate(
+            cfg.chat_template, bos_token=self.tokenizer.bos_text, eos_token=self.tokenizer.eos_text
+        )
+        self.cache = ContiguousKVCache(
+            cfg.n_layers,
+            self.context_length,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.torch_device,
+        )
+        self.cached_tokens: list[int] = []  # the tokens whose K/V sit in self.cache, in order
+
+    def forward(
+        self, tokens: list[int], start: int, logits_rows: str | torch.Tensor = "last"
+    ) -> torch.Tensor:
+        """Run `tokens` at positions start.. through the model, extending the cache; returns logits."""
+        n = len(tokens)
+        self.cache.begin(start, n)
+        t = torch.tensor(tokens, dtype=torch.long, device=self.torch_device)
+        pos = torch.arange(start, start + n, device=self.torch_device)
+        out = self.model(t, pos, self.cache, logits_rows=logits_rows)
+        self.cached_tokens[start:] = tokens
+        return out
+
+    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, int]:
+        """Make the cache hold `prompt`; returns the last logits and how many prompt tokens were reused."""
+        if len(prompt) > self.context_length:
+            raise ContextOverflowError(
+                f"the prompt is {len(prompt)} tokens but the context window is {self.context_length}"
+            )
+        reuse = common_prefix(self.cached_tokens, prompt)
+        reuse = min(reuse, len(prompt) - 1)  # always recompute at least one token to get logits
+        self.cache.truncate(reuse)
+        del self.cached_tokens[reuse:]
+        logits = None
+        for s in range(reuse, len(prompt), PREFILL_CHUNK):
+            logits = self.forward(prompt[s : s + PREFILL_CHUNK], s)
+        assert logits is not None
+        return logits[-1], reuse
+
+    def generate_ids(
+        self, prompt: list[int], params: SamplingParams, stats: GenerationStats
+    ) -> Iterator[int]:
+        sampler = Sampler(params)
+        logits, reused = self.prefill(prompt)
+        stats.cached_tokens = reused
+        history = list(prompt)
+        while True:
+            tok = sampler(logits, history)
+            yield tok
+            history.append(tok)
+            if len(history) >= self.context_length:
+                return
+            logits = self.forward([tok], len(history) - 1)[-1]
+
+    def teacher_forced_logits(self, tokens: list[int]) -> torch.Tensor:
+        """Logits [len(tokens), vocab] for every position, computed chunk by chunk from an empty cache."""
+        self.cache.truncate(0)
+        self.cached_tokens.clear()
+        outs = [
+            self.forward(tokens[s : s + PREFILL_CHUNK], s, logits_rows="all")
+            for s in range(0, len(tokens), PREFILL_CHUNK)
+        ]
+        return torch.cat(outs)
+
+    def close(self) -> None:
+        self.gguf.close()

@@ -1,0 +1,97 @@
+"""Sampling settings and next-token selection from logits.
+
+Order of operations follows llama.cpp's default chain: repetition penalty, then top-k, top-p, min-p on
+the tempered distribution, then a draw. Temperature 0 is greedy (argmax) and ignores the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        from ripelm.runtime.errors import BadSamplingError
+
+        if not (self.temperature >= 0):
+            raise BadSamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise BadSamplingError(f"top-k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise BadSamplingError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.min_p < 1.0):
+            raise BadSamplingError(f"min-p must be in [0, 1), got {self.min_p}")
+        if not (self.repetition_penalty > 0):
+            raise BadSamplingError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_tokens < 1:
+            raise BadSamplingError(f"max tokens must be >= 1, got {self.max_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens seen recently: divide positive logits, multiply negative ones."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a draw is made from: softmax(logits / T) restricted by top-k, top-p and min-p."""
+    logits = logits.float() / max(p.temperature, 1e-6)
+    vocab = logits.shape[-1]
+    k = p.top_k if 0 < p.top_k < vocab else vocab
+    vals, idx = torch.topk(logits, k)  # sorted, descending
+    probs = torch.softmax(vals, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if p.top_p < 1.0:
+        cum = probs.cumsum(-1)
+        keep &= (cum - probs) < p.top_p  # keep the smallest prefix reaching top_p (always the first)
+    if p.min_p > 0.0:
+        keep &= probs >= p.min_p * probs[..., :1]
+    probs = torch.where(keep, probs, torch.zeros_like(probs))
+    probs = probs / probs.sum(-1, keepdim=True)
+    out = torch.zeros_like(logits)
+    return out.scatter_(-1, idx, probs)
+
+
+class Sampler:
+    """Picks next tokens for one sequence; holds its own seeded generator so runs are reproducible."""
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        p = self.params
+        logits = logits.float().cpu()
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, history[-p.repeat_last_n :], p.repetition_penalty)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        probs = filtered_probs(logits, p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

