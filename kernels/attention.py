@@ -1,7 +1,7 @@
 """Causal grouped-query attention over a key/value history.
 
-`attention` is the fast path (torch SDPA, which picks a fused kernel per device); `attention_reference`
-is the plain softmax(QK^T / sqrt(d)) V that tests compare against.
+`attention` is the fast path (torch SDPA, which picks a fused kernel per device) over head-major
+history [KV, S, D]; `attention_reference` is the plain softmax(QK^T / sqrt(d)) V that tests compare to.
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ import torch.nn.functional as F
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
-    """q [T, H, D] holds positions q_start..q_start+T-1; k, v [S, KV, D] hold positions 0..S-1.
+    """q [T, H, D] holds positions q_start..q_start+T-1; k, v [KV, S, D] hold positions 0..S-1.
 
     Query i attends to keys 0..q_start+i. Returns [T, H, D] in q's dtype.
     """
-    t, s = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    gqa = q.shape[1] != k.shape[1]
+    t, s = q.shape[0], k.shape[1]
+    qh = q.transpose(0, 1)[None]
+    gqa = q.shape[1] != k.shape[0]
     if t == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], enable_gqa=gqa)
     elif q_start == 0 and s == t:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, enable_gqa=gqa)
     else:
         mask = causal_mask(t, s, q_start, q.device)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=mask, enable_gqa=gqa)
     return out[0].transpose(0, 1)
 
 
@@ -38,11 +38,11 @@ def causal_mask(t: int, s: int, q_start: int, device: torch.device) -> torch.Ten
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
     """Same contract as `attention`, in float32 with an explicit softmax."""
-    h, kv = q.shape[1], k.shape[1]
+    h, kv = q.shape[1], k.shape[0]
     rep = h // kv
-    kf = k.float().repeat_interleave(rep, dim=1)
-    vf = v.float().repeat_interleave(rep, dim=1)
-    scores = torch.einsum("thd,shd->hts", q.float(), kf) / math.sqrt(q.shape[-1])
-    mask = causal_mask(q.shape[0], k.shape[0], q_start, q.device)
+    kf = k.float().repeat_interleave(rep, dim=0)  # [H, S, D]
+    vf = v.float().repeat_interleave(rep, dim=0)
+    scores = torch.einsum("thd,hsd->hts", q.float(), kf) / math.sqrt(q.shape[-1])
+    mask = causal_mask(q.shape[0], k.shape[1], q_start, q.device)
     scores = scores.masked_fill(~mask[None], float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), vf).to(q.dtype)
+    return torch.einsum("hts,hsd->thd", scores.softmax(-1), vf).to(q.dtype)

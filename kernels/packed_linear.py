@@ -11,6 +11,7 @@ a reference path (`reference_weight`) that tests compare against.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+DENSE_MIN_ROWS = 32  # from this many input rows on, CPU layers with a `dense_weight` use it
 
 
 @dataclass
@@ -67,35 +69,49 @@ class Int4Linear(nn.Module):
 
     def __init__(
         self,
-        q: Int4Codes,
+        q: Int4Codes | Iterable[Int4Codes],
         bias: torch.Tensor | None = None,
         *,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         keep_codes: bool = False,
+        dense_weight: Callable[[], torch.Tensor] | None = None,
     ):
+        """`q` is the whole weight, or its consecutive row shards (packed one at a time to bound memory)."""
         super().__init__()
-        n, k = q.shape
-        if q.group_size not in INT4_GROUP_SIZES or k % q.group_size:
-            raise ValueError(f"int4 group size {q.group_size} does not fit a row of {k}")
         device = torch.device(device)
-        self.in_features, self.out_features, self.group_size = k, n, q.group_size
+        packed, sz, kept = [], [], []
+        for shard in [q] if isinstance(q, Int4Codes) else q:
+            n, k = shard.shape
+            if shard.group_size not in INT4_GROUP_SIZES or k % shard.group_size:
+                raise ValueError(f"int4 group size {shard.group_size} does not fit a row of {k}")
+            if packed and (k, shard.group_size) != (self.in_features, self.group_size):
+                raise ValueError("int4 row shards differ in row length or group size")
+            self.in_features, self.group_size = k, shard.group_size
+            packed.append(_pack_int4(shard.codes, device))
+            zero = shard.offset + 8.0 * shard.scale
+            # tinygemm wants [K // group, N, 2] with scale first, zero second.
+            sz.append(torch.stack([shard.scale, zero], dim=-1).transpose(0, 1).to(dtype=dtype, device=device))
+            if keep_codes:
+                kept.append(shard)
+        self.out_features = sum(p.shape[0] for p in packed)
         self.dtype = dtype
         self.device_type = device.type
-        zero = q.offset + 8.0 * q.scale
-        # tinygemm wants [K // group, N, 2] with scale first, zero second.
-        sz = torch.stack([q.scale, zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_and_zeros", sz.to(dtype=dtype, device=device), persistent=False)
-        self.register_buffer("packed", _pack_int4(q.codes, device), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.cat(sz, dim=1).contiguous(), persistent=False)
+        self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0], persistent=False)
         self.register_buffer(
             "bias", None if bias is None else bias.to(dtype=dtype, device=device), persistent=False
         )
-        # Codes are only kept when a caller wants the exact reference path (tests, re-quantization).
-        self._codes = q if keep_codes else None
+        self._codes = (kept[0] if len(kept) == 1 else Int4Codes.cat(kept)) if keep_codes else None
+        # For many rows at once (prefill) a dense bf16 matmul beats the int4 kernel by ~10x on CPU (AMX,
+        # AVX512-BF16); `dense_weight` rebuilds the float weight on demand, so nothing extra stays resident.
+        self.dense_weight = dense_weight if device.type == "cpu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _flatten(x.to(self.dtype))
-        if self.device_type == "cpu":
+        if self.dense_weight is not None and x2.shape[0] >= DENSE_MIN_ROWS:
+            y = F.linear(x2, self.dense_weight().to(self.dtype))
+        elif self.device_type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group_size, self.scales_and_zeros
             )
@@ -119,7 +135,13 @@ class Int4Linear(nn.Module):
 
 def _pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        # The CPU layout tiles rows by 64, so packing in row chunks gives the same bytes while the int32
+        # copy the op needs stays small (a whole 49k-row output head would need 100+ MB at once).
+        chunks = [
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[i : i + 4096].to(torch.int32), 1)
+            for i in range(0, codes.shape[0], 4096)
+        ]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     # CUDA and MPS take two codes per byte, high nibble first, and a tile count for the layout.
     packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous().to(device)
     k = codes.shape[1]
@@ -136,25 +158,32 @@ class SplitInt8Linear(nn.Module):
 
     def __init__(
         self,
-        high: Int4Codes,
-        low: Int4Codes,
+        halves: Iterable[tuple[Int4Codes, Int4Codes]],
         bias: torch.Tensor | None = None,
         *,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         keep_codes: bool = False,
+        dense_weight: Callable[[], torch.Tensor] | None = None,
     ):
         super().__init__()
-        both = Int4Codes(
-            torch.cat([high.codes, low.codes], dim=1),
-            torch.cat([high.scale, low.scale], dim=1),
-            torch.cat([high.offset, low.offset], dim=1),
-            high.group_size,
+        self.dense_weight = dense_weight if torch.device(device).type == "cpu" else None
+        both = (
+            Int4Codes(
+                torch.cat([high.codes, low.codes], dim=1),
+                torch.cat([high.scale, low.scale], dim=1),
+                torch.cat([high.offset, low.offset], dim=1),
+                high.group_size,
+            )
+            for high, low in halves
         )
         self.inner = Int4Linear(both, bias, dtype=dtype, device=device, keep_codes=keep_codes)
-        self.in_features, self.out_features = high.shape[1], high.shape[0]
+        self.in_features, self.out_features = self.inner.in_features // 2, self.inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_weight is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
+            y = F.linear(x.to(self.inner.dtype), self.dense_weight().to(self.inner.dtype))
+            return y if self.inner.bias is None else y + self.inner.bias
         return self.inner(torch.cat([x, x], dim=-1))
 
     def reference_weight(self) -> torch.Tensor:

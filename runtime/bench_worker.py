@@ -66,20 +66,28 @@ def run(engine: str, model: str, n_prompt: int, n_gen: int, threads: int, device
             pos += 1
         decode_s = time.perf_counter() - t
     else:
+        import llama_cpp
         import numpy as np
 
         llm = b.llm
+        n_vocab = llm.n_vocab()
+
+        def last_argmax() -> int:
+            # llama-cpp-python keeps no scores without logits_all; read the last row from llama.cpp.
+            row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            return int(np.argmax(np.ctypeslib.as_array(row, shape=(n_vocab,))))
+
         llm.reset()
         llm.eval(warm)
         llm.reset()
         t = time.perf_counter()
         llm.eval(ids)
         prefill_s = time.perf_counter() - t
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax()
         t = time.perf_counter()
         for _ in range(n_gen):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_argmax()
         decode_s = time.perf_counter() - t
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -39,3 +41,29 @@ def set_threads(n: int | None) -> None:
     """Use `n` CPU threads (default: what torch chose, normally the physical cores)."""
     if n:
         torch.set_num_threads(n)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed after loading (hundreds of MB of unpacking temporaries) back to the OS.
+
+    glibc keeps freed heap pages mapped; without this, peak-sized RSS lingers for the life of the process.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl...): nothing to do
+            pass
+
+
+def bound_heap_growth() -> None:
+    """Serve allocations of 4 MB and up straight from mmap, so they go back to the OS when freed.
+
+    glibc otherwise raises its mmap threshold after the first large free, and prefill temporaries (dense
+    weights, activations) then pile up in the heap: measured 740-790 MB peak RSS instead of 545 MB on
+    the bundled model, with the same speed.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass

@@ -1,6 +1,7 @@
 """Key/value memory for the transformer forward.
 
-`ContiguousKVCache` reserves one [max_len, kv_heads, head_dim] buffer per layer for a single sequence.
+`ContiguousKVCache` reserves one head-major [kv_heads, max_len, head_dim] buffer per layer for a single
+sequence (the layout attention reads without a transpose).
 The forward only talks to a cache through `attend(layer, q, k, v)` after `begin(positions)`, so the
 paged cache (block pool + block tables) plugs into the same forward.
 """
@@ -24,7 +25,7 @@ class ContiguousKVCache:
         device: torch.device | str = "cpu",
     ):
         self.max_len = max_len
-        self.k = torch.zeros(n_layers, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(n_layers, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0  # tokens whose K/V are stored (positions 0..length-1)
         self._start = 0
@@ -42,11 +43,11 @@ class ContiguousKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, e = self._start, self._end
-        self.k[layer, s:e] = k
-        self.v[layer, s:e] = v
+        self.k[layer, :, s:e] = k.transpose(0, 1)
+        self.v[layer, :, s:e] = v.transpose(0, 1)
         if layer == self.k.shape[0] - 1:
             self.length = e
-        return attention(q, self.k[layer, :e], self.v[layer, :e], s)
+        return attention(q, self.k[layer, :, :e], self.v[layer, :, :e], s)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (rewind for a new prompt sharing a prefix, or rejected drafts)."""

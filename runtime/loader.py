@@ -9,6 +9,7 @@ their formats allow.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,14 +96,34 @@ def _linear(
     kind = kinds.pop()
     if kind.startswith("int4"):
         codes = [p.int4() for p in parts]
-        q = codes[0] if len(codes) == 1 else Int4Codes.cat(codes)  # type: ignore[arg-type]
-        return Int4Linear(q, b, dtype=dtype, device=device)  # type: ignore[arg-type]
+        q = codes[0] if len(codes) == 1 else Int4Codes.cat(codes)
+        return Int4Linear(q, b, dtype=dtype, device=device, dense_weight=_dense_source(parts, dtype))
     if kind == "q8_0":
-        halves = [q8_0_as_two_q4(p.raw, p.shape) for p in parts]
-        high = Int4Codes.cat([Int4Codes(*h) for h, _ in halves])
-        low = Int4Codes.cat([Int4Codes(*lo) for _, lo in halves])
-        return SplitInt8Linear(high, low, b, dtype=dtype, device=device)
+        return SplitInt8Linear(
+            _q8_0_shards(parts), b, dtype=dtype, device=device, dense_weight=_dense_source(parts, dtype)
+        )
     return DenseLinear(torch.cat([p.dense() for p in parts]), b, dtype=dtype, device=device)
+
+
+def _q8_0_shards(parts: list[_Matrix], rows: int = 4096) -> Iterator[tuple[Int4Codes, Int4Codes]]:
+    """Q8_0 weights as exact 4-bit halves, a few thousand rows at a time so unpacking stays small."""
+    for p in parts:
+        n, k = p.shape
+        row_bytes = p.raw.nbytes // n
+        for i in range(0, n, rows):
+            m = min(rows, n - i)
+            high, low = q8_0_as_two_q4(p.raw[i * row_bytes : (i + m) * row_bytes], (m, k))
+            yield Int4Codes(*high), Int4Codes(*low)
+
+
+def _dense_source(parts: list[_Matrix], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """Rebuilds the stacked float weight from the mapped file bytes (the dense prefill path)."""
+    raws = [(_mapped_tensor(p.raw), int(p.qtype), p.shape) for p in parts]
+
+    def weight() -> torch.Tensor:
+        return torch.cat([dequantize(r, q, shape).to(dtype) for r, q, shape in raws])
+
+    return weight
 
 
 def _kind(m: _Matrix) -> str:

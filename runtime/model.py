@@ -19,7 +19,10 @@ from ripelm.kernels.rmsnorm import rms_norm
 from ripelm.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from ripelm.models.config import ModelConfig
 
-REFINE_TOP = 16  # head rows recomputed in float32 per position
+# Head rows recomputed in float32: every token whose bf16 logit is within REFINE_MARGIN of the best (the
+# packed head's error is well under 0.5), at most REFINE_MAX per position on average.
+REFINE_MARGIN = 1.0
+REFINE_MAX = 64
 
 
 class KVCacheLike:
@@ -57,30 +60,50 @@ class Block(nn.Module):
         self.ffn = cfg.ffn
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        neox: bool,
-        cache: KVCacheLike,
-        dtype: torch.dtype,
+        self, x: torch.Tensor, rope: RopeTables, cache: KVCacheLike, dtype: torch.dtype
     ) -> torch.Tensor:
-        t = x.shape[0]
+        t, h, kv, d = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         qkv = self.wqkv(rms_norm(x, self.attn_norm, self.eps))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.n_heads, self.head_dim).float()
-        k = k.view(t, self.n_kv, self.head_dim).float()
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_rope(q, cos, sin, neox)
-        k = apply_rope(k, cos, sin, neox)
-        out = cache.attend(
-            self.index, q.to(dtype), k.to(dtype), v.reshape(t, self.n_kv, self.head_dim).to(dtype)
-        )
+        if self.q_norm is None:
+            # Q and K rotate together: one pass over [T, H + KV, D].
+            qk = rope.apply(qkv[:, : self.q_size + self.kv_size].view(t, h + kv, d).float())
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = rms_norm(qkv[:, : self.q_size].view(t, h, d).float(), self.q_norm, self.eps)
+            k = rms_norm(
+                qkv[:, self.q_size : self.q_size + self.kv_size].view(t, kv, d).float(), self.k_norm, self.eps
+            )
+            q, k = rope.apply(q), rope.apply(k)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, kv, d)
+        out = cache.attend(self.index, q.to(dtype), k.to(dtype), v.to(dtype))
         x = x + self.wo(out.reshape(t, self.q_size)).float()
-        gate, up = self.w_gate_up(rms_norm(x, self.ffn_norm, self.eps)).split([self.ffn, self.ffn], dim=-1)
-        return x + self.w_down(F.silu(gate) * up).float()
+        gate_up = self.w_gate_up(rms_norm(x, self.ffn_norm, self.eps))
+        return x + self.w_down(F.silu(gate_up[:, : self.ffn]) * gate_up[:, self.ffn :]).float()
+
+
+class RopeTables:
+    """Rotations for one forward's positions, applied to [T, heads, head_dim] float32 tensors.
+
+    Full-width RoPE runs as one complex multiply (pairs (2i, 2i+1) for the interleaved layout; the NEOX
+    halves are viewed as pairs first); partial RoPE takes the general path in `ripelm.kernels.rope`.
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, neox: bool, head_dim: int):
+        self.cos, self.sin, self.neox = cos, sin, neox
+        self.full = 2 * cos.shape[-1] == head_dim
+        if self.full:
+            self.cis = torch.complex(cos, sin)[:, None, :]  # [T, 1, D/2]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.full:
+            return apply_rope(x, self.cos, self.sin, self.neox)
+        t, n, d = x.shape
+        if self.neox:
+            pairs = x.view(t, n, 2, d // 2).transpose(-1, -2).contiguous()
+            out = torch.view_as_real(torch.view_as_complex(pairs) * self.cis)
+            return out.transpose(-1, -2).reshape(t, n, d)
+        out = torch.view_as_real(torch.view_as_complex(x.view(t, n, d // 2, 2)) * self.cis)
+        return out.view(t, n, d)
 
 
 class Transformer(nn.Module):
@@ -122,30 +145,35 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq * self.pos_scale, torch.arange(size))
         self._rope_cache = (cos.to(self.device), sin.to(self.device))
 
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, positions: torch.Tensor | int, count: int) -> RopeTables:
+        """Tables for `count` positions: consecutive from an int start, or the given [T] tensor."""
         cos, sin = self._rope_cache  # type: ignore[misc]
-        top = int(positions.max()) + 1
+        top = positions + count if isinstance(positions, int) else int(positions.max()) + 1
         if top > cos.shape[0]:
             self._grow_rope(top)
             cos, sin = self._rope_cache  # type: ignore[misc]
-        if positions.numel() == 1 or _is_range(positions):
-            start = int(positions[0])
-            return cos[start : start + positions.numel()], sin[start : start + positions.numel()]
-        return cos[positions], sin[positions]
+        if isinstance(positions, int):
+            cos, sin = cos[positions : positions + count], sin[positions : positions + count]
+        else:
+            cos, sin = cos[positions], sin[positions]
+        return RopeTables(cos, sin, self.neox, self.cfg.head_dim)
 
     @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor | int,
         cache: KVCacheLike,
         logits_rows: str | torch.Tensor = "last",
     ) -> torch.Tensor:
-        """tokens, positions: int64 [T]. Returns float32 logits for the last row, all rows, or given rows."""
+        """tokens int64 [T]; positions int64 [T] or the int start of consecutive ones.
+
+        Returns float32 logits for the last row, all rows, or the given rows.
+        """
         x = self.embed(tokens).float()
-        cos, sin = self.rope_tables(positions)
+        rope = self.rope_tables(positions, tokens.shape[0])
         for layer in self.layers:
-            x = layer(x, cos, sin, self.neox, cache, self.dtype)
+            x = layer(x, rope, cache, self.dtype)
         if isinstance(logits_rows, str):
             if logits_rows == "last":
                 x = x[-1:]
@@ -161,16 +189,12 @@ class Transformer(nn.Module):
         """Recompute the leading candidates' logits exactly in float32.
 
         The packed head returns bf16 logits, which are only 0.125 apart near 25: close runners-up would
-        tie or swap. Redoing the top few rows from the file's weights costs a few microseconds.
+        tie or swap. Redoing the few rows near the top from the file's weights costs microseconds.
         """
-        k = min(REFINE_TOP, logits.shape[-1])
-        idx = logits.topk(k, dim=-1).indices  # [T, k]
-        rows = self.head_rows(idx.reshape(-1)).to(h.device).view(*idx.shape, -1)  # type: ignore[misc]
-        exact = torch.einsum("tkd,td->tk", rows, h)
-        return logits.scatter_(-1, idx, exact)
-
-
-def _is_range(positions: torch.Tensor) -> bool:
-    # Positions of one sequence's prefill are consecutive; slicing the table beats a gather.
-    n = positions.numel()
-    return bool(positions[-1] - positions[0] == n - 1) and (n < 3 or bool((positions.diff() == 1).all()))
+        near = logits >= logits.amax(-1, keepdim=True) - REFINE_MARGIN
+        if int(near.sum()) > REFINE_MAX * logits.shape[0]:  # a flat distribution: settle for the top few
+            near = torch.zeros_like(near).scatter_(-1, logits.topk(REFINE_MAX // 4, dim=-1).indices, True)
+        t_idx, v_idx = near.nonzero(as_tuple=True)
+        rows = self.head_rows(v_idx).to(h.device)  # type: ignore[misc]
+        logits[t_idx, v_idx] = (rows * h[t_idx]).sum(-1)
+        return logits

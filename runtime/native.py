@@ -14,7 +14,7 @@ import torch
 from ripelm.models.gguf_file import open_gguf
 from ripelm.runtime.backend import GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
-from ripelm.runtime.device import compute_dtype, pick_device
+from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device, release_free_memory
 from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.kv_cache import ContiguousKVCache
 from ripelm.runtime.loader import load_transformer
@@ -37,6 +37,7 @@ class NativeBackend:
         reference: bool = False,
     ):
         """`reference=True` loads the exact float32 model (dequantized weights) that tests compare to."""
+        bound_heap_growth()
         self.path = Path(model_path)
         self.gguf = open_gguf(self.path)
         self.torch_device = pick_device(device)
@@ -45,6 +46,7 @@ class NativeBackend:
             self.gguf, device=self.torch_device, dtype=compute_dtype(self.torch_device), reference=reference
         )
         self.dtype = self.model.dtype
+        release_free_memory()
         cfg = self.model.cfg
         self.cfg = cfg
         self.context_length = min(n_ctx or 4096, cfg.context_length)
@@ -69,8 +71,7 @@ class NativeBackend:
         n = len(tokens)
         self.cache.begin(start, n)
         t = torch.tensor(tokens, dtype=torch.long, device=self.torch_device)
-        pos = torch.arange(start, start + n, device=self.torch_device)
-        out = self.model(t, pos, self.cache, logits_rows=logits_rows)
+        out = self.model(t, start, self.cache, logits_rows=logits_rows)
         self.cached_tokens[start:] = tokens
         return out
 
@@ -105,13 +106,15 @@ class NativeBackend:
                 return
             logits = self.forward([tok], len(history) - 1)[-1]
 
-    def teacher_forced_logits(self, tokens: list[int]) -> torch.Tensor:
-        """Logits [len(tokens), vocab] for every position, computed chunk by chunk from an empty cache."""
+    def teacher_forced_logits(self, tokens: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Logits [len(tokens), vocab] for every position, `chunk` tokens per forward from an empty cache.
+
+        chunk=1 runs the decode path (packed int4 matmuls); larger chunks the prefill path.
+        """
         self.cache.truncate(0)
         self.cached_tokens.clear()
         outs = [
-            self.forward(tokens[s : s + PREFILL_CHUNK], s, logits_rows="all")
-            for s in range(0, len(tokens), PREFILL_CHUNK)
+            self.forward(tokens[s : s + chunk], s, logits_rows="all") for s in range(0, len(tokens), chunk)
         ]
         return torch.cat(outs)
 

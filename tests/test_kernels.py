@@ -5,7 +5,7 @@ import math
 import torch
 
 from ripelm.kernels.attention import attention, attention_reference
-from ripelm.kernels.rmsnorm import rms_norm
+from ripelm.kernels.rmsnorm import rms_norm, rms_norm_reference
 from ripelm.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 
@@ -14,6 +14,7 @@ def test_rms_norm():
     w = torch.rand(64)
     ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w
     assert torch.allclose(rms_norm(x, w, 1e-5), ref, atol=1e-5)
+    assert torch.allclose(rms_norm_reference(x, w, 1e-5), ref, atol=1e-5)
 
 
 def _rope_ref(x: torch.Tensor, pos: torch.Tensor, theta: float, neox: bool) -> torch.Tensor:
@@ -61,5 +62,5 @@ def test_attention_matches_reference_prefill_decode_and_continuation():
     h, kv, d = 6, 2, 16
     for t, s, start in [(7, 7, 0), (1, 9, 8), (4, 12, 8)]:
         q = torch.randn(t, h, d)
-        k, v = torch.randn(s, kv, d), torch.randn(s, kv, d)
+        k, v = torch.randn(kv, s, d), torch.randn(kv, s, d)
         assert torch.allclose(attention(q, k, v, start), attention_reference(q, k, v, start), atol=1e-5)

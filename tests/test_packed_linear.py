@@ -48,6 +48,15 @@ def test_int4_linear_on_q4_k_blocks():
     assert torch.allclose(lin(x).float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
+def test_row_shards_pack_like_the_whole():
+    raw = _quantized(gguf.GGMLQuantizationType.Q4_1, 160, 256)
+    p = q4_codes_scales_offsets(raw, int(gguf.GGMLQuantizationType.Q4_1), (160, 256))
+    whole = Int4Codes(p.codes, p.scale, p.offset, 32)
+    shards = [Int4Codes(p.codes[a:b], p.scale[a:b], p.offset[a:b], 32) for a, b in ((0, 64), (64, 160))]
+    x = torch.randn(2, 256)
+    assert torch.equal(Int4Linear(whole)(x), Int4Linear(shards)(x))
+
+
 def test_fused_int4_equals_separate_layers():
     parts = []
     for seed, n in enumerate((64, 32, 32)):
@@ -66,7 +75,7 @@ def test_split_q8_0_is_exact_on_int4_kernel():
     high, low = q8_0_as_two_q4(raw, (n, k))
     exact = dequantize(raw, int(gguf.GGMLQuantizationType.Q8_0), (n, k))
     assert torch.equal(Int4Codes(*high).dequantize() + Int4Codes(*low).dequantize(), exact)
-    lin = SplitInt8Linear(Int4Codes(*high), Int4Codes(*low), keep_codes=True)
+    lin = SplitInt8Linear([(Int4Codes(*high), Int4Codes(*low))], keep_codes=True)
     assert (lin.reference_weight() - exact).abs().max() <= 0.01 * exact.abs().max()
     x = torch.randn(3, k)
     ref = x.bfloat16().float() @ lin.reference_weight().t()

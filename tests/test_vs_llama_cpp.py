@@ -49,7 +49,7 @@ def _argmax_kl(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return agree, (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
-def compare(path: Path, n_tokens: int, text: str = ENGLISH) -> Agreement:
+def compare(path: Path, n_tokens: int, text: str = ENGLISH, chunk: int = 512) -> Agreement:
     batched = LlamaCppBackend(path, n_ctx=1024, n_threads=2, logits_all=True)
     tokenizer = batched.tokenizer
     tokens = tokenizer.encode(text, add_bos=False)[:n_tokens]
@@ -61,7 +61,7 @@ def compare(path: Path, n_tokens: int, text: str = ENGLISH) -> Agreement:
     floor = torch.from_numpy(one_by_one.teacher_forced_logits(tokens)).float()
     one_by_one.close()
     native = NativeBackend(path, device="cpu", n_ctx=1024, tokenizer=tokenizer)
-    ours = native.teacher_forced_logits(tokens).float()
+    ours = native.teacher_forced_logits(tokens, chunk=chunk).float()
     native.close()
     return Agreement(len(tokens), *_argmax_kl(ours, ref), *_argmax_kl(floor, ref))
 
@@ -71,6 +71,13 @@ def test_bundled_model_matches_llama_cpp(bundled_model_path):
     print(f"\nbundled SmolLM2-135M Q4_1, {a}")
     assert a.positions >= 500
     assert a.native_agree >= 0.95
+    a.check()
+
+
+def test_bundled_model_decode_path_matches_llama_cpp(bundled_model_path):
+    # One token per forward: the packed int4 kernels that generation runs on, not the dense prefill path.
+    a = compare(bundled_model_path, 300, chunk=1)
+    print(f"\nbundled SmolLM2-135M Q4_1, decode path, {a}")
     a.check()
 
 
@@ -90,7 +97,8 @@ def error_vs_exact(path: Path, n_tokens: int) -> tuple[float, float, float, floa
     exact = NativeBackend(path, device="cpu", n_ctx=512, tokenizer=llama.tokenizer, reference=True)
     ref = exact.teacher_forced_logits(tokens)
     native = NativeBackend(path, device="cpu", n_ctx=512, tokenizer=llama.tokenizer)
-    ours = native.teacher_forced_logits(tokens).float()
+    # One token per forward, so each type's packed (int4 / split-Q8_0 / dense) decode kernels are measured.
+    ours = native.teacher_forced_logits(tokens, chunk=1).float()
     (a_ours, kl_ours), (a_theirs, kl_theirs) = _argmax_kl(ours, ref), _argmax_kl(theirs, ref)
     return a_ours, kl_ours, a_theirs, kl_theirs
 
