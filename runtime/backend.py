@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from ripelm.runtime.chat_template import ChatTemplate
@@ -43,14 +43,6 @@ class TokenEvent:
     stats: GenerationStats | None = None
 
 
-@dataclass
-class TokenStep:
-    """One sampled token from an engine, with how long producing it took."""
-
-    token: int
-    seconds: float
-
-
 class Backend(Protocol):
     name: str
     tokenizer: Tokenizer
@@ -65,13 +57,6 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class GenerateRequest:
-    prompt: str  # already templated text, or raw text when raw=True
-    params: SamplingParams = field(default_factory=SamplingParams)
-    cancel: threading.Event | None = None
 
 
 def prompt_ids(backend: Backend, text: str, *, add_bos: bool | None = None) -> list[int]:
