@@ -44,7 +44,91 @@ def run_once(engine: str, model: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_engine_bench(mode: str, model: str, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ripelm.runtime.bench_engine",
+        "--mode",
+        mode,
+        "--model",
+        model,
+        "--threads",
+        str(args.threads),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--gen-tokens",
+        str(args.gen_tokens),
+        "--batch",
+        str(args.batch or 8),
+        "--requests",
+        str(args.kv_requests),
+    ]
+    if args.device:
+        cmd += ["--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RipelmError(f"engine benchmark ({mode}) failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cmd_bench_batch(model: str, args: argparse.Namespace) -> int:
+    print(
+        f"model {model}\n{args.batch} concurrent greedy streams vs 1, prompt {args.prompt_tokens} tokens "
+        "each, "
+        f"{args.gen_tokens} decoded, {args.threads} threads, {args.runs} runs (fresh process each)",
+        file=sys.stderr,
+    )
+    runs = []
+    for i in range(args.runs):
+        r = run_engine_bench("batch", model, args)
+        runs.append(r)
+        print(
+            f"  run {i + 1}/{args.runs}  1 stream {r['one_tok_s']:7.1f} tok/s  {args.batch} streams "
+            f"{r['batch_tok_s']:7.1f} tok/s  ({r['batch_tok_s'] / r['one_tok_s']:.2f}x)",
+            file=sys.stderr,
+        )
+    one = statistics.median(r["one_tok_s"] for r in runs)
+    many = statistics.median(r["batch_tok_s"] for r in runs)
+    ratio = statistics.median(r["batch_tok_s"] / r["one_tok_s"] for r in runs)
+    print(f"{'aggregate decode (median)':<28}{'tok/s':>10}")
+    print(f"{'1 stream':<28}{one:>10.1f}")
+    print(f"{f'{args.batch} streams':<28}{many:>10.1f}")
+    print(
+        f"{args.batch} streams / 1 stream (median of per-run ratios): {ratio:.2f}x; "
+        f"device {runs[0]['device']}"
+    )
+    return 0
+
+
+def cmd_bench_kv(model: str, args: argparse.Namespace) -> int:
+    print(
+        f"model {model}\n{args.kv_requests} requests, prompts 16..2048 tokens, outputs 16..512 tokens "
+        "(seeded), through the engine; KV slot utilization averaged over steps",
+        file=sys.stderr,
+    )
+    r = run_engine_bench("kv", model, args)
+    print(f"{'KV layout':<44}{'live / allocated slots':>24}")
+    print(f"{'paged (block ' + str(r['block_size']) + ')':<44}{r['paged_utilization']:>23.1%}")
+    print(
+        f"{'contiguous, context window (' + str(r['context']) + ') per request':<44}"
+        f"{r['contiguous_ctx_utilization']:>23.1%}"
+    )
+    print(f"{'contiguous, prompt + max tokens per request':<44}{r['contiguous_exact_utilization']:>23.1%}")
+    print(
+        f"{r['steps']} steps, {r['prefill_tokens']} prefill + {r['decode_tokens']} decode tokens, "
+        f"{r['preemptions']} preemptions, pool {r['pool_blocks']} blocks, {r['seconds']:.0f} s"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.batch is not None or args.kv:
+        if args.runs < 1 or (args.batch is not None and args.batch < 1) or args.kv_requests < 1:
+            raise RipelmError("--runs, --batch and --kv-requests must be positive")
+        model = str(resolve_model(args.model))
+        return cmd_bench_kv(model, args) if args.kv else cmd_bench_batch(model, args)
     if args.runs < 1 or args.prompt_tokens < 1 or args.gen_tokens < 1 or args.threads < 1:
         raise RipelmError("--runs, --prompt-tokens, --gen-tokens and --threads must be positive")
     model = str(resolve_model(args.model))

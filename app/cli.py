@@ -37,6 +37,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--ctx", type=int, default=None, metavar="N", help="context window in tokens (default 4096)"
     )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--kv-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory for the native engine's paged KV cache, e.g. 512M or 2G "
+        "(default: a quarter of free memory, at most 2G)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines", default="native,llama.cpp", help="comma-separated engines to measure")
     bench.add_argument(
         "--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="device for the native engine"
+    )
+    bench.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure aggregate decode tok/s of N concurrent streams against 1 (native engine)",
+    )
+    bench.add_argument(
+        "--kv",
+        action="store_true",
+        help="run a mixed-length workload and report KV slot utilization, paged vs contiguous",
+    )
+    bench.add_argument(
+        "--kv-requests", type=int, default=64, metavar="N", help="requests in the --kv workload (default 64)"
     )
     return parser
 

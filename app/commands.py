@@ -9,6 +9,7 @@ from ripelm.models.store import list_models, resolve_model
 from ripelm.runtime.backend import Backend, GenerationStats, prompt_ids, stream
 from ripelm.runtime.engines import open_backend
 from ripelm.runtime.errors import EmptyPromptError
+from ripelm.runtime.kv_cache import parse_memory
 from ripelm.runtime.sampling import SamplingParams
 
 
@@ -33,8 +34,15 @@ def _notice(msg: str) -> None:
 
 def open_from_args(args: argparse.Namespace) -> Backend:
     path = resolve_model(args.model)
+    kv = getattr(args, "kv_memory", None)
     return open_backend(
-        path, engine=args.engine, device=args.device, n_ctx=args.ctx, threads=args.threads, notice=_notice
+        path,
+        engine=args.engine,
+        device=args.device,
+        n_ctx=args.ctx,
+        threads=args.threads,
+        kv_memory=parse_memory(kv) if kv else None,
+        notice=_notice,
     )
 
 

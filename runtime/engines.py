@@ -31,8 +31,10 @@ def open_backend(
     device: str | None = None,
     n_ctx: int | None = None,
     threads: int | None = None,
+    kv_memory: int | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> Backend:
+    """`kv_memory`: bytes for the native engine's paged KV pool (default: a share of free memory)."""
     if engine not in ENGINES:
         raise BackendError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
     g = open_gguf(model_path)  # validated once here; the chosen engine reuses it
@@ -50,10 +52,10 @@ def open_backend(
             return backend
     if engine == "native":
         from ripelm.runtime.device import set_threads
-        from ripelm.runtime.native import NativeBackend
+        from ripelm.runtime.engine_backend import EngineBackend
 
         set_threads(threads)
-        return NativeBackend(model_path, device=device, n_ctx=n_ctx, gguf=g)
+        return EngineBackend(model_path, device=device, n_ctx=n_ctx, kv_memory=kv_memory, gguf=g)
     return _llama_cpp(model_path, g, device, n_ctx, threads)
 
 

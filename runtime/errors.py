@@ -17,3 +17,7 @@ class BackendError(RipelmError):
 
 class BadSamplingError(RipelmError):
     """A sampling setting out of its range (negative temperature, top-p above 1...)."""
+
+
+class BadSettingError(RipelmError):
+    """A runtime setting that cannot work (a KV memory budget too small for one block...)."""

@@ -1,17 +1,33 @@
 """Key/value memory for the transformer forward.
 
+`PagedKVCache` is the engine's memory: one pool per layer, `[num_blocks, block_size, kv_heads,
+head_dim]` for K and for V, sized from a memory budget, with a `BlockAllocator` saying which blocks
+hold which tokens. `PagedStep` is what one batched forward attends through.
 `ContiguousKVCache` reserves one head-major [kv_heads, max_len, head_dim] buffer per layer for a single
-sequence (the layout attention reads without a transpose).
-The forward only talks to a cache through `attend(layer, q, k, v)` after `begin(positions)`, so the
-paged cache (block pool + block tables) plugs into the same forward.
+sequence: the plain single-sequence path the paged engine is checked against.
+The forward only talks to a cache through `attend(layer, q, k, v)`.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
+
 import torch
 
 from ripelm.kernels.attention import attention
-from ripelm.runtime.errors import ContextOverflowError
+from ripelm.kernels.paged_attention import (
+    PagedBatch,
+    paged_attention,
+    paged_attention_blockwise,
+    write_kv,
+)
+from ripelm.runtime.block_allocator import BlockAllocator, chain_hash
+from ripelm.runtime.errors import BadSettingError, ContextOverflowError
+
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_KV_FRACTION = 0.25  # of available memory, when no --kv-memory is given
+DEFAULT_KV_CAP = 2 << 30  # bytes; more only on request
 
 
 class ContiguousKVCache:
@@ -52,3 +68,80 @@ class ContiguousKVCache:
     def truncate(self, length: int) -> None:
         """Forget positions >= length (rewind for a new prompt sharing a prefix, or rejected drafts)."""
         self.length = min(self.length, max(0, length))
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        num_blocks: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        hash_fn: Callable[[int, Sequence[int]], int] = chain_hash,
+    ):
+        self.block_size = block_size
+        self.device = torch.device(device)
+        shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks, block_size, hash_fn)
+
+    @staticmethod
+    def bytes_per_block(
+        n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * n_layers * block_size * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def apply_copies(self) -> None:
+        """Carry out pending copy-on-write block copies (all layers) before the next forward writes."""
+        for src, dst in self.allocator.copies:
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+        self.allocator.copies.clear()
+
+    def step(self, batch: PagedBatch) -> PagedStep:
+        return PagedStep(self, batch)
+
+
+class PagedStep:
+    """One forward over several sequences: write each layer's new K/V rows, attend over each history."""
+
+    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        self.cache = cache
+        self.batch = batch
+        self.blockwise = cache.device.type != "cpu"
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kp, vp = self.cache.k[layer], self.cache.v[layer]
+        write_kv(kp, vp, self.batch.slot_mapping, k, v)
+        if self.blockwise:
+            return paged_attention_blockwise(q, kp, vp, self.batch)
+        return paged_attention(q, kp, vp, self.batch)
+
+
+def parse_memory(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '800000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise BadSettingError(f"cannot read '{text}' as a memory size (examples: 512M, 2G)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def kv_pool_blocks(
+    bytes_per_block: int, context_length: int, block_size: int, budget: int | None, available: int
+) -> int:
+    """Pool size in blocks: an explicit budget as given, else a share of available memory (capped) that
+    still holds at least one full context window."""
+    if budget is not None:
+        if budget < bytes_per_block:
+            raise BadSettingError(
+                f"a KV memory budget of {budget} bytes is smaller than one block ({bytes_per_block} bytes)"
+            )
+        return budget // bytes_per_block
+    share = min(int(available * DEFAULT_KV_FRACTION), DEFAULT_KV_CAP) // bytes_per_block
+    return max(share, -(-context_length // block_size))

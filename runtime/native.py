@@ -24,6 +24,39 @@ from ripelm.runtime.tokenizer import Tokenizer
 PREFILL_CHUNK = 512
 
 
+def load_native(
+    backend,
+    model_path: str | Path,
+    *,
+    device: str | None,
+    n_ctx: int | None,
+    tokenizer: Tokenizer | None,
+    reference: bool,
+    gguf: GGUFFile | None,
+) -> None:
+    """Load a GGUF model onto `backend`: its path, gguf, model, cfg, device, context, tokenizer, template."""
+    bound_heap_growth()
+    backend.path = Path(model_path)
+    backend.gguf = gguf or open_gguf(backend.path)
+    backend.torch_device = pick_device(device)
+    backend.device = str(backend.torch_device)
+    backend.model = load_transformer(
+        backend.gguf,
+        device=backend.torch_device,
+        dtype=compute_dtype(backend.torch_device),
+        reference=reference,
+    )
+    backend.dtype = backend.model.dtype
+    release_free_memory()
+    cfg = backend.model.cfg
+    backend.cfg = cfg
+    backend.context_length = min(n_ctx or 4096, cfg.context_length)
+    backend.tokenizer = tokenizer or Tokenizer(backend.path)
+    backend.template = ChatTemplate(
+        cfg.chat_template, bos_token=backend.tokenizer.bos_text, eos_token=backend.tokenizer.eos_text
+    )
+
+
 class NativeBackend:
     name = "native"
 
@@ -38,23 +71,10 @@ class NativeBackend:
         gguf: GGUFFile | None = None,
     ):
         """`reference=True` loads the exact float32 model (dequantized weights) that tests compare to."""
-        bound_heap_growth()
-        self.path = Path(model_path)
-        self.gguf = gguf or open_gguf(self.path)
-        self.torch_device = pick_device(device)
-        self.device = str(self.torch_device)
-        self.model = load_transformer(
-            self.gguf, device=self.torch_device, dtype=compute_dtype(self.torch_device), reference=reference
+        load_native(
+            self, model_path, device=device, n_ctx=n_ctx, tokenizer=tokenizer, reference=reference, gguf=gguf
         )
-        self.dtype = self.model.dtype
-        release_free_memory()
-        cfg = self.model.cfg
-        self.cfg = cfg
-        self.context_length = min(n_ctx or 4096, cfg.context_length)
-        self.tokenizer = tokenizer or Tokenizer(self.path)
-        self.template = ChatTemplate(
-            cfg.chat_template, bos_token=self.tokenizer.bos_text, eos_token=self.tokenizer.eos_text
-        )
+        cfg = self.cfg
         self.cache = ContiguousKVCache(
             cfg.n_layers,
             self.context_length,

@@ -1,0 +1,311 @@
+"""The engine: one thread runs continuous batching over every live sequence of one model.
+
+Requests are submitted from any thread (`submit`) and stream token ids back through their
+`SequenceStream`s; `Request.cancel()` frees a request's blocks at the next step boundary and sets an
+event when done. The engine owns the paged KV cache and the scheduler; each step it asks the scheduler
+for a plan, runs one forward over the planned tokens, samples, and emits events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import traceback
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from ripelm.kernels.paged_attention import PagedBatch
+from ripelm.runtime.block_allocator import chain_hash
+from ripelm.runtime.errors import BackendError, ContextOverflowError
+from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
+from ripelm.runtime.model import Transformer
+from ripelm.runtime.sampling import Sampler, SamplingParams
+from ripelm.runtime.scheduler import Scheduler, StepPlan
+from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
+
+DEFAULT_MAX_SEQS = 64
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class KVPoolError(ContextOverflowError):
+    """A sequence cannot fit the KV pool even on its own."""
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (cache hits excluded)
+    decode_tokens: int = 0
+    preemptions: int = 0
+    evictions: int = 0
+    free_blocks: int = 0
+    used_blocks: int = 0
+    total_blocks: int = 0
+    block_size: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        context_length: int,
+        eog_ids: frozenset[int] | set[int] = frozenset(),
+        kv_memory: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_seqs: int = DEFAULT_MAX_SEQS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        hash_fn=chain_hash,
+        threaded: bool = True,
+    ):
+        cfg = model.cfg
+        self.model = model
+        self.context_length = context_length
+        self.eog_ids = frozenset(eog_ids)
+        per_block = PagedKVCache.bytes_per_block(
+            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, model.dtype
+        )
+        blocks = kv_pool_blocks(
+            per_block, context_length, block_size, kv_memory, psutil.virtual_memory().available
+        )
+        self.cache = PagedKVCache(
+            cfg.n_layers,
+            blocks,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            block_size=block_size,
+            dtype=model.dtype,
+            device=model.device,
+            hash_fn=hash_fn,
+        )
+        self.allocator = self.cache.allocator
+        self.scheduler = Scheduler(self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk)
+        self.counters = EngineCounters(total_blocks=blocks, block_size=block_size)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._cancels: list[Request] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._loop, name="ripelm-engine", daemon=True)
+            self._thread.start()
+
+    # ---- API (any thread) -----------------------------------------------------------------------
+    def submit(
+        self, prompt: list[int], params: SamplingParams, *, n: int = 1, ignore_eos: bool = False
+    ) -> Request:
+        params.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if len(prompt) >= self.context_length:
+            raise ContextOverflowError(
+                f"the prompt is {len(prompt)} tokens but the context window is {self.context_length}"
+            )
+        pool_tokens = self.allocator.num_blocks * self.allocator.block_size
+        if len(prompt) >= pool_tokens:
+            raise KVPoolError(
+                f"the prompt is {len(prompt)} tokens but the KV pool holds {pool_tokens}; raise --kv-memory"
+            )
+        req = Request(next(self._ids), n)
+        req._cancel_fn = self._request_cancel
+        seq = Sequence(
+            id=next(self._ids),
+            tokens=list(prompt),
+            prompt_len=len(prompt),
+            params=params,
+            sampler=Sampler(params),
+            max_new=min(params.max_tokens, self.context_length - len(prompt)),
+            stop_ids=frozenset() if ignore_eos else self.eog_ids,
+            out=req.queues[0],
+            request=req,
+            forks=n - 1,
+        )
+        req.sequences.append(seq)
+        with self._cond:
+            if self._closing:
+                raise BackendError("the engine is closed")
+            self._inbox.append(seq)
+            self._cond.notify()
+        return req
+
+    def _request_cancel(self, req: Request) -> None:
+        with self._cond:
+            self._cancels.append(req)
+            self._cond.notify()
+
+    def snapshot(self) -> EngineCounters:
+        """Counters as of the last step boundary (safe to read from any thread)."""
+        with self._cond:
+            return EngineCounters(**vars(self.counters))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
+            self._finish(seq, "error", BackendError("the engine was closed"))
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._inbox or self._cancels or self.scheduler.has_work()):
+                    self._cond.wait()
+                if self._closing:
+                    return
+            self.step()
+
+    def step(self) -> bool:
+        """Take in new requests and cancellations, then run one forward; False if there was nothing to run."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, []
+        for seq in inbox:
+            if seq.request.cancel_requested.is_set():
+                self._finish(seq, "cancelled")
+            else:
+                self.scheduler.add(seq)
+        for req in cancels:
+            for seq in req.sequences:
+                if seq.status is not SeqStatus.FINISHED:
+                    self._finish(seq, "cancelled")
+            req.cancelled.set()
+        plan = self.scheduler.schedule()
+        for seq, err in self.scheduler.failed:
+            self._finish(seq, "error", KVPoolError(str(err)))
+        self.scheduler.failed.clear()
+        if plan is not None:
+            try:
+                self._run(plan)
+            except Exception as e:  # a bug, not user input: end the step's sequences, keep serving others
+                traceback.print_exc()
+                for seq in plan.seqs:
+                    if seq.status is not SeqStatus.FINISHED:
+                        self._finish(seq, "error", BackendError(f"generation failed: {e}"))
+        self._update_counters()
+        return plan is not None
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step on the caller's thread until no work is left (for an engine made with threaded=False)."""
+        for _ in range(max_steps):
+            if not self.step() and not self._inbox and not self._cancels:
+                return
+        raise RuntimeError("engine did not go idle")
+
+    def _run(self, plan: StepPlan) -> None:
+        dev = self.model.device
+        starts = [s.table.num_tokens for s in plan.seqs]
+        new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
+        self.cache.apply_copies()
+        batch = PagedBatch(
+            self.allocator.block_size,
+            [s.table.blocks for s in plan.seqs],
+            plan.counts,
+            [p + c for p, c in zip(starts, plan.counts, strict=True)],
+            device=dev,
+        )
+        tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
+        if plan.kind == "prefill":
+            positions: torch.Tensor | int = starts[0]
+        else:
+            positions = torch.tensor(starts, dtype=torch.long, device=dev)
+        ready = [
+            i
+            for i, (s, p, c) in enumerate(zip(plan.seqs, starts, plan.counts, strict=True))
+            if p + c == len(s.tokens)
+        ]
+        rows = torch.tensor(
+            [batch.q_starts[i] + plan.counts[i] - 1 for i in ready] or [batch.num_rows - 1],
+            dtype=torch.long,
+            device=dev,
+        )
+        logits = self.model(tokens, positions, self.cache.step(batch), logits_rows=rows)
+        for seq, chunk in zip(plan.seqs, new, strict=True):
+            self.allocator.commit(seq.table, chunk)
+            seq.computed_tokens += len(chunk)
+        if plan.kind == "prefill":
+            self.counters.prefill_tokens += plan.counts[0]
+        else:
+            self.counters.decode_tokens += len(plan.seqs)
+        for j, i in enumerate(ready):
+            seq = plan.seqs[i]
+            row = logits[j]
+            if seq.forks:
+                self._fork(seq, row)
+            self._sample(seq, row)
+
+    def _fork(self, parent: Sequence, logits: torch.Tensor) -> None:
+        """Parallel samples: children share the parent's blocks (copy-on-write) and its prompt logits."""
+        req = parent.request
+        for i in range(1, parent.forks + 1):
+            params = parent.params
+            if params.seed is not None:
+                params = SamplingParams(**{**vars(params), "seed": params.seed + i})
+            child = Sequence(
+                id=next(self._ids),
+                tokens=list(parent.tokens),
+                prompt_len=parent.prompt_len,
+                params=params,
+                sampler=Sampler(params),
+                max_new=parent.max_new,
+                stop_ids=parent.stop_ids,
+                out=req.queues[i],
+                request=req,
+                table=self.allocator.fork(parent.table),
+                status=SeqStatus.RUNNING,
+                order=parent.order,
+                cached_tokens=parent.cached_tokens,
+            )
+            req.sequences.append(child)
+            self.scheduler.running.append(child)
+            self._sample(child, logits)
+        parent.forks = 0
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        if seq.generated == 0 and seq.preemptions == 0:
+            seq.out.put(("cached", seq.cached_tokens))
+        tok = seq.sampler(logits, seq.tokens)
+        seq.tokens.append(tok)
+        seq.out.put(tok)
+        if tok in seq.stop_ids:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.max_new or len(seq.tokens) >= self.context_length:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
+        if seq.status is SeqStatus.FINISHED:
+            return
+        self.scheduler.remove(seq)
+        fin = Finish(
+            reason=reason,
+            cached_tokens=max(0, seq.cached_tokens),
+            computed_tokens=seq.computed_tokens,
+            preemptions=seq.preemptions,
+            error=error,
+        )
+        seq.out.put(fin)
+        # Samples not forked yet (the prompt never finished) end the same way.
+        for q in seq.request.queues[1 : 1 + seq.forks]:
+            q.put(fin)
+        seq.forks = 0
+
+    def _update_counters(self) -> None:
+        a, s = self.allocator, self.scheduler
+        with self._cond:
+            c = self.counters
+            c.steps += 1
+            c.preemptions = s.preemptions
+            c.evictions = a.evictions
+            c.free_blocks = a.num_free
+            c.used_blocks = a.num_used
+            c.running = len(s.running)
+            c.waiting = len(s.waiting) + len(self._inbox)

@@ -1,0 +1,62 @@
+"""The native runtime served through the batched engine, behind the `Backend` protocol.
+
+Every generation (a chat turn, a regenerate, `ripe run`) becomes a request to one shared `Engine`, so
+they share the paged KV cache: a chat turn that extends the previous one finds its prefix cached, and
+concurrent callers are batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from ripelm.models.gguf_file import GGUFFile
+from ripelm.runtime.backend import GenerationStats
+from ripelm.runtime.engine import DEFAULT_MAX_SEQS, Engine
+from ripelm.runtime.native import load_native
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.runtime.tokenizer import Tokenizer
+
+
+class EngineBackend:
+    name = "native"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str | None = None,
+        n_ctx: int | None = None,
+        kv_memory: int | None = None,
+        max_seqs: int = DEFAULT_MAX_SEQS,
+        tokenizer: Tokenizer | None = None,
+        gguf: GGUFFile | None = None,
+    ):
+        load_native(
+            self, model_path, device=device, n_ctx=n_ctx, tokenizer=tokenizer, reference=False, gguf=gguf
+        )
+        self.engine = Engine(
+            self.model,
+            context_length=self.context_length,
+            eog_ids=self.tokenizer.eog_ids,
+            kv_memory=kv_memory,
+            max_seqs=max_seqs,
+        )
+
+    def generate_ids(
+        self, prompt: list[int], params: SamplingParams, stats: GenerationStats
+    ) -> Iterator[int]:
+        req = self.engine.submit(prompt, params)
+        stream = req.streams[0]
+        try:
+            for tok in stream:
+                if stream.cached_tokens is not None:
+                    stats.cached_tokens = stream.cached_tokens
+                yield tok
+        finally:
+            if stream.finish is None:
+                req.cancel()
+
+    def close(self) -> None:
+        self.engine.close()
+        self.gguf.close()

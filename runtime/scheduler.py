@@ -1,0 +1,163 @@
+"""Continuous batching: which sequences the next forward computes.
+
+Each step is either a prefill step (the next chunk of one sequence's prompt) or a decode step (one token
+for every running sequence that has a single token left to compute). When both kinds are waiting they
+alternate, so new prompts join the running batch within a step or two and decodes are never starved by
+a queue of long prompts. Keeping the two kinds apart keeps each row's arithmetic the same as on the
+single-sequence path (the packed int4 matmul gives a row the same result whatever else is in the
+batch), so batched greedy output is token-for-token the single-sequence output.
+
+Memory: a sequence is admitted only when its next chunk fits the pool (its cached prefix is shared, not
+copied). When a running sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed (full ones stay in the prefix cache) and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ripelm.runtime.block_allocator import BlockAllocator
+from ripelm.runtime.sequence import SeqStatus, Sequence
+
+
+class PoolTooSmallError(RuntimeError):
+    """A single sequence needs more KV blocks than the whole pool has."""
+
+
+@dataclass
+class StepPlan:
+    kind: str  # "prefill" or "decode"
+    seqs: list[Sequence]
+    counts: list[int]  # tokens each sequence computes in this step
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, *, max_seqs: int, prefill_chunk: int):
+        self.allocator = allocator
+        self.max_seqs = max_seqs
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self._order = 0
+        self._last = "decode"
+        self.failed: list[
+            tuple[Sequence, Exception]
+        ] = []  # sequences that can never fit; the engine ends them
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or cancelled sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.table)
+        seq.status = SeqStatus.FINISHED
+
+    def schedule(self) -> StepPlan | None:
+        decodable = any(s.remaining == 1 for s in self.running)
+        if not (self._last == "prefill" and decodable):
+            plan = self._plan_prefill()
+            if plan is not None:
+                self._last = "prefill"
+                return plan
+        plan = self._plan_decode()
+        if plan is not None:
+            self._last = "decode"
+            return plan
+        plan = self._plan_prefill()
+        if plan is not None:
+            self._last = "prefill"
+        return plan
+
+    # ---- prefill ----------------------------------------------------------------------------------
+    def _plan_prefill(self) -> StepPlan | None:
+        seq = next((s for s in self.running if s.remaining > 1), None)
+        if seq is None:
+            seq = self._admit()
+            if seq is None:
+                return None
+        count = min(seq.remaining, self.prefill_chunk)
+        if not self._make_room(seq, seq.table.num_tokens + count):
+            return None
+        self.allocator.reserve(seq.table, seq.table.num_tokens + count)
+        return StepPlan("prefill", [seq], [count])
+
+    def _admit(self) -> Sequence | None:
+        """Start the oldest waiting sequence if its first chunk fits without preempting anyone."""
+        while self.waiting and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            a = self.allocator
+            if -(-len(seq.tokens) // a.block_size) > a.num_blocks:
+                self.waiting.popleft()
+                self.failed.append((seq, PoolTooSmallError(self._too_small(seq))))
+                continue
+            seq.table = a.match_prefix(seq.tokens, limit=len(seq.tokens) - 1)
+            count = min(seq.remaining, self.prefill_chunk)
+            # Leave a block per running sequence free, so admitting this one does not at once force a
+            # preemption (and a recompute) as soon as the others cross a block boundary.
+            margin = len(self.running)
+            if a.blocks_needed(seq.table, seq.table.num_tokens + count) + margin > a.num_free:
+                a.free(seq.table)  # keep waiting; decodes finishing will make room
+                return None
+            self.waiting.popleft()
+            if seq.cached_tokens < 0:
+                seq.cached_tokens = seq.table.num_tokens
+            seq.status = SeqStatus.RUNNING
+            self._order += 1
+            seq.order = self._order
+            self.running.append(seq)
+            return seq
+        return None
+
+    # ---- decode -----------------------------------------------------------------------------------
+    def _plan_decode(self) -> StepPlan | None:
+        batch: list[Sequence] = []
+        for seq in sorted((s for s in self.running if s.remaining == 1), key=lambda s: s.order):
+            if seq.status is not SeqStatus.RUNNING:  # preempted to make room for an older one
+                continue
+            if self._make_room(seq, seq.table.num_tokens + 1):
+                self.allocator.reserve(seq.table, seq.table.num_tokens + 1)
+                batch.append(seq)
+        batch = [s for s in batch if s.status is SeqStatus.RUNNING]
+        if not batch:
+            return None
+        return StepPlan("decode", batch, [1] * len(batch))
+
+    # ---- memory -----------------------------------------------------------------------------------
+    def _make_room(self, seq: Sequence, new_len: int) -> bool:
+        """Free blocks for `seq` to reach new_len by preempting newer sequences; False if seq had to go."""
+        a = self.allocator
+        while a.blocks_needed(seq.table, new_len) > a.num_free:
+            victim = max(self.running, key=lambda s: s.order)
+            if victim is seq and len(self.running) == 1:
+                self.running.remove(seq)
+                a.free(seq.table)
+                self.failed.append((seq, PoolTooSmallError(self._too_small(seq))))
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.table)
+        seq.status = SeqStatus.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _too_small(self, seq: Sequence) -> str:
+        a = self.allocator
+        return (
+            f"the KV pool holds {a.num_blocks * a.block_size} tokens, too few for this sequence "
+            f"({len(seq.tokens)} tokens and growing); raise --kv-memory"
+        )

@@ -1,0 +1,107 @@
+"""What the engine tracks per generation: requests, their sequences, and the events streamed back.
+
+A `Request` is one prompt with n parallel samples; each sample is a `Sequence` with its own token list,
+block table, sampler and event queue. The engine thread is the only writer of a sequence's state;
+other threads read events from its queue through `SequenceStream`.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ripelm.runtime.block_allocator import BlockTable
+from ripelm.runtime.sampling import Sampler, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Finish:
+    """The last event of a sequence's stream."""
+
+    reason: str  # "stop" (end-of-generation token), "length", "cancelled", "error"
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    computed_tokens: int = 0  # tokens the model ran for this sequence (prefill + decode + recompute)
+    preemptions: int = 0
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    tokens: list[int]  # prompt + generated; K/V exist for tokens[:table.num_tokens]
+    prompt_len: int
+    params: SamplingParams
+    sampler: Sampler
+    max_new: int  # most tokens this sequence may generate
+    stop_ids: frozenset[int]
+    out: queue.Queue
+    request: Request
+    table: BlockTable = field(default_factory=BlockTable)
+    status: SeqStatus = SeqStatus.WAITING
+    order: int = 0  # admission order; preemption takes the newest
+    cached_tokens: int = -1  # set at first admission
+    computed_tokens: int = 0
+    preemptions: int = 0
+    forks: int = 0  # parallel samples still to fork off once the prompt's logits exist
+
+    @property
+    def remaining(self) -> int:
+        """Tokens whose K/V must be computed before the next token can be sampled."""
+        return len(self.tokens) - self.table.num_tokens
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class Request:
+    """A prompt submitted to the engine; `streams[i]` yields the token ids of sample i."""
+
+    def __init__(self, request_id: int, n: int):
+        self.id = request_id
+        self.n = n
+        self.queues: list[queue.Queue] = [queue.Queue() for _ in range(n)]
+        self.streams = [SequenceStream(q, self) for q in self.queues]
+        self.sequences: list[Sequence] = []
+        self.cancel_requested = threading.Event()
+        self.cancelled = threading.Event()  # set by the engine once the request's blocks are freed
+        self._cancel_fn = None
+
+    def cancel(self) -> threading.Event:
+        """Stop all samples now; the returned event is set when the engine has freed their blocks."""
+        if self._cancel_fn is not None and not self.cancel_requested.is_set():
+            self.cancel_requested.set()
+            self._cancel_fn(self)
+        return self.cancelled
+
+
+class SequenceStream:
+    """Iterates one sample's token ids; `finish` holds the final event once the iteration ends."""
+
+    def __init__(self, q: queue.Queue, request: Request):
+        self._q = q
+        self.request = request
+        self.finish: Finish | None = None
+        self.cached_tokens: int | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        while self.finish is None:
+            item = self._q.get()
+            if isinstance(item, Finish):
+                self.finish = item
+                if item.error is not None:
+                    raise item.error
+                return
+            if isinstance(item, tuple):  # ("cached", n): sent once, before the first token
+                self.cached_tokens = item[1]
+                continue
+            yield item
