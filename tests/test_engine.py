@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,32 @@ def test_cancel_mid_stream_frees_blocks(bundled):
         assert req.streams[0].finish.reason == "cancelled" and req.streams[1].finish.reason == "cancelled"
     finally:
         engine.close()
+
+
+def test_chat_turns_through_the_engine_backend_reuse_the_prefix(bundled_model_path):
+    from ripelm.runtime.backend import prompt_ids, stream
+    from ripelm.runtime.engine_backend import EngineBackend
+
+    backend = EngineBackend(bundled_model_path, device="cpu", n_ctx=2048, kv_memory=64 << 20)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16)
+        messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+        def turn() -> tuple[list[int], str, GenerationStats]:
+            ids = prompt_ids(backend, backend.template.render(messages, add_generation_prompt=True))
+            events = list(stream(backend, ids, params))
+            return ids, "".join(e.text for e in events), events[-1].stats
+
+        first_ids, reply, s1 = turn()
+        assert s1.cached_tokens == 0
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And three more?"}]
+        second_ids, _, s2 = turn()
+        # Everything up to where the re-tokenized reply differs from the sampled one comes from the cache.
+        assert s2.cached_tokens >= len(first_ids)
+        # Finished turns hold no blocks, only cache (the engine frees them at its next step boundary).
+        deadline = time.monotonic() + 30
+        while backend.engine.snapshot().used_blocks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.engine.snapshot().used_blocks == 0
+    finally:
+        backend.close()
