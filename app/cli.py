@@ -42,7 +42,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="memory for the native engine's paged KV cache, e.g. 512M or 2G "
-        "(default: a quarter of free memory, at most 2G)",
+        "(default: four context windows, within a quarter of free memory and 2G)",
     )
 
 

@@ -58,7 +58,7 @@ def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:
     shapes = [(rng.randint(16, 2048), rng.randint(16, 512)) for _ in range(requests)]
     b = NativeBackend(model, device=device, n_ctx=2048 + 512 + 16)
     ctx = b.context_length
-    engine = Engine(b.model, context_length=ctx, threaded=False)
+    engine = Engine(b.model, context_length=ctx, kv_memory=1 << 30, threaded=False)
     text = prompt_tokens(b.tokenizer, 2048 + requests)
     reqs = []
     for i, (n_prompt, n_gen) in enumerate(shapes):

@@ -51,20 +51,27 @@ def run(engine: str, model: str, n_prompt: int, n_gen: int, threads: int, device
     ids = prompt_tokens(b.tokenizer, n_prompt)
     warm = ids[:16]
     if engine == "native":
-        b.prefill(warm)  # first-call allocations, not part of the steady state
-        b.cache.truncate(0)
-        b.cached_tokens.clear()
+        # Through the engine (paged KV cache, scheduler, sampler), stepped on this thread: what `ripe run`
+        # and `ripe chat` do, minus the thread hand-off.
+        from ripelm.runtime.engine import Engine
+        from ripelm.runtime.sampling import SamplingParams
+
+        eng = Engine(b.model, context_length=b.context_length, threaded=False)
+        eng.submit(warm, SamplingParams(temperature=0, max_tokens=2), ignore_eos=True)
+        eng.run_until_idle()  # first-call allocations, not part of the steady state
+        eng.allocator.evict_all()  # no prefix-cache hits from the warm-up
+        if len(ids) > eng.scheduler.prefill_chunk:
+            raise SystemExit(f"native benchmark prompts are at most {eng.scheduler.prefill_chunk} tokens")
+        req = eng.submit(ids, SamplingParams(temperature=0, max_tokens=n_gen + 1), ignore_eos=True)
         t = time.perf_counter()
-        logits, _ = b.prefill(ids)
+        eng.step()  # the whole prompt (one prefill chunk) and the first token
         _sync(b)
         prefill_s = time.perf_counter() - t
-        tok = int(logits.argmax())
-        pos = len(ids)
         t = time.perf_counter()
-        for _ in range(n_gen):
-            tok = int(b.forward([tok], pos)[-1].argmax())
-            pos += 1
+        while eng.step():
+            pass
         decode_s = time.perf_counter() - t
+        assert len(list(req.streams[0])) == n_gen + 1
     else:
         import llama_cpp
         import numpy as np

@@ -203,6 +203,15 @@ class BlockAllocator:
         table.hashes.clear()
         table.num_tokens = 0
 
+    def evict_all(self) -> None:
+        """Forget every cached block that no sequence holds (benchmarks start cold with this)."""
+        while self.evictable:
+            bid, _ = self.evictable.popitem(last=False)
+            blk = self.blocks[bid]
+            self._unregister(blk)
+            blk.token_ids = []
+            self.empty[bid] = None
+
     # ---- internals ------------------------------------------------------------------------------
     def _take(self) -> Block:
         if self.empty:

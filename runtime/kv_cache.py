@@ -28,6 +28,7 @@ from ripelm.runtime.errors import BadSettingError, ContextOverflowError
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_FRACTION = 0.25  # of available memory, when no --kv-memory is given
 DEFAULT_KV_CAP = 2 << 30  # bytes; more only on request
+DEFAULT_KV_CONTEXTS = 4  # ... and no more than this many full context windows
 
 
 class ContiguousKVCache:
@@ -86,8 +87,12 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # On the CPU the pool is left unwritten, so the OS maps its pages only as blocks are first used
+        # (resident memory follows use, not the budget); the CPU path never reads a slot it has not written.
+        # The block-wise GPU path multiplies whole blocks by zero weights, so there it must hold no NaNs.
+        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size, hash_fn)
 
     @staticmethod
@@ -135,13 +140,14 @@ def parse_memory(text: str) -> int:
 def kv_pool_blocks(
     bytes_per_block: int, context_length: int, block_size: int, budget: int | None, available: int
 ) -> int:
-    """Pool size in blocks: an explicit budget as given, else a share of available memory (capped) that
-    still holds at least one full context window."""
+    """Pool size in blocks: an explicit budget as given, else a share of available memory, capped at 2 GiB
+    and at a few context windows, that still holds at least one full context window."""
     if budget is not None:
         if budget < bytes_per_block:
             raise BadSettingError(
                 f"a KV memory budget of {budget} bytes is smaller than one block ({bytes_per_block} bytes)"
             )
         return budget // bytes_per_block
+    one_context = -(-context_length // block_size)
     share = min(int(available * DEFAULT_KV_FRACTION), DEFAULT_KV_CAP) // bytes_per_block
-    return max(share, -(-context_length // block_size))
+    return max(min(share, DEFAULT_KV_CONTEXTS * one_context), one_context)
