@@ -1,11 +1,11 @@
-"""What `ripe run`, `ripe chat` and `ripe models` do."""
+"""What `ripe run` and `ripe chat` do."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ripelm.models.store import list_models, resolve_model
+from ripelm.models.store import resolve_model
 from ripelm.runtime.backend import Backend, GenerationStats, prompt_ids, stream
 from ripelm.runtime.engines import open_backend
 from ripelm.runtime.errors import EmptyPromptError
@@ -126,15 +126,3 @@ def cmd_chat(args: argparse.Namespace) -> int:
     finally:
         backend.close()
 
-
-def cmd_models(args: argparse.Namespace) -> int:
-    models = list_models()
-    if not models:
-        print("no models found")
-        return 0
-    w = max(len(m.name) for m in models)
-    print(f"{'NAME':<{w}}  {'SIZE':>9}  {'SOURCE':<8}  PATH")
-    for m in models:
-        mark = " (default)" if m.default else ""
-        print(f"{m.name:<{w}}  {m.size / 1e6:>7.1f}MB  {m.source:<8}  {m.path}{mark}")
-    return 0
