@@ -1,4 +1,4 @@
-"""The `ripe` command line: run, chat, models, bench.
+"""The `ripe` command line: run, chat, bench, and the model store (pull, models, rm, import).
 
 Errors a user can cause print one line (`ripe: error: ...`) and exit 1; nothing here touches a tensor.
 """
@@ -23,9 +23,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engine",
-        default="auto",
-        choices=["auto", "native", "llama.cpp"],
-        help="inference engine (default: native when it supports the model, else llama.cpp)",
+        default=None,
+        choices=["auto", "native", "llama.cpp", "openai"],
+        help="inference engine (default: native when it supports the model, else llama.cpp; "
+        "openai: an OpenAI-compatible server, see --base-url)",
+    )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="OpenAI-compatible server for --engine openai, e.g. http://127.0.0.1:8080/v1",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="API key for --engine openai (default: $RIPELM_OPENAI_API_KEY, $OPENAI_API_KEY or config.toml)",
     )
     p.add_argument(
         "--device",
@@ -83,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ripe",
         description="A local, private LLM assistant for the terminal.",
-        epilog='Examples:\n  ripe chat\n  ripe run "What is the capital of France?"\n  ripe bench --runs 5',
+        epilog='Examples:\n  ripe chat\n  ripe run "What is the capital of France?"\n'
+        '  ripe pull qwen2.5:0.5b\n  ripe run -m qwen2.5:0.5b "Hello"\n  ripe bench --runs 5',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ripe {__version__}")
@@ -110,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
 
-    sub.add_parser("models", help="list the models available (the bundled default included)")
+    from ripelm.models_cli import add_parsers as add_store_parsers
+
+    add_store_parsers(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -161,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.commands import cmd_chat
 
             return cmd_chat(args)
-        if args.command == "models":
-            from ripelm.commands import cmd_models
+        if args.command in ("pull", "models", "rm", "import"):
+            from ripelm.models_cli import dispatch
 
-            return cmd_models(args)
+            return dispatch(args)
         if args.command == "bench":
             from ripelm.bench import cmd_bench
 

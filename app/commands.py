@@ -1,16 +1,23 @@
-"""What `ripe run`, `ripe chat` and `ripe models` do."""
+"""What `ripe run` and `ripe chat` do."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from ripelm.models.store import list_models, resolve_model
-from ripelm.runtime.backend import Backend, GenerationStats, prompt_ids, stream
+from ripelm.config import load_config
+from ripelm.models.store import resolve_model
+from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
 from ripelm.runtime.engines import open_backend
-from ripelm.runtime.errors import EmptyPromptError
+from ripelm.runtime.errors import BackendError, EmptyPromptError
 from ripelm.runtime.kv_cache import parse_memory
 from ripelm.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ripelm.runtime.openai_backend import OpenAIBackend
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -32,12 +39,37 @@ def _notice(msg: str) -> None:
     print(f"ripe: {msg}", file=sys.stderr)
 
 
-def open_from_args(args: argparse.Namespace) -> Backend:
-    path = resolve_model(args.model)
+def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
+    """The engine the flags ask for, with config.toml filling in what they leave out."""
+    cfg = load_config()
+    engine = args.engine or cfg.engine or "auto"
+    if engine == "openai":
+        from ripelm.runtime.openai_backend import OpenAIBackend
+
+        base_url = args.base_url or cfg.openai.base_url
+        if not base_url:
+            raise BackendError(
+                "--engine openai needs --base-url URL (or base_url under [openai] in config.toml)"
+            )
+        api_key = (
+            args.api_key
+            or os.environ.get("RIPELM_OPENAI_API_KEY")
+            or os.environ.get("OPENAI_API_KEY")
+            or cfg.openai.api_key
+        )
+        return OpenAIBackend(
+            base_url,
+            api_key=api_key,
+            model=args.model or cfg.openai.model,
+            sampling_extras=cfg.openai.sampling_extras,
+        )
+    if args.base_url or args.api_key:
+        raise BackendError("--base-url and --api-key are for --engine openai")
+    path = resolve_model(args.model or cfg.model)
     kv = getattr(args, "kv_memory", None)
     return open_backend(
         path,
-        engine=args.engine,
+        engine=engine,
         device=args.device,
         n_ctx=args.ctx,
         threads=args.threads,
@@ -62,11 +94,29 @@ def format_stats(s: GenerationStats) -> str:
     return ", ".join(parts)
 
 
-def _reply(backend: Backend, text: str, params: SamplingParams, *, raw: bool) -> tuple[str, GenerationStats]:
-    ids = prompt_ids(backend, text, add_bos=None if raw else False)
+def _events(
+    backend: Backend | OpenAIBackend, messages: list[dict[str, str]], params: SamplingParams, raw: str | None
+) -> Iterator[TokenEvent]:
+    """Local engines get the rendered chat template as token ids; a server engine (`takes_messages`)
+    gets the messages and applies the template itself. `raw` is a plain completion prompt."""
+    if getattr(backend, "takes_messages", False):
+        remote: Any = backend
+        return remote.stream_text(raw, params) if raw is not None else remote.stream_chat(messages, params)
+    text = raw if raw is not None else backend.template.render(messages, add_generation_prompt=True)
+    ids = prompt_ids(backend, text, add_bos=None if raw is not None else False)
+    return stream(backend, ids, params)
+
+
+def _reply(
+    backend: Backend | OpenAIBackend,
+    messages: list[dict[str, str]],
+    params: SamplingParams,
+    *,
+    raw: str | None = None,
+) -> tuple[str, GenerationStats]:
     out: list[str] = []
     stats = GenerationStats()
-    for ev in stream(backend, ids, params):
+    for ev in _events(backend, messages, params, raw):
         if ev.text:
             sys.stdout.write(ev.text)
             sys.stdout.flush()
@@ -83,13 +133,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     backend = open_from_args(args)
     try:
-        if args.raw:
-            text = prompt
-        else:
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            messages.append({"role": "user", "content": prompt})
-            text = backend.template.render(messages, add_generation_prompt=True)
-        _, stats = _reply(backend, text, params, raw=args.raw)
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        _, stats = _reply(backend, messages, params, raw=prompt if args.raw else None)
         sys.stdout.write("\n")
         sys.stdout.flush()
         if args.stats:
@@ -121,9 +167,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 messages = messages[:1] if args.system else []
                 continue
             messages.append({"role": "user", "content": line})
-            text = backend.template.render(messages, add_generation_prompt=True)
             try:
-                reply, stats = _reply(backend, text, params, raw=False)
+                reply, stats = _reply(backend, messages, params)
             except KeyboardInterrupt:
                 print("\n[interrupted]")
                 messages.pop()
@@ -133,16 +178,3 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append({"role": "assistant", "content": reply})
     finally:
         backend.close()
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    models = list_models()
-    if not models:
-        print("no models found")
-        return 0
-    w = max(len(m.name) for m in models)
-    print(f"{'NAME':<{w}}  {'SIZE':>9}  {'SOURCE':<8}  PATH")
-    for m in models:
-        mark = " (default)" if m.default else ""
-        print(f"{m.name:<{w}}  {m.size / 1e6:>7.1f}MB  {m.source:<8}  {m.path}{mark}")
-    return 0

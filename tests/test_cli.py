@@ -78,7 +78,7 @@ def test_run_seeded_sampling_is_reproducible_and_raw_mode_works(home):
 def test_models_lists_bundled_default(home):
     p = ripe("models", home=home)
     assert p.returncode == 0
-    assert "smollm2:135m" in p.stdout and "(default)" in p.stdout
+    assert "* smollm2:135m" in p.stdout and "* default model" in p.stdout
 
 
 def test_help_and_version(home):

@@ -1,0 +1,87 @@
+"""The user's settings file, ``config.toml`` in ``$RIPELM_HOME`` or the platform's user config dir.
+
+Everything in it is optional; a command-line flag always wins over the file::
+
+    model = "qwen2.5:0.5b"        # default --model for run and chat
+    engine = "openai"             # default --engine: auto, native, llama.cpp or openai
+
+    [openai]                      # the OpenAI-compatible server used by --engine openai
+    base_url = "http://127.0.0.1:8080/v1"
+    api_key = "sk-..."            # or leave it out and set RIPELM_OPENAI_API_KEY / OPENAI_API_KEY
+    model = "my-model"            # the server's model id (default: the first one it lists)
+    sampling_extras = true        # send top_k / min_p / repeat penalty (false for servers that reject them)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ripelm.models.errors import RipelmError
+from ripelm.models.store import config_dir
+
+ENGINE_CHOICES = ("auto", "native", "llama.cpp", "openai")
+
+
+class ConfigError(RipelmError):
+    """config.toml cannot be read or has a setting of the wrong kind."""
+
+
+@dataclass
+class OpenAIConfig:
+    base_url: str | None = None
+    api_key: str | None = None
+    model: str | None = None
+    sampling_extras: bool = True
+
+
+@dataclass
+class Config:
+    model: str | None = None
+    engine: str | None = None
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    path: Path | None = None
+
+
+def config_path() -> Path:
+    return config_dir() / "config.toml"
+
+
+def _take(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table.pop(key, None)
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{where}: '{key}' must be a {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def load_config(path: Path | None = None) -> Config:
+    path = path or config_path()
+    if not path.is_file():
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    where = str(path)
+    cfg = Config(path=path)
+    cfg.model = _take(data, "model", str, where)
+    cfg.engine = _take(data, "engine", str, where)
+    if cfg.engine is not None and cfg.engine not in ENGINE_CHOICES:
+        raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINE_CHOICES)}, not '{cfg.engine}'")
+    section = data.pop("openai", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: [openai] must be a table")
+    w = f"{where} [openai]"
+    extras = _take(section, "sampling_extras", bool, w)
+    cfg.openai = OpenAIConfig(
+        base_url=_take(section, "base_url", str, w),
+        api_key=_take(section, "api_key", str, w),
+        model=_take(section, "model", str, w),
+        sampling_extras=True if extras is None else extras,
+    )
+    unknown = [*data, *(f"openai.{k}" for k in section)]
+    if unknown:
+        raise ConfigError(f"{where}: unknown settings: {', '.join(unknown)}")
+    return cfg

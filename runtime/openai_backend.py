@@ -1,0 +1,197 @@
+"""The `openai` engine: generation on any OpenAI-compatible server (vLLM, llama.cpp's server, `ripe serve`,
+OpenAI itself), for users who outgrow one machine.
+
+Unlike the local engines it takes chat messages, not token ids (``takes_messages``): the server owns
+the tokenizer and applies the chat template. Replies stream as server-sent events through the official
+`openai` client (already in ripelm's dependency tree, and the client other tools use, so what works
+here works there), and come back as the same `TokenEvent`s and `GenerationStats` the local engines
+give, so `ripe run` and `ripe chat` treat every engine alike.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ripelm.runtime.backend import GenerationStats, TokenEvent
+from ripelm.runtime.errors import BackendError
+from ripelm.runtime.sampling import SamplingParams
+
+NO_KEY = "sk-no-key-required"  # the client insists on a key; local servers ignore it
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:8080`` -> ``http://host:8080/v1`` (where vLLM and llama.cpp serve the API)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BackendError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8080/v1, not '{url}'")
+    path = parts.path.rstrip("/") or "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+class OpenAIBackend:
+    name = "openai"
+    takes_messages = True
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        sampling_extras: bool = True,
+        timeout: float = 600.0,
+    ):
+        import openai
+
+        self.base_url = normalize_base_url(base_url)
+        self.sampling_extras = sampling_extras
+        self.client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or NO_KEY, timeout=timeout, max_retries=1
+        )
+        self.model = model or self._first_model()
+        self.device = f"{self.model} at {self.base_url}"
+
+    # ---- errors ------------------------------------------------------------------------------------
+
+    def _error(self, e: Exception) -> BackendError:
+        import openai
+
+        where = f"the server at {self.base_url}"
+        if isinstance(e, openai.APITimeoutError):
+            return BackendError(f"{where} did not answer in time")
+        if isinstance(e, openai.APIConnectionError):
+            cause = e.__cause__ or e
+            return BackendError(f"cannot reach {where}: {str(cause).strip() or type(cause).__name__}")
+        if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
+            return BackendError(
+                f"{where} refused the API key (HTTP {e.status_code}); pass --api-key or set "
+                "RIPELM_OPENAI_API_KEY"
+            )
+        if isinstance(e, openai.NotFoundError):
+            return BackendError(
+                f"{where} answered 404 ({_detail(e)}): check the URL (it usually ends in /v1) "
+                "and the model name"
+            )
+        if isinstance(e, openai.APIStatusError):
+            return BackendError(f"{where} answered HTTP {e.status_code}: {_detail(e)}")
+        return BackendError(f"{where} failed: {e}")
+
+    def _first_model(self) -> str:
+        import openai
+
+        try:
+            models = [m.id for m in self.client.models.list()]
+        except openai.OpenAIError as e:
+            raise self._error(e) from e
+        if not models:
+            raise BackendError(f"the server at {self.base_url} lists no models; pass --model")
+        return models[0]
+
+    # ---- generation --------------------------------------------------------------------------------
+
+    def _sampling(self, params: SamplingParams) -> tuple[dict[str, Any], dict[str, Any]]:
+        kw: dict[str, Any] = {
+            "model": self.model,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.seed is not None:
+            kw["seed"] = params.seed
+        if params.stop:
+            kw["stop"] = list(params.stop)
+        extra: dict[str, Any] = {}
+        if self.sampling_extras:
+            # understood by llama.cpp's server and vLLM; a strict server can be told not to get them
+            extra = {"top_k": params.top_k if params.top_k > 0 else -1, "min_p": params.min_p}
+            if params.repetition_penalty != 1.0:
+                extra["repeat_penalty"] = params.repetition_penalty  # llama.cpp
+                extra["repetition_penalty"] = params.repetition_penalty  # vLLM
+        return kw, extra
+
+    def stream_chat(
+        self, messages: list[dict[str, str]], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """Send chat messages; the server applies the model's chat template."""
+        kw, extra = self._sampling(params)
+        return self._stream(
+            lambda: self.client.chat.completions.create(messages=messages, extra_body=extra, **kw),
+            lambda choice: choice.delta.content,
+            cancel,
+        )
+
+    def stream_text(
+        self, prompt: str, params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """Plain text completion (no chat template), through /v1/completions."""
+        kw, extra = self._sampling(params)
+        return self._stream(
+            lambda: self.client.completions.create(prompt=prompt, extra_body=extra, **kw),
+            lambda choice: choice.text,
+            cancel,
+        )
+
+    def _stream(self, start, text_of, cancel: threading.Event | None) -> Iterator[TokenEvent]:
+        import openai
+
+        t0 = time.perf_counter()
+        stats = GenerationStats(engine=self.name)
+        try:
+            response = start()
+        except openai.OpenAIError as e:
+            raise self._error(e) from e
+        t_first = None
+        chunks = 0
+        finish = ""
+        usage = None
+        try:
+            for chunk in response:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    text = text_of(choice)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+                    if text:
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        chunks += 1
+                        yield TokenEvent(text)
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        except openai.OpenAIError as e:
+            raise self._error(e) from e
+        finally:
+            response.close()  # a Ctrl-C or cancel drops the connection, which stops the server's work
+        end = time.perf_counter()
+        stats.generated_tokens = usage.completion_tokens if usage else chunks
+        stats.prompt_tokens = usage.prompt_tokens if usage else 0
+        stats.finish_reason = finish or "stop"
+        stats.total_s = end - t0
+        if t_first is not None:
+            stats.ttft_s = t_first - t0
+            if stats.prompt_tokens:
+                stats.prefill_tok_s = stats.prompt_tokens / max(stats.ttft_s, 1e-9)
+            if stats.generated_tokens > 1:
+                stats.decode_tok_s = (stats.generated_tokens - 1) / max(end - t_first, 1e-9)
+        yield TokenEvent("", done=True, stats=stats)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _detail(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") if isinstance(err, dict) else err
+        if msg:
+            return str(msg)[:200]
+    return str(getattr(e, "message", "") or e)[:200]
