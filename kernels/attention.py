@@ -2,6 +2,12 @@
 
 `attention` is the fast path (torch SDPA, which picks a fused kernel per device) over head-major
 history [KV, S, D]; `attention_reference` is the plain softmax(QK^T / sqrt(d)) V that tests compare to.
+
+Single-query rows (decoding) go through `decode_attention`: keys padded to a power-of-two bucket of the
+history length and masked. SDPA's rounding depends on the key length it is given, not on the batch
+size or on what the masked padding holds, so with the bucket fixed by the history length alone a row
+gets bit-identical results decoded alone or batched with other sequences of the same bucket. That is
+what keeps batched greedy output token-for-token equal to the single-sequence output.
 """
 
 from __future__ import annotations
@@ -11,18 +17,55 @@ import math
 import torch
 import torch.nn.functional as F
 
+DECODE_MIN_BUCKET = 32
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
+
+def decode_bucket(n: int) -> int:
+    """Padded key length for a single query over n keys (a power of two, at least DECODE_MIN_BUCKET)."""
+    return max(DECODE_MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def pad_keys(k: torch.Tensor, size: int) -> torch.Tensor:
+    """k [..., S, D] cut or zero-padded to [..., size, D] along the key axis (a view when S >= size)."""
+    s = k.shape[-2]
+    if s >= size:
+        return k[..., :size, :]
+    pad = k.new_zeros(*k.shape[:-2], size - s, k.shape[-1])
+    return torch.cat([k, pad], dim=-2)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """One query per sequence: q [B, H, D]; k, v [B, KV, P, D] with P = decode_bucket of every row's
+    length; lengths [B] valid keys per row (the rest is masked, whatever it holds, but must be finite).
+    Returns [B, H, D]."""
+    p = k.shape[-2]
+    mask = (torch.arange(p, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=gqa)
+    return out[:, :, 0]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, length: int | None = None
+) -> torch.Tensor:
     """q [T, H, D] holds positions q_start..q_start+T-1; k, v [KV, S, D] hold positions 0..S-1.
 
-    Query i attends to keys 0..q_start+i. Returns [T, H, D] in q's dtype.
+    Query i attends to keys 0..q_start+i. `length` (default S) is how many keys are history; k and v may
+    run past it (a cache buffer), which lets a decode step read its padded bucket without a copy.
+    Returns [T, H, D] in q's dtype.
     """
-    t, s = q.shape[0], k.shape[1]
+    t = q.shape[0]
+    s = k.shape[1] if length is None else length
+    if t == 1:
+        p = decode_bucket(s)
+        lengths = torch.tensor([s], device=q.device)
+        return decode_attention(q, pad_keys(k, p)[None], pad_keys(v, p)[None], lengths)
+    k, v = k[:, :s], v[:, :s]
     qh = q.transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[0]
-    if t == 1:
-        out = F.scaled_dot_product_attention(qh, k[None], v[None], enable_gqa=gqa)
-    elif q_start == 0 and s == t:
+    if q_start == 0 and s == t:
         out = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, enable_gqa=gqa)
     else:
         mask = causal_mask(t, s, q_start, q.device)

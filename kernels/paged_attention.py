@@ -7,8 +7,9 @@ every sequence, the slot each new K/V row is written to, and the slots each sequ
 Three paths with one contract (queries of a sequence sit at the last `q_len` of its `ctx_len` positions,
 causal):
 - `paged_attention_reference`: gather, explicit float32 softmax; what tests compare to.
-- `paged_attention`: the CPU path. One SDPA call per sequence over its gathered keys (a zero-copy view
-  when its blocks are consecutive), so a sequence's numbers do not depend on what else is in the batch.
+- `paged_attention`: the CPU path. Decoding rows are grouped by the padded bucket of their history
+  length, one masked SDPA call per group (bit-identical to decoding each alone, see
+  `kernels.attention`); a prefill chunk gets one SDPA call over its gathered history.
 - `paged_attention_blockwise`: online softmax over block columns of the block table for all sequences at
   once (no gathered copy of the history); the path for CUDA and MPS, written in plain torch ops.
 """
@@ -20,7 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ripelm.kernels.attention import attention
+from ripelm.kernels.attention import attention, decode_attention, decode_bucket
+
+
+@dataclass
+class DecodeGroup:
+    """Single-query sequences whose histories pad to the same bucket: one SDPA call for all of them."""
+
+    rows: torch.Tensor  # [B] query rows in the flattened batch
+    slots: torch.Tensor  # [B, P] flat pool slots of each history, padded with the sequence's first slot
+    lengths: torch.Tensor  # [B] keys each row sees
 
 
 @dataclass
@@ -38,28 +48,32 @@ class PagedBatch:
         self.q_starts: list[int] = []
         row = 0
         new_slots: list[torch.Tensor] = []
-        self.key_slots: list[torch.Tensor | slice] = []
+        buckets: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
+        # Sequences with several query rows (prefill chunks): (first row, rows, keys, key slots).
+        self.multi: list[tuple[int, int, int, torch.Tensor | slice]] = []
         for table, q, n in zip(self.block_tables, self.q_lens, self.ctx_lens, strict=True):
             if not (1 <= q <= n) or len(table) * bs < n:
                 raise ValueError(f"bad sequence: {q} queries, {n} keys, {len(table)} blocks of {bs}")
             self.q_starts.append(row)
-            row += q
             slots = _slots(table, n, bs)
             new_slots.append(slots[n - q :])
-            self.key_slots.append(_as_slice(table, n, bs) or slots.to(self.device))
+            if q == 1:
+                p = decode_bucket(n)
+                padded = torch.cat([slots, slots[:1].expand(p - n)])
+                buckets.setdefault(p, []).append((row, padded, n))
+            else:
+                self.multi.append((row, q, n, _as_slice(table, n, bs) or slots.to(self.device)))
+            row += q
         self.num_rows = row
         self.slot_mapping = torch.cat(new_slots).to(self.device)
-        # Several sequences: one gather per layer for all histories, then per-sequence views into it.
-        self.key_offsets = [0]
-        for n in self.ctx_lens:
-            self.key_offsets.append(self.key_offsets[-1] + n)
-        self.all_key_slots = (
-            torch.cat([_slots(t, n, bs) for t, n in zip(self.block_tables, self.ctx_lens, strict=True)]).to(
-                self.device
+        self.decode_groups = [
+            DecodeGroup(
+                rows=torch.tensor([r for r, _, _ in members], device=self.device),
+                slots=torch.stack([sl for _, sl, _ in members]).to(self.device),
+                lengths=torch.tensor([n for _, _, n in members], device=self.device),
             )
-            if len(self.block_tables) > 1
-            else None
-        )
+            for _, members in sorted(buckets.items())
+        ]
 
     def tables_tensor(self) -> torch.Tensor:
         """Block tables padded with block 0 to [B, max_blocks] (padding is masked by ctx_lens)."""
@@ -104,16 +118,31 @@ def gather_kv(
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: PagedBatch
 ) -> torch.Tensor:
-    """q [T, H, D] (rows of all sequences, flattened) -> [T, H, D]."""
-    if len(batch.q_lens) == 1:
-        k, v = gather_kv(k_pool, v_pool, batch.key_slots[0])
-        return attention(q, k, v, batch.ctx_lens[0] - batch.q_lens[0])
+    """q [T, H, D] (rows of all sequences, flattened) -> [T, H, D].
+
+    Decoding rows: one padded, masked SDPA call per bucket (see `decode_attention`); rows with several
+    queries: one SDPA call per sequence over its gathered history (a view when its blocks are consecutive).
+    """
+    kv, d = k_pool.shape[-2:]
+    k_flat, v_flat = k_pool.view(-1, kv, d), v_pool.view(-1, kv, d)
+    if len(batch.decode_groups) == 1 and not batch.multi:
+        g = batch.decode_groups[0]
+        return _decode_group(q, k_flat, v_flat, g)  # rows are already in order
     out = torch.empty_like(q)
-    k_all, v_all = gather_kv(k_pool, v_pool, batch.all_key_slots)  # [KV, sum S, D]
-    for i, (start, n_q, n_k) in enumerate(zip(batch.q_starts, batch.q_lens, batch.ctx_lens, strict=True)):
-        a, b = batch.key_offsets[i], batch.key_offsets[i + 1]
-        out[start : start + n_q] = attention(q[start : start + n_q], k_all[:, a:b], v_all[:, a:b], n_k - n_q)
+    for g in batch.decode_groups:
+        out[g.rows] = _decode_group(q[g.rows], k_flat, v_flat, g)
+    for start, n_q, n_k, slots in batch.multi:
+        k, v = gather_kv(k_pool, v_pool, slots)
+        out[start : start + n_q] = attention(q[start : start + n_q], k, v, n_k - n_q)
     return out
+
+
+def _decode_group(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: DecodeGroup
+) -> torch.Tensor:
+    k = k_flat[g.slots].permute(0, 2, 1, 3)  # [B, KV, P, D]
+    v = v_flat[g.slots].permute(0, 2, 1, 3)
+    return decode_attention(q, k, v, g.lengths)
 
 
 def paged_attention_reference(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ripelm.kernels.attention import attention
+from ripelm.kernels.attention import attention, decode_bucket
 from ripelm.kernels.paged_attention import (
     PagedBatch,
     paged_attention,
@@ -64,7 +64,9 @@ class ContiguousKVCache:
         self.v[layer, :, s:e] = v.transpose(0, 1)
         if layer == self.k.shape[0] - 1:
             self.length = e
-        return attention(q, self.k[layer, :, :e], self.v[layer, :, :e], s)
+        # A decode step reads its whole padded bucket straight from the buffer (masked past e).
+        end = min(self.max_len, decode_bucket(e)) if e - s == 1 else e
+        return attention(q, self.k[layer, :, :end], self.v[layer, :, :end], s, length=e)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (rewind for a new prompt sharing a prefix, or rejected drafts)."""

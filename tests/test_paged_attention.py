@@ -65,10 +65,10 @@ def test_write_then_attend_matches_contiguous_attention():
 
 
 def test_consecutive_blocks_are_read_without_a_copy():
-    batch = make_batch([10], [1], shuffle=False)
-    assert isinstance(batch.key_slots[0], slice)
-    shuffled = make_batch([10], [1], shuffle=True, seed=3)
-    assert not isinstance(shuffled.key_slots[0], slice)
+    batch = make_batch([10], [4], shuffle=False)
+    assert isinstance(batch.multi[0][3], slice)
+    shuffled = make_batch([10], [4], shuffle=True, seed=3)
+    assert not isinstance(shuffled.multi[0][3], slice)
 
 
 def test_batch_does_not_change_a_sequence_result():
@@ -80,6 +80,34 @@ def test_batch_does_not_change_a_sequence_result():
     for i in range(3):
         alone = PagedBatch(BS, [batch.block_tables[i]], [1], [batch.ctx_lens[i]])
         assert torch.equal(paged_attention(q[i : i + 1], kp, vp, alone), together[i : i + 1])
+
+
+def test_decode_rows_match_the_contiguous_cache_bit_for_bit():
+    """A decode row through the paged pool (batched with others) equals the contiguous-cache decode."""
+    torch.manual_seed(2)
+    lens = [7, 15, 3, 33, 64, 65]
+    kp, vp = random_pools(torch.bfloat16)
+    big_nb = 64
+    kp = torch.randn(big_nb, BS, KV, D).bfloat16()
+    vp = torch.randn(big_nb, BS, KV, D).bfloat16()
+    order = torch.randperm(big_nb).tolist()
+    tables, used = [], 0
+    for n in lens:
+        tables.append(order[used : used + -(-n // BS)])
+        used += -(-n // BS)
+    batch = PagedBatch(BS, tables, [1] * len(lens), lens)
+    q = torch.randn(len(lens), H, D).bfloat16()
+    together = paged_attention(q, kp, vp, batch)
+    for i, n in enumerate(lens):
+        slots = torch.tensor([tables[i][p // BS] * BS + p % BS for p in range(n)])
+        k = kp.view(-1, KV, D)[slots].transpose(0, 1)
+        v = vp.view(-1, KV, D)[slots].transpose(0, 1)
+        buffer_k = torch.zeros(KV, 256, D).bfloat16()  # a contiguous cache buffer longer than the history
+        buffer_v = torch.zeros_like(buffer_k)
+        buffer_k[:, :n], buffer_v[:, :n] = k, v
+        alone = attention(q[i : i + 1], buffer_k, buffer_v, n - 1, length=n)
+        assert torch.equal(alone, together[i : i + 1]), i
+        assert torch.equal(attention(q[i : i + 1], k, v, n - 1), alone)  # exact-length history too
 
 
 def test_bad_batch_is_rejected():
