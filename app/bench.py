@@ -123,7 +123,24 @@ def cmd_bench_kv(model: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_chat(model: str, args: argparse.Namespace) -> int:
+    print(
+        f"model {model}\nsecond chat turn after a first turn of about {args.prompt_tokens} tokens; "
+        f"{args.runs} runs (fresh process each)",
+        file=sys.stderr,
+    )
+    runs = [run_engine_bench("chat", model, args) for _ in range(args.runs)]
+    r = runs[0]
+    warm = statistics.median(x["ttft_cached_s"] for x in runs)
+    cold = statistics.median(x["ttft_cold_s"] for x in runs)
+    print(f"second turn: {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} from the prefix cache")
+    print(f"time to first token (median): {warm * 1000:.0f} ms with the cache, {cold * 1000:.0f} ms without")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.chat:
+        return cmd_bench_chat(str(resolve_model(args.model)), args)
     if args.batch is not None or args.kv:
         if args.runs < 1 or (args.batch is not None and args.batch < 1) or args.kv_requests < 1:
             raise RipelmError("--runs, --batch and --kv-requests must be positive")

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--kv-requests", type=int, default=64, metavar="N", help="requests in the --kv workload (default 64)"
     )
+    bench.add_argument(
+        "--chat",
+        action="store_true",
+        help="time to first token of a second chat turn, with and without the prefix cache",
+    )
     return parser
 
 

@@ -1,10 +1,12 @@
-"""Engine benchmarks, one run per process: batched decode throughput and KV memory utilization.
+"""Engine benchmarks, one run per process: batched decode, KV utilization, prefix reuse across turns.
 
-`ripe bench --batch N` and `ripe bench --kv` start this module and read one JSON line.
+`ripe bench --batch N`, `--kv` and `--chat` start this module and read one JSON line.
 - batch: aggregate decode tokens/s of N concurrent greedy streams, and of 1 stream in the same process.
 - kv: a mixed-length workload through the real engine; at every step, the fraction of allocated KV
   slots that hold live tokens, for the paged pool and for a contiguous reservation of the same live
   requests (the context window per request, and prompt + max tokens per request).
+- chat: time to first token of a second chat turn with the first turn in the prefix cache, and of the
+  same prompt with the cache emptied.
 """
 
 from __future__ import annotations
@@ -100,9 +102,51 @@ def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:
     }
 
 
+def bench_chat(model: str, n_prompt: int, n_gen: int, device: str | None) -> dict:
+    """Time to first token of a second chat turn, with the first turn's blocks in the prefix cache and
+    with the cache emptied first (the same prompt computed from scratch)."""
+    b = NativeBackend(model, device=device, n_ctx=2 * (n_prompt + n_gen) + 256)
+    engine = Engine(b.model, context_length=b.context_length, threaded=False)
+    words = b.tokenizer.decode(prompt_tokens(b.tokenizer, n_prompt))
+    messages = [{"role": "user", "content": words}]
+    params = SamplingParams(temperature=0, max_tokens=n_gen)
+
+    def turn() -> tuple[float, int, int]:
+        ids = b.tokenizer.encode(b.template.render(messages, add_generation_prompt=True), add_bos=False)
+        req = engine.submit(ids, params)
+        t = time.perf_counter()
+        stream = iter(req.streams[0])
+        while engine.step() and req.queues[0].qsize() < 2:  # the ("cached", n) event, then a token
+            pass
+        ttft = time.perf_counter() - t
+        while engine.step():
+            pass
+        out = list(stream)
+        messages.append({"role": "assistant", "content": b.tokenizer.decode(out)})
+        return ttft, len(ids), req.streams[0].finish.cached_tokens
+
+    turn()  # warm-up on a throwaway conversation
+    engine.allocator.evict_all()
+    messages[:] = [{"role": "user", "content": words}]
+    turn()
+    messages.append({"role": "user", "content": "Summarise that in one sentence, please."})
+    warm, n2, cached = turn()
+    messages.pop()  # the same second turn again, computed from scratch
+    engine.allocator.evict_all()
+    cold, _, cold_cached = turn()
+    return {
+        "prompt_tokens": n2,
+        "cached_tokens": cached,
+        "ttft_cached_s": warm,
+        "ttft_cold_s": cold,
+        "cold_cached_tokens": cold_cached,
+        "device": b.device,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ripelm.runtime.bench_engine")
-    p.add_argument("--mode", required=True, choices=["batch", "kv"])
+    p.add_argument("--mode", required=True, choices=["batch", "kv", "chat"])
     p.add_argument("--model", required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -115,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     if a.mode == "batch":
         res = bench_batch(a.model, a.batch, a.prompt_tokens, a.gen_tokens, a.device)
+    elif a.mode == "chat":
+        res = bench_chat(a.model, a.prompt_tokens, a.gen_tokens, a.device)
     else:
         res = bench_kv(a.model, a.requests, a.seed, a.device)
     sys.stdout.write(json.dumps(res) + "\n")
