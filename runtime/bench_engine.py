@@ -65,6 +65,7 @@ def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:
     reqs = []
     for i, (n_prompt, n_gen) in enumerate(shapes):
         # Offset every prompt so no two share a prefix (prefix sharing would flatter the paged figure).
+        n_prompt = min(n_prompt, ctx - 1)  # a model with a shorter context gets shorter prompts
         prompt = [(tok + i) % b.tokenizer.vocab_size for tok in text[i : i + n_prompt]]
         reqs.append(engine.submit(prompt, SamplingParams(temperature=0, max_tokens=n_gen), ignore_eos=True))
     bs = engine.allocator.block_size
