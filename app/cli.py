@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_parsers(sub)
 
+    from ripelm.serve_cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
     bench = sub.add_parser(
         "bench",
         help="compare native and llama.cpp speed on one model",
@@ -186,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.models_cli import dispatch
 
             return dispatch(args)
+        if args.command == "serve":
+            from ripelm.serve_cli import cmd_serve
+
+            return cmd_serve(args)
         if args.command == "bench":
             from ripelm.bench import cmd_bench
 

@@ -1,0 +1,112 @@
+"""`ripe serve`: flags, model loading and the foreground server loop."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from ripelm.models.errors import RipelmError
+
+DEFAULT_MODEL_NAME = "smollm2:135m"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model at /v1/chat/completions, /v1/completions and /v1/models (streaming "
+        "with server-sent events). Concurrent requests are batched by the native engine. Listens on "
+        "127.0.0.1 unless --host says otherwise.",
+        epilog="Example:\n  ripe serve --port 8080\n  curl http://127.0.0.1:8080/v1/models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", "-m", default=None, help="model name or .gguf path (default: the bundled model)"
+    )
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "native", "llama.cpp"],
+        help="local engine (default auto)",
+    )
+    p.add_argument(
+        "--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="native engine device"
+    )
+    p.add_argument(
+        "--ctx", type=int, default=None, metavar="N", help="context window in tokens (default 4096)"
+    )
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE", help="paged KV cache memory, e.g. 1G")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
+    p.add_argument(
+        "--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require clients to send 'Authorization: Bearer KEY' (default: $RIPELM_API_KEY, else none)",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ripelm.commands import _notice
+    from ripelm.models.store import resolve_model
+    from ripelm.runtime.engines import open_backend
+    from ripelm.runtime.kv_cache import parse_memory
+    from ripelm.server import Server
+
+    if not 0 <= args.port <= 65535:
+        raise RipelmError(f"--port must be between 0 and 65535, not {args.port}")
+    api_key = args.api_key or os.environ.get("RIPELM_API_KEY") or None
+    path = resolve_model(args.model)
+    backend = open_backend(
+        path,
+        engine=args.engine,
+        device=args.device,
+        n_ctx=args.ctx,
+        threads=args.threads,
+        kv_memory=parse_memory(args.kv_memory) if args.kv_memory else None,
+        notice=_notice,
+    )
+    try:
+        try:
+            server = Server(
+                backend,
+                host=args.host,
+                port=args.port,
+                api_key=api_key,
+                model_name=args.model or DEFAULT_MODEL_NAME,
+            )
+        except OSError as e:
+            raise RipelmError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+        if not _is_loopback(args.host) and api_key is None:
+            _notice(
+                f"warning: listening on {args.host} with no --api-key; anyone who can reach it can use it"
+            )
+        print(
+            f"ripe serve: {server.api.model_name} ({backend.name} on {backend.device}) at "
+            f"http://{args.host}:{server.port}/v1 — Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.httpd.server_close()
+    finally:
+        backend.close()
+    return 0

@@ -1,0 +1,289 @@
+"""`ripe serve`: an OpenAI-compatible HTTP API over one local engine.
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (JSON or server-sent
+events with `"stream": true`). Every request runs in its own thread and becomes a request to the one
+shared engine, so concurrent clients are batched and share the prefix cache. A client that goes away
+mid-stream is noticed at the next write and its request is cancelled (its KV blocks are freed at the
+engine's next step). Loopback by default; `--api-key` requires `Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from ripelm.models.errors import RipelmError
+from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
+from ripelm.runtime.sampling import SamplingParams
+
+MAX_BODY = 16 << 20
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingParams:
+    def num(key: str, default: float, cast=float) -> Any:
+        val = body.get(key, default)
+        if val is None:
+            return default
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise ApiError(400, f"'{key}' must be a number")
+        return cast(val)
+
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of strings")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = context_length
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ApiError(400, "'max_tokens' must be an integer")
+    params = SamplingParams(
+        temperature=num("temperature", 1.0),
+        top_k=num("top_k", 0, int),
+        top_p=num("top_p", 1.0),
+        min_p=num("min_p", 0.0),
+        repetition_penalty=num("repeat_penalty", 1.0),
+        seed=None if body.get("seed") is None else num("seed", 0, int),
+        max_tokens=max_tokens,
+        stop=stop,
+    )
+    try:
+        params.validate()
+    except RipelmError as e:
+        raise ApiError(400, str(e)) from e
+    return params
+
+
+class Api:
+    """The endpoints' logic, independent of the HTTP plumbing."""
+
+    def __init__(self, backend: Backend, model_name: str):
+        self.backend = backend
+        self.model_name = model_name
+        self.created = int(time.time())
+        # The engine batches concurrent requests; other backends (llama.cpp) take one at a time.
+        self.lock = None if hasattr(backend, "engine") else threading.Lock()
+
+    def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ripelm"}
+            ],
+        }
+
+    def prepare(self, path: str, body: dict[str, Any]) -> tuple[list[int], SamplingParams, bool]:
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n = 1 is supported")
+        params = sampling_from_body(body, self.backend.context_length)
+        if path == "/v1/chat/completions":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(400, "'messages' must be a non-empty list")
+            for m in messages:
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise ApiError(400, "every message needs a 'role' and a 'content'")
+                if isinstance(m.get("content"), list):  # content parts: keep the text ones
+                    m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+                if not isinstance(m.get("content"), str):
+                    raise ApiError(400, "every message needs a 'role' and a 'content'")
+            text = self.backend.template.render(messages, add_generation_prompt=True)
+            ids = prompt_ids(self.backend, text, add_bos=False)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise ApiError(400, "'prompt' must be a string")
+            ids = prompt_ids(self.backend, prompt)
+        return ids, params, bool(body.get("stream"))
+
+    def events(self, ids: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+        if self.lock is None:
+            yield from stream(self.backend, ids, params, cancel)
+            return
+        with self.lock:
+            yield from stream(self.backend, ids, params, cancel)
+
+
+def _chunk(kind: str, rid: str, model: str, created: int, text: str | None, finish: str | None) -> dict:
+    if kind == "chat":
+        delta = {} if text is None else {"content": text}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def _usage(stats: GenerationStats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+    }
+
+
+def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "ripe"
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet; one line per request
+            pass
+
+        def _send_json(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, e: ApiError) -> None:
+            self._send_json(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
+
+        def _authorized(self) -> bool:
+            if api_key is None:
+                return True
+            return self.headers.get("Authorization", "") == f"Bearer {api_key}"
+
+        def do_GET(self) -> None:
+            if not self._authorized():
+                return self._error(ApiError(401, "invalid or missing API key", "authentication_error"))
+            if self.path.rstrip("/") == "/v1/models":
+                return self._send_json(200, api.models())
+            if self.path.rstrip("/") == "/health":
+                return self._send_json(200, {"status": "ok"})
+            self._error(ApiError(404, f"no endpoint {self.path}", "not_found_error"))
+
+        def do_POST(self) -> None:
+            try:
+                if not self._authorized():
+                    raise ApiError(401, "invalid or missing API key", "authentication_error")
+                path = self.path.rstrip("/")
+                if path not in ("/v1/chat/completions", "/v1/completions"):
+                    raise ApiError(404, f"no endpoint {self.path}", "not_found_error")
+                length = int(self.headers.get("Content-Length") or 0)
+                if length <= 0 or length > MAX_BODY:
+                    raise ApiError(400 if length <= 0 else 413, "a JSON body is required (at most 16 MB)")
+                try:
+                    body = json.loads(self.rfile.read(length))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ApiError(400, f"the body is not valid JSON: {e}") from e
+                if not isinstance(body, dict):
+                    raise ApiError(400, "the body must be a JSON object")
+                ids, params, streaming = api.prepare(path, body)
+            except ApiError as e:
+                return self._error(e)
+            except RipelmError as e:  # prompt too long, empty...
+                return self._error(ApiError(400, str(e)))
+            kind = "chat" if path.endswith("chat/completions") else "text"
+            if streaming:
+                self._stream(kind, ids, params, bool((body.get("stream_options") or {}).get("include_usage")))
+            else:
+                self._complete(kind, ids, params)
+
+        def _complete(self, kind: str, ids: list[int], params: SamplingParams) -> None:
+            parts, stats = [], GenerationStats()
+            for ev in api.events(ids, params, threading.Event()):
+                parts.append(ev.text)
+                if ev.done and ev.stats is not None:
+                    stats = ev.stats
+            text = "".join(parts)
+            finish = FINISH.get(stats.finish_reason, "stop")
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                if kind == "chat"
+                else {"index": 0, "text": text, "finish_reason": finish}
+            )
+            self._send_json(
+                200,
+                {
+                    "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                    "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "created": int(time.time()),
+                    "model": api.model_name,
+                    "choices": [choice],
+                    "usage": _usage(stats),
+                },
+            )
+
+        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool) -> None:
+            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            created = int(time.time())
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            cancel = threading.Event()
+            events = api.events(ids, params, cancel)
+
+            def send(obj: dict | str) -> None:
+                data = obj if isinstance(obj, str) else json.dumps(obj)
+                self.wfile.write(f"data: {data}\n\n".encode())
+                self.wfile.flush()
+
+            try:
+                if kind == "chat":
+                    first = _chunk(kind, rid, api.model_name, created, None, None)
+                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                    send(first)
+                for ev in events:
+                    if ev.text:
+                        send(_chunk(kind, rid, api.model_name, created, ev.text, None))
+                    if ev.done and ev.stats is not None:
+                        send(
+                            _chunk(
+                                kind, rid, api.model_name, created, None, FINISH.get(ev.stats.finish_reason)
+                            )
+                        )
+                        if usage:
+                            last = _chunk(kind, rid, api.model_name, created, None, None)
+                            last["choices"], last["usage"] = [], _usage(ev.stats)
+                            send(last)
+                send("[DONE]")
+            except (BrokenPipeError, ConnectionResetError):
+                cancel.set()  # the client left: stop generating and free its blocks
+            finally:
+                events.close()  # type: ignore[attr-defined]
+
+    return Handler
+
+
+class Server:
+    """A threading HTTP server around an `Api`; `start()` serves on a background thread (tests, embedding)."""
+
+    def __init__(self, backend: Backend, *, host: str, port: int, api_key: str | None, model_name: str):
+        self.api = Api(backend, model_name)
+        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.api, api_key))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="ripe-serve", daemon=True)
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
