@@ -1,4 +1,4 @@
-"""The `ripe` command line: run, chat, models, bench.
+"""The `ripe` command line: run, chat, models, bench, and document Q&A (index, search, ask, collections).
 
 Errors a user can cause print one line (`ripe: error: ...`) and exit 1; nothing here touches a tensor.
 """
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="device for the native engine"
     )
+    from ripelm import retrieval_cli
+
+    retrieval_cli.add_parsers(sub, model_args=_add_model_args, sampling_args=_add_sampling_args)
     return parser
 
 
@@ -147,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.bench import cmd_bench
 
             return cmd_bench(args)
+        from ripelm.retrieval_cli import HANDLERS as RETRIEVAL
+
+        if args.command in RETRIEVAL:
+            return RETRIEVAL[args.command](args)
     except RipelmError as e:
         print(f"ripe: error: {e}", file=sys.stderr)
         return 1
