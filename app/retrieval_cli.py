@@ -27,7 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
         "re-embeds files whose content changed and drops files that were deleted.",
     )
     idx.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
-    idx.add_argument("--collection", "-c", default=DEFAULT_COLLECTION, help="collection name (default: default)")
+    idx.add_argument(
+        "--collection", "-c", default=DEFAULT_COLLECTION, help="collection name (default: default)"
+    )
     idx.add_argument(
         "--embedder", default=None, help="embedding model: catalog name or .gguf path (default: all-minilm)"
     )
@@ -65,6 +67,10 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     co = sub.add_parser("collections", help="list document collections, or remove one")
     co.add_argument("action", nargs="?", choices=["list", "rm"], default="list")
     co.add_argument("name", nargs="?", help="collection to remove (with rm)")
+
+    from ripelm import retrieval_bench
+
+    retrieval_bench.add_parsers(sub)
 
 
 def _open_embedder(spec: str | None, workers: int | None = None):
@@ -122,21 +128,38 @@ def cmd_index(args: argparse.Namespace) -> int:
             info = emb.info
             if c is None:
                 c = st.create_collection(
-                    args.collection, embedder=info.name, embedder_path=str(emb.path), fingerprint=info.fingerprint,
-                    dim=info.dim, matryoshka=info.matryoshka, chunk_size=args.chunk_size,
+                    args.collection,
+                    embedder=info.name,
+                    embedder_path=str(emb.path),
+                    fingerprint=info.fingerprint,
+                    dim=info.dim,
+                    matryoshka=info.matryoshka,
+                    chunk_size=args.chunk_size,
                     chunk_overlap=args.overlap,
-                )  # fmt: skip
+                )
             elif c.fingerprint != info.fingerprint:
                 if not args.rebuild:
                     raise EmbedderMismatchError(
                         f"collection '{c.name}' was built with {c.embedder}; indexing with {info.name} would "
                         "mix vectors from two models. Re-run with --rebuild to re-embed everything."
                     )
-                c = st.clear(c, embedder=info.name, embedder_path=str(emb.path), fingerprint=info.fingerprint,
-                             dim=info.dim, matryoshka=info.matryoshka)  # fmt: skip
+                c = st.clear(
+                    c,
+                    embedder=info.name,
+                    embedder_path=str(emb.path),
+                    fingerprint=info.fingerprint,
+                    dim=info.dim,
+                    matryoshka=info.matryoshka,
+                )
             elif args.rebuild:
-                c = st.clear(c, embedder=info.name, embedder_path=str(emb.path), fingerprint=info.fingerprint,
-                             dim=info.dim, matryoshka=info.matryoshka)  # fmt: skip
+                c = st.clear(
+                    c,
+                    embedder=info.name,
+                    embedder_path=str(emb.path),
+                    fingerprint=info.fingerprint,
+                    dim=info.dim,
+                    matryoshka=info.matryoshka,
+                )
             bar = _Bar()
             try:
                 report = Indexer(st, c, emb, progress=bar).run(args.paths)
@@ -263,8 +286,26 @@ def cmd_collections(args: argparse.Namespace) -> int:
             docs = len(st.documents(c))
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
             kind = "" if c.matryoshka else " (PCA)"
-            print(f"{c.name:<20} {docs:>6} {st.chunk_count(c):>7}  {c.embedder + kind:<20} {c.dim:>4}  {when}")
+            print(
+                f"{c.name:<20} {docs:>6} {st.chunk_count(c):>7}  {c.embedder + kind:<20} {c.dim:>4}  {when}"
+            )
     return 0
 
 
-HANDLERS = {"index": cmd_index, "search": cmd_search, "ask": cmd_ask, "collections": cmd_collections}
+def _bench(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from ripelm import retrieval_bench
+
+        return retrieval_bench.HANDLERS[name](args)
+
+    return run
+
+
+HANDLERS = {
+    "index": cmd_index,
+    "search": cmd_search,
+    "ask": cmd_ask,
+    "collections": cmd_collections,
+    "retrieval-eval": _bench("retrieval-eval"),
+    "retrieval-bench": _bench("retrieval-bench"),
+}

@@ -81,8 +81,11 @@ class Searcher:
 
     def search(
         self, query: str, *, top_k: int = 5, mode: str = "hybrid", dim: int | None = None,
-        fusion: FusionParams | None = None, q: np.ndarray | None = None,
+        fusion: FusionParams | None = None, q: np.ndarray | None = None, shortlist: int | None = None,
     ) -> list[Hit]:  # fmt: skip
+        """Top ``top_k`` chunks. ``dim``: shortlist prefix length; ``shortlist``: how many rows the prefix
+        scan keeps for the full-dimension rerank (both default by collection size); ``q``: the query
+        vector, when the caller embedded it already."""
         if mode not in MODES:
             raise RetrievalError(f"unknown search mode '{mode}' (choose from {', '.join(MODES)})")
         if not query.strip():
@@ -103,7 +106,7 @@ class Searcher:
             return self._hits([(int(i), float(s), float(s), None) for i, s in zip(ids, scores, strict=True)])
         d = dim or shortlist_dim(len(idx), idx.dim)
         depth = top_k if mode == "matryoshka" else max(top_k, FUSION_DEPTH)
-        ids, scores = idx.search(qv, depth, d=d, k=shortlist_size(len(idx), depth))
+        ids, scores = idx.search(qv, depth, d=d, k=shortlist or shortlist_size(len(idx), depth))
         if mode == "matryoshka":
             return self._hits([(int(i), float(s), float(s), None) for i, s in zip(ids, scores, strict=True)])
         dense = {int(i): float(s) for i, s in zip(ids, scores, strict=True)}
