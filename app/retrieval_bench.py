@@ -210,9 +210,12 @@ def cmd_retrieval_bench(args: argparse.Namespace) -> int:
                 )
             med = statistics.median(r.chunks_added / r.seconds for r in reps)
             tok = statistics.median(r.tokens / r.embed_seconds for r in reps)
+            per_cpu = statistics.median(r.chunks_added / r.embed_cpu_seconds for r in reps)
+            cores = len(emb._models)
             print(
                 f"indexing: median {med:.1f} chunks/s end to end, {tok:.0f} tokens/s in the embedder "
-                f"({len(emb._models)} llama.cpp workers x 1 thread)\n",
+                f"({cores} llama.cpp workers x 1 thread); {per_cpu:.1f} chunks per CPU-second, i.e. "
+                f"{per_cpu * cores:.1f} chunks/s when {cores} cores are free\n",
                 file=out,
             )
         if "scale" not in skip:

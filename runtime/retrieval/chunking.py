@@ -84,6 +84,15 @@ def _split_line(line: str, size: int) -> list[str]:
     return out
 
 
+def _tail(p: _Piece, n: int) -> _Piece:
+    """The last ~n characters of a piece, starting at a word boundary, with the lines they sit on."""
+    cut = len(p.text) - n
+    space = p.text.find(" ", cut)
+    cut = space + 1 if 0 <= space < len(p.text) - 1 else max(cut, 0)
+    first = p.line_start + p.text.count("\n", 0, cut)
+    return _Piece(p.text[cut:], min(first, p.line_end), p.line_end)
+
+
 def chunk_blocks(
     blocks: list[Block], size: int = DEFAULT_SIZE, overlap: int = DEFAULT_OVERLAP
 ) -> list[Chunk]:
@@ -105,7 +114,7 @@ def chunk_blocks(
                     cur[-1].line_end,
                     section[0],
                     section[1],
-                )  # fmt: skip
+                )
             )
         # carry the tail pieces that fit in the overlap budget into the next chunk
         carry: list[_Piece] = []
@@ -115,6 +124,8 @@ def chunk_blocks(
                 break
             carry.insert(0, p)
             budget -= len(p.text) + 2
+        if not carry and cur and overlap > 0:  # the last piece is too long: carry its tail words
+            carry = [_tail(cur[-1], overlap)]
         cur, fresh = carry, 0
 
     for b in blocks:
@@ -125,7 +136,8 @@ def chunk_blocks(
             section = key
         elif key != section:
             section = key
-        pieces = _split_long(b, size) if len(b.text) > size else [_Piece(b.text, b.line_start, b.line_end)]
+        room = size - overlap  # a cut paragraph leaves room for the carried overlap
+        pieces = _split_long(b, room) if len(b.text) > size else [_Piece(b.text, b.line_start, b.line_end)]
         for p in pieces:
             length = sum(len(x.text) + 2 for x in cur)
             if cur and length + len(p.text) > size and fresh:

@@ -102,7 +102,7 @@ class Embedder:
                         n_threads=1,
                         n_threads_batch=1,
                         flash_attn=True,
-                    )  # fmt: skip
+                    )
                 )
         except Exception as e:
             self.close()

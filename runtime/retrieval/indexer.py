@@ -25,9 +25,23 @@ from ripelm.runtime.retrieval.loaders import SUPPORTED, load, read_bytes
 from ripelm.runtime.retrieval.store import Collection, Store
 
 IGNORED_DIRS = {
-    ".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".tox", ".mypy_cache",
-    ".pytest_cache", ".ruff_cache", "site-packages", "dist", "build", ".idea", ".vscode",
-}  # fmt: skip
+    ".git",
+    ".hg",
+    ".svn",
+    "node_modules",
+    "__pycache__",
+    ".venv",
+    "venv",
+    ".tox",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    "site-packages",
+    "dist",
+    "build",
+    ".idea",
+    ".vscode",
+}
 EMBED_BATCH = 32  # chunks gathered (from one or more documents) before an embedding call
 
 
@@ -44,6 +58,7 @@ class IndexReport:
     seconds: float = 0.0
     read_seconds: float = 0.0  # stat, read, hash, parse, chunk
     embed_seconds: float = 0.0
+    embed_cpu_seconds: float = 0.0  # process CPU time spent embedding (all threads): contention-proof
     write_seconds: float = 0.0
     rotation_seconds: float = 0.0
 
@@ -105,9 +120,12 @@ def embed_text(chunk: Chunk) -> str:
 
 class Indexer:
     def __init__(
-        self, store: Store, collection: Collection, embedder: Embedder,
+        self,
+        store: Store,
+        collection: Collection,
+        embedder: Embedder,
         progress: Callable[[Progress], None] | None = None,
-    ):  # fmt: skip
+    ):
         if embedder.info.fingerprint != collection.fingerprint:
             raise EmbedderMismatchError(
                 f"collection '{collection.name}' was built with {collection.embedder}, not "
@@ -184,19 +202,26 @@ class Indexer:
         if not pending:
             return
         texts = [embed_text(c) for p in pending for c in p.chunks]
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         before = self.embedder.tokens_embedded
         vectors = self.embedder.embed(texts)
         report.tokens += self.embedder.tokens_embedded - before
         report.embed_seconds += time.perf_counter() - t
+        report.embed_cpu_seconds += time.process_time() - cpu
         t = time.perf_counter()
         at = 0
         for p in pending:
             n = len(p.chunks)
             self.store.write_document(
-                self.collection, str(p.path), content_hash=p.digest, size=p.size, mtime=p.mtime, kind=p.kind,
-                chunks=p.chunks, vectors=vectors[at : at + n],
-            )  # fmt: skip
+                self.collection,
+                str(p.path),
+                content_hash=p.digest,
+                size=p.size,
+                mtime=p.mtime,
+                kind=p.kind,
+                chunks=p.chunks,
+                vectors=vectors[at : at + n],
+            )
             at += n
             report.indexed += 1
             report.chunks_added += n

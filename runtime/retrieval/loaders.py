@@ -21,11 +21,57 @@ MAX_PDF_BYTES = 200 * 1024 * 1024
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 CODE_SUFFIXES = {
-    ".py", ".pyi", ".js", ".mjs", ".ts", ".tsx", ".jsx", ".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".cu",
-    ".go", ".rs", ".java", ".kt", ".scala", ".swift", ".rb", ".php", ".cs", ".m", ".lua", ".pl", ".r",
-    ".sh", ".bash", ".zsh", ".sql", ".toml", ".yaml", ".yml", ".ini", ".cfg", ".css", ".scss", ".vue",
-    ".jl", ".hs", ".ml", ".ex", ".exs", ".erl", ".clj", ".dart", ".zig", ".nim", ".tex",
-}  # fmt: skip
+    ".py",
+    ".pyi",
+    ".js",
+    ".mjs",
+    ".ts",
+    ".tsx",
+    ".jsx",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".cxx",
+    ".cu",
+    ".go",
+    ".rs",
+    ".java",
+    ".kt",
+    ".scala",
+    ".swift",
+    ".rb",
+    ".php",
+    ".cs",
+    ".m",
+    ".lua",
+    ".pl",
+    ".r",
+    ".sh",
+    ".bash",
+    ".zsh",
+    ".sql",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".ini",
+    ".cfg",
+    ".css",
+    ".scss",
+    ".vue",
+    ".jl",
+    ".hs",
+    ".ml",
+    ".ex",
+    ".exs",
+    ".erl",
+    ".clj",
+    ".dart",
+    ".zig",
+    ".nim",
+    ".tex",
+}
 SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | CODE_SUFFIXES | {".pdf"}
 
 
@@ -142,10 +188,12 @@ def text_blocks(text: str, kind: str) -> list[Block]:
     buf: list[str] = []
     fence = False
 
-    def flush(end: int) -> None:
+    def flush(end: int) -> None:  # ``end``: index of the first line after the block
         nonlocal start, buf
-        if start is not None and any(s.strip() for s in buf):
-            blocks.append(Block("\n".join(buf).strip("\n"), start + 1, end, heading=heading))
+        while buf and not buf[-1].strip():
+            buf.pop()
+        if start is not None and buf:
+            blocks.append(Block("\n".join(buf), start + 1, start + len(buf), heading=heading))
         start, buf = None, []
 
     i = 0
@@ -179,9 +227,30 @@ def text_blocks(text: str, kind: str) -> list[Block]:
 
 class _HTMLText(HTMLParser):
     BLOCK = {
-        "p", "div", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer",
-        "blockquote", "pre", "dd", "dt", "br", "hr", "main", "nav", "aside", "figure", "td", "th",
-    }  # fmt: skip
+        "p",
+        "div",
+        "li",
+        "ul",
+        "ol",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "header",
+        "footer",
+        "blockquote",
+        "pre",
+        "dd",
+        "dt",
+        "br",
+        "hr",
+        "main",
+        "nav",
+        "aside",
+        "figure",
+        "td",
+        "th",
+    }
     HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6", "title"}
     SKIP = {"script", "style", "noscript", "template", "svg", "head"}
 
@@ -202,8 +271,15 @@ class _HTMLText(HTMLParser):
             end = self.getpos()[0]
             if self.in_heading:
                 self.heading = text.replace("\n", " ")
-            self.blocks.append(Block(text, self.start_line, max(end, self.start_line), heading=self.heading,
-                                     is_heading=self.in_heading))  # fmt: skip
+            self.blocks.append(
+                Block(
+                    text,
+                    self.start_line,
+                    max(end, self.start_line),
+                    heading=self.heading,
+                    is_heading=self.in_heading,
+                )
+            )
         self.parts, self.start_line = [], None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:

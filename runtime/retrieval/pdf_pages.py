@@ -37,9 +37,13 @@ def pdf_page_texts(path: Path, *, wall_seconds: float = WALL_SECONDS) -> list[st
     cmd = [sys.executable, "-m", "ripelm.runtime.retrieval.pdf_pages", str(path)]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, timeout=wall_seconds, preexec_fn=_limit_child, env=_child_env(),
+            cmd,
+            capture_output=True,
+            timeout=wall_seconds,
+            preexec_fn=_limit_child,
+            env=_child_env(),
             check=False,
-        )  # fmt: skip
+        )
     except subprocess.TimeoutExpired:
         raise SkipFile(f"PDF parser timed out after {wall_seconds:.0f} s") from None
     if proc.returncode == _EXIT_ENCRYPTED:

@@ -44,9 +44,16 @@ def sample_like(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def run_scale(
-    real: np.ndarray, queries: np.ndarray, *, n: int = 100_000, prefix_dim: int | None = None,
-    shortlist: int = 200, n_queries: int = 200, pca: bool = True, seed: int = 0,
-) -> ScaleResult:  # fmt: skip
+    real: np.ndarray,
+    queries: np.ndarray,
+    *,
+    n: int = 100_000,
+    prefix_dim: int | None = None,
+    shortlist: int = 200,
+    n_queries: int = 200,
+    pca: bool = True,
+    seed: int = 0,
+) -> ScaleResult:
     dim = real.shape[1]
     d = prefix_dim or dim // 8
     store = sample_like(real, n + max(0, n_queries - len(queries)), seed)

@@ -80,9 +80,16 @@ class Searcher:
         return self.embedder.embed_query(query)
 
     def search(
-        self, query: str, *, top_k: int = 5, mode: str = "hybrid", dim: int | None = None,
-        fusion: FusionParams | None = None, q: np.ndarray | None = None, shortlist: int | None = None,
-    ) -> list[Hit]:  # fmt: skip
+        self,
+        query: str,
+        *,
+        top_k: int = 5,
+        mode: str = "hybrid",
+        dim: int | None = None,
+        fusion: FusionParams | None = None,
+        q: np.ndarray | None = None,
+        shortlist: int | None = None,
+    ) -> list[Hit]:
         """Top ``top_k`` chunks. ``dim``: shortlist prefix length; ``shortlist``: how many rows the prefix
         scan keeps for the full-dimension rerank (both default by collection size); ``q``: the query
         vector, when the caller embedded it already."""

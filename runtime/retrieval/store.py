@@ -135,10 +135,21 @@ class Store:
         rot = np.frombuffer(row["rotation"], np.float32).reshape(dim, dim) if row["rotation"] else None
         mean = np.frombuffer(row["rotation_mean"], np.float32) if row["rotation_mean"] else None
         return Collection(
-            row["id"], row["name"], row["embedder"], row["embedder_path"], row["fingerprint"], dim,
-            bool(row["matryoshka"]), row["chunk_size"], row["chunk_overlap"], rot, mean,
-            row["rotation_chunks"], row["created"], row["updated"],
-        )  # fmt: skip
+            row["id"],
+            row["name"],
+            row["embedder"],
+            row["embedder_path"],
+            row["fingerprint"],
+            dim,
+            bool(row["matryoshka"]),
+            row["chunk_size"],
+            row["chunk_overlap"],
+            rot,
+            mean,
+            row["rotation_chunks"],
+            row["created"],
+            row["updated"],
+        )
 
     def collections(self) -> list[Collection]:
         return [self._collection(r) for r in self.db.query("SELECT * FROM collections ORDER BY name")]
@@ -155,9 +166,17 @@ class Store:
         return c
 
     def create_collection(
-        self, name: str, *, embedder: str, embedder_path: str, fingerprint: str, dim: int, matryoshka: bool,
-        chunk_size: int, chunk_overlap: int,
-    ) -> Collection:  # fmt: skip
+        self,
+        name: str,
+        *,
+        embedder: str,
+        embedder_path: str,
+        fingerprint: str,
+        dim: int,
+        matryoshka: bool,
+        chunk_size: int,
+        chunk_overlap: int,
+    ) -> Collection:
         now = time.time()
         with self.db.atomic():
             self.db["collections"].insert(
@@ -175,7 +194,7 @@ class Store:
                     "rotation_chunks": 0,
                     "created": now,
                     "updated": now,
-                }  # fmt: skip
+                }
             )
         return self.get_collection(name)
 
@@ -210,9 +229,17 @@ class Store:
         return {r["path"]: DocumentRow(**r) for r in rows}
 
     def write_document(
-        self, c: Collection, path: str, *, content_hash: str, size: int, mtime: float, kind: str,
-        chunks: list[Chunk], vectors: np.ndarray,
-    ) -> None:  # fmt: skip
+        self,
+        c: Collection,
+        path: str,
+        *,
+        content_hash: str,
+        size: int,
+        mtime: float,
+        kind: str,
+        chunks: list[Chunk],
+        vectors: np.ndarray,
+    ) -> None:
         """Replace everything stored for ``path`` in one transaction."""
         if len(chunks) != len(vectors) or (len(vectors) and vectors.shape[1] != c.dim):
             raise ValueError("one vector of the collection's dimension per chunk")
@@ -241,7 +268,7 @@ class Store:
                         vecs[i].tobytes(),
                     )
                     for i, ch in enumerate(chunks)
-                ],  # fmt: skip
+                ],
             )
 
     def update_stat(self, c: Collection, path: str, size: int, mtime: float) -> None:
@@ -255,8 +282,16 @@ class Store:
         with self.db.atomic():
             self.db.execute("DELETE FROM documents WHERE collection_id = ? AND path = ?", [c.id, path])
 
-    def clear(self, c: Collection, *, embedder: str, embedder_path: str, fingerprint: str, dim: int,
-              matryoshka: bool) -> Collection:  # fmt: skip
+    def clear(
+        self,
+        c: Collection,
+        *,
+        embedder: str,
+        embedder_path: str,
+        fingerprint: str,
+        dim: int,
+        matryoshka: bool,
+    ) -> Collection:
         """Drop every document and vector of ``c`` and record a new embedder: an explicit full rebuild."""
         with self.db.atomic():
             self.db.execute("DELETE FROM chunks WHERE collection_id = ?", [c.id])
