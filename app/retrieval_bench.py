@@ -6,6 +6,7 @@ Both work in a throw-away store in a temporary folder, never in the user's colle
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--runs", type=int, default=3)
     be.add_argument("--vectors", type=int, default=100_000)
     be.add_argument("--queries", type=int, default=200)
-    be.add_argument("--shortlist", type=int, default=200)
+    be.add_argument("--shortlist", default="200,500,1000,2000", help="shortlist sizes to try")
     be.add_argument("--tree-files", type=int, default=1000)
     be.add_argument("--skip", default="", help="comma-separated parts to skip: speed,scale,tree")
     be.add_argument("--embedder", default=None)
@@ -235,17 +236,21 @@ def cmd_retrieval_bench(args: argparse.Namespace) -> int:
 
                 qs = [json.loads(x)["question"] for x in args.questions.read_text().splitlines() if x.strip()]
                 queries = emb.embed(qs)
+            blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+            print(f"BLAS threads: {blas} (set OPENBLAS_NUM_THREADS=1 on a busy machine)", file=out)
+            sizes = tuple(int(x) for x in args.shortlist.split(","))
             for pca in (True, False):
-                r = run_scale(
-                    real, queries, n=args.vectors, shortlist=args.shortlist, n_queries=args.queries, pca=pca
-                )
-                print(
-                    f"{r.n} vectors x {r.dim}-d, {'PCA' if r.pca else 'raw'} {r.prefix_dim}-d shortlist of "
-                    f"{r.shortlist} -> full rerank, {r.queries} queries: recall@10 {r.recall_at_10:.4f}, "
-                    f"median exact {r.exact_ms:.2f} ms vs shortlist {r.shortlist_ms:.2f} ms "
-                    f"({r.speedup:.1f}x)",
-                    file=out,
-                )
+                for r in run_scale(
+                    real, queries, n=args.vectors, shortlists=sizes, n_queries=args.queries, pca=pca
+                ):
+                    print(
+                        f"{r.n} vectors x {r.dim}-d, {'PCA' if r.pca else 'raw'} {r.prefix_dim}-d "
+                        f"shortlist of "
+                        f"{r.shortlist} -> full rerank, {r.queries} queries: recall@10 {r.recall_at_10:.4f}, "
+                        f"median exact {r.exact_ms:.2f} ms vs shortlist {r.shortlist_ms:.2f} ms "
+                        f"({r.speedup:.1f}x)",
+                        file=out,
+                    )
             print(file=out)
         if "tree" not in skip:
             root = tmpd / "tree"

@@ -48,7 +48,9 @@ def shortlist_dim(n: int, dim: int) -> int:
 
 
 def shortlist_size(n: int, top_k: int) -> int:
-    return min(n, max(20 * top_k, 200))
+    """Rows kept for the full rerank: 1% of the collection, at least 200 (recall@10 >= 0.99 at 1/8 of
+    MiniLM's dimension on 100k vectors, see ``ripe retrieval-bench``)."""
+    return min(n, max(20 * top_k, 200, n // 100))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

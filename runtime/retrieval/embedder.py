@@ -36,6 +36,7 @@ class EmbedderInfo:
     dim: int
     matryoshka: bool  # trained so that prefixes of the vector are embeddings themselves
     max_tokens: int
+    pooled: bool = True  # the GGUF declares a pooling type (else: mean pooling is asked for)
 
 
 def fingerprint(path: Path) -> str:
@@ -58,6 +59,7 @@ def read_info(path: Path, name: str | None = None) -> EmbedderInfo:
         ctx = int(g.get(f"{arch}.context_length", 512) or 512)
         max_tokens = int(g.get("ripelm.embedder.max_tokens", ctx) or ctx)
         matryoshka = g.get("ripelm.embedder.matryoshka")
+        pooled = g.get(f"{arch}.pooling_type") is not None
         label = name or str(g.get("general.name") or path.stem)
     finally:
         g.close()
@@ -66,7 +68,9 @@ def read_info(path: Path, name: str | None = None) -> EmbedderInfo:
     if matryoshka is None:
         # nomic-embed-text v1.5 is Matryoshka-trained; an unmarked model is assumed not to be
         matryoshka = arch.startswith("nomic-bert") and "v1.5" in label.lower()
-    return EmbedderInfo(label, fingerprint(path), dim, bool(matryoshka), min(max_tokens, _BATCH_TOKENS * 2))
+    return EmbedderInfo(
+        label, fingerprint(path), dim, bool(matryoshka), min(max_tokens, _BATCH_TOKENS * 2), pooled
+    )
 
 
 def default_workers() -> int:
@@ -102,6 +106,7 @@ class Embedder:
                         n_threads=1,
                         n_threads_batch=1,
                         flash_attn=True,
+                        pooling_type=-1 if self.info.pooled else llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                     )
                 )
         except Exception as e:
