@@ -86,7 +86,7 @@ def cmd_retrieval_eval(args: argparse.Namespace) -> int:
             f"indexed {rep.indexed} files, {rep.chunks_total} chunks; {len(questions)} questions "
             f"({sum(q.style == 'paraphrase' for q in questions)} paraphrased)"
         )
-        qv = emb.embed([q.question for q in questions])
+        qv = emb.embed([q.question for q in questions], query=True)
         s = Searcher(st, c, emb)
         d8 = c.dim // 8
         few = max(10, rep.chunks_total // 10)
@@ -235,7 +235,7 @@ def cmd_retrieval_bench(args: argparse.Namespace) -> int:
                 import json
 
                 qs = [json.loads(x)["question"] for x in args.questions.read_text().splitlines() if x.strip()]
-                queries = emb.embed(qs)
+                queries = emb.embed(qs, query=True)
             blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
             print(f"BLAS threads: {blas} (set OPENBLAS_NUM_THREADS=1 on a busy machine)", file=out)
             sizes = tuple(int(x) for x in args.shortlist.split(","))

@@ -64,8 +64,12 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     model_args(ask)
     sampling_args(ask)
 
-    co = sub.add_parser("collections", help="list document collections, or remove one")
-    co.add_argument("action", nargs="?", choices=["list", "rm"], default="list")
+    co = sub.add_parser(
+        "collections",
+        help="list document collections, remove one, or list the embedding models",
+        description="ripe collections [list] | ripe collections rm NAME | ripe collections embedders",
+    )
+    co.add_argument("action", nargs="?", choices=["list", "rm", "embedders"], default="list")
     co.add_argument("name", nargs="?", help="collection to remove (with rm)")
 
     from ripelm import retrieval_bench
@@ -270,6 +274,15 @@ def cmd_collections(args: argparse.Namespace) -> int:
     from ripelm.runtime.retrieval.errors import RetrievalError
     from ripelm.runtime.retrieval.store import Store
 
+    if args.action == "embedders":
+        from ripelm.models.embedder_catalog import CATALOG, embedders_dir
+
+        for e in CATALOG:
+            here = (embedders_dir() / e.file).is_file() or e.source.startswith("bundled")
+            have = "installed" if here else ""
+            mrl = "Matryoshka" if e.matryoshka else "PCA prefixes"
+            print(f"{e.name:<24} {e.dim:>4}-d  {mrl:<12}  {have:<9}  {e.note} [{e.source}]")
+        return 0
     with Store(store_path()) as st:
         if args.action == "rm":
             if not args.name:

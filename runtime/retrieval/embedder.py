@@ -37,6 +37,8 @@ class EmbedderInfo:
     matryoshka: bool  # trained so that prefixes of the vector are embeddings themselves
     max_tokens: int
     pooled: bool = True  # the GGUF declares a pooling type (else: mean pooling is asked for)
+    query_prefix: str = ""  # task prefixes some models were trained with (nomic-embed: search_query: ...)
+    document_prefix: str = ""
 
 
 def fingerprint(path: Path) -> str:
@@ -68,8 +70,16 @@ def read_info(path: Path, name: str | None = None) -> EmbedderInfo:
     if matryoshka is None:
         # nomic-embed-text v1.5 is Matryoshka-trained; an unmarked model is assumed not to be
         matryoshka = arch.startswith("nomic-bert") and "v1.5" in label.lower()
+    nomic = arch.startswith("nomic-bert")
     return EmbedderInfo(
-        label, fingerprint(path), dim, bool(matryoshka), min(max_tokens, _BATCH_TOKENS * 2), pooled
+        label,
+        fingerprint(path),
+        dim,
+        bool(matryoshka),
+        min(max_tokens, _BATCH_TOKENS * 2),
+        pooled,
+        "search_query: " if nomic else "",
+        "search_document: " if nomic else "",
     )
 
 
@@ -140,7 +150,11 @@ class Embedder:
         vecs, count = m.embed(fitted, normalize=False, truncate=True, return_count=True)
         return np.asarray(vecs, dtype=np.float32).reshape(len(texts), self.dim), int(count)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], *, query: bool = False) -> np.ndarray:
+        """Documents (or, with ``query``, search queries) as unit vectors."""
+        prefix = self.info.query_prefix if query else self.info.document_prefix
+        if prefix:
+            texts = [prefix + t for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         n = len(self._models)
@@ -162,7 +176,7 @@ class Embedder:
         return out / np.maximum(norms, 1e-12)
 
     def embed_query(self, text: str) -> np.ndarray:
-        return self.embed([text])[0]
+        return self.embed([text], query=True)[0]
 
     def close(self) -> None:
         if getattr(self, "_pool", None) is not None:
