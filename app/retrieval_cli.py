@@ -90,7 +90,7 @@ def _collection_embedder(collection):
     from ripelm.models.bundled_embedder import EMBEDDER_NAME
 
     spec = None if collection.embedder == EMBEDDER_NAME else collection.embedder_path
-    return _open_embedder(spec)
+    return _open_embedder(spec, workers=1)  # one query: one llama.cpp context is enough
 
 
 class _Bar:
