@@ -132,6 +132,17 @@ def test_pdf_parser_runs_under_a_time_limit(tmp_path):
         pdf_pages.pdf_page_texts(p, wall_seconds=0.001)
 
 
+def test_pdf_parser_runs_under_a_memory_cap(tmp_path, monkeypatch):
+    p = tmp_path / "big.pdf"
+    p.write_bytes(build_pdf([["text"]]))
+    # 30 MB of address space cannot hold the interpreter plus pypdf: the parser fails, the file is skipped
+    monkeypatch.setenv("RIPELM_PDF_MEMORY_MB", "30")
+    with pytest.raises(SkipFile, match="memory or CPU limit"):
+        pdf_pages.pdf_page_texts(p)
+    monkeypatch.setenv("RIPELM_PDF_MEMORY_MB", "1536")
+    assert [t.strip() for t in pdf_pages.pdf_page_texts(p)] == ["text"]
+
+
 def test_chunk_size_overlap_and_long_paragraphs(tmp_path):
     paras = [f"Paragraph {i} " + " ".join(f"w{i}_{j}" for j in range(40)) + "." for i in range(12)]
     long = "Sentence one is here. " * 80

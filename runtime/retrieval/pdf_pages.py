@@ -25,10 +25,15 @@ MAX_CHARS = 20_000_000  # text the parser may hand back, all pages together
 
 _EXIT_ENCRYPTED = 3
 _EXIT_BROKEN = 4
+_EXIT_MEMORY = 5
+_EXIT_NO_PYPDF = 6
 
 
-def _limit_child() -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+def _limit_self() -> None:
+    """Caps for the parser process, set by the child itself before it imports pypdf (a preexec_fn would
+    run between fork and exec, which is unsafe in a parent that has threads, as the indexer does)."""
+    memory = int(os.environ.get("RIPELM_PDF_MEMORY_MB", MEMORY_LIMIT >> 20)) << 20
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS + 5))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
@@ -36,14 +41,7 @@ def _limit_child() -> None:  # runs in the child between fork and exec
 def pdf_page_texts(path: Path, *, wall_seconds: float = WALL_SECONDS) -> list[str]:
     cmd = [sys.executable, "-m", "ripelm.runtime.retrieval.pdf_pages", str(path)]
     try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            timeout=wall_seconds,
-            preexec_fn=_limit_child,
-            env=_child_env(),
-            check=False,
-        )
+        proc = subprocess.run(cmd, capture_output=True, timeout=wall_seconds, env=_child_env(), check=False)
     except subprocess.TimeoutExpired:
         raise SkipFile(f"PDF parser timed out after {wall_seconds:.0f} s") from None
     if proc.returncode == _EXIT_ENCRYPTED:
@@ -51,8 +49,10 @@ def pdf_page_texts(path: Path, *, wall_seconds: float = WALL_SECONDS) -> list[st
     if proc.returncode == _EXIT_BROKEN:
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise SkipFile(f"broken PDF ({msg[-1] if msg else 'unreadable'})")
+    if proc.returncode == _EXIT_NO_PYPDF:
+        raise SkipFile("PDF support is unavailable (pypdf cannot be imported)")
     if proc.returncode != 0:
-        if proc.returncode < 0 or b"MemoryError" in proc.stderr:
+        if proc.returncode < 0 or proc.returncode == _EXIT_MEMORY or b"MemoryError" in proc.stderr:
             raise SkipFile("PDF parser hit its memory or CPU limit")
         raise SkipFile(f"PDF parser failed (exit {proc.returncode})")
     try:
@@ -86,13 +86,16 @@ def pdf_blocks(path: Path, data: bytes | None = None) -> list[Block]:
 def _main(argv: list[str]) -> int:  # the child process
     import logging
 
+    _limit_self()
     logging.disable(logging.CRITICAL)  # pypdf logs warnings about sloppy files to stderr
     try:
         from pypdf import PdfReader
         from pypdf.errors import FileNotDecryptedError, PdfReadError
+    except MemoryError:
+        return _EXIT_MEMORY
     except ImportError as e:
-        print(f"pypdf is not installed: {e}", file=sys.stderr)
-        return _EXIT_BROKEN
+        print(f"pypdf cannot be imported: {e}", file=sys.stderr)
+        return _EXIT_MEMORY if "failed to map" in str(e) else _EXIT_NO_PYPDF
     try:
         reader = PdfReader(argv[0], strict=False)
         if reader.is_encrypted:
@@ -120,4 +123,8 @@ def _main(argv: list[str]) -> int:  # the child process
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+    try:
+        code = _main(sys.argv[1:])
+    except MemoryError:
+        code = _EXIT_MEMORY
+    raise SystemExit(code)
