@@ -135,8 +135,8 @@ def test_pdf_parser_runs_under_a_time_limit(tmp_path):
 def test_pdf_parser_runs_under_a_memory_cap(tmp_path, monkeypatch):
     p = tmp_path / "big.pdf"
     p.write_bytes(build_pdf([["text"]]))
-    # 30 MB of address space cannot hold the interpreter plus pypdf: the parser fails, the file is skipped
-    monkeypatch.setenv("RIPELM_PDF_MEMORY_MB", "30")
+    # 16 MB of address space cannot hold the interpreter plus pypdf: the parser fails, the file is skipped
+    monkeypatch.setenv("RIPELM_PDF_MEMORY_MB", "16")
     with pytest.raises(SkipFile, match="memory or CPU limit"):
         pdf_pages.pdf_page_texts(p)
     monkeypatch.setenv("RIPELM_PDF_MEMORY_MB", "1536")
