@@ -29,8 +29,14 @@ class Source:
 
 
 def build_messages(question: str, sources: list[Source]) -> list[dict[str, str]]:
-    parts = [f"[{s.number}] {s.where}\n{s.text.strip()}" for s in sources]
-    user = "Sources:\n\n" + "\n\n".join(parts) + f"\n\nQuestion: {question.strip()}\nAnswer with citations:"
+    """System rules, then the sources as numbered excerpts and the question. Locations stay out of the
+    prompt (a small model copies paths instead of answering); they are listed under the answer."""
+    parts = [f"[{s.number}] {' '.join(s.text.split())}" for s in sources]
+    user = (
+        f"Question: {question.strip()}\n\nSources:\n"
+        + "\n\n".join(parts)
+        + f"\n\nUsing the sources, answer the question: {question.strip()} Cite sources like [1]."
+    )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
