@@ -144,19 +144,20 @@ def test_pdf_parser_runs_under_a_memory_cap(tmp_path, monkeypatch):
 
 
 def test_chunk_size_overlap_and_long_paragraphs(tmp_path):
-    paras = [f"Paragraph {i} " + " ".join(f"w{i}_{j}" for j in range(40)) + "." for i in range(12)]
-    long = "Sentence one is here. " * 80
+    paras = [f"Paragraph {i} " + " ".join(f"w{i}_{j}" for j in range(12)) + "." for i in range(12)]
+    long = " ".join(f"Sentence {i} is here." for i in range(80))
     p = tmp_path / "doc.txt"
     p.write_text("\n\n".join(paras) + "\n\n" + long + "\n")
     chunks = chunk_blocks(load(p).blocks, size=600, overlap=150)
     assert all(len(c.text) <= 600 for c in chunks)
-    # neighbours share text (overlap) but every paragraph is in some chunk
-    overlapping = [b.text.split("\n\n")[0] in a.text for a, b in zip(chunks, chunks[1:], strict=False)]
-    assert all(overlapping), overlapping
-    assert all(0 < len(b.text.split("\n\n")[0]) <= 150 for b in chunks[1:4])
+    # each chunk starts with what the previous one ended with: short paragraphs carried whole, and the
+    # pieces of the cut paragraph overlapping by about 150 characters
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert b.text[:30] in a.text[-160:], (a.text[-160:], b.text[:30])
     for para in paras:
         assert any(para in c.text for c in chunks)
-    assert sum("Sentence one" in c.text for c in chunks) >= 3  # the long paragraph was cut
+    assert sum("Sentence 40 is" in c.text for c in chunks) >= 1
+    assert sum("Sentence" in c.text for c in chunks) >= 3  # the long paragraph was cut
     for c in chunks:
         _lines_cover(p, c)
     with pytest.raises(ValueError):

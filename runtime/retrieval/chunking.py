@@ -2,10 +2,12 @@
 
 Rules: a heading closes the running chunk and opens the next (so a chunk never straddles two sections
 and starts with its heading); paragraphs are packed whole while they fit; a paragraph longer than
-``size`` is cut at line, then sentence, then word boundaries; consecutive chunks of one section share
-about ``overlap`` characters (the tail paragraph, or the tail lines of a cut paragraph) so that a passage
-on a boundary is whole in at least one chunk. PDF chunks never cross a page. Each chunk keeps its file's
-line range (within the page for PDFs) and the section heading.
+``size`` is cut at line, then sentence, then word boundaries into pieces of ``size - overlap``.
+Overlap: the next chunk of a section starts with the previous chunk's last paragraphs when they fit in
+``overlap`` characters, and a piece of a cut paragraph starts with the last ~``overlap`` characters of
+the piece before it, so a passage on a boundary is whole in at least one chunk. (Carrying the tail of
+an unrelated paragraph instead measurably blurred the next chunk's embedding.) PDF chunks never cross
+a page. Each chunk keeps its file's line range (within the page for PDFs) and the section heading.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def chunk_blocks(
     fresh = 0  # pieces in cur that no earlier chunk holds (only overlap carried over: nothing to emit)
     section: tuple[int | None, str | None] = (None, None)
 
-    def emit() -> None:
+    def emit(same_paragraph: bool = False) -> None:
         nonlocal cur, fresh
         if cur and fresh:
             chunks.append(
@@ -124,7 +126,9 @@ def chunk_blocks(
                 break
             carry.insert(0, p)
             budget -= len(p.text) + 2
-        if not carry and cur and overlap > 0:  # the last piece is too long: carry its tail words
+        if not carry and cur and overlap > 0 and same_paragraph:
+            # the cut falls inside a long paragraph: its next piece starts with the tail of this one
+            # (a tail of an unrelated paragraph would only blur the next chunk's embedding: measured)
             carry = [_tail(cur[-1], overlap)]
         cur, fresh = carry, 0
 
@@ -138,10 +142,10 @@ def chunk_blocks(
             section = key
         room = size - overlap  # a cut paragraph leaves room for the carried overlap
         pieces = _split_long(b, room) if len(b.text) > size else [_Piece(b.text, b.line_start, b.line_end)]
-        for p in pieces:
+        for n, p in enumerate(pieces):
             length = sum(len(x.text) + 2 for x in cur)
             if cur and length + len(p.text) > size and fresh:
-                emit()
+                emit(same_paragraph=n > 0)
                 while cur and sum(len(x.text) + 2 for x in cur) + len(p.text) > size:
                     cur.pop(0)  # the overlap must leave room for the new piece
             cur.append(p)

@@ -4,9 +4,10 @@ Plain reciprocal rank fusion (RRF) gives both lists equal say and throws away ho
 is than the next; measured here it scored below BM25 alone. Two better-behaved fusions are offered and
 the default was picked on a tuning half of the evaluation questions (see ``ripe retrieval-eval``):
 
-* ``score`` (default): a convex mix of the two scores after putting each on [0, 1] over the candidate
-  set: dense cosine min-max scaled, BM25 divided by the best BM25 score (a chunk BM25 did not match
-  scores 0). The weight says how much the dense side counts.
+* ``score`` (default): a convex mix of the two scores, each divided by its best value among the
+  candidates (a chunk BM25 did not match scores 0 there). The weight says how much the dense side
+  counts; 0.3 was chosen by leave-one-out over the evaluation questions, maximizing the smaller of the
+  hybrid's gains over the best single method in hit@5 and in MRR (see ``ripe retrieval-eval``).
 * ``wrrf``: weighted RRF, ``w / (k + rank_dense) + (1 - w) / (k + rank_bm25)``.
 * ``rrf``: plain RRF (k = 60), kept for comparison.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 METHODS = ("score", "wrrf", "rrf")
 DEFAULT_METHOD = "score"
-DEFAULT_DENSE_WEIGHT = 0.5
+DEFAULT_DENSE_WEIGHT = 0.3
 RRF_K = 60
 
 
@@ -48,13 +49,11 @@ def fuse(dense: dict[int, float], bm25: dict[int, float], params: FusionParams) 
             for i in ids
         }
     elif params.method == "score":
-        d_vals = [dense[i] for i in ids if i in dense]
-        lo, hi = (min(d_vals), max(d_vals)) if d_vals else (0.0, 1.0)
-        span = hi - lo if hi > lo else 1.0
+        d_top = max((dense[i] for i in ids if i in dense), default=0.0)
         b_top = max(bm25.values(), default=0.0)
         scores = {}
         for i in ids:
-            d = (dense[i] - lo) / span if i in dense else 0.0
+            d = dense[i] / d_top if i in dense and d_top > 0 else 0.0
             b = bm25.get(i, 0.0) / b_top if b_top > 0 else 0.0
             scores[i] = w * d + (1.0 - w) * b
     else:
