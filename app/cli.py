@@ -1,4 +1,5 @@
-"""The `ripe` command line: run, chat, bench, and the model store (pull, models, rm, import).
+"""The `ripe` command line: run, chat, serve, bench, the model store (pull, models, rm, import) and
+document Q&A (index, search, ask, collections).
 
 Errors a user can cause print one line (`ripe: error: ...`) and exit 1; nothing here touches a tensor.
 """
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time to first token of a second chat turn, with and without the prefix cache",
     )
+    from ripelm import retrieval_cli
+
+    retrieval_cli.add_parsers(sub, model_args=_add_model_args, sampling_args=_add_sampling_args)
     return parser
 
 
@@ -198,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.bench import cmd_bench
 
             return cmd_bench(args)
+        from ripelm.retrieval_cli import HANDLERS as RETRIEVAL
+
+        if args.command in RETRIEVAL:
+            return RETRIEVAL[args.command](args)
     except RipelmError as e:
         print(f"ripe: error: {e}", file=sys.stderr)
         return 1

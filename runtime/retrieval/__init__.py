@@ -1,0 +1,1 @@
+"""Document retrieval: load and chunk files, embed, store in SQLite, search (Matryoshka + BM25)."""
