@@ -1,7 +1,9 @@
 """Causal grouped-query attention over a key/value history.
 
 `attention` is the fast path (torch SDPA, which picks a fused kernel per device) over head-major
-history [KV, S, D]; `attention_reference` is the plain softmax(QK^T / sqrt(d)) V that tests compare to.
+history [KV, S, D]; for a few query rows after a history it gives each row exactly the result decoding it
+alone would (speculative decoding's greedy output must match plain decoding token for token).
+`attention_reference` is the plain softmax(QK^T / sqrt(d)) V that tests compare to.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+ROWWISE_MAX_ROWS = 16  # up to this many query rows after a history, attend row by row (batch-invariant)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
@@ -22,6 +26,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -
     gqa = q.shape[1] != k.shape[0]
     if t == 1:
         out = F.scaled_dot_product_attention(qh, k[None], v[None], enable_gqa=gqa)
+    elif q_start > 0 and t <= ROWWISE_MAX_ROWS:
+        # A few rows after a history (a speculative verify pass): one single-query call per row, the very call
+        # decoding that row alone makes, so each row's result is bit-identical to it. A masked call rounds
+        # differently depending on how many rows share it, which can flip a greedy argmax.
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    qh[:, :, i : i + 1],
+                    k[None, :, : q_start + i + 1],
+                    v[None, :, : q_start + i + 1],
+                    enable_gqa=gqa,
+                )
+                for i in range(t)
+            ],
+            dim=2,
+        )
     elif q_start == 0 and s == t:
         out = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, enable_gqa=gqa)
     else:

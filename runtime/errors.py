@@ -17,3 +17,7 @@ class BackendError(RipelmError):
 
 class BadSamplingError(RipelmError):
     """A sampling setting out of its range (negative temperature, top-p above 1...)."""
+
+
+class DraftModelError(RipelmError):
+    """A draft model that cannot pair with the target (different vocabulary, unusable file or settings)."""
