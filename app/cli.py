@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ripelm import __version__
+from ripelm.draft_cli import add_draft_args
 from ripelm.models.errors import RipelmError
 
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system prompt")
     run.add_argument("--stats", action="store_true", help="print speed and token counts to stderr afterwards")
     _add_model_args(run)
+    add_draft_args(run)
     _add_sampling_args(run)
 
     chat = sub.add_parser(
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_args(chat)
+    add_draft_args(chat)
     _add_sampling_args(chat)
 
     sub.add_parser("models", help="list the models available (the bundled default included)")
@@ -121,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="device for the native engine"
     )
+    from ripelm.bench_draft import add_bench_draft_args
+    from ripelm.quantize_cli import add_parser as add_quantize_parser
+
+    add_bench_draft_args(bench)
+    add_quantize_parser(sub)
     return parser
 
 
@@ -143,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.commands import cmd_models
 
             return cmd_models(args)
+        if args.command == "bench" and args.draft:
+            from ripelm.bench_draft import cmd_bench_draft
+
+            return cmd_bench_draft(args)
+        if args.command == "quantize":
+            from ripelm.quantize_cli import cmd_quantize
+
+            return cmd_quantize(args)
         if args.command == "bench":
             from ripelm.bench import cmd_bench
 

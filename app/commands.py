@@ -8,7 +8,7 @@ import sys
 from ripelm.models.store import list_models, resolve_model
 from ripelm.runtime.backend import Backend, GenerationStats, prompt_ids, stream
 from ripelm.runtime.engines import open_backend
-from ripelm.runtime.errors import EmptyPromptError
+from ripelm.runtime.errors import BadSamplingError, EmptyPromptError
 from ripelm.runtime.sampling import SamplingParams
 
 
@@ -33,6 +33,12 @@ def _notice(msg: str) -> None:
 
 def open_from_args(args: argparse.Namespace) -> Backend:
     path = resolve_model(args.model)
+    if getattr(args, "draft", None):
+        from ripelm.draft_cli import open_from_args as open_with_draft
+
+        return open_with_draft(path, args, _notice)
+    if getattr(args, "draft_k", None) is not None:
+        raise BadSamplingError("--draft-k needs --draft MODEL (or --draft auto)")
     return open_backend(
         path, engine=args.engine, device=args.device, n_ctx=args.ctx, threads=args.threads, notice=_notice
     )
@@ -49,8 +55,11 @@ def format_stats(s: GenerationStats) -> str:
         f"decode {s.decode_tok_s:.1f} tok/s",
         f"finish {s.finish_reason}",
     ]
-    if s.drafted:
-        parts.append(f"drafted {s.drafted}, accepted {s.accepted}")
+    from ripelm.draft_cli import format_spec_stats
+
+    spec = format_spec_stats(s)
+    if spec:
+        parts.append(spec)
     return ", ".join(parts)
 
 
@@ -121,7 +130,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 messages.pop()
                 continue
             print()
-            print(f"[{stats.decode_tok_s:.1f} tok/s, ttft {stats.ttft_s * 1000:.0f} ms]", file=sys.stderr)
+            spec = f", {stats.acceptance_rate * 100:.0f}% of drafts accepted" if stats.drafted else ""
+            speed = f"{stats.decode_tok_s:.1f} tok/s, ttft {stats.ttft_s * 1000:.0f} ms"
+            print(f"[{speed}{spec}]", file=sys.stderr)
             messages.append({"role": "assistant", "content": reply})
     finally:
         backend.close()

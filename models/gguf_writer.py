@@ -128,7 +128,7 @@ def write_gguf(
         offset += t.nbytes + pad(t.nbytes)
     head = struct.pack("<4sIQQ", b"GGUF", version, len(tensors), len(entries))
     head += b"".join(e.data for e in entries) + bytes(infos)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # concurrent writers never share it
     try:
         with open(partial, "wb") as f:
             f.write(head + bytes(pad(len(head))))

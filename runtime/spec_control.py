@@ -21,16 +21,24 @@ from dataclasses import dataclass, field
 
 EMA = 0.2  # weight of a round's acceptance in the running acceptance rate
 WINDOW = 9  # timings kept per measured quantity; the median of these is the estimate
+# A verify pass has k + 1 rows; up to 16 the attention kernel computes each row exactly as decoding it alone
+# (ripelm.kernels.attention.ROWWISE_MAX_ROWS), which greedy decoding's token-for-token identity relies on.
+MAX_K = 15
 
 
 class Timing:
-    """Median of the last WINDOW samples: robust to the slow first call of a shape and to a busy machine."""
+    """Median of the last WINDOW samples, robust to a busy machine; the very first sample (a new shape's
+    kernel setup) only counts until a second one arrives."""
 
     def __init__(self) -> None:
         self.samples: deque[float] = deque(maxlen=WINDOW)
+        self.count = 0
 
     def add(self, seconds: float) -> None:
+        if self.count == 1:
+            self.samples.clear()
         self.samples.append(seconds)
+        self.count += 1
 
     @property
     def value(self) -> float:
@@ -65,11 +73,12 @@ class DraftPolicy:
     def validate(self) -> None:
         from ripelm.runtime.errors import BadSamplingError
 
-        if self.fixed_k is not None and not 0 <= self.fixed_k <= 32:
-            raise BadSamplingError(f"draft length must be in 0..32, got {self.fixed_k}")
-        if not 1 <= self.k_max <= 32 or not 1 <= self.k_init <= self.k_max:
+        if self.fixed_k is not None and not 0 <= self.fixed_k <= MAX_K:
+            raise BadSamplingError(f"draft length must be in 0..{MAX_K}, got {self.fixed_k}")
+        if not 1 <= self.k_max <= MAX_K or not 1 <= self.k_init <= self.k_max:
             raise BadSamplingError(
-                f"draft lengths must satisfy 1 <= k_init <= k_max <= 32 (k_max {self.k_max})"
+                f"draft lengths must satisfy 1 <= k_init <= k_max <= {MAX_K} "
+                f"(k_init {self.k_init}, k_max {self.k_max})"
             )
         if not 0.0 <= self.min_confidence < 1.0:
             raise BadSamplingError(f"draft confidence threshold must be in [0, 1), got {self.min_confidence}")
@@ -180,7 +189,7 @@ class SpecController:
         """Draft tokens for the next round (0: a plain target step)."""
         if self.policy.fixed_k is not None:
             return self.policy.fixed_k
-        if 1 not in self.verify_timing:
+        if 1 not in self.verify_timing or self.verify_timing[1].count < 2:
             return 0  # measure the target's single-token cost first: the baseline every choice is judged by
         if self.off:
             if self.since_probe >= self.policy.probe_every:
