@@ -105,8 +105,14 @@ def open_with_draft(
         if problem is not None:
             say(f"no speculative decoding: {problem}")
             return plain()
-    choice = resolve_draft(draft_spec, target_path, progress)
-    say(choice.reason)
+    try:
+        choice = resolve_draft(draft_spec, target_path, progress)
+    except DraftModelError:
+        raise
+    except RipelmError as e:
+        raise DraftModelError(f"draft model: {e}") from None
+    if draft_spec == "auto":
+        say(choice.reason)
     if choice.path is None:
         return plain()
     return open_speculative(
