@@ -24,6 +24,8 @@ WINDOW = 9  # timings kept per measured quantity; the median of these is the est
 # A verify pass has k + 1 rows; up to 16 the attention kernel computes each row exactly as decoding it alone
 # (ripelm.kernels.attention.ROWWISE_MAX_ROWS), which greedy decoding's token-for-token identity relies on.
 MAX_K = 15
+BASELINE_SAMPLES = 2  # plain target steps timed (after a discarded first one) before any draft
+REMEASURE_EVERY = 32  # while speculating, one plain step per this many rounds re-times the target
 
 
 class Timing:
@@ -97,6 +99,7 @@ class SpecController:
     k: int = 0
     off: bool = False
     since_probe: int = 0
+    rounds_on: int = 0
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -162,7 +165,7 @@ class SpecController:
             return
         if 1 not in self.verify_timing or self.draft_cost is None:
             return  # not enough measured yet: keep k
-        best_k, best = 0, 1.0
+        best_k, best = 1, 0.0
         for k in range(1, pol.k_max + 1):
             s = self.speedup(k)
             if s is not None and s > best:
@@ -170,7 +173,8 @@ class SpecController:
         if best < pol.min_gain:
             if not self.off:
                 self.note = (
-                    f"speculation off: predicted {best:.2f}x at best (draft {self._ms(self.draft_cost)}, "
+                    f"speculation off: predicted {best:.2f}x at best, k={best_k} (draft "
+                    f"{self._ms(self.draft_cost)}, "
                     f"target {self._ms(self.verify_estimate(1))} per token, acceptance "
                     f"{(self.acceptance or 0) * 100:.0f}%)"
                 )
@@ -189,13 +193,17 @@ class SpecController:
         """Draft tokens for the next round (0: a plain target step)."""
         if self.policy.fixed_k is not None:
             return self.policy.fixed_k
-        if 1 not in self.verify_timing or self.verify_timing[1].count < 2:
+        plain = self.verify_timing.get(1)
+        if plain is None or plain.count < BASELINE_SAMPLES + 1:
             return 0  # measure the target's single-token cost first: the baseline every choice is judged by
         if self.off:
             if self.since_probe >= self.policy.probe_every:
                 self.since_probe = 0
                 return 1
             return 0
+        self.rounds_on += 1
+        if self.rounds_on % REMEASURE_EVERY == 0:
+            return 0  # keep the baseline current: the machine's load changes
         return self.k
 
     def summary(self) -> str:

@@ -147,7 +147,8 @@ class SpeculativeBackend:
             t0 = time.perf_counter()
             if len(feed) <= 2:
                 logits = self._logits(d, feed, len(d.cached_tokens), "last")[-1]
-                self.controller.record_draft(time.perf_counter() - t0)
+                if len(feed) == 1:  # the cost model counts one-token draft steps
+                    self.controller.record_draft(time.perf_counter() - t0)
             else:  # catching up on tokens decoded while speculation was off: a chunked prefill
                 logits = d.prefill(seq)[0][: self.vocab].float().cpu()
             h = None if hist is None else [hist + drafts]

@@ -40,7 +40,7 @@ def test_cheap_accurate_draft_gets_a_long_draft():
     feed(ctl, c_t=0.030, c_d=0.005, slope=0.001, acceptance=0.9, rounds=40)
     assert not ctl.off
     assert ctl.k >= 4
-    assert ctl.speedup(ctl.k) > 2.0
+    assert ctl.speedup(ctl.k) > 1.8
 
 
 def test_draft_as_slow_as_target_turns_speculation_off_and_says_so():
@@ -90,10 +90,12 @@ def test_fixed_k_is_kept_and_first_rounds_measure_the_target():
     adaptive = SpecController()
     assert adaptive.next_k() == 0  # no single-token target cost measured yet
     adaptive.record_verify(1, 0.5)
-    assert adaptive.next_k() == 0  # the first sample is a cold call; wait for a second
+    assert adaptive.next_k() == 0  # the first sample is a cold call: more are needed
     adaptive.record_verify(1, 0.02)
+    assert adaptive.next_k() == 0
+    adaptive.record_verify(1, 0.03)
     assert adaptive.next_k() == adaptive.policy.k_init
-    assert adaptive.verify_cost[1] == pytest.approx(0.02)
+    assert adaptive.verify_cost[1] == pytest.approx(0.025)  # the cold call is dropped
 
 
 @pytest.mark.parametrize(
