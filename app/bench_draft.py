@@ -19,7 +19,8 @@ ROWS = [  # key, label, format
     ("target_ms", "target decode, ms/token", "{:.2f}"),
     ("draft_ms", "draft decode, ms/token", "{:.2f}"),
     ("verify_ms", "target pass over k+1 tokens, ms", "{:.2f}"),
-    ("acceptance", "acceptance rate", "{:.1%}"),
+    ("acceptance", "acceptance rate (accepted/drafted)", "{:.1%}"),
+    ("token_acceptance", "per-token acceptance (model)", "{:.1%}"),
     ("expected_tokens", "tokens per target pass (model)", "{:.2f}"),
     ("tokens_per_pass", "tokens per target pass (measured)", "{:.2f}"),
     ("predicted", "predicted speedup", "{:.2f}x"),
@@ -41,13 +42,20 @@ def add_bench_draft_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--draft-k", type=int, default=4, metavar="K", help="draft length for --draft (default 4)"
     )
+    bench.add_argument(
+        "--temp",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature for --draft (default 0: greedy)",
+    )
 
 
 def run_once(target: str, draft: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, "-m", "ripelm.runtime.spec_bench_worker", "--model", target, "--draft", draft,
         "--k", str(args.draft_k), "--prompt-tokens", str(args.prompt_tokens),
-        "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads),
+        "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--temp", str(args.temp),
     ]  # fmt: skip
     if args.device:
         cmd += ["--device", args.device]
@@ -68,6 +76,8 @@ def cmd_bench_draft(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.gen_tokens < 2 or args.prompt_tokens < 1 or args.threads < 1:
         raise RipelmError("--runs, --prompt-tokens and --threads must be positive, --gen-tokens at least 2")
+    if args.temp < 0:
+        raise RipelmError("--temp must be >= 0")
     if not 1 <= args.draft_k <= 15:
         raise RipelmError("--draft-k must be in 1..15 for the benchmark")
     target = resolve_model(args.model)
@@ -84,9 +94,10 @@ def cmd_bench_draft(args: argparse.Namespace) -> int:
     finally:
         tg.close()
         dg.close()
+    mode = "greedy" if args.temp == 0 else f"temperature {args.temp}"
     print(
-        f"target {target}\ndraft  {choice.path}\nprompt {args.prompt_tokens} tokens, greedy decode "
-        f"{args.gen_tokens} tokens, k={args.draft_k}, {args.threads} threads, {args.runs} runs "
+        f"target {target}\ndraft  {choice.path}\nprompt {args.prompt_tokens} tokens, decode "
+        f"{args.gen_tokens} tokens ({mode}), k={args.draft_k}, {args.threads} threads, {args.runs} runs "
         "(fresh process each)",
         file=sys.stderr,
     )

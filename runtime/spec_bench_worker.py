@@ -1,9 +1,9 @@
 """One `ripe bench --draft` run in its own process: the cost-model figures and the measured speedup.
 
-Measures, on one prompt and greedy decoding: the target's and the draft's decode cost per token, the cost
-of one target pass over k + 1 positions, then decodes with the target alone and with target + draft
-(fixed k, no early stop, so the cost model's assumptions hold) and with the adaptive controller. Prints
-one JSON line.
+Measures on one prompt the target's and the draft's decode cost per token and the cost of one target pass
+over k + 1 positions, then decodes (greedy, or sampling at --temp) with the target alone, with target +
+draft (fixed k, no early stop, so the cost model's assumptions hold) and with the adaptive controller.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def verify_cost(b, prompt: list[int], m: int, reps: int = 15) -> float:
     return statistics.median(times[2:])  # the first calls of a new shape set up kernels
 
 
-def timed_generation(backend, prompt: list[int], n: int) -> tuple[float, GenerationStats]:
-    """Seconds per token after the first, greedily generating n tokens through `generate_ids`."""
+def timed_generation(backend, prompt: list[int], n: int, temp: float = 0.0) -> tuple[float, GenerationStats]:
+    """Seconds per token after the first, generating n tokens through `generate_ids` (greedy at temp 0)."""
     stats = GenerationStats()
-    gen = backend.generate_ids(prompt, SamplingParams(temperature=0, max_tokens=n), stats)
+    gen = backend.generate_ids(prompt, SamplingParams(temperature=temp, max_tokens=n, seed=0), stats)
     next(gen)  # prefill and first token: not decode
     t = time.perf_counter()
     for _ in range(n - 1):
@@ -80,7 +80,15 @@ def compute_kinds(model) -> str:
     return " + ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def run(target_path: str, draft_path: str, k: int, n_prompt: int, n_gen: int, device: str | None) -> dict:
+def run(
+    target_path: str,
+    draft_path: str,
+    k: int,
+    n_prompt: int,
+    n_gen: int,
+    device: str | None,
+    temp: float = 0.0,
+) -> dict:
     from ripelm.runtime.native import NativeBackend
     from ripelm.runtime.speculative import SpeculativeBackend
 
@@ -92,14 +100,17 @@ def run(target_path: str, draft_path: str, k: int, n_prompt: int, n_gen: int, de
     c_t = decode_cost(target, prompt, n_gen)
     c_d = decode_cost(draft, prompt, n_gen)
     c_v = verify_cost(target, prompt, k + 1)
-    plain_s, _ = timed_generation(target, prompt, n_gen)
+    plain_s, _ = timed_generation(target, prompt, n_gen, temp)
     fixed = SpeculativeBackend(target, draft, DraftPolicy(fixed_k=k, min_confidence=0.0), owns_models=False)
     timed_generation(fixed, prompt[:16], 2 * k + 2)  # warm-up of the verify shapes
-    spec_s, st = timed_generation(fixed, prompt, n_gen)
-    alpha = st.acceptance_rate
+    before = (fixed.controller.accepted, fixed.controller.rejections)
+    spec_s, st = timed_generation(fixed, prompt, n_gen, temp)
+    passed = fixed.controller.accepted - before[0]
+    tested = passed + fixed.controller.rejections - before[1]
+    alpha = passed / tested if tested else 0.0  # per-token acceptance probability (cost model)
     adaptive = SpeculativeBackend(target, draft, DraftPolicy(), owns_models=False)
-    timed_generation(adaptive, prompt, n_gen)  # first run: the controller measures and settles
-    ada_s, ast = timed_generation(adaptive, prompt, n_gen)
+    timed_generation(adaptive, prompt, n_gen, temp)  # first run: the controller measures and settles
+    ada_s, ast = timed_generation(adaptive, prompt, n_gen, temp)
     return {
         "device": str(target.device),
         "target_compute": compute_kinds(target.model),
@@ -108,7 +119,8 @@ def run(target_path: str, draft_path: str, k: int, n_prompt: int, n_gen: int, de
         "target_ms": c_t * 1000,
         "draft_ms": c_d * 1000,
         "verify_ms": c_v * 1000,
-        "acceptance": alpha,
+        "acceptance": st.acceptance_rate,
+        "token_acceptance": alpha,
         "expected_tokens": expected_tokens(alpha, k),
         "tokens_per_pass": st.tokens_per_target_forward,
         "predicted": predicted_speedup(alpha, k, c_t, c_d, c_v),
@@ -130,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--temp", type=float, default=0.0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    res = run(a.model, a.draft, a.k, a.prompt_tokens, a.gen_tokens, a.device)
+    res = run(a.model, a.draft, a.k, a.prompt_tokens, a.gen_tokens, a.device, a.temp)
     sys.stdout.write(json.dumps(res) + "\n")
     return 0
 
