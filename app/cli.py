@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ripelm import __version__
+from ripelm.draft_cli import add_draft_args
 from ripelm.models.errors import RipelmError
 
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system prompt")
     run.add_argument("--stats", action="store_true", help="print speed and token counts to stderr afterwards")
     _add_model_args(run)
+    add_draft_args(run)
     _add_sampling_args(run)
 
     chat = sub.add_parser(
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_args(chat)
+    add_draft_args(chat)
     _add_sampling_args(chat)
 
     from ripelm.models_cli import add_parsers as add_store_parsers
@@ -172,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ripelm import retrieval_cli
 
     retrieval_cli.add_parsers(sub, model_args=_add_model_args, sampling_args=_add_sampling_args)
+    from ripelm.bench_draft import add_bench_draft_args
+    from ripelm.quantize_cli import add_parser as add_quantize_parser
+
+    add_bench_draft_args(bench)
+    add_quantize_parser(sub)
     return parser
 
 
@@ -198,6 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.serve_cli import cmd_serve
 
             return cmd_serve(args)
+        if args.command == "bench" and args.draft:
+            from ripelm.bench_draft import cmd_bench_draft
+
+            return cmd_bench_draft(args)
+        if args.command == "quantize":
+            from ripelm.quantize_cli import cmd_quantize
+
+            return cmd_quantize(args)
         if args.command == "bench":
             from ripelm.bench import cmd_bench
 

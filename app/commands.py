@@ -12,7 +12,7 @@ from ripelm.config import load_config
 from ripelm.models.store import resolve_model
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
 from ripelm.runtime.engines import open_backend
-from ripelm.runtime.errors import BackendError, EmptyPromptError
+from ripelm.runtime.errors import BackendError, BadSamplingError, EmptyPromptError
 from ripelm.runtime.kv_cache import parse_memory
 from ripelm.runtime.sampling import SamplingParams
 
@@ -66,6 +66,12 @@ def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
     if args.base_url or args.api_key:
         raise BackendError("--base-url and --api-key are for --engine openai")
     path = resolve_model(args.model or cfg.model)
+    if getattr(args, "draft", None):
+        from ripelm.draft_cli import open_from_args as open_with_draft
+
+        return open_with_draft(path, args, _notice)
+    if getattr(args, "draft_k", None) is not None:
+        raise BadSamplingError("--draft-k needs --draft MODEL (or --draft auto)")
     kv = getattr(args, "kv_memory", None)
     return open_backend(
         path,
@@ -89,8 +95,11 @@ def format_stats(s: GenerationStats) -> str:
         f"decode {s.decode_tok_s:.1f} tok/s",
         f"finish {s.finish_reason}",
     ]
-    if s.drafted:
-        parts.append(f"drafted {s.drafted}, accepted {s.accepted}")
+    from ripelm.draft_cli import format_spec_stats
+
+    spec = format_spec_stats(s)
+    if spec:
+        parts.append(spec)
     return ", ".join(parts)
 
 
@@ -174,7 +183,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 messages.pop()
                 continue
             print()
-            print(f"[{stats.decode_tok_s:.1f} tok/s, ttft {stats.ttft_s * 1000:.0f} ms]", file=sys.stderr)
+            spec = f", {stats.acceptance_rate * 100:.0f}% of drafts accepted" if stats.drafted else ""
+            speed = f"{stats.decode_tok_s:.1f} tok/s, ttft {stats.ttft_s * 1000:.0f} ms"
+            print(f"[{speed}{spec}]", file=sys.stderr)
             messages.append({"role": "assistant", "content": reply})
     finally:
         backend.close()

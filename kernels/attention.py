@@ -8,6 +8,8 @@ history length and masked. SDPA's rounding depends on the key length it is given
 size or on what the masked padding holds, so with the bucket fixed by the history length alone a row
 gets bit-identical results decoded alone or batched with other sequences of the same bucket. That is
 what keeps batched greedy output token-for-token equal to the single-sequence output.
+A few query rows after a history (a speculative verify pass) are computed row by row as decode rows,
+so each gets exactly the result decoding it alone would.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 DECODE_MIN_BUCKET = 32
+ROWWISE_MAX_ROWS = 16  # up to this many query rows after a history, attend row by row as decode rows
 
 
 def decode_bucket(n: int) -> int:
@@ -65,6 +68,12 @@ def attention(
     k, v = k[:, :s], v[:, :s]
     qh = q.transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[0]
+    if q_start > 0 and t <= ROWWISE_MAX_ROWS:
+        # A speculative verify pass: a masked multi-row call rounds differently from decoding each row
+        # alone, which can flip a greedy argmax; so each row goes through the decode path.
+        return torch.cat(
+            [attention(q[i : i + 1], k, v, q_start + i, length=q_start + i + 1) for i in range(t)]
+        )
     if q_start == 0 and s == t:
         out = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, enable_gqa=gqa)
     else:

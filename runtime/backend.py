@@ -31,8 +31,19 @@ class GenerationStats:
     total_s: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or stop string), "length", "cancelled"
     engine: str = ""
-    drafted: int = 0
-    accepted: int = 0
+    drafted: int = 0  # speculative decoding: draft tokens proposed
+    accepted: int = 0  # ... and accepted by the target
+    target_forwards: int = 0  # target passes while decoding (one per token without a draft)
+    emitted_tokens: int = 0  # tokens the engine produced while decoding (generated_tokens plus any EOS)
+    speculation: str = ""  # the draft-length controller's state or decision, e.g. "k=4, predicted 1.9x"
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.emitted_tokens / self.target_forwards if self.target_forwards else 0.0
 
 
 @dataclass

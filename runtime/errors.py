@@ -21,3 +21,7 @@ class BadSamplingError(RipelmError):
 
 class BadSettingError(RipelmError):
     """A runtime setting that cannot work (a KV memory budget too small for one block...)."""
+
+
+class DraftModelError(RipelmError):
+    """A draft model that cannot pair with the target (different vocabulary, unusable file or settings)."""

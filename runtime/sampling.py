@@ -74,6 +74,38 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return out.scatter_(-1, idx, probs)
 
 
+def penalized_logits(
+    logits: torch.Tensor, params: SamplingParams, histories: list[list[int]] | None = None
+) -> torch.Tensor:
+    """float32 logits after the repetition penalty; row i of a [N, V] batch uses `histories[i]`."""
+    logits = logits.float()
+    if params.repetition_penalty == 1.0 or histories is None:
+        return logits
+    n = params.repeat_last_n
+    if logits.dim() == 1:
+        return apply_repetition_penalty(logits, histories[0][-n:], params.repetition_penalty)
+    return torch.stack(
+        [
+            apply_repetition_penalty(row, h[-n:], params.repetition_penalty)
+            for row, h in zip(logits, histories, strict=True)
+        ]
+    )
+
+
+def token_probs(
+    logits: torch.Tensor, params: SamplingParams, histories: list[list[int]] | None = None
+) -> torch.Tensor:
+    """The distribution a `Sampler` draws each row's token from ([V] or [N, V] logits, float32 out).
+
+    Greedy settings give the one-hot of the argmax. Speculative decoding computes both the draft's q and
+    the target's p with this one function, so both see exactly the same processing.
+    """
+    logits = penalized_logits(logits, params, histories)
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return filtered_probs(logits, params)
+
+
 class Sampler:
     """Picks next tokens for one sequence; holds its own seeded generator so runs are reproducible."""
 
@@ -87,11 +119,8 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        p = self.params
-        logits = logits.float().cpu()
-        if p.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, history[-p.repeat_last_n :], p.repetition_penalty)
-        if p.greedy:
+        logits = penalized_logits(logits.cpu(), self.params, [history])
+        if self.params.greedy:
             return int(torch.argmax(logits))
-        probs = filtered_probs(logits, p)
+        probs = filtered_probs(logits, self.params)
         return int(torch.multinomial(probs, 1, generator=self.generator))

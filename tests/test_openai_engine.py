@@ -129,9 +129,7 @@ def test_ripe_chat_from_config_file(llama_server, tmp_path):
     (tmp_path / "config.toml").write_text(
         f'engine = "openai"\n\n[openai]\nbase_url = "{llama_server}"\napi_key = "{KEY}"\n'
     )
-    p = ripe(
-        "chat", "--temp", "0", "--max-tokens", "8", home=tmp_path, stdin="Hello!\nWhat is 2+2?\n/exit\n"
-    )
+    p = ripe("chat", "--temp", "0", "--max-tokens", "8", home=tmp_path, stdin="Hello!\nWhat is 2+2?\n/exit\n")
     assert p.returncode == 0, p.stderr
     assert "ripe chat — openai on" in p.stdout and llama_server in p.stdout
     answers = p.stdout.split(">>> ")[1:]

@@ -1,0 +1,120 @@
+"""Open a target with a draft model for speculative decoding, or say clearly why that cannot be done.
+
+Both models run on the native engine on the same device. A draft that does not open (missing, not a valid
+GGUF, not runnable natively) or does not share the target's vocabulary is a `DraftModelError` naming the
+draft; a draft length of 0 means plain decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ripelm.models.errors import RipelmError
+from ripelm.models.gguf_file import open_gguf
+from ripelm.runtime.backend import Backend
+from ripelm.runtime.errors import DraftModelError
+from ripelm.runtime.spec_control import DraftPolicy
+
+
+def open_speculative(
+    target_path: Path,
+    draft_path: Path,
+    *,
+    device: str | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    policy: DraftPolicy | None = None,
+    target: Backend | None = None,
+) -> Backend:
+    """A `SpeculativeBackend` over the native target (opened here unless `target` is given) and the draft."""
+    from ripelm.runtime.device import set_threads
+    from ripelm.runtime.engines import native_support_problem
+    from ripelm.runtime.native import NativeBackend
+    from ripelm.runtime.speculative import SpeculativeBackend, check_vocab
+
+    policy = policy or DraftPolicy()
+    policy.validate()
+    try:
+        dg = open_gguf(draft_path)
+    except RipelmError as e:
+        raise DraftModelError(f"cannot use draft model {draft_path.name}: {e}") from None
+    problem = native_support_problem(dg)
+    if problem is not None:
+        dg.close()
+        raise DraftModelError(f"cannot use draft model {draft_path.name}: {problem}")
+    if target is None:
+        tg = open_gguf(target_path)
+        problem = native_support_problem(tg)
+        if problem is not None:
+            tg.close()
+            dg.close()
+            raise DraftModelError(f"speculative decoding needs the native engine for the target: {problem}")
+        try:
+            check_vocab(tg, dg)
+        except DraftModelError:
+            tg.close()
+            dg.close()
+            raise
+        set_threads(threads)
+        target = NativeBackend(target_path, device=device, n_ctx=n_ctx, gguf=tg)
+    if not isinstance(target, NativeBackend):
+        dg.close()
+        raise DraftModelError(f"speculative decoding needs the native engine, not {target.name}")
+    # The draft keeps the target's context window; it shares the target's tokenizer (checked above).
+    draft = NativeBackend(
+        draft_path, device=device, n_ctx=target.context_length, gguf=dg, tokenizer=target.tokenizer
+    )
+    return SpeculativeBackend(target, draft, policy)
+
+
+def open_with_draft(
+    target_path: Path,
+    draft_spec: str,
+    *,
+    engine: str = "auto",
+    device: str | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    draft_k: int | None = None,
+    notice: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Backend:
+    """What `--draft` opens: the target with its draft, or the target alone where `auto` finds no draft."""
+    from ripelm.models.drafts import resolve_draft
+    from ripelm.runtime.engines import native_support_problem, open_backend
+
+    say = notice or (lambda _msg: None)
+
+    def plain() -> Backend:
+        return open_backend(
+            target_path, engine=engine, device=device, n_ctx=n_ctx, threads=threads, notice=notice
+        )
+
+    if engine == "llama.cpp":
+        raise DraftModelError("--draft needs the native engine (drop --engine llama.cpp)")
+    policy = DraftPolicy(fixed_k=draft_k)
+    policy.validate()
+    if draft_k == 0:
+        say("draft length 0: decoding without speculation")
+        return plain()
+    if draft_spec == "auto":
+        tg = open_gguf(target_path)
+        problem = native_support_problem(tg)
+        tg.close()
+        if problem is not None:
+            say(f"no speculative decoding: {problem}")
+            return plain()
+    try:
+        choice = resolve_draft(draft_spec, target_path, progress)
+    except DraftModelError:
+        raise
+    except RipelmError as e:
+        raise DraftModelError(f"draft model: {e}") from None
+    if draft_spec == "auto":
+        say(choice.reason)
+    if choice.path is None:
+        return plain()
+    return open_speculative(
+        target_path, choice.path, device=device, n_ctx=n_ctx, threads=threads, policy=policy
+    )
