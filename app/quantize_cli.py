@@ -28,6 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--to", required=True, choices=TYPE_NAMES, metavar="TYPE", help=f"one of {', '.join(TYPE_NAMES)}"
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="the file to write")
+    p.add_argument(
+        "--head-type",
+        choices=TYPE_NAMES,
+        default=None,
+        metavar="TYPE",
+        help="type of the output head (default: Q8_0 for quantized types); a 4-bit head makes a faster draft",
+    )
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
 
 
@@ -43,7 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise QuantizeError(f"{dst} exists; pass --force to overwrite it")
     bar = ProgressBar(f"quantizing to {args.to.upper()}")
     try:
-        res = quantize_model(src, dst, args.to, progress=bar)
+        res = quantize_model(src, dst, args.to, progress=bar, head=args.head_type)
     finally:
         bar.close()
     print(

@@ -103,8 +103,13 @@ def _fits(t: QuantType, row: int) -> bool:
     return row % block_layout(t)[0] == 0
 
 
-def plan_tensor(info: TensorInfo, target: QuantType, *, has_output: bool) -> TensorPlan:
-    """The output type of one tensor for a `target` model, following llama.cpp's rules (module doc)."""
+def plan_tensor(
+    info: TensorInfo, target: QuantType, *, has_output: bool, head: QuantType | None = None
+) -> TensorPlan:
+    """The output type of one tensor for a `target` model, following llama.cpp's rules (module doc).
+
+    `head` overrides the output head's type (llama.cpp's --output-tensor-type): a draft model, whose
+    accuracy matters less than its speed, can take a 4-bit head."""
     src = QuantType(info.ggml_type)
     name, shape = info.name, info.shape
     if len(shape) < 2:
@@ -116,7 +121,9 @@ def plan_tensor(info: TensorInfo, target: QuantType, *, has_output: bool) -> Ten
     row = shape[0]
     wanted, note = target, ""
     is_head = name == "output.weight" or (name == "token_embd.weight" and not has_output)
-    if is_head and target != QuantType.Q8_0:
+    if is_head and head is not None:
+        wanted, note = head, ""
+    elif is_head and target != QuantType.Q8_0:
         wanted, note = QuantType.Q8_0, "output head at Q8_0 (llama.cpp: Q8_0 or Q6_K)"
     elif name == "token_embd.weight" and target in TERNARY:
         wanted, note = QuantType.Q4_0, "token embeddings of a ternary model at Q4_0 (llama.cpp: Q4_K)"
@@ -127,9 +134,9 @@ def plan_tensor(info: TensorInfo, target: QuantType, *, has_output: bool) -> Ten
     return TensorPlan(name, shape, src, fb, note=why, fallback=True)
 
 
-def plan_model(g: GGUFFile, target: QuantType) -> list[TensorPlan]:
+def plan_model(g: GGUFFile, target: QuantType, head: QuantType | None = None) -> list[TensorPlan]:
     has_output = "output.weight" in g.tensors
-    return [plan_tensor(info, target, has_output=has_output) for info in g.tensors.values()]
+    return [plan_tensor(info, target, has_output=has_output, head=head) for info in g.tensors.values()]
 
 
 def _encode(values: np.ndarray, t: QuantType) -> np.ndarray:
@@ -182,11 +189,13 @@ def quantize_model(
     target: QuantType | str,
     *,
     progress: Callable[[int, int, str], None] | None = None,
+    head: QuantType | str | None = None,
 ) -> QuantizeResult:
     """Write `src` re-encoded as `target` to `dst`, then validate the result; `progress(done, total, name)`
     counts elements."""
     t = parse_target(target) if isinstance(target, str) else target
-    if t not in FILE_TYPES:
+    h = parse_target(head) if isinstance(head, str) else head
+    if t not in FILE_TYPES or (h is not None and h not in FILE_TYPES):
         raise QuantizeError(f"cannot quantize to {t.name}")
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
@@ -195,7 +204,7 @@ def quantize_model(
         raise QuantizeError(f"output folder {dst.parent} does not exist")
     g = open_gguf(src)
     try:
-        plans = plan_model(g, t)
+        plans = plan_model(g, t, h)
         entries = replace_entries(
             raw_metadata(g),
             [

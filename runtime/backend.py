@@ -33,7 +33,7 @@ class GenerationStats:
     engine: str = ""
     drafted: int = 0  # speculative decoding: draft tokens proposed
     accepted: int = 0  # ... and accepted by the target
-    target_forwards: int = 0  # target passes while decoding (one per token without a draft)
+    target_forwards: int = 0  # target passes that produced tokens: the prefill, then one per (verify) step
     emitted_tokens: int = 0  # tokens the engine produced while decoding (generated_tokens plus any EOS)
     speculation: str = ""  # the draft-length controller's state or decision, e.g. "k=4, predicted 1.9x"
 

@@ -22,6 +22,15 @@ from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.spec_control import DraftPolicy, expected_tokens, predicted_speedup
 
 
+def story_prompt(b, n: int) -> list[int]:
+    """A chat request about `n` tokens long: continue a story (not the repeated prose itself, which a model
+    continues verbatim and which would make every draft token acceptable)."""
+    body = b.tokenizer.decode(prompt_tokens(b.tokenizer, max(16, n - 40)))
+    request = f"Here is the start of a story:\n\n{body}\n\nWrite what happens next, in your own words."
+    text = b.template.render([{"role": "user", "content": request}], add_generation_prompt=True)
+    return b.tokenizer.encode(text, add_bos=False)
+
+
 def _sync(b) -> None:
     if b.torch_device.type == "cuda":
         torch.cuda.synchronize()
@@ -94,7 +103,7 @@ def run(
 
     target = NativeBackend(target_path, device=device, n_ctx=n_prompt + n_gen + 64)
     draft = NativeBackend(draft_path, device=device, n_ctx=n_prompt + n_gen + 64, tokenizer=target.tokenizer)
-    prompt = prompt_tokens(target.tokenizer, n_prompt)
+    prompt = story_prompt(target, n_prompt)
     for b in (target, draft):  # warm up the shapes decoding uses
         decode_cost(b, prompt[:16], 4)
     c_t = decode_cost(target, prompt, n_gen)

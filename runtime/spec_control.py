@@ -225,7 +225,8 @@ class SpecController:
 
     def summary(self) -> str:
         k = self.policy.fixed_k if self.policy.fixed_k is not None else self.k
-        s = self.speedup(k) if k else None
+        # a prediction needs the target's own single-token cost, which a pinned k never measures
+        s = self.speedup(k) if k and 1 in self.verify_timing else None
         state = "off" if self.off else f"k={k}"
         pred = f", predicted {s:.2f}x" if s is not None else ""
         return f"{state}{pred}"

@@ -181,3 +181,9 @@ def test_cli(f32_model, tmp_path):
     broken = ripe("quantize", str(bad), "--to", "f16", "-o", str(tmp_path / "o.gguf"), home=tmp_path)
     assert broken.returncode == 1 and "Traceback" not in broken.stderr
     assert ripe("quantize", str(f32_model), "--to", "q9", "-o", str(out), home=tmp_path).returncode == 2
+
+
+def test_head_type_override(f32_model, tmp_path):
+    res = quantize_model(f32_model, tmp_path / "h.gguf", "q4_1", head="q4_0")
+    types = {p.name: p.dst_type for p in res.plans}
+    assert types["token_embd.weight"] == QuantType.Q4_0 and types["blk.0.attn_q.weight"] == QuantType.Q4_1
