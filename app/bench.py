@@ -37,10 +37,15 @@ def run_once(engine: str, model: str, args: argparse.Namespace) -> dict:
     ]
     if engine == "native" and args.device:
         cmd += ["--device", args.device]
+    return run_worker(cmd, f"benchmark run of {engine}")
+
+
+def run_worker(cmd: list[str], what: str) -> dict:
+    """Run one benchmark worker process and return the JSON line it prints last."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RipelmError(f"benchmark run of {engine} failed: {last}")
+        raise RipelmError(f"{what} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -66,11 +71,7 @@ def run_engine_bench(mode: str, model: str, args: argparse.Namespace) -> dict:
     ]
     if args.device:
         cmd += ["--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RipelmError(f"engine benchmark ({mode}) failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, f"engine benchmark ({mode})")
 
 
 def cmd_bench_batch(model: str, args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from small_vocab import small_vocab_source
 from ripelm.models.drafts import auto_draft, auto_draft_path
 from ripelm.models.gguf_file import open_gguf
 from ripelm.runtime.draft_pairing import open_speculative, open_with_draft
+from ripelm.runtime.engine_backend import EngineBackend
 from ripelm.runtime.errors import BadSamplingError, DraftModelError
 from ripelm.runtime.speculative import SpeculativeBackend, check_vocab
 
@@ -68,7 +69,7 @@ def test_a_draft_that_fails_validation_is_named_in_the_error(tiny_f32, tmp_path)
 def test_draft_length_zero_and_negative(tiny_f32, tiny_q4):
     said: list[str] = []
     b = open_with_draft(tiny_f32, str(tiny_q4), draft_k=0, notice=said.append)
-    assert type(b).__name__ == "EngineBackend" and said == ["draft length 0: decoding without speculation"]
+    assert isinstance(b, EngineBackend) and said == ["draft length 0: decoding without speculation"]
     b.close()
     with pytest.raises(BadSamplingError, match="draft length must be in 0..15"):
         open_with_draft(tiny_f32, str(tiny_q4), draft_k=-1)
@@ -99,7 +100,7 @@ def test_auto_makes_a_quantized_copy_once_and_reuses_it(tiny_f32, home):
 def test_auto_on_a_4_bit_target_runs_without_a_draft(bundled_model_path, home):
     said: list[str] = []
     b = open_with_draft(bundled_model_path, "auto", notice=said.append)
-    assert type(b).__name__ == "EngineBackend"  # the plain native engine
+    assert isinstance(b, EngineBackend)  # the plain native engine
     assert said == ["no automatic draft: the target's weights are already Q4_1"]
     assert not (home / "drafts").exists()
     b.close()
