@@ -98,7 +98,7 @@ def cmd_bench_batch(model: str, args: argparse.Namespace) -> int:
     print(f"{f'{args.batch} streams':<28}{many:>10.1f}")
     print(
         f"{args.batch} streams / 1 stream (median of per-run ratios): {ratio:.2f}x; "
-        f"device {runs[0]['device']}"
+        f"device {runs[0]['device']}; preemptions {sum(r['preemptions'] for r in runs)}"
     )
     return 0
 

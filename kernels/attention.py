@@ -3,11 +3,13 @@
 `attention` is the fast path (torch SDPA, which picks a fused kernel per device) over head-major
 history [KV, S, D]; `attention_reference` is the plain softmax(QK^T / sqrt(d)) V that tests compare to.
 
-Single-query rows (decoding) go through `decode_attention`: keys padded to a power-of-two bucket of the
-history length and masked. SDPA's rounding depends on the key length it is given, not on the batch
-size or on what the masked padding holds, so with the bucket fixed by the history length alone a row
-gets bit-identical results decoded alone or batched with other sequences of the same bucket. That is
-what keeps batched greedy output token-for-token equal to the single-sequence output.
+Single-query rows (decoding) go through `decode_attention`: keys padded to a multiple of DECODE_PAD and
+masked. SDPA's CPU kernel (torch 2.13) rounds a masked row the same whatever the batch size, whatever
+the masked padding holds, and whatever the padded length, as long as that length is a multiple of 16
+(an unpadded length that is not a multiple of 16 takes a differently rounded tail; checked in
+tests/test_kernels.py). So a row gets bit-identical results decoded alone or batched with longer
+sequences, which keeps batched greedy output token-for-token equal to the single-sequence output, and
+a batch pads its rows only to its longest history, not to a coarse bucket.
 A few query rows after a history (a speculative verify pass) are computed row by row as decode rows,
 so each gets exactly the result decoding it alone would.
 """
@@ -19,13 +21,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-DECODE_MIN_BUCKET = 32
+DECODE_PAD = 16
 ROWWISE_MAX_ROWS = 16  # up to this many query rows after a history, attend row by row as decode rows
 
 
 def decode_bucket(n: int) -> int:
-    """Padded key length for a single query over n keys (a power of two, at least DECODE_MIN_BUCKET)."""
-    return max(DECODE_MIN_BUCKET, 1 << (n - 1).bit_length())
+    """Padded key length for a single query over n keys: n rounded up to a multiple of DECODE_PAD."""
+    return -(-max(n, 1) // DECODE_PAD) * DECODE_PAD
 
 
 def pad_keys(k: torch.Tensor, size: int) -> torch.Tensor:
@@ -40,9 +42,9 @@ def pad_keys(k: torch.Tensor, size: int) -> torch.Tensor:
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    """One query per sequence: q [B, H, D]; k, v [B, KV, P, D] with P = decode_bucket of every row's
-    length; lengths [B] valid keys per row (the rest is masked, whatever it holds, but must be finite).
-    Returns [B, H, D]."""
+    """One query per sequence: q [B, H, D]; k, v [B, KV, P, D] with P >= decode_bucket of every row's
+    length (a multiple of DECODE_PAD); lengths [B] valid keys per row (the rest is masked, whatever it
+    holds, but must be finite). Returns [B, H, D]."""
     p = k.shape[-2]
     mask = (torch.arange(p, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
     gqa = q.shape[1] != k.shape[1]

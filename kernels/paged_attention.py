@@ -7,9 +7,11 @@ every sequence, the slot each new K/V row is written to, and the slots each sequ
 Three paths with one contract (queries of a sequence sit at the last `q_len` of its `ctx_len` positions,
 causal):
 - `paged_attention_reference`: gather, explicit float32 softmax; what tests compare to.
-- `paged_attention`: the CPU path. Decoding rows are grouped by the padded bucket of their history
-  length, one masked SDPA call per group (bit-identical to decoding each alone, see
-  `kernels.attention`); a prefill chunk gets one SDPA call over its gathered history.
+- `paged_attention`: the CPU path. Decoding rows are grouped by the power of two above their history
+  length; a group gathers its rows' whole blocks, padded to its longest history, for one masked SDPA
+  call (bit-identical to decoding each row alone, see `kernels.attention`; grouping only bounds the
+  padding to under 2x). Masked padding must be finite, so the CPU pool starts zeroed. A prefill
+  chunk gets one SDPA call over its gathered history.
 - `paged_attention_blockwise`: online softmax over block columns of the block table for all sequences at
   once (no gathered copy of the history); the path for CUDA and MPS, written in plain torch ops.
 """
@@ -21,15 +23,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ripelm.kernels.attention import attention, decode_attention, decode_bucket
+from ripelm.kernels.attention import DECODE_PAD, attention, decode_attention
 
 
 @dataclass
 class DecodeGroup:
-    """Single-query sequences whose histories pad to the same bucket: one SDPA call for all of them."""
+    """Single-query sequences of similar history lengths: one SDPA call for all of them."""
 
     rows: torch.Tensor  # [B] query rows in the flattened batch
-    slots: torch.Tensor  # [B, P] flat pool slots of each history, padded with the sequence's first slot
+    # [B, nb] pool block ids of each history, padded to a common width (the padding is masked), or a
+    # slice of consecutive pool blocks for a lone sequence (read in place, no copy)
+    blocks: torch.Tensor | slice
     lengths: torch.Tensor  # [B] keys each row sees
 
 
@@ -40,6 +44,7 @@ class PagedBatch:
     q_lens: list[int]  # query rows per sequence, in the order rows are flattened
     ctx_lens: list[int]  # keys each sequence sees after this forward's writes (its new rows included)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    num_blocks: int | None = None  # pool size, when known: lets a lone decode row read blocks in place
 
     def __post_init__(self) -> None:
         if not (len(self.block_tables) == len(self.q_lens) == len(self.ctx_lens)):
@@ -47,33 +52,46 @@ class PagedBatch:
         bs = self.block_size
         self.q_starts: list[int] = []
         row = 0
-        new_slots: list[torch.Tensor] = []
-        buckets: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
+        new_slots: list[int] = []
+        groups: dict[int, list[tuple[int, list[int], int]]] = {}
         # Sequences with several query rows (prefill chunks): (first row, rows, keys, key slots).
         self.multi: list[tuple[int, int, int, torch.Tensor | slice]] = []
         for table, q, n in zip(self.block_tables, self.q_lens, self.ctx_lens, strict=True):
             if not (1 <= q <= n) or len(table) * bs < n:
                 raise ValueError(f"bad sequence: {q} queries, {n} keys, {len(table)} blocks of {bs}")
             self.q_starts.append(row)
-            slots = _slots(table, n, bs)
-            new_slots.append(slots[n - q :])
+            new_slots.extend(table[p // bs] * bs + p % bs for p in range(n - q, n))
             if q == 1:
-                p = decode_bucket(n)
-                padded = torch.cat([slots, slots[:1].expand(p - n)])
-                buckets.setdefault(p, []).append((row, padded, n))
+                groups.setdefault((n - 1).bit_length(), []).append((row, table, n))
             else:
-                self.multi.append((row, q, n, _as_slice(table, n, bs) or slots.to(self.device)))
+                slots = _as_slice(table, n, bs) or _slots(table, n, bs).to(self.device)
+                self.multi.append((row, q, n, slots))
             row += q
         self.num_rows = row
-        self.slot_mapping = torch.cat(new_slots).to(self.device)
-        self.decode_groups = [
-            DecodeGroup(
-                rows=torch.tensor([r for r, _, _ in members], device=self.device),
-                slots=torch.stack([sl for _, sl, _ in members]).to(self.device),
-                lengths=torch.tensor([n for _, _, n in members], device=self.device),
-            )
-            for _, members in sorted(buckets.items())
-        ]
+        self.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=self.device)
+        self.decode_groups = [self._decode_group(members) for _, members in sorted(groups.items())]
+
+    def _decode_group(self, members: list[tuple[int, list[int], int]]) -> DecodeGroup:
+        """Every member's blocks padded with block 0 to the group's width: the longest history rounded up
+        so that the padded key length is a multiple of DECODE_PAD (the padding only has to be finite)."""
+        bs = self.block_size
+        width = -(-max(n for _, _, n in members) // bs)
+        while (width * bs) % DECODE_PAD:
+            width += 1
+        lengths = torch.tensor([n for _, _, n in members], device=self.device)
+        rows = torch.tensor([r for r, _, _ in members], device=self.device)
+        if len(members) == 1:
+            table, n = members[0][1], members[0][2]
+            used = -(-n // bs)
+            first = table[0]
+            if (
+                self.num_blocks is not None
+                and first + width <= self.num_blocks
+                and all(table[i] == first + i for i in range(used))
+            ):
+                return DecodeGroup(rows, slice(first, first + width), lengths)
+        padded = [t[: -(-n // bs)] + [0] * (width - -(-n // bs)) for _, t, n in members]
+        return DecodeGroup(rows, torch.tensor(padded, dtype=torch.long, device=self.device), lengths)
 
     def tables_tensor(self) -> torch.Tensor:
         """Block tables padded with block 0 to [B, max_blocks] (padding is masked by ctx_lens)."""
@@ -120,17 +138,14 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, H, D] (rows of all sequences, flattened) -> [T, H, D].
 
-    Decoding rows: one padded, masked SDPA call per bucket (see `decode_attention`); rows with several
+    Decoding rows: one padded, masked SDPA call per group (see `decode_attention`); rows with several
     queries: one SDPA call per sequence over its gathered history (a view when its blocks are consecutive).
     """
-    kv, d = k_pool.shape[-2:]
-    k_flat, v_flat = k_pool.view(-1, kv, d), v_pool.view(-1, kv, d)
     if len(batch.decode_groups) == 1 and not batch.multi:
-        g = batch.decode_groups[0]
-        return _decode_group(q, k_flat, v_flat, g)  # rows are already in order
+        return _decode_group(q, k_pool, v_pool, batch.decode_groups[0])  # rows are already in order
     out = torch.empty_like(q)
     for g in batch.decode_groups:
-        out[g.rows] = _decode_group(q[g.rows], k_flat, v_flat, g)
+        out[g.rows] = _decode_group(q[g.rows], k_pool, v_pool, g)
     for start, n_q, n_k, slots in batch.multi:
         k, v = gather_kv(k_pool, v_pool, slots)
         out[start : start + n_q] = attention(q[start : start + n_q], k, v, n_k - n_q)
@@ -138,11 +153,17 @@ def paged_attention(
 
 
 def _decode_group(
-    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, g: DecodeGroup
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, g: DecodeGroup
 ) -> torch.Tensor:
-    k = k_flat[g.slots].permute(0, 2, 1, 3)  # [B, KV, P, D]
-    v = v_flat[g.slots].permute(0, 2, 1, 3)
-    return decode_attention(q, k, v, g.lengths)
+    """Whole blocks are gathered (contiguous 16-row chunks, or a view for consecutive blocks)."""
+    kv, d = k_pool.shape[-2:]
+    if isinstance(g.blocks, slice):
+        k, v = k_pool[g.blocks].reshape(1, -1, kv, d), v_pool[g.blocks].reshape(1, -1, kv, d)
+    else:
+        b = g.blocks.shape[0]
+        k = k_pool.index_select(0, g.blocks.view(-1)).view(b, -1, kv, d)
+        v = v_pool.index_select(0, g.blocks.view(-1)).view(b, -1, kv, d)
+    return decode_attention(q, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), g.lengths)
 
 
 def paged_attention_reference(

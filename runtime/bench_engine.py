@@ -21,6 +21,7 @@ import torch
 
 from ripelm.runtime.bench_worker import prompt_tokens
 from ripelm.runtime.engine import Engine
+from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ripelm.runtime.native import NativeBackend
 from ripelm.runtime.sampling import SamplingParams
 
@@ -46,13 +47,26 @@ def decode_throughput(engine: Engine, prompts: list[list[int]], n_gen: int) -> f
 
 def bench_batch(model: str, batch: int, n_prompt: int, n_gen: int, device: str | None) -> dict:
     b = NativeBackend(model, device=device, n_ctx=n_prompt + n_gen + 16)
-    engine = Engine(b.model, context_length=b.context_length, threaded=False)
+    # A pool that holds every stream at full length (plus a block each for the admission margin): the
+    # default pool (a few context windows) would preempt streams and measure recomputation instead.
+    bs = DEFAULT_BLOCK_SIZE
+    blocks = batch * (-(-(n_prompt + n_gen) // bs) + 2)
+    per_block = PagedKVCache.bytes_per_block(
+        b.model.cfg.n_layers, b.model.cfg.n_kv_heads, b.model.cfg.head_dim, bs, b.model.dtype
+    )
+    engine = Engine(b.model, context_length=b.context_length, kv_memory=blocks * per_block, threaded=False)
     words = prompt_tokens(b.tokenizer, n_prompt + batch)
     prompts = [words[i : i + n_prompt] for i in range(batch)]  # distinct prompts: no prefix sharing
     decode_throughput(engine, prompts[:1], 8)  # warm-up
     one = decode_throughput(engine, [words[batch : batch + n_prompt]], n_gen)
     many = decode_throughput(engine, prompts, n_gen)
-    return {"batch": batch, "one_tok_s": one, "batch_tok_s": many, "device": b.device}
+    return {
+        "batch": batch,
+        "one_tok_s": one,
+        "batch_tok_s": many,
+        "preemptions": engine.counters.preemptions,
+        "device": b.device,
+    }
 
 
 def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:

@@ -10,9 +10,11 @@ The forward only talks to a cache through `attend(layer, q, k, v)`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ripelm.kernels.attention import attention, decode_bucket
@@ -89,10 +91,10 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-        # On the CPU the pool is left unwritten, so the OS maps its pages only as blocks are first used
-        # (resident memory follows use, not the budget); the CPU path never reads a slot it has not written.
-        # The block-wise GPU path multiplies whole blocks by zero weights, so there it must hold no NaNs.
-        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+        # Attention reads whole blocks and masks what a sequence has not written, which only works if the
+        # pool holds no NaNs: it starts zeroed. On the CPU the zeroed pages come from the OS on first touch
+        # (calloc of a large buffer), so resident memory follows use, not the budget.
+        alloc = _lazy_zeros if self.device.type == "cpu" else torch.zeros
         self.k = alloc(shape, dtype=dtype, device=device)
         self.v = alloc(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size, hash_fn)
@@ -128,6 +130,12 @@ class PagedStep:
         if self.blockwise:
             return paged_attention_blockwise(q, kp, vp, self.batch)
         return paged_attention(q, kp, vp, self.batch)
+
+
+def _lazy_zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed CPU tensor whose pages are mapped only when first written (numpy's zeros is a calloc)."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def parse_memory(text: str) -> int:

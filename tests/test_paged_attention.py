@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ripelm.kernels.attention import attention
+from ripelm.kernels.attention import DECODE_PAD, attention, decode_attention, decode_bucket
 from ripelm.kernels.paged_attention import (
     PagedBatch,
     paged_attention,
@@ -108,6 +108,26 @@ def test_decode_rows_match_the_contiguous_cache_bit_for_bit():
         alone = attention(q[i : i + 1], buffer_k, buffer_v, n - 1, length=n)
         assert torch.equal(alone, together[i : i + 1]), i
         assert torch.equal(attention(q[i : i + 1], k, v, n - 1), alone)  # exact-length history too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_ignores_how_far_a_row_is_padded(dtype):
+    """The premise of padding a decode group to its longest row: SDPA's masked result for a row does not
+    change with the padded length (any multiple of DECODE_PAD), the batch, or what the padding holds."""
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 31, 33, 100, 511, 513, 1500, 2100):
+        q = torch.randn(1, 9, 64, generator=g).to(dtype)
+        k = torch.randn(1, 3, n, 64, generator=g).to(dtype)
+        v = torch.randn(1, 3, n, 64, generator=g).to(dtype)
+        results = []
+        for p in {decode_bucket(n), decode_bucket(n) + DECODE_PAD, decode_bucket(n) + 20 * DECODE_PAD, 4096}:
+            pad = torch.randn(1, 3, p - n, 64, generator=g).to(dtype)
+            kp, vp = torch.cat([k, pad], 2), torch.cat([v, pad], 2)
+            other_k = torch.randn(2, 3, p, 64, generator=g).to(dtype)  # batched with two longer rows
+            kb, vb = torch.cat([kp, other_k]), torch.cat([vp, other_k])
+            qb = torch.cat([q, torch.randn(2, 9, 64, generator=g).to(dtype)])
+            results.append(decode_attention(qb, kb, vb, torch.tensor([n, p, p - 5]))[:1])
+        assert all(torch.equal(results[0], r) for r in results[1:]), n
 
 
 def test_bad_batch_is_rejected():
