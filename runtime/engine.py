@@ -1,9 +1,10 @@
 """The engine: one thread runs continuous batching over every live sequence of one model.
 
 Requests are submitted from any thread (`submit`) and stream token ids back through their
-`SequenceStream`s; `Request.cancel()` frees a request's blocks at the next step boundary and sets an
-event when done. The engine owns the paged KV cache and the scheduler; each step it asks the scheduler
-for a plan, runs one forward over the planned tokens, samples, and emits events.
+`SequenceStream`s; `Request.cancel()` frees a request's blocks at the next step boundary (a prefill
+chunk of the cancelled request stops between layers) and sets an event when done. The engine owns
+the paged KV cache and the scheduler; each step it asks the scheduler for a plan, runs one forward
+over the planned tokens, samples, and emits events.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ripelm.kernels.paged_attention import PagedBatch
 from ripelm.runtime.block_allocator import chain_hash
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
-from ripelm.runtime.model import Transformer
+from ripelm.runtime.model import ForwardInterrupted, Transformer
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.scheduler import Scheduler, StepPlan
 from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
@@ -168,17 +169,12 @@ class Engine:
         """Take in new requests and cancellations, then run one forward; False if there was nothing to run."""
         with self._cond:
             inbox, self._inbox = self._inbox, []
-            cancels, self._cancels = self._cancels, []
         for seq in inbox:
             if seq.request.cancel_requested.is_set():
                 self._finish(seq, "cancelled")
             else:
                 self.scheduler.add(seq)
-        for req in cancels:
-            for seq in req.sequences:
-                if seq.status is not SeqStatus.FINISHED:
-                    self._finish(seq, "cancelled")
-            req.cancelled.set()
+        self._take_cancels()
         plan = self.scheduler.schedule()
         for seq, err in self.scheduler.failed:
             self._finish(seq, "error", KVPoolError(str(err)))
@@ -186,6 +182,8 @@ class Engine:
         if plan is not None:
             try:
                 self._run(plan)
+            except ForwardInterrupted:  # its one sequence was cancelled mid-prefill: nothing was committed
+                self._take_cancels()
             except Exception as e:  # a bug, not user input: end the step's sequences, keep serving others
                 traceback.print_exc()
                 for seq in plan.seqs:
@@ -193,6 +191,15 @@ class Engine:
                         self._finish(seq, "error", BackendError(f"generation failed: {e}"))
         self._update_counters()
         return plan is not None
+
+    def _take_cancels(self) -> None:
+        with self._cond:
+            cancels, self._cancels = self._cancels, []
+        for req in cancels:
+            for seq in req.sequences:
+                if seq.status is not SeqStatus.FINISHED:
+                    self._finish(seq, "cancelled")
+            req.cancelled.set()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step on the caller's thread until no work is left (for an engine made with threaded=False)."""
@@ -212,6 +219,7 @@ class Engine:
             plan.counts,
             [p + c for p, c in zip(starts, plan.counts, strict=True)],
             device=dev,
+            num_blocks=self.allocator.num_blocks,
         )
         tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
         if plan.kind == "prefill":
@@ -228,7 +236,10 @@ class Engine:
             dtype=torch.long,
             device=dev,
         )
-        logits = self.model(tokens, positions, self.cache.step(batch), logits_rows=rows)
+        # A prefill chunk (one sequence, up to a few hundred ms) stops between layers once its request is
+        # cancelled, so a cancel is acknowledged within about one layer's time.
+        interrupt = plan.seqs[0].request.cancel_requested.is_set if plan.kind == "prefill" else None
+        logits = self.model(tokens, positions, self.cache.step(batch), logits_rows=rows, interrupt=interrupt)
         for seq, chunk in zip(plan.seqs, new, strict=True):
             self.allocator.commit(seq.table, chunk)
             seq.computed_tokens += len(chunk)

@@ -20,7 +20,8 @@ from ripelm.kernels.rope import apply_rope, rope_cos_sin, rope_frequencies
 from ripelm.models.config import ModelConfig
 
 # Head rows recomputed in float32: every token whose bf16 logit is within REFINE_MARGIN of the best (the
-# packed head's error is well under 0.5), at most REFINE_MAX per position on average.
+# packed head's error is well under 0.5); a position with more than REFINE_MAX such tokens (a flat
+# distribution) gets its top REFINE_MAX // 4 only.
 REFINE_MARGIN = 1.0
 REFINE_MAX = 64
 
@@ -79,6 +80,10 @@ class Block(nn.Module):
         x = x + self.wo(out.reshape(t, self.q_size)).float()
         gate_up = self.w_gate_up(rms_norm(x, self.ffn_norm, self.eps))
         return x + self.w_down(F.silu(gate_up[:, : self.ffn]) * gate_up[:, self.ffn :]).float()
+
+
+class ForwardInterrupted(Exception):
+    """A forward stopped early at its caller's request (a cancelled prefill)."""
 
 
 class RopeTables:
@@ -165,14 +170,19 @@ class Transformer(nn.Module):
         positions: torch.Tensor | int,
         cache: KVCacheLike,
         logits_rows: str | torch.Tensor = "last",
+        interrupt: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """tokens int64 [T]; positions int64 [T] or the int start of consecutive ones.
 
-        Returns float32 logits for the last row, all rows, or the given rows.
+        Returns float32 logits for the last row, all rows, or the given rows. `interrupt` is polled
+        between layers; when it returns True the forward stops with `ForwardInterrupted` (the cache may
+        then hold partly written rows the caller must not use).
         """
         x = self.embed(tokens).float()
         rope = self.rope_tables(positions, tokens.shape[0])
         for layer in self.layers:
+            if interrupt is not None and interrupt():
+                raise ForwardInterrupted
             x = layer(x, rope, cache, self.dtype)
         if isinstance(logits_rows, str):
             if logits_rows == "last":
@@ -192,9 +202,14 @@ class Transformer(nn.Module):
         tie or swap. Redoing the few rows near the top from the file's weights costs microseconds.
         """
         near = logits >= logits.amax(-1, keepdim=True) - REFINE_MARGIN
-        if int(near.sum()) > REFINE_MAX * logits.shape[0]:  # a flat distribution: settle for the top few
-            near = torch.zeros_like(near).scatter_(-1, logits.topk(REFINE_MAX // 4, dim=-1).indices, True)
+        flat = near.sum(-1) > REFINE_MAX  # decided per position, so a row's result never depends on its batch
+        if bool(flat.any()):
+            top = torch.zeros_like(near).scatter_(-1, logits.topk(REFINE_MAX // 4, dim=-1).indices, True)
+            near = torch.where(flat[:, None], top, near)
         t_idx, v_idx = near.nonzero(as_tuple=True)
         rows = self.head_rows(v_idx).to(h.device)  # type: ignore[misc]
-        logits[t_idx, v_idx] = (rows * h[t_idx]).sum(-1)
+        # Dot products in float64: how torch splits the reduction can depend on how many candidates there
+        # are; in float64 that never shows after rounding to float32, so batching cannot flip an argmax.
+        acc = torch.float32 if h.device.type == "mps" else torch.float64  # MPS has no float64
+        logits[t_idx, v_idx] = (rows.to(acc) * h[t_idx].to(acc)).sum(-1).float()
         return logits

@@ -183,6 +183,42 @@ def test_cancel_mid_stream_frees_blocks(bundled):
         engine.close()
 
 
+def test_cancel_stops_a_prefill_between_layers_and_leaves_the_cache_clean(bundled):
+    """A cancel that arrives mid-prefill ends the forward at the next layer, frees the blocks, and the
+    partly written rows do not leak into a later request over the same prompt."""
+    engine = Engine(
+        bundled.model, context_length=2048, kv_memory=64 << 20, prefill_chunk=2048, threaded=False
+    )
+    prompt = prompts_of_mixed_lengths(bundled, [900])[0]
+    layers = bundled.model.layers
+    ran: list[int] = []
+    req = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=8), ignore_eos=True)
+    hooks = []
+    for i, layer in enumerate(layers):
+
+        def note(module, args, i=i):
+            ran.append(i)
+            if i == 5:
+                req.cancel()
+
+        hooks.append(layer.register_forward_pre_hook(note))
+    try:
+        engine.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == list(range(6))  # layer 5 ran (the cancel came during it), layer 6 never started
+    assert req.cancelled.is_set()
+    assert list(req.streams[0]) == [] and req.streams[0].finish.reason == "cancelled"
+    assert engine.counters.prefill_tokens == 0
+    assert engine.allocator.num_used == 0
+    engine.allocator.check()
+    again = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=8), ignore_eos=True)
+    engine.run_until_idle()
+    assert list(again.streams[0]) == single_sequence(bundled, prompt, 8)
+    assert again.streams[0].finish.cached_tokens == 0
+
+
 def test_chat_turns_through_the_engine_backend_reuse_the_prefix(bundled_model_path):
     from ripelm.runtime.backend import prompt_ids, stream
     from ripelm.runtime.engine_backend import EngineBackend
