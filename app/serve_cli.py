@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model at /v1/chat/completions, /v1/completions and /v1/models (streaming "
-        "with server-sent events). Concurrent requests are batched by the native engine. Listens on "
+        "with server-sent events), and an embedding model at /v1/embeddings (with `dimensions`). "
+        "Concurrent requests are batched by the native engine. Listens on "
         "127.0.0.1 unless --host says otherwise.",
         epilog="Example:\n  ripe serve --port 8080\n  curl http://127.0.0.1:8080/v1/models",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,6 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)"
     )
     p.add_argument(
+        "--embedder",
+        default=None,
+        metavar="NAME",
+        help="embedding model for /v1/embeddings: a name (`ripe collections embedders` lists them), a file "
+        "in the store or a .gguf path (default: the bundled all-minilm:l6-v2, loaded on first use)",
+    )
+    p.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
+    p.add_argument(
         "--api-key",
         default=None,
         metavar="KEY",
@@ -62,6 +71,7 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ripelm.commands import _notice
+    from ripelm.embeddings_api import EmbeddingsApi
     from ripelm.models.store import resolve_model
     from ripelm.runtime.engines import open_backend
     from ripelm.runtime.kv_cache import parse_memory
@@ -88,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 port=args.port,
                 api_key=api_key,
                 model_name=args.model or DEFAULT_MODEL_NAME,
+                embeddings=None if args.no_embeddings else EmbeddingsApi(args.embedder),
             )
         except OSError as e:
             raise RipelmError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e

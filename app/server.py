@@ -1,10 +1,11 @@
 """`ripe serve`: an OpenAI-compatible HTTP API over one local engine.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (JSON or server-sent
-events with `"stream": true`). Every request runs in its own thread and becomes a request to the one
-shared engine, so concurrent clients are batched and share the prefix cache. A client that goes away
-mid-stream is noticed at the next write and its request is cancelled (its KV blocks are freed at the
-engine's next step). Loopback by default; `--api-key` requires `Authorization: Bearer KEY`.
+events with `"stream": true`), `POST /v1/embeddings` (with `dimensions`, see `embeddings_api`). Every
+request runs in its own thread and becomes a request to the one shared engine, so concurrent clients
+are batched and share the prefix cache. A client that goes away mid-stream is noticed at the next
+write and its request is cancelled (its KV blocks are freed at the engine's next step). Loopback by
+default; `--api-key` requires `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
 from ripelm.models.errors import RipelmError
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
 from ripelm.runtime.sampling import SamplingParams
@@ -70,20 +72,32 @@ def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingPar
 class Api:
     """The endpoints' logic, independent of the HTTP plumbing."""
 
-    def __init__(self, backend: Backend, model_name: str):
+    def __init__(self, backend: Backend, model_name: str, embeddings: EmbeddingsApi | None = None):
         self.backend = backend
         self.model_name = model_name
+        self.embeddings = embeddings
         self.created = int(time.time())
         # The engine batches concurrent requests; other backends (llama.cpp) take one at a time.
         self.lock = None if hasattr(backend, "engine") else threading.Lock()
 
     def models(self) -> dict:
+        names = [self.model_name] + ([self.embeddings.name] if self.embeddings is not None else [])
         return {
             "object": "list",
             "data": [
-                {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ripelm"}
+                {"id": n, "object": "model", "created": self.created, "owned_by": "ripelm"} for n in names
             ],
         }
+
+    def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.embeddings is None:
+            raise ApiError(404, "this server has no embedding model (start it without --no-embeddings)")
+        try:
+            return self.embeddings.create(body)
+        except EmbeddingsError as e:
+            raise ApiError(400, str(e)) from e
+        except RipelmError as e:  # the embedding model is missing or cannot be loaded
+            raise ApiError(503, f"embeddings are unavailable: {e}", "server_error") from e
 
     def prepare(self, path: str, body: dict[str, Any]) -> tuple[list[int], SamplingParams, bool]:
         if body.get("n", 1) != 1:
@@ -176,7 +190,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 if not self._authorized():
                     raise ApiError(401, "invalid or missing API key", "authentication_error")
                 path = self.path.rstrip("/")
-                if path not in ("/v1/chat/completions", "/v1/completions"):
+                if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
                     raise ApiError(404, f"no endpoint {self.path}", "not_found_error")
                 length = int(self.headers.get("Content-Length") or 0)
                 if length <= 0 or length > MAX_BODY:
@@ -187,6 +201,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                     raise ApiError(400, f"the body is not valid JSON: {e}") from e
                 if not isinstance(body, dict):
                     raise ApiError(400, "the body must be a JSON object")
+                if path == "/v1/embeddings":
+                    return self._send_json(200, api.embed(body))
                 ids, params, streaming = api.prepare(path, body)
             except ApiError as e:
                 return self._error(e)
@@ -270,8 +286,17 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
 class Server:
     """A threading HTTP server around an `Api`; `start()` serves on a background thread (tests, embedding)."""
 
-    def __init__(self, backend: Backend, *, host: str, port: int, api_key: str | None, model_name: str):
-        self.api = Api(backend, model_name)
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        host: str,
+        port: int,
+        api_key: str | None,
+        model_name: str,
+        embeddings: EmbeddingsApi | None = None,
+    ):
+        self.api = Api(backend, model_name, embeddings)
         self.httpd = ThreadingHTTPServer((host, port), make_handler(self.api, api_key))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -287,3 +312,5 @@ class Server:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        if self.api.embeddings is not None:
+            self.api.embeddings.close()

@@ -175,6 +175,14 @@ class Embedder:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids of this model's vocabulary back to text (ValueError for ids outside it)."""
+        m = self._models[0]
+        bad = [t for t in ids if not 0 <= t < m.n_vocab()]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {m.n_vocab()}")
+        return m.detokenize(ids).decode("utf-8", "replace")
+
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed([text], query=True)[0]
 
