@@ -75,7 +75,8 @@ def test_forward_migration_keeps_data(tmp_path):
         "INSERT INTO chats (title, params, created, updated) VALUES ('old chat', '{}', 1.0, 1.0)"
     )
     db.execute(
-        "INSERT INTO messages (chat_id, role, content, state, created) VALUES (1, 'user', 'hello', 'done', 1.0)"
+        "INSERT INTO messages (chat_id, role, content, state, created) "
+        "VALUES (1, 'user', 'hello', 'done', 1.0)"
     )
     db.conn.commit()
     db.close()
