@@ -1,0 +1,429 @@
+"""The `ripe chat` app: chats in a sidebar, the conversation streaming as Markdown, a prompt, a status bar.
+
+Engine work never runs on the UI's event loop: a reply is generated in a thread worker that posts
+`ReplyDelta`/`ReplyDone` messages, and the UI thread renders them and checkpoints the reply into the
+chat store (all database access happens on the UI thread). Esc cancels the engine request directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Input
+
+from ripelm.chat_export import chat_markdown, code_blocks, export_filename
+from ripelm.chat_store import Chat, ChatStore
+from ripelm.chat_store.records import CANCELLED
+from ripelm.chat_turns import ReplyRecorder, build_prompt, history, sampling_for
+from ripelm.generation import Generation
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.tui.backends import BackendPool
+from ripelm.tui.chat_list import ChatList
+from ripelm.tui.dialogs import Picker, TextPrompt
+from ripelm.tui.message_view import MessageView
+from ripelm.tui.messages import ReplyDelta, ReplyDone
+from ripelm.tui.status_bar import StatusBar
+
+DEFAULT_TITLE = "New chat"
+
+
+@dataclass
+class ActiveReply:
+    """The reply being generated: its chat, its generation, where it is stored and shown."""
+
+    id: int
+    chat_id: int
+    generation: Generation | None
+    recorder: ReplyRecorder
+    view: MessageView | None
+    cancel_pressed: float | None = None
+
+
+class RipeApp(App[None]):
+    CSS_PATH = "ripe.tcss"
+    TITLE = "ripe chat"
+    BINDINGS = [
+        Binding("escape", "cancel", "Stop reply", id="cancel"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
+        Binding("f3", "edit_last", "Edit last", id="edit_last"),
+        Binding("ctrl+o", "pick_model", "Model", id="pick_model"),
+        Binding("f2", "rename_chat", "Rename", id="rename_chat"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply"),
+        Binding("f4", "copy_code", "Copy code", id="copy_code"),
+        Binding("ctrl+s", "export_chat", "Export", id="export_chat"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
+        Binding("f6", "search_chats", "Search", id="search_chats"),
+    ]
+
+    def __init__(
+        self,
+        store: ChatStore,
+        pool: BackendPool,
+        defaults: SamplingParams,
+        *,
+        system: str | None = None,
+        model_choices: list[tuple[str, str]] | None = None,
+        keymap: dict[str, str] | None = None,
+        export_dir: Path | None = None,
+    ):
+        super().__init__()
+        self.store = store
+        self.pool = pool
+        self.defaults = defaults
+        self.system = system
+        self.model_choices = model_choices or []
+        self.export_dir = export_dir or Path.cwd()
+        self._keymap_config = keymap or {}
+        self.chat: Chat | None = None
+        self.reply: ActiveReply | None = None
+        self._reply_ids = 0
+        self.cancel_latencies_s: list[float] = []  # key press to the engine's acknowledgement, per cancel
+        self.trim_notices = 0
+
+    # ---- layout -----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            yield ChatList()
+            with Vertical(id="main"):
+                yield VerticalScroll(id="conversation")
+                yield Input(
+                    placeholder="Message (Enter to send, Esc to stop, Ctrl+P for commands)", id="prompt"
+                )
+        yield StatusBar()
+
+    async def on_mount(self) -> None:
+        if self._keymap_config:
+            self.set_keymap(self._keymap_config)
+        chats = self.store.chats()
+        chat = chats[0] if chats else self.store.new_chat(DEFAULT_TITLE, system=self.system)
+        await self.open_chat(chat.id)
+        self._show_backend()
+        self.query_one("#prompt", Input).focus()
+
+    def _show_backend(self) -> None:
+        b = self.pool.current()
+        bar = self.query_one(StatusBar)
+        if b is None:
+            bar.show(model=self.pool.model or "default", engine="loading…", device="")
+            return
+        kv = self._kv()
+        bar.show(
+            model=self.pool.model or "default",
+            engine=b.name,
+            device=str(b.device),
+            ctx_limit=b.context_length,
+            kv_used=kv[0] if kv else None,
+            kv_total=kv[1] if kv else None,
+        )
+
+    def _kv(self) -> tuple[int, int] | None:
+        engine = getattr(self.pool.current(), "engine", None)
+        if engine is None or not hasattr(engine, "snapshot"):
+            return None
+        snap = engine.snapshot()
+        return snap.used_blocks, snap.total_blocks
+
+    # ---- chats ------------------------------------------------------------------------------------
+    def refresh_chat_list(self) -> None:
+        chat_list = self.query_one(ChatList)
+        self.run_worker(
+            chat_list.show(self.store.chats(chat_list.search), self.chat.id if self.chat else None)
+        )
+
+    async def open_chat(self, chat_id: int) -> None:
+        if self.reply is not None and self.reply.view is not None:
+            await self.reply.view.end_stream()
+            self.reply.view = None
+        self.chat = self.store.chat(chat_id)
+        conv = self.query_one("#conversation", VerticalScroll)
+        await conv.remove_children()
+        views = [
+            MessageView(m.role, m.content, state=m.state, message_id=m.id)
+            for m in self.store.messages(chat_id)
+        ]
+        if self.reply is not None and self.reply.chat_id == chat_id and views:
+            # the reply still streaming here: show what it has so far and keep streaming into it
+            views[-1] = MessageView("assistant", self.reply.recorder.content, state="streaming")
+            self.reply.view = views[-1]
+        await conv.mount_all(views)
+        conv.scroll_end(animate=False)
+        self.sub_title = self.chat.title
+        await self.query_one(ChatList).show(self.store.chats(self.query_one(ChatList).search), chat_id)
+
+    async def on_chat_list_selected(self, event: ChatList.Selected) -> None:
+        await self.open_chat(event.chat_id)
+        self.query_one("#prompt", Input).focus()
+
+    async def action_new_chat(self) -> None:
+        chat = self.store.new_chat(
+            DEFAULT_TITLE, system=self.system, model=self.chat.model if self.chat else None
+        )
+        await self.open_chat(chat.id)
+        self.query_one("#prompt", Input).focus()
+
+    def action_rename_chat(self) -> None:
+        if self.chat is None:
+            return
+        chat_id = self.chat.id
+
+        async def done(title: str | None) -> None:
+            if title and title.strip():
+                self.store.rename_chat(chat_id, title)
+                await self.open_chat(chat_id)
+
+        self.push_screen(TextPrompt("Rename chat", self.chat.title), done)
+
+    async def action_delete_chat(self) -> None:
+        if self.chat is None or (self.reply is not None and self.reply.chat_id == self.chat.id):
+            self.notify("stop the reply first (Esc)", severity="warning")
+            return
+        self.store.delete_chat(self.chat.id)
+        chats = self.store.chats()
+        await self.open_chat(
+            chats[0].id if chats else self.store.new_chat(DEFAULT_TITLE, system=self.system).id
+        )
+
+    def action_toggle_sidebar(self) -> None:
+        self.query_one(ChatList).toggle_class("hidden")
+
+    def action_search_chats(self) -> None:
+        chat_list = self.query_one(ChatList)
+        chat_list.remove_class("hidden")
+        chat_list.query_one("#chat-search", Input).focus()
+
+    def action_pick_model(self) -> None:
+        if self.chat is None or not self.model_choices:
+            return
+        chat_id = self.chat.id
+
+        async def done(model: str | None) -> None:
+            if model:
+                self.store.update_chat(chat_id, model=model)
+                self.chat = self.store.chat(chat_id)
+                self.notify(f"this chat now uses {model}")
+
+        self.push_screen(Picker("Model for this chat", self.model_choices), done)
+
+    # ---- sending and streaming ----------------------------------------------------------------------
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "prompt":
+            return
+        text = event.value.strip()
+        if not text or self.chat is None:
+            return
+        if self.reply is not None:
+            self.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
+        event.input.value = ""
+        if self.chat.title == DEFAULT_TITLE:
+            self.store.rename_chat(self.chat.id, text[:40])
+            self.chat = self.store.chat(self.chat.id)
+            self.refresh_chat_list()
+        msg = self.store.add_message(self.chat.id, "user", text)
+        await self.query_one("#conversation").mount(MessageView("user", text, message_id=msg.id))
+        await self.start_reply()
+
+    async def start_reply(self) -> None:
+        """Generate the next assistant message of the current chat from its stored history."""
+        assert self.chat is not None
+        chat = self.chat
+        params = sampling_for(chat, self.defaults)
+        turns = history(chat, self.store.messages(chat.id))
+        self._reply_ids += 1
+        view = MessageView("assistant", "", state="streaming")
+        self.reply = ActiveReply(
+            self._reply_ids, chat.id, None, ReplyRecorder.start(self.store, chat.id), view
+        )
+        conv = self.query_one("#conversation", VerticalScroll)
+        await conv.mount(view)
+        conv.scroll_end(animate=False)
+        self._generate(self.reply, chat.model, turns, params)
+
+    @work(thread=True, exclusive=False, group="generation")
+    def _generate(
+        self, reply: ActiveReply, model: str | None, turns: list[dict[str, str]], params: SamplingParams
+    ) -> None:
+        try:
+            if self.pool.current() is None or model != self.pool.model:
+                self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
+            backend = self.pool.get(model)
+            prompt = build_prompt(backend, turns, params)
+            if prompt.fitted.dropped:
+                self.call_from_thread(self._trimmed, prompt.fitted.dropped)
+            gen = Generation(backend, prompt.ids, params)
+            reply.generation = gen
+            if reply.cancel_pressed is not None:
+                gen.cancel()
+            first: float | None = None
+            tokens = 0
+            for ev in gen.events():
+                if ev.done:
+                    if ev.text:
+                        self.post_message(ReplyDelta(reply.id, ev.text, tokens, 0.0))
+                    self.post_message(ReplyDone(reply.id, ev.stats))
+                    return
+                now = time.perf_counter()
+                first = first if first is not None else now
+                tokens += 1
+                self.post_message(ReplyDelta(reply.id, ev.text, tokens, now - first))
+        except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
+            self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
+
+    def _trimmed(self, dropped: int) -> None:
+        self.trim_notices += 1
+        self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
+        self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
+
+    async def on_reply_delta(self, event: ReplyDelta) -> None:
+        reply = self.reply
+        if reply is None or reply.id != event.generation_id:
+            return
+        reply.recorder.feed(event.text)
+        if reply.view is not None:
+            await reply.view.append(event.text)
+            self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+        if event.tokens > 1 and event.elapsed_s > 0:
+            self.query_one(StatusBar).show(tok_s=(event.tokens - 1) / event.elapsed_s)
+
+    async def on_reply_done(self, event: ReplyDone) -> None:
+        reply = self.reply
+        if reply is None or reply.id != event.generation_id:
+            return
+        self.reply = None
+        state = reply.recorder.finish(event.stats, error=event.error is not None)
+        if reply.view is not None:
+            await reply.view.end_stream()
+            reply.view.message_id = reply.recorder.message.id
+            reply.view.set_state(state)
+        if event.error:
+            self.notify(event.error, title="generation failed", severity="error")
+        s = event.stats
+        if s is not None:
+            kv = self._kv()
+            self.query_one(StatusBar).show(
+                tok_s=s.decode_tok_s or None,
+                ttft_ms=s.ttft_s * 1000,
+                acceptance=s.acceptance_rate if s.drafted else None,
+                ctx_used=s.prompt_tokens + s.generated_tokens,
+                kv_used=kv[0] if kv else None,
+                kv_total=kv[1] if kv else None,
+            )
+        self._show_backend()
+
+    def action_cancel(self) -> None:
+        reply = self.reply
+        if reply is None or reply.cancel_pressed is not None:
+            return
+        pressed = time.perf_counter()
+        reply.cancel_pressed = pressed
+        if reply.generation is None:
+            return  # still loading the model: the worker cancels as soon as the generation exists
+        ack = reply.generation.cancel()
+
+        def wait_ack() -> None:
+            if ack.wait(10.0):
+                latency = time.perf_counter() - pressed
+                self.cancel_latencies_s.append(latency)
+                self.call_from_thread(
+                    self.query_one(StatusBar).show, notice=f"stopped in {latency * 1000:.0f} ms"
+                )
+
+        threading.Thread(target=wait_ack, name="ripelm-cancel-ack", daemon=True).start()
+
+    async def action_regenerate(self) -> None:
+        """Replace the last reply with a new one from the same prompt (its K/V come from the prefix cache)."""
+        if self.chat is None or self.reply is not None:
+            return
+        msgs = self.store.messages(self.chat.id)
+        if not msgs or msgs[-1].role != "assistant":
+            return
+        self.store.delete_messages_from(self.chat.id, msgs[-1].id)
+        views = list(self.query(MessageView))
+        if views and views[-1].message_id == msgs[-1].id:
+            await views[-1].remove()
+        await self.start_reply()
+
+    def action_edit_last(self) -> None:
+        """Edit the last message you sent and send it again (what followed it is replaced)."""
+        if self.chat is None or self.reply is not None:
+            return
+        users = [m for m in self.store.messages(self.chat.id) if m.role == "user"]
+        if not users:
+            return
+        last, chat_id = users[-1], self.chat.id
+
+        async def done(text: str | None) -> None:
+            if text and text.strip():
+                self.store.delete_messages_from(chat_id, last.id)
+                msg = self.store.add_message(chat_id, "user", text.strip())
+                await self.open_chat(chat_id)
+                assert msg.id
+                await self.start_reply()
+
+        self.push_screen(TextPrompt("Edit and resend", last.content), done)
+
+    # ---- copy, export, palette ----------------------------------------------------------------------
+    def _last_reply(self) -> str | None:
+        if self.chat is None:
+            return None
+        replies = [m for m in self.store.messages(self.chat.id) if m.role == "assistant" and m.content]
+        return replies[-1].content if replies else None
+
+    def action_copy_reply(self) -> None:
+        text = self._last_reply()
+        if text:
+            self.copy_to_clipboard(text)  # OSC 52: works over SSH in terminals that allow it
+            self.notify("copied the last reply")
+
+    def action_copy_code(self) -> None:
+        blocks = code_blocks(self._last_reply() or "")
+        if blocks:
+            self.copy_to_clipboard(blocks[-1])
+            self.notify("copied the last code block")
+        else:
+            self.notify("the last reply has no code block", severity="warning")
+
+    def action_export_chat(self) -> Path | None:
+        if self.chat is None:
+            return None
+        path = self.export_dir / export_filename(self.chat)
+        path.write_text(chat_markdown(self.chat, self.store.messages(self.chat.id)), encoding="utf-8")
+        self.notify(f"exported to {path}")
+        return path
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("New chat", "Start a new chat", self.action_new_chat)
+        yield SystemCommand("Rename chat", "Give this chat a new title", self.action_rename_chat)
+        yield SystemCommand("Delete chat", "Delete this chat and its messages", self.action_delete_chat)
+        yield SystemCommand("Search chats", "Find a chat by title", self.action_search_chats)
+        yield SystemCommand("Regenerate", "Replace the last reply with a new one", self.action_regenerate)
+        yield SystemCommand(
+            "Edit and resend", "Edit your last message and send it again", self.action_edit_last
+        )
+        yield SystemCommand("Stop reply", "Stop the reply that is streaming", self.action_cancel)
+        yield SystemCommand("Pick model", "Choose the model for this chat", self.action_pick_model)
+        yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply)
+        yield SystemCommand("Copy code", "Copy the last code block of the last reply", self.action_copy_code)
+        yield SystemCommand("Export chat", "Save this chat as a Markdown file", self.action_export_chat)
+        yield SystemCommand("Toggle sidebar", "Show or hide the list of chats", self.action_toggle_sidebar)
+
+    def on_unmount(self) -> None:
+        """Quitting mid-reply stops the engine and keeps the text so far, as a stopped reply."""
+        reply, self.reply = self.reply, None
+        if reply is not None:
+            if reply.generation is not None:
+                reply.generation.cancel()
+            reply.recorder.store.save_reply(
+                reply.recorder.message.id, reply.recorder.content, state=CANCELLED
+            )
