@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-async def wait_until(pilot: Any, predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+async def wait_until(
+    pilot: Any, predicate: Callable[[], bool], timeout: float = 60.0, what: str = ""
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

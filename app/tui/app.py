@@ -86,8 +86,9 @@ class RipeApp(App[None]):
         self._keymap_config = keymap or {}
         self.chat: Chat | None = None
         self.reply: ActiveReply | None = None
-        self._reply_ids = 0
-        self.cancel_latencies_s: list[float] = []  # key press to the engine's acknowledgement, per cancel
+        self.replies_started = 0
+        self.cancel_latencies_s: list[float] = []  # Esc handled to the engine's acknowledgement, per cancel
+        self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
         self.trim_notices = 0
 
     # ---- layout -----------------------------------------------------------------------------------
@@ -239,10 +240,10 @@ class RipeApp(App[None]):
         chat = self.chat
         params = sampling_for(chat, self.defaults)
         turns = history(chat, self.store.messages(chat.id))
-        self._reply_ids += 1
+        self.replies_started += 1
         view = MessageView("assistant", "", state="streaming")
         self.reply = ActiveReply(
-            self._reply_ids, chat.id, None, ReplyRecorder.start(self.store, chat.id), view
+            self.replies_started, chat.id, None, ReplyRecorder.start(self.store, chat.id), view
         )
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.mount(view)
@@ -332,7 +333,9 @@ class RipeApp(App[None]):
 
         def wait_ack() -> None:
             if ack.wait(10.0):
-                latency = time.perf_counter() - pressed
+                now = time.perf_counter()
+                latency = now - pressed
+                self.cancel_acks.append(now)
                 self.cancel_latencies_s.append(latency)
                 self.call_from_thread(
                     self.query_one(StatusBar).show, notice=f"stopped in {latency * 1000:.0f} ms"
