@@ -44,7 +44,7 @@ def run_app(args: argparse.Namespace) -> int:
     from ripelm.chat_store import ChatStore
     from ripelm.commands import open_from_args, sampling_from_args
     from ripelm.config import load_config
-    from ripelm.models.store import list_models
+    from ripelm.models.store import BUNDLED_NAME, list_models
     from ripelm.runtime.errors import BackendError
     from ripelm.tui.app import RipeApp
     from ripelm.tui.backends import BackendPool
@@ -63,7 +63,15 @@ def run_app(args: argparse.Namespace) -> int:
     pool.get(None)  # open the default model before the screen takes over, so a bad flag is one error line
     choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
     try:
-        app = RipeApp(store, pool, defaults, system=args.system, model_choices=choices, keymap=cfg.keys)
+        app = RipeApp(
+            store,
+            pool,
+            defaults,
+            system=args.system,
+            model_choices=choices,
+            keymap=cfg.keys,
+            default_model=args.model or cfg.model or BUNDLED_NAME,
+        )
         app.run()
     finally:
         pool.close()

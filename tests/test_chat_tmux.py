@@ -47,7 +47,7 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     cmd = f"env RIPELM_HOME={tmp_path} TERM=xterm-256color {RIPE} chat --temp 0 -n 300 --ctx 2048"
     tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
     try:
-        poll(lambda: "Message (Enter to send" in screen(session), 60, "the app to start")
+        poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
         pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
         tmux("send-keys", "-t", session, "What is the capital of France?", "Enter")
         # the answer streams onto the screen: it grows, then the reply ends (the label loses "streaming")

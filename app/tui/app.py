@@ -51,6 +51,7 @@ class ActiveReply:
 class RipeApp(App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
+    AUTO_FOCUS = "#prompt"
     BINDINGS = [
         Binding("escape", "cancel", "Stop reply", id="cancel"),
         Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
@@ -75,6 +76,7 @@ class RipeApp(App[None]):
         model_choices: list[tuple[str, str]] | None = None,
         keymap: dict[str, str] | None = None,
         export_dir: Path | None = None,
+        default_model: str = "default",
     ):
         super().__init__()
         self.store = store
@@ -83,6 +85,7 @@ class RipeApp(App[None]):
         self.system = system
         self.model_choices = model_choices or []
         self.export_dir = export_dir or Path.cwd()
+        self.default_model = default_model  # what the status bar calls the model of a chat that names none
         self._keymap_config = keymap or {}
         self.chat: Chat | None = None
         self.reply: ActiveReply | None = None
@@ -97,9 +100,7 @@ class RipeApp(App[None]):
             yield ChatList()
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
-                yield Input(
-                    placeholder="Message (Enter to send, Esc to stop, Ctrl+P for commands)", id="prompt"
-                )
+                yield Input(placeholder="Message · Enter sends · Esc stops · Ctrl+P commands", id="prompt")
         yield StatusBar()
 
     async def on_mount(self) -> None:
@@ -115,11 +116,11 @@ class RipeApp(App[None]):
         b = self.pool.current()
         bar = self.query_one(StatusBar)
         if b is None:
-            bar.show(model=self.pool.model or "default", engine="loading…", device="")
+            bar.show(model=self.pool.model or self.default_model, engine="loading…", device="")
             return
         kv = self._kv()
         bar.show(
-            model=self.pool.model or "default",
+            model=self.pool.model or self.default_model,
             engine=b.name,
             device=str(b.device),
             ctx_limit=b.context_length,
