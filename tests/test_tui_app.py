@@ -201,7 +201,7 @@ def test_edit_resend_trim_copy_export_and_palette(backend, db_path, tmp_path):
             assert edit.value == "first try"
             edit.value = "second try"
             await pilot.press("enter")
-            await wait_until(pilot, lambda: idle(app) and len(app.store.messages(chat)) == 2, what="resend")
+            await wait_until(pilot, lambda: app.replies_started == 2 and idle(app), what="resend")
             msgs = app.store.messages(chat)
             assert [m.content for m in msgs][0] == "second try" and msgs[1].role == "assistant"
             assert app.replies_started == 2

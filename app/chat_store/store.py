@@ -187,6 +187,10 @@ class ChatStore:
                 [content, state, json.dumps(stats) if stats is not None else None, message_id],
             )
 
+    def set_sources(self, message_id: int, sources: list[dict[str, Any]]) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE messages SET sources = ? WHERE id = ?", [json.dumps(sources), message_id])
+
     def edit_message(self, message_id: int, content: str) -> None:
         with self.db.atomic():
             self.db.execute("UPDATE messages SET content = ? WHERE id = ?", [content, message_id])

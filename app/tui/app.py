@@ -9,31 +9,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from textual import work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Input
 
-from ripelm.chat_export import chat_markdown, code_blocks, export_filename
+from ripelm.chat_docs import retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
 from ripelm.chat_turns import ReplyRecorder, build_prompt, history, sampling_for
+from ripelm.doc_qa import CitationFilter
 from ripelm.generation import Generation
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.backends import BackendPool
+from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
-from ripelm.tui.dialogs import Picker, TextPrompt
+from ripelm.tui.dialogs import TextPrompt
 from ripelm.tui.message_view import MessageView
-from ripelm.tui.messages import ReplyDelta, ReplyDone
+from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
 from ripelm.tui.status_bar import StatusBar
-
-DEFAULT_TITLE = "New chat"
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ActiveReply:
     cancel_pressed: float | None = None
 
 
-class RipeApp(App[None]):
+class RipeApp(ChatActions, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -144,20 +142,23 @@ class RipeApp(App[None]):
 
     async def open_chat(self, chat_id: int) -> None:
         if self.reply is not None and self.reply.view is not None:
-            await self.reply.view.end_stream()
-            self.reply.view = None
+            leaving, self.reply.view = self.reply.view, None  # deltas from now on only go to the store
+            await leaving.end_stream()
         self.chat = self.store.chat(chat_id)
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
         views = [
-            MessageView(m.role, m.content, state=m.state, message_id=m.id)
+            MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources)
             for m in self.store.messages(chat_id)
         ]
-        if self.reply is not None and self.reply.chat_id == chat_id and views:
-            # the reply still streaming here: show what it has so far and keep streaming into it
+        streaming = self.reply is not None and self.reply.chat_id == chat_id and bool(views)
+        if streaming:  # the reply still streaming here: show what it has so far, then keep streaming into it
             views[-1] = MessageView("assistant", self.reply.recorder.content, state="streaming")
-            self.reply.view = views[-1]
         await conv.mount_all(views)
+        if streaming and self.reply is not None and self.reply.chat_id == chat_id:
+            view = views[-1]
+            await view.append(self.reply.recorder.content[len(view.content) :])  # what came while mounting
+            self.reply.view = view
         conv.scroll_end(animate=False)
         self.sub_title = self.chat.title
         await self.query_one(ChatList).show(self.store.chats(self.query_one(ChatList).search), chat_id)
@@ -172,49 +173,6 @@ class RipeApp(App[None]):
         )
         await self.open_chat(chat.id)
         self.query_one("#prompt", Input).focus()
-
-    def action_rename_chat(self) -> None:
-        if self.chat is None:
-            return
-        chat_id = self.chat.id
-
-        async def done(title: str | None) -> None:
-            if title and title.strip():
-                self.store.rename_chat(chat_id, title)
-                await self.open_chat(chat_id)
-
-        self.push_screen(TextPrompt("Rename chat", self.chat.title), done)
-
-    async def action_delete_chat(self) -> None:
-        if self.chat is None or (self.reply is not None and self.reply.chat_id == self.chat.id):
-            self.notify("stop the reply first (Esc)", severity="warning")
-            return
-        self.store.delete_chat(self.chat.id)
-        chats = self.store.chats()
-        await self.open_chat(
-            chats[0].id if chats else self.store.new_chat(DEFAULT_TITLE, system=self.system).id
-        )
-
-    def action_toggle_sidebar(self) -> None:
-        self.query_one(ChatList).toggle_class("hidden")
-
-    def action_search_chats(self) -> None:
-        chat_list = self.query_one(ChatList)
-        chat_list.remove_class("hidden")
-        chat_list.query_one("#chat-search", Input).focus()
-
-    def action_pick_model(self) -> None:
-        if self.chat is None or not self.model_choices:
-            return
-        chat_id = self.chat.id
-
-        async def done(model: str | None) -> None:
-            if model:
-                self.store.update_chat(chat_id, model=model)
-                self.chat = self.store.chat(chat_id)
-                self.notify(f"this chat now uses {model}")
-
-        self.push_screen(Picker("Model for this chat", self.model_choices), done)
 
     # ---- sending and streaming ----------------------------------------------------------------------
     async def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -249,13 +207,25 @@ class RipeApp(App[None]):
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.mount(view)
         conv.scroll_end(animate=False)
-        self._generate(self.reply, chat.model, turns, params)
+        self._generate(self.reply, chat.model, chat.collection, turns, params)
 
     @work(thread=True, exclusive=False, group="generation")
     def _generate(
-        self, reply: ActiveReply, model: str | None, turns: list[dict[str, str]], params: SamplingParams
+        self,
+        reply: ActiveReply,
+        model: str | None,
+        collection: str | None,
+        turns: list[dict[str, str]],
+        params: SamplingParams,
     ) -> None:
+        citations: CitationFilter | None = None
         try:
+            if collection:
+                sources = retrieve(collection, turns[-1]["content"])
+                if sources:
+                    turns = with_sources(turns, sources)
+                    citations = CitationFilter({s.number for s in sources})
+                    self.post_message(ReplySources(reply.id, source_records(sources)))
             if self.pool.current() is None or model != self.pool.model:
                 self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
             backend = self.pool.get(model)
@@ -269,15 +239,18 @@ class RipeApp(App[None]):
             first: float | None = None
             tokens = 0
             for ev in gen.events():
+                text = ev.text
+                if citations is not None:  # only citations that name a retrieved source get through
+                    text = citations.feed(text) + (citations.flush() if ev.done else "")
                 if ev.done:
-                    if ev.text:
-                        self.post_message(ReplyDelta(reply.id, ev.text, tokens, 0.0))
+                    if text:
+                        self.post_message(ReplyDelta(reply.id, text, tokens, 0.0))
                     self.post_message(ReplyDone(reply.id, ev.stats))
                     return
                 now = time.perf_counter()
                 first = first if first is not None else now
                 tokens += 1
-                self.post_message(ReplyDelta(reply.id, ev.text, tokens, now - first))
+                self.post_message(ReplyDelta(reply.id, text, tokens, now - first))
         except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
             self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
 
@@ -297,6 +270,14 @@ class RipeApp(App[None]):
         if event.tokens > 1 and event.elapsed_s > 0:
             self.query_one(StatusBar).show(tok_s=(event.tokens - 1) / event.elapsed_s)
 
+    def on_reply_sources(self, event: ReplySources) -> None:
+        reply = self.reply
+        if reply is None or reply.id != event.generation_id:
+            return
+        self.store.set_sources(reply.recorder.message.id, event.sources)
+        if reply.view is not None:
+            reply.view.sources = event.sources
+
     async def on_reply_done(self, event: ReplyDone) -> None:
         reply = self.reply
         if reply is None or reply.id != event.generation_id:
@@ -307,6 +288,7 @@ class RipeApp(App[None]):
             await reply.view.end_stream()
             reply.view.message_id = reply.recorder.message.id
             reply.view.set_state(state)
+            await reply.view.show_sources()
         if event.error:
             self.notify(event.error, title="generation failed", severity="error")
         s = event.stats
@@ -375,52 +357,6 @@ class RipeApp(App[None]):
                 await self.start_reply()
 
         self.push_screen(TextPrompt("Edit and resend", last.content), done)
-
-    # ---- copy, export, palette ----------------------------------------------------------------------
-    def _last_reply(self) -> str | None:
-        if self.chat is None:
-            return None
-        replies = [m for m in self.store.messages(self.chat.id) if m.role == "assistant" and m.content]
-        return replies[-1].content if replies else None
-
-    def action_copy_reply(self) -> None:
-        text = self._last_reply()
-        if text:
-            self.copy_to_clipboard(text)  # OSC 52: works over SSH in terminals that allow it
-            self.notify("copied the last reply")
-
-    def action_copy_code(self) -> None:
-        blocks = code_blocks(self._last_reply() or "")
-        if blocks:
-            self.copy_to_clipboard(blocks[-1])
-            self.notify("copied the last code block")
-        else:
-            self.notify("the last reply has no code block", severity="warning")
-
-    def action_export_chat(self) -> Path | None:
-        if self.chat is None:
-            return None
-        path = self.export_dir / export_filename(self.chat)
-        path.write_text(chat_markdown(self.chat, self.store.messages(self.chat.id)), encoding="utf-8")
-        self.notify(f"exported to {path}")
-        return path
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        yield SystemCommand("New chat", "Start a new chat", self.action_new_chat)
-        yield SystemCommand("Rename chat", "Give this chat a new title", self.action_rename_chat)
-        yield SystemCommand("Delete chat", "Delete this chat and its messages", self.action_delete_chat)
-        yield SystemCommand("Search chats", "Find a chat by title", self.action_search_chats)
-        yield SystemCommand("Regenerate", "Replace the last reply with a new one", self.action_regenerate)
-        yield SystemCommand(
-            "Edit and resend", "Edit your last message and send it again", self.action_edit_last
-        )
-        yield SystemCommand("Stop reply", "Stop the reply that is streaming", self.action_cancel)
-        yield SystemCommand("Pick model", "Choose the model for this chat", self.action_pick_model)
-        yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply)
-        yield SystemCommand("Copy code", "Copy the last code block of the last reply", self.action_copy_code)
-        yield SystemCommand("Export chat", "Save this chat as a Markdown file", self.action_export_chat)
-        yield SystemCommand("Toggle sidebar", "Show or hide the list of chats", self.action_toggle_sidebar)
 
     def on_unmount(self) -> None:
         """Quitting mid-reply stops the engine and keeps the text so far, as a stopped reply."""

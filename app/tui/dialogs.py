@@ -1,17 +1,18 @@
 """Modal dialogs: a one-line text prompt (rename, edit) and a picker over a list of choices (models,
-collections)."""
+collections), and a cited passage."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, OptionList
+from textual.widgets import Input, Label, Markdown, OptionList
 from textual.widgets.option_list import Option
 
 
 class TextPrompt(ModalScreen[str | None]):
+    AUTO_FOCUS = "#dialog-input"  # the app's own AUTO_FOCUS names its prompt, which a dialog lacks
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
 
     def __init__(self, title: str, value: str = ""):
@@ -35,6 +36,7 @@ class TextPrompt(ModalScreen[str | None]):
 class Picker(ModalScreen[str | None]):
     """Choose one of `choices` (value, label); Enter picks, Esc cancels."""
 
+    AUTO_FOCUS = "#picker"
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
 
     def __init__(self, title: str, choices: list[tuple[str, str]]):
@@ -53,3 +55,19 @@ class Picker(ModalScreen[str | None]):
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
+
+
+class Passage(ModalScreen[None]):
+    """A cited passage with its file and lines; Esc closes it."""
+
+    AUTO_FOCUS = "*"
+    BINDINGS = [Binding("escape", "dismiss", "Close")]
+
+    def __init__(self, source: dict):
+        super().__init__()
+        self.source = source
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog passage"):
+            yield Label(f"[{self.source['number']}] {self.source['where']}", markup=False)
+            yield Markdown("```text\n" + self.source["text"].strip() + "\n```")

@@ -18,6 +18,15 @@ class ReplyDelta(Message):
         self.elapsed_s = elapsed_s  # since the first token
 
 
+class ReplySources(Message):
+    """The passages a document Q&A reply is answered from (doc_qa.Source records as dicts)."""
+
+    def __init__(self, generation_id: int, sources: list[dict]) -> None:
+        super().__init__()
+        self.generation_id = generation_id
+        self.sources = sources
+
+
 class ReplyDone(Message):
     def __init__(self, generation_id: int, stats: GenerationStats | None, error: str | None = None) -> None:
         super().__init__()
