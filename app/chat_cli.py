@@ -55,12 +55,15 @@ def run_app(args: argparse.Namespace) -> int:
         raise BackendError("the chat app runs local engines; use `ripe chat --plain` with --engine openai")
     default_model = args.model
 
-    def opener(model: str | None):
-        return open_from_args(argparse.Namespace(**{**vars(args), "model": model or default_model}))
+    def opener(model: str | None, draft: str | None):
+        chosen = {"model": model or default_model, "draft": draft or args.draft}
+        return open_from_args(argparse.Namespace(**{**vars(args), **chosen}))
 
     store = ChatStore()
     pool = BackendPool(opener)
-    pool.get(None)  # open the default model before the screen takes over, so a bad flag is one error line
+    pool.get(
+        None, None
+    )  # open the default model before the screen takes over, so a bad flag is one error line
     choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
     try:
         app = RipeApp(

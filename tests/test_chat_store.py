@@ -71,9 +71,7 @@ def test_forward_migration_keeps_data(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
     upgrade(db, to=1)  # a database as the first release wrote it
-    db.execute(
-        "INSERT INTO chats (title, params, created, updated) VALUES ('old chat', '{}', 1.0, 1.0)"
-    )
+    db.execute("INSERT INTO chats (title, params, created, updated) VALUES ('old chat', '{}', 1.0, 1.0)")
     db.execute(
         "INSERT INTO messages (chat_id, role, content, state, created) "
         "VALUES (1, 'user', 'hello', 'done', 1.0)"

@@ -40,7 +40,7 @@ def db_path(tmp_path, monkeypatch):
 
 def make_app(backend, db_path, *, max_tokens=16, **kw) -> RipeApp:
     store = ChatStore(db_path)
-    pool = BackendPool(lambda model: backend, initial=backend)
+    pool = BackendPool(lambda model, draft: backend, initial=backend)
     return RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=max_tokens), **kw)
 
 
@@ -236,5 +236,56 @@ def test_edit_resend_trim_copy_export_and_palette(backend, db_path, tmp_path):
             assert app.trim_notices == 1
             assert "left out" in str(app.query_one("#status").render())
             assert app.store.messages(chat)[-1].state == DONE
+
+    run(go())
+
+
+def test_rename_search_delete_and_live_status(backend, db_path):
+    async def go() -> None:
+        app = make_app(backend, db_path, max_tokens=900)
+        async with app.run_test(size=SIZE) as pilot:
+            first = app.chat.id
+            await pilot.press("f2")
+            await wait_until(pilot, lambda: app.screen.query("#dialog-input"), what="the rename dialog")
+            app.screen.query_one("#dialog-input").value = "Kitchen notes"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.store.chat(first).title == "Kitchen notes", what="rename")
+            await pilot.press("ctrl+n")
+            await wait_until(pilot, lambda: app.chat.id != first, what="a new chat")
+
+            # the status bar counts live while a reply streams: tokens/s, context used, KV blocks in use
+            await send(pilot, app, "Stream for a while")
+            bar = app.query_one("#status")
+            await wait_until(
+                pilot, lambda: bar.numbers.ctx_used is not None and app.reply is not None, what="live"
+            )
+            assert (
+                bar.numbers.tok_s > 0
+                and bar.numbers.kv_used > 0
+                and bar.numbers.kv_total >= bar.numbers.kv_used
+            )
+            assert bar.numbers.ctx_limit == 1024 and "tok/s" in str(bar.render())
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: idle(app), what="the stop")
+
+            # search by title narrows the sidebar
+            await pilot.press("f6")
+            await pilot.press(*"kitchen")
+            await wait_until(
+                pilot, lambda: [i.chat_id for i in app.query(ChatItem)] == [first], what="search"
+            )
+            app.query_one("#chat-search").value = ""
+            await wait_until(pilot, lambda: len(app.query(ChatItem)) == 2, what="the full list")
+
+            # delete the current chat (from the palette's action): its messages go with it
+            doomed = app.chat.id
+            await app.action_delete_chat()
+            assert app.chat.id == first and [c.id for c in app.store.chats()] == [first]
+            assert (
+                app.store.db.execute("SELECT count(*) FROM messages WHERE chat_id = ?", [doomed]).fetchone()[
+                    0
+                ]
+                == 0
+            )
 
     run(go())

@@ -43,7 +43,7 @@ def test_attach_collection_answer_cites_sources(backend, tmp_path, monkeypatch):
 
     async def go() -> None:
         store = ChatStore(home / "chats.db")
-        pool = BackendPool(lambda model: backend, initial=backend)
+        pool = BackendPool(lambda model, draft: backend, initial=backend)
         app = RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=12), model_choices=models)
         async with app.run_test(size=(100, 30)) as pilot:
             # model picker: the chat remembers its model

@@ -45,7 +45,7 @@ def app(backend, tmp_path, monkeypatch) -> RipeApp:
     chat = store.new_chat("Sum a list in Python")
     store.add_message(chat.id, "user", "How do I add up a list of numbers in Python?")
     store.add_message(chat.id, "assistant", REPLY)
-    pool = BackendPool(lambda model: backend, initial=backend)
+    pool = BackendPool(lambda model, draft: backend, initial=backend)
     return RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=16), model_choices=MODELS)
 
 

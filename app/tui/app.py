@@ -44,6 +44,8 @@ class ActiveReply:
     recorder: ReplyRecorder
     view: MessageView | None
     cancel_pressed: float | None = None
+    prompt_tokens: int = 0  # set by the worker once the prompt is built
+    shown_at: float = 0.0  # when the status bar numbers were last refreshed
 
 
 class RipeApp(ChatActions, App[None]):
@@ -207,13 +209,14 @@ class RipeApp(ChatActions, App[None]):
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.mount(view)
         conv.scroll_end(animate=False)
-        self._generate(self.reply, chat.model, chat.collection, turns, params)
+        self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
 
     @work(thread=True, exclusive=False, group="generation")
     def _generate(
         self,
         reply: ActiveReply,
         model: str | None,
+        draft: str | None,
         collection: str | None,
         turns: list[dict[str, str]],
         params: SamplingParams,
@@ -226,12 +229,13 @@ class RipeApp(ChatActions, App[None]):
                     turns = with_sources(turns, sources)
                     citations = CitationFilter({s.number for s in sources})
                     self.post_message(ReplySources(reply.id, source_records(sources)))
-            if self.pool.current() is None or model != self.pool.model:
+            if self.pool.current() is None or (model, draft) != self.pool.key:
                 self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
-            backend = self.pool.get(model)
+            backend = self.pool.get(model, draft)
             prompt = build_prompt(backend, turns, params)
             if prompt.fitted.dropped:
                 self.call_from_thread(self._trimmed, prompt.fitted.dropped)
+            reply.prompt_tokens = len(prompt.ids)
             gen = Generation(backend, prompt.ids, params)
             reply.generation = gen
             if reply.cancel_pressed is not None:
@@ -267,8 +271,16 @@ class RipeApp(ChatActions, App[None]):
         if reply.view is not None:
             await reply.view.append(event.text)
             self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
-        if event.tokens > 1 and event.elapsed_s > 0:
-            self.query_one(StatusBar).show(tok_s=(event.tokens - 1) / event.elapsed_s)
+        now = time.monotonic()
+        if event.tokens > 1 and event.elapsed_s > 0 and now - reply.shown_at > 0.2:
+            reply.shown_at = now
+            kv = self._kv()
+            self.query_one(StatusBar).show(
+                tok_s=(event.tokens - 1) / event.elapsed_s,
+                ctx_used=reply.prompt_tokens + event.tokens,
+                kv_used=kv[0] if kv else None,
+                kv_total=kv[1] if kv else None,
+            )
 
     def on_reply_sources(self, event: ReplySources) -> None:
         reply = self.reply

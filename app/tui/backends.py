@@ -1,7 +1,9 @@
-"""The model the app talks to: one backend open at a time, reopened when a chat asks for another model.
+"""The model the app talks to: one backend open at a time, reopened when a chat asks for another model
+or draft model.
 
-`opener(model)` opens a backend for a model name or path (None: the default model); the app calls
-`get` from a worker thread, since loading a model takes a moment.
+`opener(model, draft)` opens a backend for a model name or path and a draft model for speculative
+decoding (None: the command line's or config's default for either); the app calls `get` from a worker
+thread, since loading a model takes a moment.
 """
 
 from __future__ import annotations
@@ -10,26 +12,31 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-Opener = Callable[[str | None], Any]
+Opener = Callable[[str | None, str | None], Any]
+Key = tuple[str | None, str | None]
 
 
 class BackendPool:
-    def __init__(self, opener: Opener, *, initial: Any = None, initial_model: str | None = None):
+    def __init__(self, opener: Opener, *, initial: Any = None):
         self._opener = opener
         self._lock = threading.Lock()
-        self.model: str | None = initial_model
+        self.key: Key = (None, None)
         self.backend: Any = initial
         self.owns = initial is None  # a backend handed in is closed by whoever opened it
 
-    def get(self, model: str | None) -> Any:
+    @property
+    def model(self) -> str | None:
+        return self.key[0]
+
+    def get(self, model: str | None, draft: str | None = None) -> Any:
         with self._lock:
-            if self.backend is not None and model == self.model:
+            if self.backend is not None and (model, draft) == self.key:
                 return self.backend
-            backend = self._opener(model)
             if self.backend is not None and self.owns:
-                self.backend.close()
-            self.backend, self.model, self.owns = backend, model, True
-            return backend
+                self.backend.close()  # first: two models at once may not fit in memory
+            self.backend = None
+            self.backend, self.key, self.owns = self._opener(model, draft), (model, draft), True
+            return self.backend
 
     def current(self) -> Any:
         return self.backend

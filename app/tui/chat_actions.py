@@ -75,6 +75,24 @@ class ChatActions:
 
         self.push_screen(Picker("Model for this chat", self.model_choices), done)
 
+    def action_pick_draft(self) -> None:
+        """Speculative decoding for this chat: a draft model sharing the chat model's vocabulary."""
+        if self.chat is None:
+            return
+        chat_id = self.chat.id
+
+        def done(draft: str | None) -> None:
+            if draft is not None:
+                self.store.update_chat(chat_id, draft=draft or None)
+                self.chat = self.store.chat(chat_id)
+                self.notify(f"draft model: {draft or 'the command line default'}")
+
+        choices = [
+            ("", "(the command line's --draft, if any)"),
+            ("auto", "auto: the catalog pairing or a Q4_1 copy"),
+        ]
+        self.push_screen(Picker("Draft model for this chat", choices + self.model_choices), done)
+
     def action_attach_collection(self) -> None:
         """Answer this chat's questions from a collection (`ripe index PATH -c NAME`), with citations."""
         if self.chat is None:
@@ -146,6 +164,7 @@ class ChatActions:
         )
         yield SystemCommand("Stop reply", "Stop the reply that is streaming", self.action_cancel)
         yield SystemCommand("Pick model", "Choose the model for this chat", self.action_pick_model)
+        yield SystemCommand("Pick draft model", "Speculative decoding for this chat", self.action_pick_draft)
         yield SystemCommand(
             "Attach collection",
             "Answer from indexed documents, with citations",
