@@ -7,12 +7,15 @@ reply so each [n] keeps resolving to a file and lines after a restart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ripelm.doc_qa import Source, build_messages
 
 SOURCES = 4  # passages retrieved per question
+CHUNK_SIZE, CHUNK_OVERLAP = 800, 120  # characters, as `ripe index` defaults
 
 
 def collection_names() -> list[str]:
@@ -23,6 +26,42 @@ def collection_names() -> list[str]:
         return []
     with Store(store_path()) as st:
         return [c.name for c in st.collections()]
+
+
+def index_folder(folder: Path, collection: str, progress: Callable[[Any], None] | None = None) -> Any:
+    """Index (or re-index) a folder into a collection with the default embedder, as `ripe index` does;
+    `progress(Progress)` is called per file. A collection built with another embedder is refused."""
+    from ripelm.retrieval_cli import _open_embedder, store_path
+    from ripelm.runtime.retrieval.errors import EmbedderMismatchError, RetrievalError
+    from ripelm.runtime.retrieval.indexer import Indexer
+    from ripelm.runtime.retrieval.store import Store
+
+    if not folder.is_dir():
+        raise RetrievalError(f"{folder} is not a folder")
+    emb = _open_embedder(None)
+    try:
+        with Store(store_path()) as st:
+            c = st.find_collection(collection)
+            info = emb.info
+            if c is None:
+                c = st.create_collection(
+                    collection,
+                    embedder=info.name,
+                    embedder_path=str(emb.path),
+                    fingerprint=info.fingerprint,
+                    dim=info.dim,
+                    matryoshka=info.matryoshka,
+                    chunk_size=CHUNK_SIZE,
+                    chunk_overlap=CHUNK_OVERLAP,
+                )
+            elif c.fingerprint != info.fingerprint:
+                raise EmbedderMismatchError(
+                    f"collection '{c.name}' was built with {c.embedder}; "
+                    "re-index it with `ripe index --rebuild`"
+                )
+            return Indexer(st, c, emb, progress=progress).run([folder])
+    finally:
+        emb.close()
 
 
 def retrieve(collection: str, question: str, k: int = SOURCES) -> list[Source]:

@@ -73,3 +73,41 @@ def test_attach_collection_answer_cites_sources(backend, tmp_path, monkeypatch):
             await pilot.press("escape")
 
     asyncio.run(go())
+
+
+def test_index_a_folder_from_the_app(backend, tmp_path, monkeypatch):
+    home = make_home(tmp_path / "home")
+    docs = tmp_path / "manual"
+    docs.mkdir()
+    (docs / "kv.md").write_text(DOC)
+    (docs / "other.txt").write_text("Speculative decoding drafts tokens with a small model.\n")
+    monkeypatch.setenv("RIPELM_HOME", str(home))
+
+    async def go() -> None:
+        store = ChatStore(home / "chats.db")
+        pool = BackendPool(lambda model, draft: backend, initial=backend)
+        app = RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=8))
+        async with app.run_test(size=(100, 30)) as pilot:
+            app.action_index_folder()
+            await wait_until(pilot, lambda: app.screen.query("#dialog-input"), what="the folder prompt")
+            app.screen.query_one("#dialog-input").value = str(docs)
+            await pilot.press("enter")
+            await wait_until(
+                pilot,
+                lambda: (
+                    app.screen.query("#dialog-input")
+                    and app.screen.query_one("#dialog-input").value == "manual"
+                ),
+                what="the collection name prompt",
+            )
+            await pilot.press("enter")
+            await wait_until(
+                pilot, lambda: app.index_reports or list(app._notifications), timeout=120, what="indexing"
+            )
+            assert app.index_reports, [n.message for n in app._notifications]
+            report = app.index_reports[0]
+            assert report.indexed == 2 and report.chunks_total >= 2
+            assert app.chat.collection == "manual"
+            assert "manual: 2 files indexed" in str(app.query_one("#status").render())
+
+    asyncio.run(go())

@@ -93,6 +93,7 @@ class RipeApp(ChatActions, App[None]):
         self.cancel_latencies_s: list[float] = []  # Esc handled to the engine's acknowledgement, per cancel
         self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
         self.trim_notices = 0
+        self.index_reports: list = []
 
     # ---- layout -----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:

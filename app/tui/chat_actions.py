@@ -11,11 +11,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from textual import work
 from textual.app import SystemCommand
 from textual.screen import Screen
 from textual.widgets import Input
 
-from ripelm.chat_docs import collection_names
+from ripelm.chat_docs import collection_names, index_folder
 from ripelm.chat_export import chat_markdown, code_blocks, export_filename
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
@@ -31,6 +32,7 @@ class ChatActions:
     system: str | None
     model_choices: list[tuple[str, str]]
     export_dir: Path
+    index_reports: list[Any]  # what each indexing run from the app did
 
     def action_rename_chat(self) -> None:
         if self.chat is None:
@@ -112,6 +114,45 @@ class ChatActions:
         choices = [("", "(no collection)")] + [(n, n) for n in names]
         self.push_screen(Picker("Answer from documents in", choices), done)
 
+    def action_index_folder(self) -> None:
+        """Index a folder into a collection (progress in the status bar) and attach it to this chat."""
+        if self.chat is None:
+            return
+        chat_id = self.chat.id
+
+        def got_folder(folder: str | None) -> None:
+            if folder and folder.strip():
+                path = Path(folder.strip()).expanduser()
+                self.push_screen(
+                    TextPrompt("Collection name", path.resolve().name or "docs"),
+                    lambda name: self._index(chat_id, path, name.strip()) if name and name.strip() else None,
+                )
+
+        self.push_screen(TextPrompt("Folder to index", str(Path.cwd())), got_folder)
+
+    @work(thread=True, group="index")
+    def _index(self, chat_id: int, folder: Path, name: str) -> None:
+        bar = self.query_one(StatusBar)
+
+        def progress(p: Any) -> None:
+            self.call_from_thread(bar.show, notice=f"indexing {p.done}/{p.total} files, {p.chunks} chunks")
+
+        try:
+            report = index_folder(folder, name, progress)
+        except Exception as e:  # a bad folder or embedder: shown, the app goes on
+            self.call_from_thread(self.notify, str(e), title="indexing failed", severity="error")
+            return
+        self.call_from_thread(self._indexed, chat_id, name, report)
+
+    def _indexed(self, chat_id: int, name: str, report: Any) -> None:
+        self.index_reports.append(report)
+        self.store.update_chat(chat_id, collection=name)
+        if self.chat is not None and self.chat.id == chat_id:
+            self.chat = self.store.chat(chat_id)
+        done = f"{name}: {report.indexed} files indexed, {report.chunks_total} chunks"
+        self.query_one(StatusBar).show(notice=done)
+        self.notify(f"{done}; this chat now answers from it")
+
     def action_set_system(self) -> None:
         if self.chat is None:
             return
@@ -169,6 +210,9 @@ class ChatActions:
             "Attach collection",
             "Answer from indexed documents, with citations",
             self.action_attach_collection,
+        )
+        yield SystemCommand(
+            "Index folder", "Index a folder of documents and answer from it", self.action_index_folder
         )
         yield SystemCommand("System prompt", "Set this chat's system prompt", self.action_set_system)
         yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply)
