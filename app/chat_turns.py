@@ -14,6 +14,7 @@ from ripelm.chat_store import Chat, ChatStore, Message
 from ripelm.chat_store.records import CANCELLED, DONE, ERROR, PARTIAL
 from ripelm.context_fit import Fitted, fit_conversation
 from ripelm.runtime.backend import GenerationStats, prompt_ids
+from ripelm.runtime.errors import BadSamplingError
 from ripelm.runtime.sampling import SamplingParams
 
 CHECKPOINT_S = 0.25  # how often a streaming reply is written to the database
@@ -26,6 +27,31 @@ def sampling_for(chat: Chat, defaults: SamplingParams) -> SamplingParams:
     params = SamplingParams(**values)
     params.validate()
     return params
+
+
+_NUMERIC = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
+            "max_tokens": int, "seed": int}  # fmt: skip
+
+
+def parse_sampling(text: str, defaults: SamplingParams) -> dict[str, Any]:
+    """A chat's sampling settings from `temperature=0.2 max_tokens=256 ...` (checked against the rules
+    of SamplingParams); an empty text clears them."""
+    out: dict[str, Any] = {}
+    for part in text.replace(",", " ").split():
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _NUMERIC:
+            raise BadSamplingError(f"'{part}': use name=value with a name from {', '.join(_NUMERIC)}")
+        try:
+            out[key] = _NUMERIC[key](value)
+        except ValueError as e:
+            raise BadSamplingError(f"'{part}': {value!r} is not a number") from e
+    SamplingParams(**{**vars(defaults), **out}).validate()
+    return out
+
+
+def format_sampling(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def history(chat: Chat, messages: list[Message]) -> list[dict[str, str]]:

@@ -18,6 +18,8 @@ from textual.widgets import Input
 
 from ripelm.chat_docs import collection_names, index_folder
 from ripelm.chat_export import chat_markdown, code_blocks, export_filename
+from ripelm.chat_turns import format_sampling, parse_sampling
+from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
 from ripelm.tui.status_bar import StatusBar
@@ -32,6 +34,7 @@ class ChatActions:
     system: str | None
     model_choices: list[tuple[str, str]]
     export_dir: Path
+    defaults: Any  # the command line's SamplingParams
     index_reports: list[Any]  # what each indexing run from the app did
 
     def action_rename_chat(self) -> None:
@@ -153,6 +156,26 @@ class ChatActions:
         self.query_one(StatusBar).show(notice=done)
         self.notify(f"{done}; this chat now answers from it")
 
+    def action_set_sampling(self) -> None:
+        if self.chat is None:
+            return
+        chat_id = self.chat.id
+
+        def done(text: str | None) -> None:
+            if text is None:
+                return
+            try:
+                params = parse_sampling(text, self.defaults)
+            except RipelmError as e:
+                self.notify(str(e), title="sampling settings", severity="error")
+                return
+            self.store.update_chat(chat_id, params=params)
+            self.chat = self.store.chat(chat_id)
+            self.notify(f"sampling: {format_sampling(params) or 'the defaults'}")
+
+        title = "Sampling for this chat, e.g. temperature=0.2 max_tokens=256 (empty: the defaults)"
+        self.push_screen(TextPrompt(title, format_sampling(self.chat.params)), done)
+
     def action_set_system(self) -> None:
         if self.chat is None:
             return
@@ -213,6 +236,9 @@ class ChatActions:
         )
         yield SystemCommand(
             "Index folder", "Index a folder of documents and answer from it", self.action_index_folder
+        )
+        yield SystemCommand(
+            "Sampling settings", "Temperature, top-p, max tokens … for this chat", self.action_set_sampling
         )
         yield SystemCommand("System prompt", "Set this chat's system prompt", self.action_set_system)
         yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply)
