@@ -118,15 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_draft_args(run)
     _add_sampling_args(run)
 
-    chat = sub.add_parser(
-        "chat",
-        help="talk to a model in the terminal",
-        description="An interactive chat. Type /exit or press Ctrl-D to leave.",
-    )
-    chat.add_argument("--system", default=None, help="system prompt")
-    _add_model_args(chat)
-    add_draft_args(chat)
-    _add_sampling_args(chat)
+    from ripelm.chat_cli import add_parser as add_chat_parser
+
+    add_chat_parser(sub, model_args=_add_model_args, sampling_args=_add_sampling_args)
 
     from ripelm.models_cli import add_parsers as add_store_parsers
 
@@ -195,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return cmd_run(args)
         if args.command == "chat":
-            from ripelm.commands import cmd_chat
+            from ripelm.chat_cli import cmd_chat
 
             return cmd_chat(args)
         if args.command in ("pull", "models", "rm", "import"):

@@ -10,6 +10,10 @@ Everything in it is optional; a command-line flag always wins over the file::
     api_key = "sk-..."            # or leave it out and set RIPELM_OPENAI_API_KEY / OPENAI_API_KEY
     model = "my-model"            # the server's model id (default: the first one it lists)
     sampling_extras = true        # send top_k / min_p / repeat penalty (false for servers that reject them)
+
+    [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
+    regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
+    export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Config:
     model: str | None = None
     engine: str | None = None
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    keys: dict[str, str] = field(default_factory=dict)  # chat app binding id -> key(s)
     path: Path | None = None
 
 
@@ -81,6 +86,10 @@ def load_config(path: Path | None = None) -> Config:
         model=_take(section, "model", str, w),
         sampling_extras=True if extras is None else extras,
     )
+    keys = data.pop("keys", {})
+    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+        raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')
+    cfg.keys = dict(keys)
     unknown = [*data, *(f"openai.{k}" for k in section)]
     if unknown:
         raise ConfigError(f"{where}: unknown settings: {', '.join(unknown)}")

@@ -15,6 +15,7 @@ from ripelm.runtime.backend import GenerationStats
 from ripelm.runtime.engine import DEFAULT_MAX_SEQS, Engine
 from ripelm.runtime.native import load_native
 from ripelm.runtime.sampling import SamplingParams
+from ripelm.runtime.sequence import Request
 from ripelm.runtime.tokenizer import Tokenizer
 
 
@@ -46,7 +47,16 @@ class EngineBackend:
     def generate_ids(
         self, prompt: list[int], params: SamplingParams, stats: GenerationStats
     ) -> Iterator[int]:
-        req = self.engine.submit(prompt, params)
+        yield from self.request_ids(self.submit(prompt, params), stats)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Start a generation and return its engine `Request`, for callers that must cancel it from another
+        thread: `request.cancel()` returns the event the engine sets once the request's blocks are freed.
+        Read its tokens with `request_ids`."""
+        return self.engine.submit(prompt, params)
+
+    def request_ids(self, req: Request, stats: GenerationStats) -> Iterator[int]:
+        """The token ids of a submitted request (what `generate_ids` yields); cancels it if left early."""
         stream = req.streams[0]
         try:
             for tok in stream:

@@ -1,0 +1,82 @@
+"""`ripe chat`: the Textual chat app on a terminal, the line-based chat (`--plain`) anywhere else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+ArgAdder = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parser(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampling_args: ArgAdder) -> None:
+    from ripelm.draft_cli import add_draft_args
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="A keyboard-first chat app: chats saved in a sidebar, replies streamed as Markdown. "
+        "Enter sends, Esc stops a reply, Ctrl+R regenerates, F3 edits and resends your last message, "
+        "Ctrl+N starts a chat, Ctrl+P lists every command, Ctrl+Q quits. Keys can be changed under [keys] "
+        "in config.toml. Without a terminal (or with --plain) it is a line-based chat: /exit or Ctrl-D "
+        "leaves.",
+    )
+    chat.add_argument("--system", default=None, help="system prompt for new chats")
+    chat.add_argument(
+        "--plain",
+        action="store_true",
+        help="line-based chat on stdin/stdout (the default without a terminal)",
+    )
+    model_args(chat)
+    add_draft_args(chat)
+    sampling_args(chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        from ripelm.commands import cmd_chat as plain_chat
+
+        return plain_chat(args)
+    return run_app(args)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from ripelm.chat_store import ChatStore
+    from ripelm.commands import open_from_args, sampling_from_args
+    from ripelm.config import load_config
+    from ripelm.models.store import BUNDLED_NAME, list_models
+    from ripelm.runtime.errors import BackendError
+    from ripelm.tui.app import RipeApp
+    from ripelm.tui.backends import BackendPool
+
+    cfg = load_config()
+    defaults = sampling_from_args(args)
+    if (args.engine or cfg.engine) == "openai":
+        raise BackendError("the chat app runs local engines; use `ripe chat --plain` with --engine openai")
+    default_model = args.model
+
+    def opener(model: str | None, draft: str | None):
+        chosen = {"model": model or default_model, "draft": draft or args.draft}
+        return open_from_args(argparse.Namespace(**{**vars(args), **chosen}))
+
+    store = ChatStore()
+    pool = BackendPool(opener)
+    pool.get(
+        None, None
+    )  # open the default model before the screen takes over, so a bad flag is one error line
+    choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
+    try:
+        app = RipeApp(
+            store,
+            pool,
+            defaults,
+            system=args.system,
+            model_choices=choices,
+            keymap=cfg.keys,
+            default_model=args.model or cfg.model or BUNDLED_NAME,
+        )
+        app.run()
+    finally:
+        pool.close()
+        store.close()
+    return 0

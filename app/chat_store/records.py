@@ -1,0 +1,40 @@
+"""The chat store's records: a chat (its settings) and a message (role, text, and how it ended)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# How a stored message ended. An assistant reply is written as "partial" while it streams and becomes
+# "done", "cancelled" (Esc: the text so far is kept) or "error" when it ends; a reply still "partial"
+# after a restart was cut off by a crash or a kill.
+DONE = "done"
+PARTIAL = "partial"
+CANCELLED = "cancelled"
+ERROR = "error"
+STATES = (DONE, PARTIAL, CANCELLED, ERROR)
+
+
+@dataclass
+class Chat:
+    id: int
+    title: str
+    model: str | None = None  # a model name or .gguf path; None: the default model
+    draft: str | None = None  # draft model for speculative decoding; None: none
+    system: str | None = None  # system prompt
+    params: dict[str, Any] = field(default_factory=dict)  # sampling settings (SamplingParams field names)
+    collection: str | None = None  # attached document collection for Q&A
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclass
+class Message:
+    id: int
+    chat_id: int
+    role: str  # "user", "assistant" or "system"
+    content: str
+    state: str = DONE
+    created: float = 0.0
+    stats: dict[str, Any] | None = None  # generation numbers of an assistant reply
+    sources: list[dict[str, Any]] | None = None  # cited passages of a document Q&A answer

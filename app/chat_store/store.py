@@ -1,0 +1,204 @@
+"""The chat history: chats and their messages in SQLite (sqlite-utils), `chats.db` under the data dir.
+
+Durability: WAL with `synchronous=NORMAL`. Every committed transaction is in the WAL file before
+`COMMIT` returns, so a killed process (SIGKILL, a crash, a closed terminal) loses nothing that was
+committed and never leaves a torn database; only an OS crash or power cut can lose the last few
+commits (never corrupting the file). FULL would add an fsync to every commit, which buys safety only
+against power loss and costs a disk flush per streamed-reply checkpoint, so NORMAL is the choice.
+
+A streaming reply is stored as a "partial" message right away and rewritten (one small transaction)
+at checkpoints while it streams, then marked done/cancelled/error when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ripelm.chat_store.records import DONE, PARTIAL, STATES, Chat, Message
+from ripelm.chat_store.upgrades import SCHEMA_VERSION, schema_version, upgrade
+from ripelm.models.errors import RipelmError
+from ripelm.models.store import data_dir
+
+
+class ChatStoreError(RipelmError):
+    """The chat database cannot be opened, is from a newer ripelm, or a chat does not exist."""
+
+
+def chats_db_path() -> Path:
+    return data_dir() / "chats.db"
+
+
+def _chat(row: dict[str, Any]) -> Chat:
+    return Chat(
+        id=row["id"],
+        title=row["title"],
+        model=row["model"],
+        draft=row["draft"],
+        system=row["system"],
+        params=json.loads(row["params"] or "{}"),
+        collection=row["collection"],
+        created=row["created"],
+        updated=row["updated"],
+    )
+
+
+def _message(row: dict[str, Any]) -> Message:
+    return Message(
+        id=row["id"],
+        chat_id=row["chat_id"],
+        role=row["role"],
+        content=row["content"],
+        state=row["state"],
+        created=row["created"],
+        stats=json.loads(row["stats"]) if row["stats"] else None,
+        sources=json.loads(row["sources"]) if row.get("sources") else None,
+    )
+
+
+_CHAT_FIELDS = ("title", "model", "draft", "system", "params", "collection")
+
+
+class ChatStore:
+    def __init__(self, path: Path | None = None):
+        self.path = path or chats_db_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite_utils.Database(self.path)
+            with self.db.ensure_autocommit_on():
+                self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            found = schema_version(self.db)
+        except (OSError, sqlite3.Error) as e:
+            raise ChatStoreError(f"cannot open the chat database {self.path}: {e}") from e
+        if found > SCHEMA_VERSION:
+            self.db.close()
+            raise ChatStoreError(
+                f"{self.path} has schema version {found}, newer than this ripelm knows ({SCHEMA_VERSION}); "
+                "upgrade ripelm"
+            )
+        upgrade(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- chats ------------------------------------------------------------------------------------
+    def new_chat(self, title: str = "New chat", **settings: Any) -> Chat:
+        now = time.time()
+        row: dict[str, Any] = {"title": title, "created": now, "updated": now, "params": "{}"}
+        for k, v in settings.items():
+            if k not in _CHAT_FIELDS:
+                raise ChatStoreError(f"unknown chat setting '{k}'")
+            row[k] = json.dumps(v) if k == "params" else v
+        table = self.db.table("chats")
+        table.insert(row)
+        return self.chat(table.last_pk)
+
+    def chat(self, chat_id: int) -> Chat:
+        rows = list(self.db.query("SELECT * FROM chats WHERE id = ?", [chat_id]))
+        if not rows:
+            raise ChatStoreError(f"no chat with id {chat_id}")
+        return _chat(rows[0])
+
+    def chats(self, search: str = "") -> list[Chat]:
+        """Most recently used first; `search` keeps chats whose title contains it (any case)."""
+        sql = "SELECT * FROM chats"
+        args: list[Any] = []
+        if search.strip():
+            sql += " WHERE instr(lower(title), lower(?)) > 0"
+            args.append(search.strip())
+        sql += " ORDER BY updated DESC, id DESC"
+        return [_chat(r) for r in self.db.query(sql, args)]
+
+    def update_chat(self, chat_id: int, **settings: Any) -> Chat:
+        self.chat(chat_id)
+        row: dict[str, Any] = {}
+        for k, v in settings.items():
+            if k not in _CHAT_FIELDS:
+                raise ChatStoreError(f"unknown chat setting '{k}'")
+            row[k] = json.dumps(v) if k == "params" else v
+        row["updated"] = time.time()
+        self.db.table("chats").update(chat_id, row)
+        return self.chat(chat_id)
+
+    def rename_chat(self, chat_id: int, title: str) -> Chat:
+        title = " ".join(title.split())
+        if not title:
+            raise ChatStoreError("a chat title cannot be empty")
+        return self.update_chat(chat_id, title=title)
+
+    def delete_chat(self, chat_id: int) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM messages WHERE chat_id = ?", [chat_id])
+            self.db.execute("DELETE FROM chats WHERE id = ?", [chat_id])
+
+    # ---- messages ---------------------------------------------------------------------------------
+    def messages(self, chat_id: int) -> list[Message]:
+        rows = self.db.query("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", [chat_id])
+        return [_message(r) for r in rows]
+
+    def add_message(
+        self,
+        chat_id: int,
+        role: str,
+        content: str,
+        *,
+        state: str = DONE,
+        sources: list[dict[str, Any]] | None = None,
+    ) -> Message:
+        if state not in STATES:
+            raise ValueError(f"unknown message state {state!r}")
+        now = time.time()
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO messages (chat_id, role, content, state, created, sources) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [chat_id, role, content, state, now, json.dumps(sources) if sources else None],
+            )
+            msg_id = self.db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", [now, chat_id])
+        return self.message(msg_id)
+
+    def message(self, message_id: int) -> Message:
+        rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [message_id]))
+        if not rows:
+            raise ChatStoreError(f"no message with id {message_id}")
+        return _message(rows[0])
+
+    def start_reply(self, chat_id: int, sources: list[dict[str, Any]] | None = None) -> Message:
+        """An empty assistant message marked partial, to be filled in by `save_reply` as it streams."""
+        return self.add_message(chat_id, "assistant", "", state=PARTIAL, sources=sources)
+
+    def save_reply(
+        self, message_id: int, content: str, *, state: str = PARTIAL, stats: dict[str, Any] | None = None
+    ) -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown message state {state!r}")
+        with self.db.atomic():
+            self.db.execute(
+                "UPDATE messages SET content = ?, state = ?, stats = coalesce(?, stats) WHERE id = ?",
+                [content, state, json.dumps(stats) if stats is not None else None, message_id],
+            )
+
+    def set_sources(self, message_id: int, sources: list[dict[str, Any]]) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE messages SET sources = ? WHERE id = ?", [json.dumps(sources), message_id])
+
+    def edit_message(self, message_id: int, content: str) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE messages SET content = ? WHERE id = ?", [content, message_id])
+
+    def delete_messages_from(self, chat_id: int, message_id: int) -> None:
+        """Drop a message and everything after it in its chat (regenerate, edit and resend)."""
+        with self.db.atomic():
+            self.db.execute("DELETE FROM messages WHERE chat_id = ? AND id >= ?", [chat_id, message_id])
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]

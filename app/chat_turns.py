@@ -1,0 +1,137 @@
+"""A chat's turns against the model: the prompt from the stored history, and recording a reply as it streams.
+
+Shared by the Textual app and anything else that writes chats (tests drive it in a subprocess that is
+killed mid-reply). Nothing here knows about the screen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ripelm.chat_store import Chat, ChatStore, Message
+from ripelm.chat_store.records import CANCELLED, DONE, ERROR, PARTIAL
+from ripelm.context_fit import Fitted, fit_conversation
+from ripelm.runtime.backend import GenerationStats, prompt_ids
+from ripelm.runtime.errors import BadSamplingError
+from ripelm.runtime.sampling import SamplingParams
+
+CHECKPOINT_S = 0.25  # how often a streaming reply is written to the database
+
+
+def sampling_for(chat: Chat, defaults: SamplingParams) -> SamplingParams:
+    """The chat's own sampling settings over the defaults (the command line's)."""
+    values = {**vars(defaults), **{k: v for k, v in chat.params.items() if k in vars(defaults)}}
+    values["stop"] = list(values.get("stop") or [])
+    params = SamplingParams(**values)
+    params.validate()
+    return params
+
+
+_NUMERIC = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
+            "max_tokens": int, "seed": int}  # fmt: skip
+
+
+def parse_sampling(text: str, defaults: SamplingParams) -> dict[str, Any]:
+    """A chat's sampling settings from `temperature=0.2 max_tokens=256 ...` (checked against the rules
+    of SamplingParams); an empty text clears them."""
+    out: dict[str, Any] = {}
+    for part in text.replace(",", " ").split():
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _NUMERIC:
+            raise BadSamplingError(f"'{part}': use name=value with a name from {', '.join(_NUMERIC)}")
+        try:
+            out[key] = _NUMERIC[key](value)
+        except ValueError as e:
+            raise BadSamplingError(f"'{part}': {value!r} is not a number") from e
+    SamplingParams(**{**vars(defaults), **out}).validate()
+    return out
+
+
+def format_sampling(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def history(chat: Chat, messages: list[Message]) -> list[dict[str, str]]:
+    """What the model sees: the system prompt, then every user message and every reply that has text
+    (a cancelled or interrupted reply counts with what it got to; failed ones are left out)."""
+    out = [{"role": "system", "content": chat.system}] if chat.system else []
+    for m in messages:
+        if m.role == "assistant" and (m.state == ERROR or not m.content):
+            continue
+        out.append({"role": m.role, "content": m.content})
+    return out
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    fitted: Fitted
+
+
+def build_prompt(backend: Any, messages: list[dict[str, str]], params: SamplingParams) -> Prompt:
+    """The chat template rendered over as much recent history as fits the context window."""
+
+    def render(msgs: list[dict[str, str]]) -> str:
+        return backend.template.render(msgs, add_generation_prompt=True)
+
+    def count(msgs: list[dict[str, str]]) -> int:
+        return len(backend.tokenizer.encode(render(msgs), add_bos=False))
+
+    fitted = fit_conversation(messages, count, backend.context_length, params.max_tokens)
+    return Prompt(prompt_ids(backend, render(fitted.messages), add_bos=False), fitted)
+
+
+def stats_record(s: GenerationStats) -> dict[str, Any]:
+    return {
+        "engine": s.engine,
+        "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.cached_tokens,
+        "generated_tokens": s.generated_tokens,
+        "ttft_s": round(s.ttft_s, 4),
+        "decode_tok_s": round(s.decode_tok_s, 2),
+        "finish_reason": s.finish_reason,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+    }
+
+
+@dataclass
+class ReplyRecorder:
+    """An assistant reply stored as "partial" at once and rewritten at checkpoints while it streams."""
+
+    store: ChatStore
+    message: Message
+    text: list[str] = field(default_factory=list)
+    _last_save: float = 0.0
+
+    @classmethod
+    def start(
+        cls, store: ChatStore, chat_id: int, sources: list[dict[str, Any]] | None = None
+    ) -> ReplyRecorder:
+        return cls(store, store.start_reply(chat_id, sources), _last_save=time.monotonic())
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    def feed(self, text: str) -> None:
+        self.text.append(text)
+        now = time.monotonic()
+        if now - self._last_save >= CHECKPOINT_S:
+            self.store.save_reply(self.message.id, self.content, state=PARTIAL)
+            self._last_save = now
+
+    def finish(self, stats: GenerationStats | None, *, error: bool = False) -> str:
+        """Store the final text and state; returns the state."""
+        if error:
+            state = ERROR
+        elif stats is not None and stats.finish_reason == "cancelled":
+            state = CANCELLED
+        else:
+            state = DONE
+        record = stats_record(stats) if stats is not None else None
+        self.store.save_reply(self.message.id, self.content, state=state, stats=record)
+        return state

@@ -1,0 +1,80 @@
+"""One streaming reply that another thread can cancel, over any `Backend`.
+
+`Generation.events()` runs the shared `stream()` pipeline (call it on a worker thread). `cancel()` may be
+called from any thread (the UI's): on the native engine it cancels the engine request directly, so the
+engine drops the sequence at its next step boundary, and returns the engine's acknowledgement event
+(set once the request's KV blocks are freed). Other engines stop at the next token; their
+acknowledgement is set when the stream has ended.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ripelm.runtime.backend import GenerationStats, TokenEvent, stream
+from ripelm.runtime.sampling import SamplingParams
+
+
+class _Tracked:
+    """The backend as `stream()` sees it, keeping hold of the engine request it submits."""
+
+    def __init__(self, backend: Any, generation: Generation):
+        self._backend = backend
+        self._gen = generation
+        self.name = backend.name
+        self.tokenizer = backend.tokenizer
+        self.template = backend.template
+        self.context_length = backend.context_length
+        self.device = backend.device
+
+    def generate_ids(
+        self, prompt: list[int], params: SamplingParams, stats: GenerationStats
+    ) -> Iterator[int]:
+        if not hasattr(self._backend, "submit"):
+            yield from self._backend.generate_ids(prompt, params, stats)
+            return
+        req = self._backend.submit(prompt, params)
+        with self._gen._lock:
+            self._gen._request = req
+            cancelled = self._gen.cancel_requested.is_set()
+        if cancelled:
+            req.cancel()
+        yield from self._backend.request_ids(req, stats)
+
+    def close(self) -> None:
+        pass
+
+
+class Generation:
+    def __init__(self, backend: Any, prompt: list[int], params: SamplingParams):
+        self.backend = backend
+        self.prompt = prompt
+        self.params = params
+        self.cancel_requested = threading.Event()
+        self.ended = threading.Event()  # the stream loop has returned (on any engine)
+        self.stats: GenerationStats | None = None
+        self._request: Any = None
+        self._lock = threading.Lock()
+
+    def events(self) -> Iterator[TokenEvent]:
+        """Text events; the last has done=True and the stats (finish_reason "cancelled" after `cancel`)."""
+        try:
+            for ev in stream(_Tracked(self.backend, self), self.prompt, self.params, self.cancel_requested):
+                if ev.done and ev.stats is not None:
+                    if self.cancel_requested.is_set():
+                        ev.stats.finish_reason = "cancelled"
+                    self.stats = ev.stats
+                yield ev
+        finally:
+            self.ended.set()
+
+    def cancel(self) -> threading.Event:
+        """Stop generating now; returns the event that acknowledges it (see the module docstring)."""
+        with self._lock:
+            self.cancel_requested.set()
+            req = self._request
+        if req is not None:
+            return req.cancel()
+        return self.ended

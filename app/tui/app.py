@@ -1,0 +1,382 @@
+"""The `ripe chat` app: chats in a sidebar, the conversation streaming as Markdown, a prompt, a status bar.
+
+Engine work never runs on the UI's event loop: a reply is generated in a thread worker that posts
+`ReplyDelta`/`ReplyDone` messages, and the UI thread renders them and checkpoints the reply into the
+chat store (all database access happens on the UI thread). Esc cancels the engine request directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Input
+
+from ripelm.chat_docs import retrieve, source_records, with_sources
+from ripelm.chat_store import Chat, ChatStore
+from ripelm.chat_store.records import CANCELLED
+from ripelm.chat_turns import ReplyRecorder, build_prompt, history, sampling_for
+from ripelm.doc_qa import CitationFilter
+from ripelm.generation import Generation
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.tui.backends import BackendPool
+from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
+from ripelm.tui.chat_list import ChatList
+from ripelm.tui.dialogs import TextPrompt
+from ripelm.tui.message_view import MessageView
+from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
+from ripelm.tui.status_bar import StatusBar
+
+
+@dataclass
+class ActiveReply:
+    """The reply being generated: its chat, its generation, where it is stored and shown."""
+
+    id: int
+    chat_id: int
+    generation: Generation | None
+    recorder: ReplyRecorder
+    view: MessageView | None
+    cancel_pressed: float | None = None
+    prompt_tokens: int = 0  # set by the worker once the prompt is built
+    shown_at: float = 0.0  # when the status bar numbers were last refreshed
+
+
+class RipeApp(ChatActions, App[None]):
+    CSS_PATH = "ripe.tcss"
+    TITLE = "ripe chat"
+    AUTO_FOCUS = "#prompt"
+    BINDINGS = [
+        Binding("escape", "cancel", "Stop reply", id="cancel"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
+        Binding("f3", "edit_last", "Edit last", id="edit_last"),
+        Binding("ctrl+o", "pick_model", "Model", id="pick_model"),
+        Binding("f2", "rename_chat", "Rename", id="rename_chat"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply"),
+        Binding("f4", "copy_code", "Copy code", id="copy_code"),
+        Binding("ctrl+s", "export_chat", "Export", id="export_chat"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
+        Binding("f6", "search_chats", "Search", id="search_chats"),
+    ]
+
+    def __init__(
+        self,
+        store: ChatStore,
+        pool: BackendPool,
+        defaults: SamplingParams,
+        *,
+        system: str | None = None,
+        model_choices: list[tuple[str, str]] | None = None,
+        keymap: dict[str, str] | None = None,
+        export_dir: Path | None = None,
+        default_model: str = "default",
+    ):
+        super().__init__()
+        self.store = store
+        self.pool = pool
+        self.defaults = defaults
+        self.system = system
+        self.model_choices = model_choices or []
+        self.export_dir = export_dir or Path.cwd()
+        self.default_model = default_model  # what the status bar calls the model of a chat that names none
+        self._keymap_config = keymap or {}
+        self.chat: Chat | None = None
+        self.reply: ActiveReply | None = None
+        self.replies_started = 0
+        self.cancel_latencies_s: list[float] = []  # Esc handled to the engine's acknowledgement, per cancel
+        self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
+        self.trim_notices = 0
+        self.index_reports: list = []
+
+    # ---- layout -----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            yield ChatList()
+            with Vertical(id="main"):
+                yield VerticalScroll(id="conversation")
+                yield Input(placeholder="Message · Enter sends · Esc stops · Ctrl+P commands", id="prompt")
+        yield StatusBar()
+
+    async def on_mount(self) -> None:
+        if self._keymap_config:
+            self.set_keymap(self._keymap_config)
+        chats = self.store.chats()
+        chat = chats[0] if chats else self.store.new_chat(DEFAULT_TITLE, system=self.system)
+        await self.open_chat(chat.id)
+        self._show_backend()
+        self.query_one("#prompt", Input).focus()
+
+    def _show_backend(self) -> None:
+        b = self.pool.current()
+        bar = self.query_one(StatusBar)
+        if b is None:
+            bar.show(model=self.pool.model or self.default_model, engine="loading…", device="")
+            return
+        kv = self._kv()
+        bar.show(
+            model=self.pool.model or self.default_model,
+            engine=b.name,
+            device=str(b.device),
+            ctx_limit=b.context_length,
+            kv_used=kv[0] if kv else None,
+            kv_total=kv[1] if kv else None,
+        )
+
+    def _kv(self) -> tuple[int, int] | None:
+        engine = getattr(self.pool.current(), "engine", None)
+        if engine is None or not hasattr(engine, "snapshot"):
+            return None
+        snap = engine.snapshot()
+        return snap.used_blocks, snap.total_blocks
+
+    # ---- chats ------------------------------------------------------------------------------------
+    def refresh_chat_list(self) -> None:
+        chat_list = self.query_one(ChatList)
+        self.run_worker(
+            chat_list.show(self.store.chats(chat_list.search), self.chat.id if self.chat else None)
+        )
+
+    async def open_chat(self, chat_id: int) -> None:
+        if self.reply is not None and self.reply.view is not None:
+            leaving, self.reply.view = self.reply.view, None  # deltas from now on only go to the store
+            await leaving.end_stream()
+        self.chat = self.store.chat(chat_id)
+        conv = self.query_one("#conversation", VerticalScroll)
+        await conv.remove_children()
+        views = [
+            MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources)
+            for m in self.store.messages(chat_id)
+        ]
+        streaming = self.reply is not None and self.reply.chat_id == chat_id and bool(views)
+        if streaming:  # the reply still streaming here: show what it has so far, then keep streaming into it
+            views[-1] = MessageView("assistant", self.reply.recorder.content, state="streaming")
+        await conv.mount_all(views)
+        if streaming and self.reply is not None and self.reply.chat_id == chat_id:
+            view = views[-1]
+            await view.append(self.reply.recorder.content[len(view.content) :])  # what came while mounting
+            self.reply.view = view
+        conv.scroll_end(animate=False)
+        self.sub_title = self.chat.title
+        await self.query_one(ChatList).show(self.store.chats(self.query_one(ChatList).search), chat_id)
+
+    async def on_chat_list_selected(self, event: ChatList.Selected) -> None:
+        await self.open_chat(event.chat_id)
+        self.query_one("#prompt", Input).focus()
+
+    async def action_new_chat(self) -> None:
+        chat = self.store.new_chat(
+            DEFAULT_TITLE, system=self.system, model=self.chat.model if self.chat else None
+        )
+        await self.open_chat(chat.id)
+        self.query_one("#prompt", Input).focus()
+
+    # ---- sending and streaming ----------------------------------------------------------------------
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "prompt":
+            return
+        text = event.value.strip()
+        if not text or self.chat is None:
+            return
+        if self.reply is not None:
+            self.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
+        event.input.value = ""
+        if self.chat.title == DEFAULT_TITLE:
+            self.store.rename_chat(self.chat.id, text[:40])
+            self.chat = self.store.chat(self.chat.id)
+            self.refresh_chat_list()
+        msg = self.store.add_message(self.chat.id, "user", text)
+        await self.query_one("#conversation").mount(MessageView("user", text, message_id=msg.id))
+        await self.start_reply()
+
+    async def start_reply(self) -> None:
+        """Generate the next assistant message of the current chat from its stored history."""
+        assert self.chat is not None
+        chat = self.chat
+        params = sampling_for(chat, self.defaults)
+        turns = history(chat, self.store.messages(chat.id))
+        self.replies_started += 1
+        view = MessageView("assistant", "", state="streaming")
+        self.reply = ActiveReply(
+            self.replies_started, chat.id, None, ReplyRecorder.start(self.store, chat.id), view
+        )
+        conv = self.query_one("#conversation", VerticalScroll)
+        await conv.mount(view)
+        conv.scroll_end(animate=False)
+        self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
+
+    @work(thread=True, exclusive=False, group="generation")
+    def _generate(
+        self,
+        reply: ActiveReply,
+        model: str | None,
+        draft: str | None,
+        collection: str | None,
+        turns: list[dict[str, str]],
+        params: SamplingParams,
+    ) -> None:
+        citations: CitationFilter | None = None
+        try:
+            if collection:
+                sources = retrieve(collection, turns[-1]["content"])
+                if sources:
+                    turns = with_sources(turns, sources)
+                    citations = CitationFilter({s.number for s in sources})
+                    self.post_message(ReplySources(reply.id, source_records(sources)))
+            if self.pool.current() is None or (model, draft) != self.pool.key:
+                self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
+            backend = self.pool.get(model, draft)
+            prompt = build_prompt(backend, turns, params)
+            if prompt.fitted.dropped:
+                self.call_from_thread(self._trimmed, prompt.fitted.dropped)
+            reply.prompt_tokens = len(prompt.ids)
+            gen = Generation(backend, prompt.ids, params)
+            reply.generation = gen
+            if reply.cancel_pressed is not None:
+                gen.cancel()
+            first: float | None = None
+            tokens = 0
+            for ev in gen.events():
+                text = ev.text
+                if citations is not None:  # only citations that name a retrieved source get through
+                    text = citations.feed(text) + (citations.flush() if ev.done else "")
+                if ev.done:
+                    if text:
+                        self.post_message(ReplyDelta(reply.id, text, tokens, 0.0))
+                    self.post_message(ReplyDone(reply.id, ev.stats))
+                    return
+                now = time.perf_counter()
+                first = first if first is not None else now
+                tokens += 1
+                self.post_message(ReplyDelta(reply.id, text, tokens, now - first))
+        except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
+            self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
+
+    def _trimmed(self, dropped: int) -> None:
+        self.trim_notices += 1
+        self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
+        self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
+
+    async def on_reply_delta(self, event: ReplyDelta) -> None:
+        reply = self.reply
+        if reply is None or reply.id != event.generation_id:
+            return
+        reply.recorder.feed(event.text)
+        if reply.view is not None:
+            await reply.view.append(event.text)
+            self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+        now = time.monotonic()
+        if event.tokens > 1 and event.elapsed_s > 0 and now - reply.shown_at > 0.2:
+            reply.shown_at = now
+            kv = self._kv()
+            self.query_one(StatusBar).show(
+                tok_s=(event.tokens - 1) / event.elapsed_s,
+                ctx_used=reply.prompt_tokens + event.tokens,
+                kv_used=kv[0] if kv else None,
+                kv_total=kv[1] if kv else None,
+            )
+
+    def on_reply_sources(self, event: ReplySources) -> None:
+        reply = self.reply
+        if reply is None or reply.id != event.generation_id:
+            return
+        self.store.set_sources(reply.recorder.message.id, event.sources)
+        if reply.view is not None:
+            reply.view.sources = event.sources
+
+    async def on_reply_done(self, event: ReplyDone) -> None:
+        reply = self.reply
+        if reply is None or reply.id != event.generation_id:
+            return
+        self.reply = None
+        state = reply.recorder.finish(event.stats, error=event.error is not None)
+        if reply.view is not None:
+            await reply.view.end_stream()
+            reply.view.message_id = reply.recorder.message.id
+            reply.view.set_state(state)
+            await reply.view.show_sources()
+        if event.error:
+            self.notify(event.error, title="generation failed", severity="error")
+        s = event.stats
+        if s is not None:
+            kv = self._kv()
+            self.query_one(StatusBar).show(
+                tok_s=s.decode_tok_s or None,
+                ttft_ms=s.ttft_s * 1000,
+                acceptance=s.acceptance_rate if s.drafted else None,
+                ctx_used=s.prompt_tokens + s.generated_tokens,
+                kv_used=kv[0] if kv else None,
+                kv_total=kv[1] if kv else None,
+            )
+        self._show_backend()
+
+    def action_cancel(self) -> None:
+        reply = self.reply
+        if reply is None or reply.cancel_pressed is not None:
+            return
+        pressed = time.perf_counter()
+        reply.cancel_pressed = pressed
+        if reply.generation is None:
+            return  # still loading the model: the worker cancels as soon as the generation exists
+        ack = reply.generation.cancel()
+
+        def wait_ack() -> None:
+            if ack.wait(10.0):
+                now = time.perf_counter()
+                latency = now - pressed
+                self.cancel_acks.append(now)
+                self.cancel_latencies_s.append(latency)
+                self.call_from_thread(
+                    self.query_one(StatusBar).show, notice=f"stopped in {latency * 1000:.0f} ms"
+                )
+
+        threading.Thread(target=wait_ack, name="ripelm-cancel-ack", daemon=True).start()
+
+    async def action_regenerate(self) -> None:
+        """Replace the last reply with a new one from the same prompt (its K/V come from the prefix cache)."""
+        if self.chat is None or self.reply is not None:
+            return
+        msgs = self.store.messages(self.chat.id)
+        if not msgs or msgs[-1].role != "assistant":
+            return
+        self.store.delete_messages_from(self.chat.id, msgs[-1].id)
+        views = list(self.query(MessageView))
+        if views and views[-1].message_id == msgs[-1].id:
+            await views[-1].remove()
+        await self.start_reply()
+
+    def action_edit_last(self) -> None:
+        """Edit the last message you sent and send it again (what followed it is replaced)."""
+        if self.chat is None or self.reply is not None:
+            return
+        users = [m for m in self.store.messages(self.chat.id) if m.role == "user"]
+        if not users:
+            return
+        last, chat_id = users[-1], self.chat.id
+
+        async def done(text: str | None) -> None:
+            if text and text.strip():
+                self.store.delete_messages_from(chat_id, last.id)
+                msg = self.store.add_message(chat_id, "user", text.strip())
+                await self.open_chat(chat_id)
+                assert msg.id
+                await self.start_reply()
+
+        self.push_screen(TextPrompt("Edit and resend", last.content), done)
+
+    def on_unmount(self) -> None:
+        """Quitting mid-reply stops the engine and keeps the text so far, as a stopped reply."""
+        reply, self.reply = self.reply, None
+        if reply is not None:
+            if reply.generation is not None:
+                reply.generation.cancel()
+            reply.recorder.store.save_reply(
+                reply.recorder.message.id, reply.recorder.content, state=CANCELLED
+            )

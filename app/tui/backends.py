@@ -1,0 +1,48 @@
+"""The model the app talks to: one backend open at a time, reopened when a chat asks for another model
+or draft model.
+
+`opener(model, draft)` opens a backend for a model name or path and a draft model for speculative
+decoding (None: the command line's or config's default for either); the app calls `get` from a worker
+thread, since loading a model takes a moment.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Opener = Callable[[str | None, str | None], Any]
+Key = tuple[str | None, str | None]
+
+
+class BackendPool:
+    def __init__(self, opener: Opener, *, initial: Any = None):
+        self._opener = opener
+        self._lock = threading.Lock()
+        self.key: Key = (None, None)
+        self.backend: Any = initial
+        self.owns = initial is None  # a backend handed in is closed by whoever opened it
+
+    @property
+    def model(self) -> str | None:
+        return self.key[0]
+
+    def get(self, model: str | None, draft: str | None = None) -> Any:
+        with self._lock:
+            if self.backend is not None and (model, draft) == self.key:
+                return self.backend
+            if self.backend is not None and self.owns:
+                self.backend.close()  # first: two models at once may not fit in memory
+            self.backend = None
+            self.backend, self.key, self.owns = self._opener(model, draft), (model, draft), True
+            return self.backend
+
+    def current(self) -> Any:
+        return self.backend
+
+    def close(self) -> None:
+        with self._lock:
+            if self.backend is not None and self.owns:
+                self.backend.close()
+            self.backend = None

@@ -1,0 +1,95 @@
+"""The chat store on real SQLite: CRUD, search, partial replies, migrations, a newer schema refused."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import sqlite_utils
+
+from ripelm.chat_store import ChatStore, ChatStoreError
+from ripelm.chat_store.records import CANCELLED, DONE, PARTIAL
+from ripelm.chat_store.upgrades import SCHEMA_VERSION, UPGRADES, upgrade
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ChatStore(tmp_path / "chats.db")
+    yield s
+    s.close()
+
+
+def test_chats_crud_and_search(store):
+    a = store.new_chat("Rust lifetimes", model="smollm2:135m", params={"temperature": 0.2})
+    b = store.new_chat("Pasta recipes", system="You are a chef.")
+    assert store.chat(a.id).params == {"temperature": 0.2}
+    assert store.chat(b.id).system == "You are a chef."
+    assert [c.id for c in store.chats()] == [b.id, a.id]  # most recent first
+    assert [c.id for c in store.chats("RUST")] == [a.id]
+    store.rename_chat(a.id, "  Borrow   checker ")
+    assert store.chat(a.id).title == "Borrow checker"
+    assert [c.id for c in store.chats()][0] == a.id  # touched: now the most recent
+    with pytest.raises(ChatStoreError):
+        store.rename_chat(a.id, "   ")
+    store.add_message(a.id, "user", "hi")
+    store.delete_chat(a.id)
+    with pytest.raises(ChatStoreError):
+        store.chat(a.id)
+    assert store.db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_messages_and_partial_reply(store, tmp_path):
+    c = store.new_chat()
+    u = store.add_message(c.id, "user", "What is 2+2?")
+    r = store.start_reply(c.id)
+    assert r.state == PARTIAL and r.content == ""
+    store.save_reply(r.id, "It is")
+    store.save_reply(r.id, "It is 4.", state=DONE, stats={"decode_tok_s": 12.5})
+    msgs = store.messages(c.id)
+    assert [(m.role, m.content, m.state) for m in msgs] == [
+        ("user", "What is 2+2?", DONE),
+        ("assistant", "It is 4.", DONE),
+    ]
+    assert msgs[1].stats == {"decode_tok_s": 12.5}
+    # another connection (a restarted app) sees it
+    again = ChatStore(tmp_path / "chats.db")
+    assert [m.content for m in again.messages(c.id)] == ["What is 2+2?", "It is 4."]
+    again.close()
+    store.delete_messages_from(c.id, r.id)
+    assert [m.id for m in store.messages(c.id)] == [u.id]
+    store.save_reply(store.start_reply(c.id).id, "cut", state=CANCELLED)
+    assert store.messages(c.id)[-1].state == CANCELLED
+
+
+def test_wal_and_synchronous(store):
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store.integrity() == "ok"
+
+
+def test_forward_migration_keeps_data(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    upgrade(db, to=1)  # a database as the first release wrote it
+    db.execute("INSERT INTO chats (title, params, created, updated) VALUES ('old chat', '{}', 1.0, 1.0)")
+    db.execute(
+        "INSERT INTO messages (chat_id, role, content, state, created) "
+        "VALUES (1, 'user', 'hello', 'done', 1.0)"
+    )
+    db.conn.commit()
+    db.close()
+    store = ChatStore(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(UPGRADES)
+    assert [m.content for m in store.messages(1)] == ["hello"]
+    m = store.add_message(1, "assistant", "cited [1]", sources=[{"where": "a.txt:1-3"}])
+    assert store.message(m.id).sources == [{"where": "a.txt:1-3"}]
+    store.close()
+
+
+def test_newer_schema_refused(tmp_path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ChatStoreError, match="newer"):
+        ChatStore(path)

@@ -1,0 +1,61 @@
+"""Snapshot tests (pytest-textual-snapshot) of the chat app's main screens at 80x24: a conversation with a
+code block, the command palette, and the model picker. The app runs on the real engine with a tiny model;
+the conversation is stored beforehand so the pictures do not depend on sampling or timing.
+Update the pictures with `pytest tests/test_tui_snapshots.py --snapshot-update` after a deliberate change."""
+
+from __future__ import annotations
+
+import pytest
+
+from ripelm.chat_store import ChatStore
+from ripelm.runtime.engine_backend import EngineBackend
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.tui.app import RipeApp
+from ripelm.tui.backends import BackendPool
+
+REPLY = """Use `sum` over the list:
+
+```python
+def total(xs: list[int]) -> int:
+    return sum(xs)
+```
+
+It returns **0** for an empty list."""
+
+MODELS = [
+    ("smollm2:135m", "smollm2:135m  (bundled, 92 MB)"),
+    ("qwen2.5:0.5b", "qwen2.5:0.5b  (pull, 398 MB)"),
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_factory):
+    b = EngineBackend(
+        tiny_model_factory(qtype="Q4_0", n_layers=2), device="cpu", n_ctx=1024, kv_memory=32 << 20
+    )
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def app(backend, tmp_path, monkeypatch) -> RipeApp:
+    monkeypatch.setenv("RIPELM_HOME", str(tmp_path))
+    store = ChatStore(tmp_path / "chats.db")
+    store.new_chat("Pasta for four")
+    chat = store.new_chat("Sum a list in Python")
+    store.add_message(chat.id, "user", "How do I add up a list of numbers in Python?")
+    store.add_message(chat.id, "assistant", REPLY)
+    pool = BackendPool(lambda model, draft: backend, initial=backend)
+    return RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=16), model_choices=MODELS)
+
+
+def test_main_screen(snap_compare, app):
+    assert snap_compare(app, terminal_size=(80, 24))
+
+
+def test_command_palette(snap_compare, app):
+    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+p", *"regen"])
+
+
+def test_model_picker(snap_compare, app):
+    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+o"])
