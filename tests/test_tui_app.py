@@ -32,6 +32,22 @@ def backend(tiny_model_factory):
     b.close()
 
 
+@pytest.fixture(scope="module")
+def long_backend(tiny_model_factory):
+    """For tests that act while a reply streams: a reply long enough (several seconds even on a fast
+    machine) that it is still streaming when they act. A random-weight model emits an end-of-generation
+    token wherever its greedy path happens to meet one, so it is told to ignore it."""
+    b = EngineBackend(
+        tiny_model_factory(qtype="Q4_0", n_layers=2, context_length=8192),
+        device="cpu",
+        n_ctx=8192,
+        kv_memory=64 << 20,
+    )
+    b.engine.eog_ids = frozenset()
+    yield b
+    b.close()
+
+
 @pytest.fixture
 def db_path(tmp_path, monkeypatch):
     monkeypatch.setenv("RIPELM_HOME", str(tmp_path))
@@ -126,9 +142,9 @@ def test_send_stream_regenerate_switch_and_restart(backend, db_path):
     asyncio.run(second_session(chat1, chat2, shown))
 
 
-def test_escape_stops_a_streaming_reply_within_200ms(backend, db_path):
+def test_escape_stops_a_streaming_reply_within_200ms(long_backend, db_path):
     async def go() -> None:
-        app = make_app(backend, db_path, max_tokens=900)
+        app = make_app(long_backend, db_path, max_tokens=8000)
         async with app.run_test(size=SIZE) as pilot:
             await send(pilot, app, "Write a long story")
             await wait_until(
@@ -148,17 +164,17 @@ def test_escape_stops_a_streaming_reply_within_200ms(backend, db_path):
             assert reply.state == CANCELLED
             assert reply.content and len(reply.content) >= 20  # what was generated is kept
             assert reply.stats["finish_reason"] == "cancelled"
-            assert 0 < reply.stats["generated_tokens"] < 900
+            assert 0 < reply.stats["generated_tokens"] < 8000
             assert app.query(MessageView)[-1].state == CANCELLED
-            snap = backend.engine.snapshot()
+            snap = long_backend.engine.snapshot()
             assert snap.running == 0 and snap.waiting == 0
 
     run(go())
 
 
-def test_ui_stays_responsive_and_switching_chats_keeps_the_reply(backend, db_path):
+def test_ui_stays_responsive_and_switching_chats_keeps_the_reply(long_backend, db_path):
     async def go() -> None:
-        app = make_app(backend, db_path, max_tokens=900)
+        app = make_app(long_backend, db_path, max_tokens=8000)
         async with app.run_test(size=SIZE) as pilot:
             other = app.store.new_chat("Other chat")
             app.store.add_message(other.id, "user", "an older question")
@@ -240,9 +256,9 @@ def test_edit_resend_trim_copy_export_and_palette(backend, db_path, tmp_path):
     run(go())
 
 
-def test_rename_search_delete_and_live_status(backend, db_path):
+def test_rename_search_delete_and_live_status(long_backend, db_path):
     async def go() -> None:
-        app = make_app(backend, db_path, max_tokens=900)
+        app = make_app(long_backend, db_path, max_tokens=8000)
         async with app.run_test(size=SIZE) as pilot:
             first = app.chat.id
             await pilot.press("f2")
@@ -264,7 +280,7 @@ def test_rename_search_delete_and_live_status(backend, db_path):
                 and bar.numbers.kv_used > 0
                 and bar.numbers.kv_total >= bar.numbers.kv_used
             )
-            assert bar.numbers.ctx_limit == 1024 and "tok/s" in str(bar.render())
+            assert bar.numbers.ctx_limit == 8192 and "tok/s" in str(bar.render())
             await pilot.press("escape")
             await wait_until(pilot, lambda: idle(app), what="the stop")
 
