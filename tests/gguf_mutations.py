@@ -37,7 +37,9 @@ INTERESTING_U64 = (
     0, 1, 2, 3, 7, 31, 33, 255, 4096, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32,
     (1 << 32) + 1, 1 << 40, (1 << 62), (1 << 63) - 1, 1 << 63, (1 << 64) - 32, (1 << 64) - 1,
 )  # fmt: skip
-INTERESTING_U32 = (0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 14, 39, 40, 255, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1)
+INTERESTING_U32 = (
+    0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 14, 39, 40, 255, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1,
+)  # fmt: skip
 
 
 @dataclass
@@ -162,6 +164,21 @@ def field_map(data: bytes) -> FieldMap:
     m.data_offset = -(-pos // alignment) * alignment
     m.tensor_starts = [m.data_offset + r for r in rel_offsets]
     return m
+
+
+def set_string_kv(data: bytes, key: str, value: str) -> bytes:
+    """The file with metadata `key` set to the string `value` (replaced in place, or added at the end)."""
+    fm = field_map(data)
+    kb, vb = key.encode(), value.encode()
+    entry = struct.pack("<Q", len(kb)) + kb + struct.pack("<IQ", STRING, len(vb)) + vb
+    old = next((e for e in fm.kvs if e.name == key), None)
+    if old is None:
+        count = struct.unpack_from("<Q", data, 16)[0]
+        at = fm.kvs[-1].end if fm.kvs else 24
+        out = _put(data[:at], 16, struct.pack("<Q", count + 1)) + entry + data[at : fm.header_end]
+    else:
+        out = data[: old.start] + entry + data[old.end : fm.header_end]
+    return out + bytes(-len(out) % fm.alignment) + data[fm.data_offset :]
 
 
 # -- mutators: (rng, field map) -> new bytes ---------------------------------------------------------------

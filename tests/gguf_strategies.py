@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from ripelm.models.gguf_file import GGML_TYPES
 
-VT_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+VT_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
 STRING, ARRAY = 8, 9
 U32_MAX, U64_MAX = (1 << 32) - 1, (1 << 64) - 1
 KEY_POOL = (
@@ -30,7 +32,9 @@ NAME_POOL = ("token_embd.weight", "output_norm.weight", "output.weight", "blk.0.
 QUANT_POOL = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0",
               "TQ2_0", "IQ4_NL", "Q2_K")  # fmt: skip
 _TYPE_IDS = {info.name: t for t, info in GGML_TYPES.items()}
-interesting_u64 = st.sampled_from((0, 1, 2, 31, 32, 255, 1 << 16, U32_MAX, 1 << 32, 1 << 62, 1 << 63, U64_MAX))
+interesting_u64 = st.sampled_from(
+    (0, 1, 2, 31, 32, 255, 1 << 16, U32_MAX, 1 << 32, 1 << 62, 1 << 63, U64_MAX)
+)
 
 
 def enc_str(b: bytes) -> bytes:
@@ -145,14 +149,18 @@ def model_gguf(draw: st.DrawFn) -> bytes:
     for _ in range(draw(st.integers(0, 3))):  # perturb: a value out of range or of the wrong type
         key = draw(st.sampled_from(sorted(meta)))
         vtype = draw(st.sampled_from((4, 4, 5, 6, 10, 7)))
-        raw = draw(scalar_values(vtype)) if vtype != 4 else _scalar(4, draw(st.sampled_from((0, 1, 3, 7, U32_MAX))))
+        if vtype == 4:
+            raw = _scalar(4, draw(st.sampled_from((0, 1, 3, 7, U32_MAX))))
+        else:
+            raw = draw(scalar_values(vtype))
         meta[key] = (vtype, struct.unpack(VT_SCALARS[vtype], raw)[0])
     kvs = [_kv("general.architecture", STRING, arch)]
     kvs += [_kv(k, t, v) for k, (t, v) in meta.items()]
     kvs.append(_kv("tokenizer.ggml.tokens", ARRAY, (STRING, [f"t{i}" for i in range(vocab)])))
 
     q, kvd = n_heads * head_dim, n_kv * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (hidden, vocab), "output_norm.weight": (hidden,)}
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (hidden, vocab)}
+    shapes["output_norm.weight"] = (hidden,)
     if not tied:
         shapes["output.weight"] = (hidden, vocab)
     for i in range(n_layers):
@@ -184,7 +192,8 @@ def model_gguf(draw: st.DrawFn) -> bytes:
         for d in shape:
             n *= d
         nbytes = max(n // info.block_size, 1) * info.type_size
-        infos.append(enc_str(name.encode()) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape, tid, cursor))
+        dims = struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape, tid, cursor)
+        infos.append(enc_str(name.encode()) + dims)
         blob = draw(st.sampled_from((b"\x00", b"\x3c", b"\xff", b"\x7f\x80"))) * nbytes
         blobs.append(blob[:nbytes] + bytes(-nbytes % 32))
         cursor += len(blobs[-1])
