@@ -19,6 +19,7 @@ from typing import Any
 
 from ripelm.models.errors import RipelmError
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
+from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
 
 MAX_BODY = 16 << 20
@@ -29,6 +30,13 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.kind = status, kind
+
+
+def generation_error(e: RipelmError) -> ApiError:
+    """An error raised while generating (the KV pool cannot hold the sequence...), as an API error."""
+    if isinstance(e, ContextOverflowError):
+        return ApiError(400, str(e))
+    return ApiError(500, str(e), "server_error")
 
 
 def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingParams:
@@ -200,10 +208,13 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
 
         def _complete(self, kind: str, ids: list[int], params: SamplingParams) -> None:
             parts, stats = [], GenerationStats()
-            for ev in api.events(ids, params, threading.Event()):
-                parts.append(ev.text)
-                if ev.done and ev.stats is not None:
-                    stats = ev.stats
+            try:
+                for ev in api.events(ids, params, threading.Event()):
+                    parts.append(ev.text)
+                    if ev.done and ev.stats is not None:
+                        stats = ev.stats
+            except RipelmError as e:  # nothing was sent yet: the client gets a JSON error, not a reset
+                return self._error(generation_error(e))
             text = "".join(parts)
             finish = FINISH.get(stats.finish_reason, "stop")
             choice: dict[str, Any] = (
@@ -259,6 +270,13 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                             last["choices"], last["usage"] = [], _usage(ev.stats)
                             send(last)
                 send("[DONE]")
+            except RipelmError as e:  # headers are out: end the stream with an error event
+                err = generation_error(e)
+                try:
+                    send({"error": {"message": str(err), "type": err.kind, "code": err.status}})
+                    send("[DONE]")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
             except (BrokenPipeError, ConnectionResetError):
                 cancel.set()  # the client left: stop generating and free its blocks
             finally:
@@ -267,12 +285,19 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of concurrent clients (64 in the load test) had
+    # connections reset before a handler thread could accept them.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class Server:
     """A threading HTTP server around an `Api`; `start()` serves on a background thread (tests, embedding)."""
 
     def __init__(self, backend: Backend, *, host: str, port: int, api_key: str | None, model_name: str):
         self.api = Api(backend, model_name)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.api, api_key))
+        self.httpd = _HTTPServer((host, port), make_handler(self.api, api_key))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
