@@ -9,6 +9,7 @@ engine's next step). Loopback by default; `--api-key` requires `Authorization: B
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -23,6 +24,9 @@ from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
 
 MAX_BODY = 16 << 20
+# Seconds a connection may sit silent (a client that opens a socket and sends nothing would otherwise hold
+# its handler thread forever); also bounds a write to a client that stopped reading.
+SOCKET_TIMEOUT = 120.0
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -150,6 +154,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "ripe"
+        timeout = SOCKET_TIMEOUT
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet; one line per request
             pass
@@ -168,7 +173,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
         def _authorized(self) -> bool:
             if api_key is None:
                 return True
-            return self.headers.get("Authorization", "") == f"Bearer {api_key}"
+            given = self.headers.get("Authorization", "").encode("utf-8", "replace")
+            return hmac.compare_digest(given, f"Bearer {api_key}".encode())  # no timing side channel
 
         def do_GET(self) -> None:
             if not self._authorized():
@@ -275,9 +281,9 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 try:
                     send({"error": {"message": str(err), "type": err.kind, "code": err.status}})
                     send("[DONE]")
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
                     pass
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 cancel.set()  # the client left: stop generating and free its blocks
             finally:
                 events.close()  # type: ignore[attr-defined]

@@ -304,3 +304,25 @@ def test_full_block_found_through_the_partial_index_keeps_the_hash_chain() -> No
     a.commit(third, [5])
     assert len(third.hashes) == 1
     a.check()
+
+
+def test_silent_clients_are_dropped_and_the_api_key_is_checked(backend: EngineBackend, monkeypatch) -> None:
+    from ripelm import server as server_module
+
+    monkeypatch.setattr(server_module, "SOCKET_TIMEOUT", 0.5)
+    srv = Server(backend, host="127.0.0.1", port=0, api_key="k", model_name="tiny:test")
+    srv.start()
+    try:
+        silent = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(8)]
+        silent[0].sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n")  # never finished
+        for s in silent:
+            assert s.recv(1024) == b""  # the server hangs up (no answer) well before our 30 s timeout
+            s.close()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer k"})
+        assert conn.getresponse().status == 200
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer kk"})
+        assert conn.getresponse().status == 401
+    finally:
+        srv.close()
