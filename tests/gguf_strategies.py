@@ -80,7 +80,7 @@ def value_payload(draw: st.DrawFn, depth: int = 0) -> tuple[int, bytes]:
 
 @st.composite
 def raw_gguf(draw: st.DrawFn) -> bytes:
-    version = draw(st.sampled_from((3, 3, 3, 2, 1, 4, 3 << 24, U32_MAX)))
+    version = draw(st.sampled_from((3,) * 8 + (2, 2, 1, 4, 3 << 24, U32_MAX)))
     kvs = []
     for _ in range(draw(st.integers(0, 6))):
         key = draw(st.one_of(st.sampled_from(KEY_POOL).map(str.encode), st.binary(max_size=24)))
@@ -124,16 +124,19 @@ def _kv(key: str, vtype: int, value: Any) -> bytes:
 @st.composite
 def model_gguf(draw: st.DrawFn) -> bytes:
     """A small llama/qwen2/qwen3 file whose metadata and tensors mostly agree, with random perturbations."""
-    arch = draw(st.sampled_from(("llama", "qwen2", "qwen3", "mistral", "gpt2")))
+    arch = draw(st.sampled_from(("llama", "llama", "qwen2", "qwen3", "mistral", "gpt2")))
     n_layers = draw(st.integers(1, 2))
-    hidden = draw(st.sampled_from((32, 64, 256)))
+    qtype = draw(st.sampled_from(QUANT_POOL))
+    block = GGML_TYPES[_TYPE_IDS[qtype]].block_size
+    # Mostly shapes the type can hold (so inputs reach the config and the loader), sometimes not.
+    fits = draw(st.integers(0, 4)) > 0
+    hidden = draw(st.sampled_from((256,) if fits and block > 64 else (32, 64, 256)))
     n_heads = draw(st.sampled_from((1, 2, 4)))
-    n_kv = draw(st.sampled_from((1, 2, 4)))
-    head_dim = draw(st.sampled_from((hidden // n_heads, 8, 16, 3)))
-    ffn = draw(st.sampled_from((32, 64, 256)))
+    n_kv = draw(st.sampled_from((1, 2, 4) if not fits else (1, n_heads)))
+    head_dim = hidden // n_heads if fits else draw(st.sampled_from((hidden // n_heads, 8, 16, 3)))
+    ffn = draw(st.sampled_from((256,) if fits and block > 64 else (32, 64, 256)))
     vocab = draw(st.integers(3, 40))
     tied = draw(st.booleans())
-    qtype = draw(st.sampled_from(QUANT_POOL))
     meta: dict[str, tuple[int, Any]] = {
         f"{arch}.block_count": (4, n_layers),
         f"{arch}.context_length": (4, draw(st.sampled_from((1, 64, 4096, U32_MAX)))),
