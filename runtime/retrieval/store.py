@@ -130,7 +130,14 @@ class Store:
                 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (document_id);
                 """
             )
-            if not self.db["chunks_fts"].exists():
+            # sqlite-utils creates the FTS table and its triggers in separate scripts: a process killed in
+            # between left an FTS table without triggers, which was never repaired. Rebuild it whole.
+            triggers = {"chunks_ai", "chunks_ad", "chunks_au"}
+            if not (self.db["chunks_fts"].exists() and triggers <= set(self.db.triggers_dict)):
+                self.db.executescript(
+                    "".join(f"DROP TRIGGER IF EXISTS {t};" for t in sorted(triggers))
+                    + "DROP TABLE IF EXISTS chunks_fts;"
+                )
                 self.db["chunks"].enable_fts(["text"], create_triggers=True, tokenize="porter")
             self.db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
