@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def printable(text: str) -> str:
+    """One line with control characters escaped: error messages quote names read from untrusted files
+    (a metadata key with a newline or a terminal escape sequence must not break or drive the terminal)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -217,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in RETRIEVAL:
             return RETRIEVAL[args.command](args)
     except RipelmError as e:
-        print(f"ripe: error: {e}", file=sys.stderr)
+        print(f"ripe: error: {printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -10,6 +10,7 @@ default; `--api-key` requires `Authorization: Bearer KEY`.
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -21,9 +22,13 @@ from typing import Any
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
 from ripelm.models.errors import RipelmError
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
+from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
 
 MAX_BODY = 16 << 20
+# Seconds a connection may sit silent (a client that opens a socket and sends nothing would otherwise hold
+# its handler thread forever); also bounds a write to a client that stopped reading.
+SOCKET_TIMEOUT = 120.0
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -31,6 +36,13 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.kind = status, kind
+
+
+def generation_error(e: RipelmError) -> ApiError:
+    """An error raised while generating (the KV pool cannot hold the sequence...), as an API error."""
+    if isinstance(e, ContextOverflowError):
+        return ApiError(400, str(e))
+    return ApiError(500, str(e), "server_error")
 
 
 def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingParams:
@@ -156,6 +168,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "ripe"
+        timeout = SOCKET_TIMEOUT
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet; one line per request
             pass
@@ -174,7 +187,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
         def _authorized(self) -> bool:
             if api_key is None:
                 return True
-            return self.headers.get("Authorization", "") == f"Bearer {api_key}"
+            given = self.headers.get("Authorization", "").encode("utf-8", "replace")
+            return hmac.compare_digest(given, f"Bearer {api_key}".encode())  # no timing side channel
 
         def do_GET(self) -> None:
             if not self._authorized():
@@ -216,10 +230,13 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
 
         def _complete(self, kind: str, ids: list[int], params: SamplingParams) -> None:
             parts, stats = [], GenerationStats()
-            for ev in api.events(ids, params, threading.Event()):
-                parts.append(ev.text)
-                if ev.done and ev.stats is not None:
-                    stats = ev.stats
+            try:
+                for ev in api.events(ids, params, threading.Event()):
+                    parts.append(ev.text)
+                    if ev.done and ev.stats is not None:
+                        stats = ev.stats
+            except RipelmError as e:  # nothing was sent yet: the client gets a JSON error, not a reset
+                return self._error(generation_error(e))
             text = "".join(parts)
             finish = FINISH.get(stats.finish_reason, "stop")
             choice: dict[str, Any] = (
@@ -275,12 +292,26 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                             last["choices"], last["usage"] = [], _usage(ev.stats)
                             send(last)
                 send("[DONE]")
-            except (BrokenPipeError, ConnectionResetError):
+            except RipelmError as e:  # headers are out: end the stream with an error event
+                err = generation_error(e)
+                try:
+                    send({"error": {"message": str(err), "type": err.kind, "code": err.status}})
+                    send("[DONE]")
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                    pass
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 cancel.set()  # the client left: stop generating and free its blocks
             finally:
                 events.close()  # type: ignore[attr-defined]
 
     return Handler
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of concurrent clients (64 in the load test) had
+    # connections reset before a handler thread could accept them.
+    request_queue_size = 128
+    daemon_threads = True
 
 
 class Server:
@@ -297,7 +328,7 @@ class Server:
         embeddings: EmbeddingsApi | None = None,
     ):
         self.api = Api(backend, model_name, embeddings)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.api, api_key))
+        self.httpd = _HTTPServer((host, port), make_handler(self.api, api_key))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread: threading.Thread | None = None

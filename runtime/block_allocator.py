@@ -122,6 +122,8 @@ class BlockAllocator:
             self._ref(best)
             table.blocks.append(best)
             n += best_len
+            if best_len == bs:  # a full block (an uncached twin) found through the tail index
+                table.hashes.append(self.hash_fn(prefix, self.blocks[best].token_ids))
         table.num_tokens = n
         return table
 

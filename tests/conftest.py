@@ -30,3 +30,13 @@ def tiny_model_factory(
 ) -> Callable[..., Path]:
     """``factory(**build_tiny_model kwargs) -> Path``: one file per configuration for the whole session."""
     return tiny_model_factory_for(tmp_path_factory)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long `fuzz` runs (fuzzing campaigns, many-kill crash tests) only run when asked: `-m fuzz`."""
+    if "fuzz" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long run: select it with -m fuzz")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)

@@ -8,7 +8,9 @@ Anything we cannot or should not read raises :class:`SkipFile` with a short reas
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -140,17 +142,40 @@ def load(path: Path, data: bytes | None = None) -> LoadedFile:
 
 
 def read_bytes(path: Path, kind: str | None = None) -> bytes:
+    """The file's bytes, or SkipFile for anything that is not a readable regular file within the limit.
+
+    The file is opened non-blocking and checked with fstat on that descriptor: a FIFO named notes.txt
+    would otherwise block the open (or read) forever, and a device (a symlink to /dev/zero) never ends.
+    """
     limit = MAX_PDF_BYTES if (kind or kind_of(path)) == "pdf" else MAX_TEXT_BYTES
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise SkipFile(f"too large ({size / 1e6:.0f} MB > {limit / 1e6:.0f} MB)")
-        with open(path, "rb") as f:
-            return f.read(limit + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SkipFile(f"not a regular file ({_file_kind(st.st_mode)})")
+            if st.st_size > limit:
+                raise SkipFile(f"too large ({st.st_size / 1e6:.0f} MB > {limit / 1e6:.0f} MB)")
+            data = f.read(limit + 1)
+            if len(data) > limit:  # it grew after the check
+                raise SkipFile(f"too large (over {limit / 1e6:.0f} MB)")
+            return data
     except PermissionError:
         raise SkipFile("permission denied") from None
     except OSError as e:
         raise SkipFile(f"unreadable ({e.strerror or e})") from None
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "special"
 
 
 _MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
