@@ -206,23 +206,35 @@ def _stream_body(
         leave=False,
     )
     got = offset
+    what = f"the download of {label} ({part})"
+    f = None
     try:
-        with open(part, "r+b" if offset else "wb") as f:
+        try:
+            f = open(part, "r+b" if offset else "wb")
             f.seek(offset)
             f.truncate()
-            for chunk in r.iter_bytes():
-                try:
-                    f.write(chunk)
-                except OSError as e:
-                    raise disk_error(e, f"the download of {label} ({part})") from e
-                h.update(chunk)
-                got += len(chunk)
-                bar.update(len(chunk))
+        except OSError as e:
+            raise disk_error(e, what) from e
+        for chunk in r.iter_bytes():
             try:
-                f.flush()
+                f.write(chunk)
             except OSError as e:
-                raise disk_error(e, f"the download of {label} ({part})") from e
+                raise disk_error(e, what) from e
+            h.update(chunk)
+            got += len(chunk)
+            bar.update(len(chunk))
+        try:
+            f.flush()
+        except OSError as e:
+            raise disk_error(e, what) from e
     finally:
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                # Closing flushes what is still buffered; on a full disk that fails again, and the error
+                # already raised (a DiskFullError) is the one to report, not this repeat.
+                pass
         bar.close()
     return got
 
