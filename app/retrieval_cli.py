@@ -141,19 +141,10 @@ def cmd_index(args: argparse.Namespace) -> int:
                     chunk_size=args.chunk_size,
                     chunk_overlap=args.overlap,
                 )
-            elif c.fingerprint != info.fingerprint:
-                if not args.rebuild:
-                    raise EmbedderMismatchError(
-                        f"collection '{c.name}' was built with {c.embedder}; indexing with {info.name} would "
-                        "mix vectors from two models. Re-run with --rebuild to re-embed everything."
-                    )
-                c = st.clear(
-                    c,
-                    embedder=info.name,
-                    embedder_path=str(emb.path),
-                    fingerprint=info.fingerprint,
-                    dim=info.dim,
-                    matryoshka=info.matryoshka,
+            elif c.fingerprint != info.fingerprint and not args.rebuild:
+                raise EmbedderMismatchError(
+                    f"collection '{c.name}' was built with {c.embedder}; indexing with {info.name} would "
+                    "mix vectors from two models. Re-run with --rebuild to re-embed everything."
                 )
             elif args.rebuild:
                 c = st.clear(

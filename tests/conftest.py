@@ -32,6 +32,18 @@ def tiny_model_factory(
     return tiny_model_factory_for(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def backend(tiny_model_factory):
+    """The batched engine on a 2-layer Q4_0 tiny model, 1k context (the chat app's tests drive it)."""
+    from ripelm.runtime.engine_backend import EngineBackend
+
+    b = EngineBackend(
+        tiny_model_factory(qtype="Q4_0", n_layers=2), device="cpu", n_ctx=1024, kv_memory=32 << 20
+    )
+    yield b
+    b.close()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Long `fuzz` runs (fuzzing campaigns, many-kill crash tests) only run when asked: `-m fuzz`."""
     if "fuzz" in (config.getoption("markexpr") or ""):

@@ -194,8 +194,11 @@ def test_mutation_corpus_bounded(seeds: list[Seed], tmp_path: Path) -> None:
     assert camp.outcomes["format"] > camp.cases // 2  # most mutations must be caught
 
 
-_HYP = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+_HYP = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _hypothesis_case(tmp_path: Path, data: bytes) -> None:

@@ -132,9 +132,7 @@ def test_sigkill_index_ten_times(tmp_path: Path) -> None:
 
 @pytest.mark.fuzz
 def test_sigkill_index_many_times(tmp_path: Path) -> None:
-    figures = kill_campaign(
-        tmp_path, kills=int(os.environ.get("RIPELM_KILLS", "100")), seed=2026, n_files=24
-    )
+    figures = kill_campaign(tmp_path, kills=int(os.environ.get("RIPELM_KILLS", "100")), seed=2026, n_files=24)
     print(f"\nindex kills: {figures}")
     assert figures["mid_job_kills"] >= figures["kills"] // 4
 

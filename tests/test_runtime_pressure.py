@@ -15,11 +15,11 @@ import random
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from polling import wait_until
 
 from ripelm.models.errors import ModelNotFoundError, RipelmError
 from ripelm.runtime.backend import stream
@@ -50,15 +50,6 @@ def _per_block(path: Path) -> int:
 
     cfg = check_supported(open_gguf(path))
     return 2 * cfg.n_layers * BLOCK * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
-
-
-def wait_until(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def idle(engine: Engine) -> bool:

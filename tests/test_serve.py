@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
+from polling import wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -39,15 +39,6 @@ def served(tiny_path):
 
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def chat(c: openai.OpenAI, text: str, *, stream: bool, max_tokens: int = 12) -> str:

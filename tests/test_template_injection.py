@@ -79,8 +79,7 @@ ESCAPES = [
     "{{ cycler.__init__.__globals__.os.mkdir(target) }}",
     "{{ '{0.__globals__[os]}'.format(lipsum) }}{{ lipsum.__globals__.os.mkdir(target) }}",
     "{{ '%s'|format(cycler.__init__.__globals__.os.mkdir(target)) }}",
-    "{{ ''.__class__.__mro__[1].__subclasses__()|length }}"
-    "{{ cycler.__init__.__globals__.os.mkdir(target) }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__()|length }}{{ cycler.__init__.__globals__.os.mkdir(target) }}",
     "{{ messages|map(attribute='__class__')|list }}{{ cycler.__init__.__globals__.os.mkdir(target) }}",
     "{{ (messages|selectattr('__class__')|list) }}{{ cycler.__init__.__globals__.os.mkdir(target) }}",
     "{{ messages|sort(attribute='__class__.__name__')|list }}"

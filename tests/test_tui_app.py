@@ -24,15 +24,6 @@ SIZE = (100, 30)
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_factory):
-    b = EngineBackend(
-        tiny_model_factory(qtype="Q4_0", n_layers=2), device="cpu", n_ctx=1024, kv_memory=32 << 20
-    )
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
 def long_backend(tiny_model_factory):
     """For tests that act while a reply streams: a reply long enough (several seconds even on a fast
     machine) that it is still streaming when they act. A random-weight model emits an end-of-generation

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from retrieval_helpers import make_home, ripe
 from tui_helpers import idle, wait_until
 
 from ripelm.chat_store import ChatStore
-from ripelm.runtime.engine_backend import EngineBackend
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.app import RipeApp
 from ripelm.tui.backends import BackendPool
@@ -21,15 +19,6 @@ DOC = "".join(f"Line {i} of the notes.\n" for i in range(1, 6)) + (
     "The paged KV cache stores keys and values in fixed-size blocks.\n"
     "A block table maps each sequence to its blocks.\n"
 )
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_model_factory):
-    b = EngineBackend(
-        tiny_model_factory(qtype="Q4_0", n_layers=2), device="cpu", n_ctx=1024, kv_memory=32 << 20
-    )
-    yield b
-    b.close()
 
 
 def test_attach_collection_answer_cites_sources(backend, tmp_path, monkeypatch):

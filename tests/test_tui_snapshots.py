@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 from ripelm.chat_store import ChatStore
-from ripelm.runtime.engine_backend import EngineBackend
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.app import RipeApp
 from ripelm.tui.backends import BackendPool
@@ -26,15 +25,6 @@ MODELS = [
     ("smollm2:135m", "smollm2:135m  (bundled, 92 MB)"),
     ("qwen2.5:0.5b", "qwen2.5:0.5b  (pull, 398 MB)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_model_factory):
-    b = EngineBackend(
-        tiny_model_factory(qtype="Q4_0", n_layers=2), device="cpu", n_ctx=1024, kv_memory=32 << 20
-    )
-    yield b
-    b.close()
 
 
 @pytest.fixture
