@@ -39,17 +39,29 @@ def pad_keys(k: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([k, pad], dim=-2)
 
 
+def decode_mask(lengths: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, P] additive mask (0 for the first lengths[b] keys of a row, -inf after) in the query
+    dtype: SDPA would otherwise turn a boolean mask into this on every call."""
+    keep = torch.arange(p, device=lengths.device)[None, :] < lengths[:, None]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=lengths.device).masked_fill_(~keep, float("-inf"))
+    return mask[:, None, None, :]
+
+
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence: q [B, H, D]; k, v [B, KV, P, D] with P >= decode_bucket of every row's
     length (a multiple of DECODE_PAD); lengths [B] valid keys per row (the rest is masked, whatever it
-    holds, but must be finite). Returns [B, H, D]."""
-    p = k.shape[-2]
-    mask = (torch.arange(p, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
+    holds, but must be finite); `mask` is `decode_mask(lengths, P, q.dtype)` when the caller has it
+    already (a decode step reuses one mask in every layer). Returns [B, H, D]."""
+    if mask is None:
+        mask = decode_mask(lengths, k.shape[-2], q.dtype)
     gqa = q.shape[1] != k.shape[1]
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=gqa)
-    return out[:, :, 0]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=gqa)[:, :, 0]
 
 
 def attention(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ripelm.kernels.attention import DECODE_PAD, attention, decode_attention
+from ripelm.kernels.attention import DECODE_PAD, attention, decode_attention, decode_mask
 
 
 @dataclass
@@ -35,6 +35,7 @@ class DecodeGroup:
     # slice of consecutive pool blocks for a lone sequence (read in place, no copy)
     blocks: torch.Tensor | slice
     lengths: torch.Tensor  # [B] keys each row sees
+    mask: torch.Tensor | None = None  # `decode_mask`, built at the first layer, reused by the others
 
 
 @dataclass
@@ -163,7 +164,15 @@ def _decode_group(
         b = g.blocks.shape[0]
         k = k_pool.index_select(0, g.blocks.view(-1)).view(b, -1, kv, d)
         v = v_pool.index_select(0, g.blocks.view(-1)).view(b, -1, kv, d)
-    return decode_attention(q, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), g.lengths)
+    k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    return decode_attention(q, k, v, g.lengths, group_mask(g, k.shape[-2], q.dtype))
+
+
+def group_mask(g: DecodeGroup, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """The group's decode mask over p padded keys, made once per step."""
+    if g.mask is None or g.mask.dtype != dtype:
+        g.mask = decode_mask(g.lengths, p, dtype)
+    return g.mask
 
 
 def paged_attention_reference(

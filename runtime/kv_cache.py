@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ripelm.kernels.attention import attention, decode_bucket
+from ripelm.kernels.attention import attention, decode_attention, decode_bucket
 from ripelm.kernels.paged_attention import (
+    DecodeGroup,
     PagedBatch,
+    group_mask,
     paged_attention,
     paged_attention_blockwise,
-    write_kv,
 )
 from ripelm.runtime.block_allocator import BlockAllocator, chain_hash
 from ripelm.runtime.errors import BadSettingError, ContextOverflowError
@@ -98,6 +99,18 @@ class PagedKVCache:
         self.k = alloc(shape, dtype=dtype, device=device)
         self.v = alloc(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size, hash_fn)
+        # Per layer: the block-shaped pools and the same memory as flat [slots, KV, D] rows, made once
+        # (a decode step reads them 30 times; views cost about a microsecond each).
+        self.layers = [
+            (
+                self.k[i],
+                self.v[i],
+                self.k[i].view(-1, n_kv_heads, head_dim),
+                self.v[i].view(-1, n_kv_heads, head_dim),
+            )
+            for i in range(n_layers)
+        ]
+        self._run_views: tuple[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @staticmethod
     def bytes_per_block(
@@ -115,6 +128,18 @@ class PagedKVCache:
     def step(self, batch: PagedBatch) -> PagedStep:
         return PagedStep(self, batch)
 
+    def run_views(self, blocks: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, head-major [1, KV, P, D] views of a run of consecutive blocks. The last run is kept:
+        a lone sequence decodes over the same run for DECODE_PAD steps."""
+        key = (blocks.start, blocks.stop)
+        if self._run_views is None or self._run_views[0] != key:
+            views = [
+                (k[blocks].flatten(0, 1)[None].transpose(1, 2), v[blocks].flatten(0, 1)[None].transpose(1, 2))
+                for k, v, _, _ in self.layers
+            ]
+            self._run_views = (key, views)
+        return self._run_views[1]
+
 
 class PagedStep:
     """One forward over several sequences: write each layer's new K/V rows, attend over each history."""
@@ -123,10 +148,28 @@ class PagedStep:
         self.cache = cache
         self.batch = batch
         self.blockwise = cache.device.type != "cpu"
+        # The common case, one sequence decoding over consecutive blocks: its history is read in place
+        # through views made once for all layers.
+        groups = batch.decode_groups
+        self.lone: tuple[list[tuple[torch.Tensor, torch.Tensor]], DecodeGroup] | None = None
+        if (
+            not self.blockwise
+            and len(groups) == 1
+            and not batch.multi
+            and isinstance(groups[0].blocks, slice)
+        ):
+            self.lone = (cache.run_views(groups[0].blocks), groups[0])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kp, vp = self.cache.k[layer], self.cache.v[layer]
-        write_kv(kp, vp, self.batch.slot_mapping, k, v)
+        kp, vp, k_rows, v_rows = self.cache.layers[layer]
+        k_rows.index_copy_(0, self.batch.slot_mapping, k.to(k_rows.dtype))  # `write_kv`, inlined
+        v_rows.index_copy_(0, self.batch.slot_mapping, v.to(v_rows.dtype))
+        if self.lone is not None:
+            views, group = self.lone
+            k_all, v_all = views[layer]
+            return decode_attention(
+                q, k_all, v_all, group.lengths, group_mask(group, k_all.shape[-2], q.dtype)
+            )
         if self.blockwise:
             return paged_attention_blockwise(q, kp, vp, self.batch)
         return paged_attention(q, kp, vp, self.batch)
