@@ -146,3 +146,32 @@ def test_blockwise_on_cuda_matches_reference():
     ref = paged_attention_reference(q.cpu(), kp.cpu(), vp.cpu(), make_batch([5, 17, 30, 2], [1, 4, 1, 2]))
     got = paged_attention_blockwise(q, kp, vp, batch).cpu()
     assert (got.float() - ref.float()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_lone_decode_step_reads_the_pool_in_place_like_the_general_path(dtype):
+    """`PagedStep` reads a lone sequence's consecutive blocks through views kept across steps; every layer
+    must write the new row and attend exactly as `write_kv` + `paged_attention` do, and a longer history
+    (a new block run) must not reuse the old views."""
+    from ripelm.runtime.kv_cache import PagedKVCache
+
+    layers = 3
+    cache = PagedKVCache(layers, NB, KV, D, block_size=BS, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(dtype))
+    for n in (7, 8, 9, 30):  # 9 starts a third block of 4; 30 an eighth
+        batch = PagedBatch(BS, [list(range(2, 2 + -(-n // BS)))], [1], [n], num_blocks=NB)
+        step = cache.step(batch)
+        assert step.lone is not None
+        for layer in range(layers):
+            q = torch.randn(1, H, D, generator=g).to(dtype)
+            k_new, v_new = (
+                torch.randn(1, KV, D, generator=g).to(dtype),
+                torch.randn(1, KV, D, generator=g).to(dtype),
+            )
+            kp, vp = cache.k[layer].clone(), cache.v[layer].clone()
+            write_kv(kp, vp, batch.slot_mapping, k_new, v_new)
+            expected = paged_attention(q, kp, vp, PagedBatch(BS, batch.block_tables, [1], [n], num_blocks=NB))
+            assert torch.equal(step.attend(layer, q, k_new, v_new), expected), (n, layer)
+            assert torch.equal(cache.k[layer], kp) and torch.equal(cache.v[layer], vp)
