@@ -121,6 +121,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         logits = penalized_logits(logits.cpu(), self.params, [history])
         if self.params.greedy:
-            return int(torch.argmax(logits))
+            # numpy's argmax (first maximum, like torch's) takes ~3 us on a 49k vocabulary, torch's ~70 us
+            return int(logits.float().numpy().argmax())
         probs = filtered_probs(logits, self.params)
         return int(torch.multinomial(probs, 1, generator=self.generator))
