@@ -176,6 +176,7 @@ def test_sigkill_chatting_at_random_points(tiny_model_factory, tmp_path):
 
 
 @pytest.mark.fuzz
+@pytest.mark.timeout(3600)  # ~7 min for 100 kills on one free core; more on a busy one
 def test_sigkill_chatting_many_times(tiny_model_factory, tmp_path):
     kills = int(os.environ.get("RIPELM_KILLS", "100"))
     figures = chat_kill_campaign(tiny_model_factory(qtype="Q4_0", n_layers=2), tmp_path, kills, seed=2026)
