@@ -63,8 +63,35 @@ def test_messages_and_partial_reply(store, tmp_path):
 
 def test_wal_and_synchronous(store):
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store.integrity() == "ok"
+
+
+def test_only_streaming_checkpoints_commit_without_a_flush(store):
+    """Each COMMIT with the synchronous level it ran under: FULL (flushed) for a sent message, a new chat
+    and a finished reply, NORMAL for the checkpoints of a reply that is still streaming."""
+    level = ["FULL"]
+    commits: list[str] = []
+
+    def trace(sql: str) -> None:
+        words = sql.upper().replace("=", " ").split()
+        if words[:2] == ["PRAGMA", "SYNCHRONOUS"] and len(words) == 3:
+            level[0] = words[2]
+        elif words[:1] == ["COMMIT"]:
+            commits.append(level[0])
+
+    store.db.conn.set_trace_callback(trace)
+    c = store.new_chat()
+    store.add_message(c.id, "user", "hello")
+    r = store.start_reply(c.id)
+    store.save_reply(r.id, "Hel")
+    store.save_reply(r.id, "Hello th")
+    store.save_reply(r.id, "Hello there.", state=DONE)
+    store.rename_chat(c.id, "greetings")
+    store.db.conn.set_trace_callback(None)
+    assert commits == ["FULL", "FULL", "FULL", "NORMAL", "NORMAL", "FULL", "FULL"]
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store.message(r.id).content == "Hello there."
 
 
 def test_forward_migration_keeps_data(tmp_path):

@@ -5,6 +5,7 @@ database. Skipped without tmux."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -82,3 +83,73 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     assert msgs[1].content == answer and msgs[2].content == "Write a long story about a dragon."
     assert len(msgs) == 3 or (msgs[3].state == PARTIAL and len(msgs[3].content) > 40)
     store.close()
+
+
+Row = tuple[int, str, str, str]  # a stored message: id, role, content, state
+
+
+def stored_messages(db: Path) -> list[Row]:
+    """The messages of the most recently used chat (the one the app opens)."""
+    if not db.is_file():
+        return []
+    store = ChatStore(db)
+    try:
+        chats = store.chats()[:1]
+        return [(m.id, m.role, m.content, m.state) for c in chats for m in store.messages(c.id)]
+    finally:
+        store.close()
+
+
+def app_run(cmd: str, session: str, db: Path, question: str, kill_after: float | None) -> list[Row]:
+    """Start the app in tmux, check it shows a reply cut off by the last kill as interrupted, send
+    `question`; then SIGKILL it `kill_after` seconds later (returns the messages stored just before the
+    kill), or with None let the reply finish."""
+    tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "40", cmd)
+    try:
+        poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
+        last = stored_messages(db)[-1:]
+        if last and last[0][1] == "assistant" and last[0][3] == PARTIAL:
+            poll(lambda: "Assistant (interrupted)" in screen(session), 10, "the interrupted reply shown")
+        pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
+        tmux("send-keys", "-t", session, question, "Enter")
+        poll(lambda: any(m[2] == question for m in stored_messages(db)), 30, "the message to be stored")
+        if kill_after is None:
+            poll(
+                lambda: [m[1::2] for m in stored_messages(db)[-1:]] == [("assistant", DONE)], 60, "the reply"
+            )
+            return stored_messages(db)
+        time.sleep(kill_after)  # the kill moment is what is random here; this is not a wait for a state
+        before = stored_messages(db)
+        os.kill(pid, signal.SIGKILL)
+        return before
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_ripe_chat_killed_at_random_and_restarted(tiny_model_factory, tmp_path):
+    """The real app on a tiny model, SIGKILLed three times at a random moment after a message is sent: after
+    each kill the database is sound and holds every message it held just before the kill (a streaming reply
+    at least as long), and the restarted app opens the same chat, shows a cut-off reply as interrupted and
+    carries on; the last run finishes a reply."""
+    if not RIPE.is_file():
+        pytest.skip("the ripe script is not installed next to this python")
+    model = tiny_model_factory(qtype="Q4_0", n_layers=2)
+    db = tmp_path / "chats.db"
+    cmd = f"env RIPELM_HOME={tmp_path} TERM=xterm-256color {RIPE} chat --model {model} --temp 0.9 -n 120"
+    rng = random.Random(8)
+    for run in range(3):
+        before = app_run(
+            cmd, f"ripe-kill-{os.getpid()}-{run}", db, f"question number {run}", rng.uniform(0, 1)
+        )
+        store = ChatStore(db)
+        assert store.integrity() == "ok"
+        store.close()
+        after = stored_messages(db)
+        grew = len(after) == len(before) + 1 and after[-1][1] == "assistant"  # a reply started at the kill
+        assert len(after) == len(before) or grew
+        for (i, role, content, state), now in zip(before, after, strict=False):
+            assert now[:2] == (i, role)
+            assert now[2] == content or (state == PARTIAL and now[2].startswith(content)), (content, now)
+    app_run(cmd, f"ripe-kill-{os.getpid()}-last", db, "question number 3", None)
+    users = [m[2] for m in stored_messages(db) if m[1] == "user"]
+    assert users == [f"question number {i}" for i in range(4)]

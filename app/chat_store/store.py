@@ -1,10 +1,12 @@
 """The chat history: chats and their messages in SQLite (sqlite-utils), `chats.db` under the data dir.
 
-Durability: WAL with `synchronous=NORMAL`. Every committed transaction is in the WAL file before
-`COMMIT` returns, so a killed process (SIGKILL, a crash, a closed terminal) loses nothing that was
-committed and never leaves a torn database; only an OS crash or power cut can lose the last few
-commits (never corrupting the file). FULL would add an fsync to every commit, which buys safety only
-against power loss and costs a disk flush per streamed-reply checkpoint, so NORMAL is the choice.
+Durability: WAL, and every write is one transaction, so a killed process (SIGKILL, a crash, a closed
+terminal) never leaves a torn database and loses nothing whose `COMMIT` returned. What the user cannot get
+back (a sent message, a finished reply, a chat created, changed or deleted) commits with
+`synchronous=FULL`, flushed to disk before `COMMIT` returns, so it survives a power cut too. The
+checkpoints of a reply still streaming commit with `synchronous=NORMAL` (no flush): a power cut can only
+take that reply back to an earlier checkpoint, and the next FULL commit flushes them along. A flush costs
+milliseconds; on every checkpoint it would stall the UI thread several times a second for nothing.
 
 A streaming reply is stored as a "partial" message right away and rewritten (one small transaction)
 at checkpoints while it streams, then marked done/cancelled/error when it ends.
@@ -72,7 +74,7 @@ class ChatStore:
             self.db = sqlite_utils.Database(self.path)
             with self.db.ensure_autocommit_on():
                 self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA busy_timeout=5000")
             found = schema_version(self.db)
@@ -179,13 +181,21 @@ class ChatStore:
     def save_reply(
         self, message_id: int, content: str, *, state: str = PARTIAL, stats: dict[str, Any] | None = None
     ) -> None:
+        """Rewrite a streaming reply: a checkpoint (state "partial") without a disk flush, the final text
+        and state with one (see the module docstring)."""
         if state not in STATES:
             raise ValueError(f"unknown message state {state!r}")
-        with self.db.atomic():
-            self.db.execute(
-                "UPDATE messages SET content = ?, state = ?, stats = coalesce(?, stats) WHERE id = ?",
-                [content, state, json.dumps(stats) if stats is not None else None, message_id],
-            )
+        if state == PARTIAL:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self.db.atomic():
+                self.db.execute(
+                    "UPDATE messages SET content = ?, state = ?, stats = coalesce(?, stats) WHERE id = ?",
+                    [content, state, json.dumps(stats) if stats is not None else None, message_id],
+                )
+        finally:
+            if state == PARTIAL:
+                self.db.execute("PRAGMA synchronous=FULL")
 
     def set_sources(self, message_id: int, sources: list[dict[str, Any]]) -> None:
         with self.db.atomic():
