@@ -5,6 +5,10 @@ called from any thread (the UI's): on the native engine it cancels the engine re
 engine drops the sequence at its next step boundary, and returns the engine's acknowledgement event
 (set once the request's KV blocks are freed). Other engines stop at the next token; their
 acknowledgement is set when the stream has ended.
+
+`RemoteGeneration` is the same for a server engine (`takes_messages`, `--engine openai`): it sends the
+chat messages, the server renders the template, and a cancel drops the connection at the next chunk,
+which stops the server's work.
 """
 
 from __future__ import annotations
@@ -77,4 +81,32 @@ class Generation:
             req = self._request
         if req is not None:
             return req.cancel()
+        return self.ended
+
+
+class RemoteGeneration:
+    """A reply from an OpenAI-compatible server: `events()`, `cancel()` and `stats` as in `Generation`."""
+
+    def __init__(self, backend: Any, messages: list[dict[str, str]], params: SamplingParams):
+        self.backend = backend
+        self.messages = messages
+        self.params = params
+        self.cancel_requested = threading.Event()
+        self.ended = threading.Event()
+        self.stats: GenerationStats | None = None
+
+    def events(self) -> Iterator[TokenEvent]:
+        try:
+            for ev in self.backend.stream_chat(self.messages, self.params, self.cancel_requested):
+                if ev.done and ev.stats is not None:
+                    if self.cancel_requested.is_set():
+                        ev.stats.finish_reason = "cancelled"
+                    self.stats = ev.stats
+                yield ev
+        finally:
+            self.ended.set()
+
+    def cancel(self) -> threading.Event:
+        """Stop at the next chunk; the returned event is set once the connection is closed."""
+        self.cancel_requested.set()
         return self.ended
