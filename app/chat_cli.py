@@ -79,12 +79,9 @@ def open_pool(args: argparse.Namespace, cfg: Any) -> tuple[BackendPool, list[tup
     that cannot be reached is one error line. With `--engine openai` the models are the server's."""
     from ripelm.commands import open_from_args
     from ripelm.models.store import BUNDLED_NAME, list_models
-    from ripelm.runtime.errors import BackendError
     from ripelm.tui.backends import BackendPool, ServerModels
 
     if (args.engine or cfg.engine) == "openai":
-        if args.draft:
-            raise BackendError("--draft is for the local engines; with --engine openai the server decodes")
         servers = ServerModels(
             lambda model: open_from_args(argparse.Namespace(**{**vars(args), "model": model or args.model}))
         )

@@ -1,11 +1,17 @@
 """The chat app over `--engine openai`, driven with Pilot and wired as `ripe chat` wires it (`open_pool` from
 the parsed command line): against `ripe serve` running as a separate process (a full reply stored in
 the chat DB, Esc mid-stream keeping the partial text), against a server that goes down (one error in
-the app, which goes on), and against llama-cpp-python's own server."""
+the app, which goes on), a server that stalls mid-reply (Esc still stops at once), and against
+llama-cpp-python's own server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from openai_servers import free_port, llama_cpp_server, ripe_serve
@@ -125,7 +131,7 @@ def test_escape_stops_a_reply_from_ripe_serve_and_keeps_the_text(served, home):
             chat = app.chat.id
             await pilot.press("escape")
             await wait_until(pilot, lambda: bool(app.cancel_latencies_s), timeout=10, what="cancel ack")
-            print(f"Esc to the closed connection: {app.cancel_latencies_s[0] * 1000:.1f} ms")
+            print(f"Esc to the end of the reply: {app.cancel_latencies_s[0] * 1000:.1f} ms")
             await wait_until(pilot, lambda: idle(app), what="the reply to end")
             reply = app.store.messages(chat)[-1]
             assert reply.state == CANCELLED and len(reply.content) > 40  # the partial text is kept
@@ -141,8 +147,11 @@ def test_escape_stops_a_reply_from_ripe_serve_and_keeps_the_text(served, home):
 
 
 def test_a_server_that_goes_down_is_one_error_in_the_app(tiny_model_factory, home):
+    down = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(BackendError, match="cannot reach the server"):  # down at start: `ripe: error: ...`
-        open_app(home, "--base-url", f"http://127.0.0.1:{free_port()}/v1")
+        open_app(home, "--base-url", down)
+    with pytest.raises(BackendError, match="--draft is for the local engines"):
+        open_app(home, "--base-url", down, "--draft", "auto")
     with ripe_serve(tiny_model_factory(qtype="Q4_0", n_layers=2), home / "serve") as (url, proc):
         app = open_app(home, "--base-url", url, "--max-tokens", "4")
 
@@ -189,4 +198,75 @@ def test_the_app_against_llama_cpp_server(bundled_model_path, home):
         try:
             asyncio.run(go())
         finally:
+            close(app)
+
+
+@contextmanager
+def stalling_server() -> Iterator[tuple[str, threading.Event]]:
+    """A server that lists one model, starts a streamed chat reply with one chunk and then goes silent
+    until released (a hung server, or one in a long prefill): fault injection at the HTTP level."""
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = json.dumps({"object": "list", "data": [{"id": "stuck", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            choice = {"index": 0, "delta": {"content": "Once upon"}, "finish_reason": None}
+            chunk = {
+                "id": "1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "stuck",
+                "choices": [choice],
+            }
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            release.wait(60)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", release
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_escape_stops_a_reply_from_a_server_gone_silent(home):
+    with stalling_server() as (url, release):
+        app = open_app(home, "--base-url", url)
+
+        async def go() -> None:
+            async with app.run_test(size=SIZE) as pilot:
+                await send(pilot, app, "Tell me a story")
+                await wait_until(pilot, lambda: app.reply.recorder.content == "Once upon", what="a chunk")
+                await pilot.press("escape")
+                await wait_until(pilot, lambda: idle(app), timeout=5, what="the reply to stop")
+                reply = app.store.messages(app.chat.id)[-1]
+                assert reply.state == CANCELLED and reply.content == "Once upon"
+                assert reply.stats["finish_reason"] == "cancelled" and reply.stats["generated_tokens"] == 1
+                await send(pilot, app, "Another one")  # the app takes the next message
+                assert app.reply is not None
+                await pilot.press("escape")
+                await wait_until(pilot, lambda: idle(app), timeout=5, what="the second reply to stop")
+
+        try:
+            asyncio.run(go())
+        finally:
+            release.set()
             close(app)
