@@ -4,7 +4,7 @@ Engine work never runs on the UI's event loop: a reply is generated in a thread 
 `ReplyDelta`/`ReplyDone` messages, and the UI thread renders them and checkpoints the reply into the
 chat store (all database access happens on the UI thread). Esc cancels the engine request directly.
 With a server engine (`--engine openai`) the chat messages go to the server as they are (it renders the
-template and owns the context window), and Esc drops the connection at the next chunk.
+template and owns the context window); Esc ends the reply at once (see `RemoteGeneration`).
 """
 
 from __future__ import annotations
