@@ -157,8 +157,9 @@ class RipeApp(ChatActions, App[None]):
         await conv.mount_all(views)
         if streaming and self.reply is not None and self.reply.chat_id == chat_id:
             view = views[-1]
-            await view.append(self.reply.recorder.content[len(view.content) :])  # what came while mounting
-            self.reply.view = view
+            missing = self.reply.recorder.content[len(view.content) :]  # what came while mounting
+            self.reply.view = view  # before the await: text arriving meanwhile goes to the view too
+            await view.append(missing)
         conv.scroll_end(animate=False)
         self.sub_title = self.chat.title
         await self.query_one(ChatList).show(self.store.chats(self.query_one(ChatList).search), chat_id)
