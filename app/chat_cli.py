@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ripelm.tui.backends import BackendPool
 
 ArgAdder = Callable[[argparse.ArgumentParser], None]
 
@@ -42,30 +46,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def run_app(args: argparse.Namespace) -> int:
     from ripelm.chat_store import ChatStore
-    from ripelm.commands import open_from_args, sampling_from_args
+    from ripelm.commands import sampling_from_args
     from ripelm.config import load_config
-    from ripelm.models.store import BUNDLED_NAME, list_models
-    from ripelm.runtime.errors import BackendError
     from ripelm.tui.app import RipeApp
-    from ripelm.tui.backends import BackendPool
 
     cfg = load_config()
     defaults = sampling_from_args(args)
-    if (args.engine or cfg.engine) == "openai":
-        raise BackendError("the chat app runs local engines; use `ripe chat --plain` with --engine openai")
-    default_model = args.model
-
-    def opener(model: str | None, draft: str | None):
-        chosen = {"model": model or default_model, "draft": draft or args.draft}
-        return open_from_args(argparse.Namespace(**{**vars(args), **chosen}))
-
-    store = ChatStore()
-    pool = BackendPool(opener)
-    pool.get(
-        None, None
-    )  # open the default model before the screen takes over, so a bad flag is one error line
-    choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
+    pool, choices, default_model = open_pool(args, cfg)
+    store: ChatStore | None = None
     try:
+        store = ChatStore()
         app = RipeApp(
             store,
             pool,
@@ -73,10 +63,37 @@ def run_app(args: argparse.Namespace) -> int:
             system=args.system,
             model_choices=choices,
             keymap=cfg.keys,
-            default_model=args.model or cfg.model or BUNDLED_NAME,
+            default_model=default_model,
         )
         app.run()
     finally:
         pool.close()
-        store.close()
+        if store is not None:
+            store.close()
     return 0
+
+
+def open_pool(args: argparse.Namespace, cfg: Any) -> tuple[BackendPool, list[tuple[str, str]], str]:
+    """The app's backends as the flags and config.toml ask, the model picker's choices and the default
+    model's name. The default backend opens now, before the screen takes over, so a bad flag or a server
+    that cannot be reached is one error line. With `--engine openai` the models are the server's."""
+    from ripelm.commands import open_from_args
+    from ripelm.models.store import BUNDLED_NAME, list_models
+    from ripelm.tui.backends import BackendPool, ServerModels
+
+    if (args.engine or cfg.engine) == "openai":
+        servers = ServerModels(
+            lambda model: open_from_args(argparse.Namespace(**{**vars(args), "model": model or args.model}))
+        )
+        pool = BackendPool(servers)
+        backend = pool.get(None, None)
+        return pool, servers.choices(backend.base_url), backend.model
+
+    def opener(model: str | None, draft: str | None):
+        chosen = {"model": model or args.model, "draft": draft or args.draft}
+        return open_from_args(argparse.Namespace(**{**vars(args), **chosen}))
+
+    pool = BackendPool(opener)
+    pool.get(None, None)
+    choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
+    return pool, choices, args.model or cfg.model or BUNDLED_NAME

@@ -46,6 +46,8 @@ def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
     if engine == "openai":
         from ripelm.runtime.openai_backend import OpenAIBackend
 
+        if getattr(args, "draft", None):
+            raise BackendError("--draft is for the local engines; with --engine openai the server decodes")
         base_url = args.base_url or cfg.openai.base_url
         if not base_url:
             raise BackendError(

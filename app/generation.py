@@ -5,11 +5,18 @@ called from any thread (the UI's): on the native engine it cancels the engine re
 engine drops the sequence at its next step boundary, and returns the engine's acknowledgement event
 (set once the request's KV blocks are freed). Other engines stop at the next token; their
 acknowledgement is set when the stream has ended.
+
+`RemoteGeneration` is the same for a server engine (`takes_messages`, `--engine openai`): it sends the
+chat messages and the server renders the template. The stream is read on a thread of its own, so a
+cancel ends the reply at once even while the server is silent (a long prefill, a stalled server); the
+connection is dropped at the server's next chunk, which stops its work.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,4 +84,61 @@ class Generation:
             req = self._request
         if req is not None:
             return req.cancel()
+        return self.ended
+
+
+class RemoteGeneration:
+    """A reply from an OpenAI-compatible server: `events()`, `cancel()` and `stats` as in `Generation`."""
+
+    def __init__(self, backend: Any, messages: list[dict[str, str]], params: SamplingParams):
+        self.backend = backend
+        self.messages = messages
+        self.params = params
+        self.cancel_requested = threading.Event()
+        self.ended = threading.Event()  # `events()` has returned
+        self.stats: GenerationStats | None = None
+        self._queue: queue.SimpleQueue[TokenEvent | BaseException | None] = queue.SimpleQueue()
+
+    def _read(self) -> None:
+        try:
+            for ev in self.backend.stream_chat(self.messages, self.params, self.cancel_requested):
+                self._queue.put(ev)
+        except BaseException as e:  # handed to the reader, which raises it
+            self._queue.put(e)
+
+    def events(self) -> Iterator[TokenEvent]:
+        threading.Thread(target=self._read, name="ripelm-remote-stream", daemon=True).start()
+        t0 = time.perf_counter()
+        t_first: float | None = None
+        pieces = 0
+        try:
+            while True:
+                item = self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:  # cancelled: end with what came (the reader drops the connection later)
+                    stats = GenerationStats(
+                        engine=self.backend.name,
+                        generated_tokens=pieces,  # chunks: the server's token count comes at the end
+                        ttft_s=(t_first - t0) if t_first is not None else 0.0,
+                        total_s=time.perf_counter() - t0,
+                    )
+                    item = TokenEvent("", done=True, stats=stats)
+                elif item.text:
+                    pieces += 1
+                    t_first = t_first if t_first is not None else time.perf_counter()
+                if item.done and item.stats is not None:
+                    if self.cancel_requested.is_set():
+                        item.stats.finish_reason = "cancelled"
+                    self.stats = item.stats
+                yield item
+                if item.done:
+                    return
+        finally:
+            self.ended.set()
+
+    def cancel(self) -> threading.Event:
+        """Stop now; the returned event is set once the reply has ended (what came before is kept)."""
+        self.cancel_requested.set()
+        self._queue.put(None)
         return self.ended

@@ -80,13 +80,17 @@ class OpenAIBackend:
             return BackendError(f"{where} answered HTTP {e.status_code}: {_detail(e)}")
         return BackendError(f"{where} failed: {e}")
 
-    def _first_model(self) -> str:
+    def list_models(self) -> list[str]:
+        """The model ids the server lists at /v1/models."""
         import openai
 
         try:
-            models = [m.id for m in self.client.models.list()]
+            return [m.id for m in self.client.models.list()]
         except openai.OpenAIError as e:
             raise self._error(e) from e
+
+    def _first_model(self) -> str:
+        models = self.list_models()
         if not models:
             raise BackendError(f"the server at {self.base_url} lists no models; pass --model")
         return models[0]

@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from openai_servers import free_port, llama_cpp_server
 
 from ripelm.runtime.errors import BackendError
 from ripelm.runtime.openai_backend import OpenAIBackend, normalize_base_url
@@ -22,48 +19,15 @@ KEY = "test-key-123"
 PROMPT = "What is the capital of France?"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(bundled_model_path: Path, tmp_path_factory):
     pytest.importorskip(
         "uvicorn", reason="llama-cpp-python's server needs the dev extra (uvicorn, fastapi...)"
     )
     pytest.importorskip("sse_starlette")
-    port = _free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path),
-                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
-                "--api_key", KEY,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        req = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"})
-        try:
-            with urllib.request.urlopen(req, timeout=5):
-                break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with llama_cpp_server(bundled_model_path, log, KEY) as url:
+        yield url
 
 
 def ripe(*args: str, home: Path, stdin: str | None = None, env: dict | None = None):
@@ -142,7 +106,7 @@ def test_wrong_key_and_unreachable_server_are_one_line_errors(llama_server, tmp_
         "run", "--engine", "openai", "--base-url", llama_server, "--api-key", "nope", "hi", home=tmp_path
     )
     assert "refused the API key" in one_error_line(bad)
-    down = f"http://127.0.0.1:{_free_port()}/v1"
+    down = f"http://127.0.0.1:{free_port()}/v1"
     gone = ripe("run", "--engine", "openai", "--base-url", down, "hi", home=tmp_path)
     assert "cannot reach the server" in one_error_line(gone)
     none = ripe("run", "--engine", "openai", "hi", home=tmp_path)

@@ -3,6 +3,8 @@
 Engine work never runs on the UI's event loop: a reply is generated in a thread worker that posts
 `ReplyDelta`/`ReplyDone` messages, and the UI thread renders them and checkpoints the reply into the
 chat store (all database access happens on the UI thread). Esc cancels the engine request directly.
+With a server engine (`--engine openai`) the chat messages go to the server as they are (it renders the
+template and owns the context window); Esc ends the reply at once (see `RemoteGeneration`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
 from ripelm.chat_turns import ReplyRecorder, build_prompt, history, sampling_for
 from ripelm.doc_qa import CitationFilter
-from ripelm.generation import Generation
+from ripelm.generation import Generation, RemoteGeneration
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.backends import BackendPool
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
@@ -31,7 +33,7 @@ from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import TextPrompt
 from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
-from ripelm.tui.status_bar import StatusBar
+from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
 
 @dataclass
@@ -40,12 +42,13 @@ class ActiveReply:
 
     id: int
     chat_id: int
-    generation: Generation | None
+    generation: Generation | RemoteGeneration | None
     recorder: ReplyRecorder
     view: MessageView | None
     cancel_pressed: float | None = None
     prompt_tokens: int = 0  # set by the worker once the prompt is built
     shown_at: float = 0.0  # when the status bar numbers were last refreshed
+    remote: bool = False  # from a server engine: no token counts while it streams
 
 
 class RipeApp(ChatActions, App[None]):
@@ -120,14 +123,8 @@ class RipeApp(ChatActions, App[None]):
             bar.show(model=self.pool.model or self.default_model, engine="loading…", device="")
             return
         kv = self._kv()
-        bar.show(
-            model=self.pool.model or self.default_model,
-            engine=b.name,
-            device=str(b.device),
-            ctx_limit=b.context_length,
-            kv_used=kv[0] if kv else None,
-            kv_total=kv[1] if kv else None,
-        )
+        numbers = backend_numbers(b, self.pool.model or self.default_model)
+        bar.show(**numbers, kv_used=kv[0] if kv else None, kv_total=kv[1] if kv else None)
 
     def _kv(self) -> tuple[int, int] | None:
         engine = getattr(self.pool.current(), "engine", None)
@@ -160,8 +157,9 @@ class RipeApp(ChatActions, App[None]):
         await conv.mount_all(views)
         if streaming and self.reply is not None and self.reply.chat_id == chat_id:
             view = views[-1]
-            await view.append(self.reply.recorder.content[len(view.content) :])  # what came while mounting
-            self.reply.view = view
+            missing = self.reply.recorder.content[len(view.content) :]  # what came while mounting
+            self.reply.view = view  # before the await: text arriving meanwhile goes to the view too
+            await view.append(missing)
         conv.scroll_end(animate=False)
         self.sub_title = self.chat.title
         await self.query_one(ChatList).show(self.store.chats(self.query_one(ChatList).search), chat_id)
@@ -233,11 +231,16 @@ class RipeApp(ChatActions, App[None]):
             if self.pool.current() is None or (model, draft) != self.pool.key:
                 self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
             backend = self.pool.get(model, draft)
-            prompt = build_prompt(backend, turns, params)
-            if prompt.fitted.dropped:
-                self.call_from_thread(self._trimmed, prompt.fitted.dropped)
-            reply.prompt_tokens = len(prompt.ids)
-            gen = Generation(backend, prompt.ids, params)
+            gen: Generation | RemoteGeneration
+            if is_remote(backend):
+                reply.remote = True
+                gen = RemoteGeneration(backend, turns, params)
+            else:
+                prompt = build_prompt(backend, turns, params)
+                if prompt.fitted.dropped:
+                    self.call_from_thread(self._trimmed, prompt.fitted.dropped)
+                reply.prompt_tokens = len(prompt.ids)
+                gen = Generation(backend, prompt.ids, params)
             reply.generation = gen
             if reply.cancel_pressed is not None:
                 gen.cancel()
@@ -276,9 +279,9 @@ class RipeApp(ChatActions, App[None]):
         if event.tokens > 1 and event.elapsed_s > 0 and now - reply.shown_at > 0.2:
             reply.shown_at = now
             kv = self._kv()
+            chars = len(reply.recorder.content)
             self.query_one(StatusBar).show(
-                tok_s=(event.tokens - 1) / event.elapsed_s,
-                ctx_used=reply.prompt_tokens + event.tokens,
+                **live_numbers(reply.remote, event.tokens, chars, event.elapsed_s, reply.prompt_tokens),
                 kv_used=kv[0] if kv else None,
                 kv_total=kv[1] if kv else None,
             )
@@ -308,10 +311,7 @@ class RipeApp(ChatActions, App[None]):
         if s is not None:
             kv = self._kv()
             self.query_one(StatusBar).show(
-                tok_s=s.decode_tok_s or None,
-                ttft_ms=s.ttft_s * 1000,
-                acceptance=s.acceptance_rate if s.drafted else None,
-                ctx_used=s.prompt_tokens + s.generated_tokens,
+                **done_numbers(s, reply.remote, len(reply.recorder.content)),
                 kv_used=kv[0] if kv else None,
                 kv_total=kv[1] if kv else None,
             )

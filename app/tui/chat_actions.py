@@ -22,13 +22,14 @@ from ripelm.chat_turns import format_sampling, parse_sampling
 from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
-from ripelm.tui.status_bar import StatusBar
+from ripelm.tui.status_bar import StatusBar, is_remote
 
 DEFAULT_TITLE = "New chat"
 
 
 class ChatActions:
     store: Any
+    pool: Any  # the app's BackendPool
     chat: Any
     reply: Any
     system: str | None
@@ -83,6 +84,9 @@ class ChatActions:
     def action_pick_draft(self) -> None:
         """Speculative decoding for this chat: a draft model sharing the chat model's vocabulary."""
         if self.chat is None:
+            return
+        if is_remote(self.pool.current()):
+            self.notify("draft models are for the local engines: the server decodes", severity="warning")
             return
         chat_id = self.chat.id
 
