@@ -109,9 +109,14 @@ class ReplyRecorder:
 
     @classmethod
     def start(
-        cls, store: ChatStore, chat_id: int, sources: list[dict[str, Any]] | None = None
+        cls,
+        store: ChatStore,
+        chat_id: int,
+        sources: list[dict[str, Any]] | None = None,
+        replace_from: int | None = None,
     ) -> ReplyRecorder:
-        return cls(store, store.start_reply(chat_id, sources), _last_save=time.monotonic())
+        message = store.start_reply(chat_id, sources, replace_from=replace_from)
+        return cls(store, message, _last_save=time.monotonic())
 
     @property
     def content(self) -> str:

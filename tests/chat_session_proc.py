@@ -86,14 +86,16 @@ class Session:
     def text(self, lo: int, hi: int) -> str:
         return " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(lo, hi)))
 
-    def reply(self, stop_after: int | None = None) -> None:
-        """Stream the next assistant message of the current chat, as the app's worker and UI thread do."""
+    def reply(self, stop_after: int | None = None, replace_from: int | None = None) -> None:
+        """Stream the next assistant message of the current chat, as the app's worker and UI thread do
+        (replacing message `replace_from` and what follows, as regenerate does)."""
         chat = self.store.chat(self.chat.id)
         defaults = SamplingParams(temperature=0.9, seed=self.rng.randrange(1 << 30),
                                   max_tokens=self.rng.randint(8, 160))  # fmt: skip
         params = sampling_for(chat, defaults)
-        turns = history(chat, self.store.messages(chat.id))
-        recorder = ReplyRecorder.start(self.store, chat.id)  # type: ignore[arg-type]
+        msgs = [m for m in self.store.messages(chat.id) if replace_from is None or m.id < replace_from]
+        turns = history(chat, msgs)
+        recorder = ReplyRecorder.start(self.store, chat.id, replace_from=replace_from)  # type: ignore[arg-type]
         report("stream", message=recorder.message.id)
         prompt = build_prompt(self.backend, turns, params)
         gen = Generation(self.backend, prompt.ids, params)
@@ -119,14 +121,12 @@ class Session:
     def regenerate(self) -> None:
         msgs = self.store.messages(self.chat.id)
         if msgs and msgs[-1].role == "assistant":
-            self.store.delete_messages_from(self.chat.id, msgs[-1].id)
-            self.reply()
+            self.reply(replace_from=msgs[-1].id)
 
     def edit_last(self) -> None:
         users = [m for m in self.store.messages(self.chat.id) if m.role == "user"]
         if users:
-            self.store.delete_messages_from(self.chat.id, users[-1].id)
-            self.store.add_message(self.chat.id, "user", self.text(1, 8))
+            self.store.add_message(self.chat.id, "user", self.text(1, 8), replace_from=users[-1].id)
             self.reply()
 
     def new_chat(self) -> None:

@@ -94,6 +94,27 @@ def test_only_streaming_checkpoints_commit_without_a_flush(store):
     assert store.message(r.id).content == "Hello there."
 
 
+def test_edit_and_regenerate_replace_messages_in_one_transaction(store):
+    """Edit-and-resend and regenerate drop the old messages and add the new one in a single COMMIT, so a
+    crash between the two can never leave the chat with the old turn gone and nothing in its place."""
+    c = store.new_chat()
+    q = store.add_message(c.id, "user", "first question")
+    a = store.add_message(c.id, "assistant", "first answer")
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(lambda sql: statements.append(sql.split()[0].upper()))
+    edited = store.add_message(c.id, "user", "better question", replace_from=q.id)
+    again = store.start_reply(c.id, replace_from=edited.id + 1)  # nothing after the edit yet: nothing dropped
+    regen = store.start_reply(c.id, replace_from=again.id)
+    store.db.conn.set_trace_callback(None)
+    writes = [s for s in statements if s in ("BEGIN", "DELETE", "INSERT", "COMMIT")]
+    assert writes == ["BEGIN", "DELETE", "INSERT", "COMMIT"] * 3
+    assert [(m.id, m.role, m.content) for m in store.messages(c.id)] == [
+        (edited.id, "user", "better question"),
+        (regen.id, "assistant", ""),
+    ]
+    assert "first answer" not in {m.content for m in store.messages(c.id)} and a.content == "first answer"
+
+
 def test_forward_migration_keeps_data(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)

@@ -154,11 +154,17 @@ class ChatStore:
         *,
         state: str = DONE,
         sources: list[dict[str, Any]] | None = None,
+        replace_from: int | None = None,
     ) -> Message:
+        """Append a message; with `replace_from`, that message and everything after it in the chat are
+        dropped in the same transaction (edit and resend, regenerate), so a crash leaves either the old
+        messages or the new one, never neither."""
         if state not in STATES:
             raise ValueError(f"unknown message state {state!r}")
         now = time.time()
         with self.db.atomic():
+            if replace_from is not None:
+                self.db.execute("DELETE FROM messages WHERE chat_id = ? AND id >= ?", [chat_id, replace_from])
             self.db.execute(
                 "INSERT INTO messages (chat_id, role, content, state, created, sources) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -174,9 +180,14 @@ class ChatStore:
             raise ChatStoreError(f"no message with id {message_id}")
         return _message(rows[0])
 
-    def start_reply(self, chat_id: int, sources: list[dict[str, Any]] | None = None) -> Message:
-        """An empty assistant message marked partial, to be filled in by `save_reply` as it streams."""
-        return self.add_message(chat_id, "assistant", "", state=PARTIAL, sources=sources)
+    def start_reply(
+        self, chat_id: int, sources: list[dict[str, Any]] | None = None, replace_from: int | None = None
+    ) -> Message:
+        """An empty assistant message marked partial, to be filled in by `save_reply` as it streams
+        (replacing `replace_from` and what follows it, as `add_message` does)."""
+        return self.add_message(
+            chat_id, "assistant", "", state=PARTIAL, sources=sources, replace_from=replace_from
+        )
 
     def save_reply(
         self, message_id: int, content: str, *, state: str = PARTIAL, stats: dict[str, Any] | None = None

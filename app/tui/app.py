@@ -194,17 +194,20 @@ class RipeApp(ChatActions, App[None]):
         await self.query_one("#conversation").mount(MessageView("user", text, message_id=msg.id))
         await self.start_reply()
 
-    async def start_reply(self) -> None:
-        """Generate the next assistant message of the current chat from its stored history."""
+    async def start_reply(self, replace_from: int | None = None) -> None:
+        """Generate the next assistant message of the current chat from its stored history (all of it, or
+        what comes before message `replace_from`, which the new reply replaces in one transaction)."""
         assert self.chat is not None
         chat = self.chat
         params = sampling_for(chat, self.defaults)
-        turns = history(chat, self.store.messages(chat.id))
+        msgs = self.store.messages(chat.id)
+        if replace_from is not None:
+            msgs = [m for m in msgs if m.id < replace_from]
+        turns = history(chat, msgs)
         self.replies_started += 1
         view = MessageView("assistant", "", state="streaming")
-        self.reply = ActiveReply(
-            self.replies_started, chat.id, None, ReplyRecorder.start(self.store, chat.id), view
-        )
+        recorder = ReplyRecorder.start(self.store, chat.id, replace_from=replace_from)
+        self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, view)
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.mount(view)
         conv.scroll_end(animate=False)
@@ -346,11 +349,10 @@ class RipeApp(ChatActions, App[None]):
         msgs = self.store.messages(self.chat.id)
         if not msgs or msgs[-1].role != "assistant":
             return
-        self.store.delete_messages_from(self.chat.id, msgs[-1].id)
         views = list(self.query(MessageView))
         if views and views[-1].message_id == msgs[-1].id:
             await views[-1].remove()
-        await self.start_reply()
+        await self.start_reply(replace_from=msgs[-1].id)
 
     def action_edit_last(self) -> None:
         """Edit the last message you sent and send it again (what followed it is replaced)."""
@@ -363,8 +365,7 @@ class RipeApp(ChatActions, App[None]):
 
         async def done(text: str | None) -> None:
             if text and text.strip():
-                self.store.delete_messages_from(chat_id, last.id)
-                msg = self.store.add_message(chat_id, "user", text.strip())
+                msg = self.store.add_message(chat_id, "user", text.strip(), replace_from=last.id)
                 await self.open_chat(chat_id)
                 assert msg.id
                 await self.start_reply()
