@@ -60,10 +60,6 @@ def int4_shape_ok(n: int, k: int, group: int) -> bool:
     return group in INT4_GROUP_SIZES and n % 16 == 0 and k % group == 0
 
 
-def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
-
-
 class Int4Linear(nn.Module):
     """y = x @ W^T (+ b) with W held as packed int4 codes plus per-group scale and zero."""
 
@@ -96,7 +92,6 @@ class Int4Linear(nn.Module):
                 kept.append(shard)
         self.out_features = sum(p.shape[0] for p in packed)
         self.dtype = dtype
-        self.device_type = device.type
         self.register_buffer("scales_and_zeros", torch.cat(sz, dim=1).contiguous(), persistent=False)
         self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0], persistent=False)
         self.register_buffer(

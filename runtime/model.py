@@ -80,7 +80,7 @@ class Block(nn.Module):
             k = rms_norm(qkv[:, self.q_size : qk_end].view(t, kv, d).float(), k_norm, self.eps)
             q, k = rope.apply(q).to(dtype), rope.apply(k).to(dtype)
         v = qkv[:, qk_end:].view(t, kv, d).to(dtype)
-        x = x + wo(cache.attend(self.index, q, k, v).view(t, self.q_size))  # bf16 promotes to float32
+        x = x + wo(cache.attend(self.index, q, k, v).reshape(t, self.q_size))  # bf16 promotes to float32
         gate, up = w_gate_up(rms_norm(x, ffn_norm, self.eps)).view(t, 2, self.ffn).unbind(1)
         return x + w_down(F.silu(gate).mul_(up))
 
