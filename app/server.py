@@ -93,11 +93,16 @@ class Api:
         self.lock = None if hasattr(backend, "engine") else threading.Lock()
 
     def models(self) -> dict:
-        names = [self.model_name] + ([self.embeddings.name] if self.embeddings is not None else [])
+        # OpenAI's listing has no model type; `kind` (an extra field clients ignore) lets a chat client
+        # such as ripelm's own app leave the embedding model out of its chat model picker.
+        kinds = [(self.model_name, "chat")] + (
+            [(self.embeddings.name, "embedding")] if self.embeddings is not None else []
+        )
         return {
             "object": "list",
             "data": [
-                {"id": n, "object": "model", "created": self.created, "owned_by": "ripelm"} for n in names
+                {"id": n, "object": "model", "created": self.created, "owned_by": "ripelm", "kind": kind}
+                for n, kind in kinds
             ],
         }
 

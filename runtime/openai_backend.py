@@ -81,13 +81,15 @@ class OpenAIBackend:
         return BackendError(f"{where} failed: {e}")
 
     def list_models(self) -> list[str]:
-        """The model ids the server lists at /v1/models."""
+        """The model ids the server lists at /v1/models, less those it marks as embedding models
+        (`ripe serve` adds `"kind": "embedding"`; other servers list no kind)."""
         import openai
 
         try:
-            return [m.id for m in self.client.models.list()]
+            models = list(self.client.models.list())
         except openai.OpenAIError as e:
             raise self._error(e) from e
+        return [m.id for m in models if (m.model_extra or {}).get("kind") != "embedding"]
 
     def _first_model(self) -> str:
         models = self.list_models()

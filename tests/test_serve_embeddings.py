@@ -13,6 +13,7 @@ openai = pytest.importorskip("openai")
 
 from ripelm.embeddings_api import EmbeddingsApi  # noqa: E402
 from ripelm.runtime.engine_backend import EngineBackend  # noqa: E402
+from ripelm.runtime.openai_backend import OpenAIBackend  # noqa: E402
 from ripelm.runtime.retrieval.embedder import Embedder  # noqa: E402
 from ripelm.server import Server  # noqa: E402
 
@@ -87,8 +88,13 @@ def test_single_string_and_token_ids(served, direct):
 
 
 def test_models_lists_the_embedder(served, gguf):
-    names = [m.id for m in client(served).models.list().data]
-    assert names == ["tiny:test", gguf.stem]
+    models = client(served).models.list().data
+    assert [(m.id, m.model_extra["kind"]) for m in models] == [
+        ("tiny:test", "chat"),
+        (gguf.stem, "embedding"),
+    ]
+    # what `--engine openai` (ripe run, the chat app's model picker) offers as chat models
+    assert OpenAIBackend(f"http://127.0.0.1:{served.port}", api_key=KEY).list_models() == ["tiny:test"]
 
 
 @pytest.mark.parametrize(
