@@ -70,7 +70,9 @@ CONSTRAINTS="$WORK/constraints.txt"
 echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
 PIP_ARGS="--constraint $CONSTRAINTS"
 LLAMA_CACHE=${RIPELM_WHEEL_CACHE:-$HOME/.cache/ripelm-wheels}
-LLAMA_WHEEL=$(ls "$LLAMA_CACHE"/llama-cpp-*/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)
+# only a wheel built for this CPU's flags (see install.sh)
+LLAMA_KEY=$(python3 "$REPO/packaging/llama_cpp_flags.py" key)
+LLAMA_WHEEL=$(ls "$LLAMA_CACHE"/llama-cpp-*-"$LLAMA_KEY"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)
 if [ -n "$LLAMA_WHEEL" ]; then
   LLAMA_VERSION=$(basename "$LLAMA_WHEEL" | cut -d- -f2)
   echo "llama-cpp-python==$LLAMA_VERSION" >>"$CONSTRAINTS"

@@ -25,29 +25,29 @@ PY="$VENV/bin/python"
 "$PY" -m pip install --quiet "torch==$TORCH_VERSION" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple}
 
 # llama-cpp-python has no wheel for this platform on PyPI, so pip compiles llama.cpp (about 5 minutes on
-# 2 cores). Build it once with explicit x86 flags and keep the wheel: llama.cpp's AMX matmul (picked by
-# -march=native on Sapphire Rapids) segfaults in some VMs, so AMX is off and AVX-512 is on.
-if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
-  CACHE=${RIPELM_WHEEL_CACHE:-$HOME/.cache/ripelm-wheels}/llama-cpp-$LLAMA_CPP_VERSION
+# 2 cores). It is built for the instructions this CPU has (packaging/llama_cpp_flags.py: an x86 option
+# the CPU lacks means "Illegal instruction"; AMX stays off, it segfaults in some VMs) and the wheel is
+# kept under a key made of those flags, so it is reused only on CPUs that the same flags fit. The venv
+# records the key of the build it holds: moved to a different CPU, it rebuilds.
+KEY=$("$PY" packaging/llama_cpp_flags.py key)
+[ -z "${CMAKE_ARGS:-}" ] || KEY="$KEY-custom-$(printf %s "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+STAMP="$VENV/.llama-cpp-build-key"
+if ! "$PY" -c "import llama_cpp" 2>/dev/null || [ "$(cat "$STAMP" 2>/dev/null)" != "$KEY" ]; then
+  CACHE=${RIPELM_WHEEL_CACHE:-$HOME/.cache/ripelm-wheels}/llama-cpp-$LLAMA_CPP_VERSION-$KEY
   WHEEL=$(ls "$CACHE"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)
   if [ -z "$WHEEL" ]; then
     mkdir -p "$CACHE"
-    ARCH=$(uname -m)
-    if [ "$ARCH" = "x86_64" ]; then
-      FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-      if grep -q avx512f /proc/cpuinfo 2>/dev/null; then
-        FLAGS="$FLAGS -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
-      fi
-      FLAGS="$FLAGS -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-    else
-      FLAGS=""
-    fi
-    echo "compiling llama-cpp-python $LLAMA_CPP_VERSION (one time, about 5 minutes)..." >&2
+    FLAGS=$("$PY" packaging/llama_cpp_flags.py flags)
+    echo "compiling llama-cpp-python $LLAMA_CPP_VERSION for this CPU (one time, about 5 minutes)..." >&2
+    echo "  CMAKE_ARGS: ${CMAKE_ARGS:-$FLAGS}" >&2
     CMAKE_ARGS="${CMAKE_ARGS:-$FLAGS}" "$PY" -m pip wheel --quiet --no-deps --no-cache-dir \
-      "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$CACHE"
+      "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$CACHE.tmp"
+    mv "$CACHE.tmp"/llama_cpp_python-*.whl "$CACHE"/ && rmdir "$CACHE.tmp"
     WHEEL=$(ls "$CACHE"/llama_cpp_python-*.whl | head -n1)
   fi
-  "$PY" -m pip install --quiet "$WHEEL"
+  "$PY" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
+  "$PY" -m pip install --quiet "$WHEEL"  # its dependencies
+  echo "$KEY" >"$STAMP"
 fi
 
 "$PY" -m pip install --quiet -e '.[dev]'
