@@ -149,6 +149,8 @@ def paged_attention(
         out[g.rows] = _decode_group(q[g.rows], k_pool, v_pool, g)
     for start, n_q, n_k, slots in batch.multi:
         k, v = gather_kv(k_pool, v_pool, slots)
+        if k.dtype != q.dtype:  # an f16 pool (the native decode step's) under bf16 prefill
+            k, v = k.to(q.dtype), v.to(q.dtype)
         out[start : start + n_q] = attention(q[start : start + n_q], k, v, n_k - n_q)
     return out
 
@@ -165,6 +167,8 @@ def _decode_group(
         k = k_pool.index_select(0, g.blocks.view(-1)).view(b, -1, kv, d)
         v = v_pool.index_select(0, g.blocks.view(-1)).view(b, -1, kv, d)
     k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     return decode_attention(q, k, v, g.lengths, group_mask(g, k.shape[-2], q.dtype))
 
 

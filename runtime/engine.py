@@ -22,6 +22,7 @@ from ripelm.runtime.block_allocator import chain_hash
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
+from ripelm.runtime.native_decode import MAX_ROWS, NATIVE_KV_DTYPE
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.scheduler import Scheduler, StepPlan
 from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
@@ -67,8 +68,10 @@ class Engine:
         self.model = model
         self.context_length = context_length
         self.eog_ids = frozenset(eog_ids)
+        # The native step keeps K/V in float16, as llama.cpp does (bfloat16 keys cost it agreement).
+        kv_dtype = NATIVE_KV_DTYPE if getattr(model, "native", None) is not None else model.dtype
         per_block = PagedKVCache.bytes_per_block(
-            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, model.dtype
+            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, kv_dtype
         )
         blocks = kv_pool_blocks(
             per_block, context_length, block_size, kv_memory, psutil.virtual_memory().available
@@ -79,11 +82,13 @@ class Engine:
             cfg.n_kv_heads,
             cfg.head_dim,
             block_size=block_size,
-            dtype=model.dtype,
+            dtype=kv_dtype,
             device=model.device,
             hash_fn=hash_fn,
         )
         self.allocator = self.cache.allocator
+        # The native CPU step runs decode steps and short prefill chunks when the model has it.
+        self.native = model.native.runner(self.cache) if getattr(model, "native", None) is not None else None
         self.scheduler = Scheduler(self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk)
         self.counters = EngineCounters(total_blocks=blocks, block_size=block_size)
         self._ids = itertools.count(1)
@@ -213,6 +218,9 @@ class Engine:
         starts = [s.table.num_tokens for s in plan.seqs]
         new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
         self.cache.apply_copies()
+        if self.native is not None and sum(plan.counts) <= MAX_ROWS:
+            self._run_native(plan, starts, new)
+            return
         batch = PagedBatch(
             self.allocator.block_size,
             [s.table.blocks for s in plan.seqs],
@@ -240,6 +248,29 @@ class Engine:
         # cancelled, so a cancel is acknowledged within about one layer's time.
         interrupt = plan.seqs[0].request.cancel_requested.is_set if plan.kind == "prefill" else None
         logits = self.model(tokens, positions, self.cache.step(batch), logits_rows=rows, interrupt=interrupt)
+        self._commit(plan, new, ready, logits)
+
+    def _run_native(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> None:
+        """The step on the native library: one call for all layers of all rows, the GIL released."""
+        tokens, positions, tables, logit_rows, ready = [], [], [], [], []
+        for i, (seq, p, chunk) in enumerate(zip(plan.seqs, starts, new, strict=True)):
+            blocks = seq.table.blocks
+            for j, tok in enumerate(chunk):
+                tokens.append(tok)
+                positions.append(p + j)
+                tables.append(blocks)
+            if p + len(chunk) == len(seq.tokens):
+                ready.append(i)
+                logit_rows.append(len(tokens) - 1)
+        if not logit_rows:
+            logit_rows = [len(tokens) - 1]
+        x = self.model.embed(torch.tensor(tokens, dtype=torch.long))
+        logits, h = self.native.forward(x, positions, tables, logit_rows)
+        if self.model.head_rows is not None:
+            logits = self.model._refine_top(logits, h)
+        self._commit(plan, new, ready, logits)
+
+    def _commit(self, plan: StepPlan, new: list[list[int]], ready: list[int], logits: torch.Tensor) -> None:
         for seq, chunk in zip(plan.seqs, new, strict=True):
             self.allocator.commit(seq.table, chunk)
             seq.computed_tokens += len(chunk)

@@ -76,6 +76,50 @@ class ContiguousKVCache:
         self.length = min(self.length, max(0, length))
 
 
+class SequencePool:
+    """One sequence's K/V in a paged pool of its own, in blocks 0, 1, 2, ... (the single-sequence backend's
+    cache when the native step runs it: that step reads paged pools through block tables)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
+        self.max_len = max_len
+        self.paged = PagedKVCache(
+            n_layers, -(-max_len // block_size), n_kv_heads, head_dim, block_size=block_size, dtype=dtype
+        )
+        self.length = 0
+
+    def table(self, n: int) -> list[int]:
+        """The block table of the first n positions."""
+        return list(range(-(-n // self.paged.block_size)))
+
+    def begin(self, start: int, count: int) -> None:
+        if start > self.length:
+            raise ValueError(f"cache holds {self.length} tokens, cannot write at {start}")
+        if start + count > self.max_len:
+            raise ContextOverflowError(
+                f"{start + count} tokens do not fit the context window of {self.max_len}"
+            )
+
+    def step(self, start: int, count: int) -> PagedStep:
+        """What the torch forward attends through for positions start..start+count-1."""
+        n = start + count
+        bs = self.paged.block_size
+        return PagedStep(
+            self.paged, PagedBatch(bs, [self.table(n)], [count], [n], num_blocks=-(-self.max_len // bs))
+        )
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, max(0, length))
+
+
 class PagedKVCache:
     def __init__(
         self,
@@ -167,6 +211,8 @@ class PagedStep:
         if self.lone is not None:
             views, group = self.lone
             k_all, v_all = views[layer]
+            if k_all.dtype != q.dtype:
+                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
             return decode_attention(
                 q, k_all, v_all, group.lengths, group_mask(group, k_all.shape[-2], q.dtype)
             )

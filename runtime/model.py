@@ -154,6 +154,7 @@ class Transformer(nn.Module):
         self.register_buffer("output_norm", output_norm, persistent=False)
         self.output = output
         self.head_rows = head_rows  # float32 rows of the output head by token id, for `_refine_top`
+        self.native = None  # NativeWeights when the native CPU step runs this model (set by the loader)
         # llama.cpp: llama-family files are permuted for interleaved RoPE; qwen2/qwen3 use NEOX halves.
         self.neox = cfg.arch in ("qwen2", "qwen3")
         self.pos_scale = (

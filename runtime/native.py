@@ -16,8 +16,9 @@ from ripelm.runtime.backend import GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device, release_free_memory
 from ripelm.runtime.errors import ContextOverflowError
-from ripelm.runtime.kv_cache import ContiguousKVCache
+from ripelm.runtime.kv_cache import ContiguousKVCache, SequencePool
 from ripelm.runtime.loader import load_transformer
+from ripelm.runtime.native_decode import MAX_ROWS, NATIVE_KV_DTYPE, NativeRunner, NativeWeights, notice_once
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.tokenizer import Tokenizer
 
@@ -47,6 +48,10 @@ def load_native(
         reference=reference,
     )
     backend.dtype = backend.model.dtype
+    if not reference:
+        backend.model.native = NativeWeights.build(backend.gguf, backend.model)
+        if backend.model.native is None and backend.torch_device.type == "cpu":
+            notice_once()
     release_free_memory()
     cfg = backend.model.cfg
     backend.cfg = cfg
@@ -75,14 +80,22 @@ class NativeBackend:
             self, model_path, device=device, n_ctx=n_ctx, tokenizer=tokenizer, reference=reference, gguf=gguf
         )
         cfg = self.cfg
-        self.cache = ContiguousKVCache(
-            cfg.n_layers,
-            self.context_length,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            dtype=self.dtype,
-            device=self.torch_device,
-        )
+        self.runner: NativeRunner | None = None
+        if self.model.native is not None:
+            # The native step reads a paged pool: this one sequence owns blocks 0, 1, 2, ... of its own.
+            self.cache: ContiguousKVCache | SequencePool = SequencePool(
+                cfg.n_layers, self.context_length, cfg.n_kv_heads, cfg.head_dim, dtype=NATIVE_KV_DTYPE
+            )
+            self.runner = self.model.native.runner(self.cache.paged)
+        else:
+            self.cache = ContiguousKVCache(
+                cfg.n_layers,
+                self.context_length,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                dtype=self.dtype,
+                device=self.torch_device,
+            )
         self.cached_tokens: list[int] = []  # the tokens whose K/V sit in self.cache, in order
 
     def forward(
@@ -92,7 +105,22 @@ class NativeBackend:
         n = len(tokens)
         self.cache.begin(start, n)
         t = torch.tensor(tokens, dtype=torch.long, device=self.torch_device)
-        out = self.model(t, start, self.cache, logits_rows=logits_rows)
+        if self.runner is None:
+            out = self.model(t, start, self.cache, logits_rows=logits_rows)
+        elif n <= MAX_ROWS:
+            if isinstance(logits_rows, str):
+                rows = list(range(n)) if logits_rows == "all" else [n - 1]
+            else:
+                rows = [int(r) for r in logits_rows]
+            table = self.cache.table(start + n)
+            out, h = self.runner.forward(
+                self.model.embed(t), list(range(start, start + n)), [table] * n, rows
+            )
+            if self.model.head_rows is not None:
+                out = self.model._refine_top(out, h)
+        else:
+            out = self.model(t, start, self.cache.step(start, n), logits_rows=logits_rows)
+        self.cache.length = start + n
         self.cached_tokens[start:] = tokens
         return out
 

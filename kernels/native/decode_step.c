@@ -1,0 +1,578 @@
+/* The native CPU decode step: every layer, the final norm and the output head for a batch of rows in one
+ * call, on a persistent thread pool, with the caller's GIL released (ctypes releases it).
+ *
+ * Why our own: eager torch ran ~1,000 small ops per token through the GIL, its CPU int4 matmul does fp32
+ * FMAs (no int8 dot products) and reads a weight once per 4 rows, and SDPA's CPU kernel costs 235 us per
+ * layer for one query row. Here weights are repacked once (repack.c) for int8 dot products, activations
+ * are quantized to int8 once per input and shared by the fused projections, and decode attention reads
+ * the paged KV pool through block tables, each K/V head once for its query heads.
+ *
+ * A row is one query token: its token's embedding (computed by the caller), its position and the block
+ * table of its sequence. Rows of one sequence (a speculative verify, a short prefill) write their K/V
+ * first and each attends to positions <= its own, so any mix of sequences and rows works. Every row is
+ * computed by the same code whatever the batch, so a sequence's output does not depend on its batch.
+ *
+ * The instruction set is chosen at run time (cpuid via __builtin_cpu_supports); the vector kernels are
+ * compiled with function target attributes, never with the build machine's -march.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ripe_native.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+/* ---- instruction-set dispatch -------------------------------------------------------------------- */
+
+typedef struct {
+    int isa;
+    void (*quantize)(const float *, int, int8_t *, float *, float *);
+    rl_matvec_fn matvec[3];
+    void (*kv_to_float)(const uint16_t *, float *, int, int);
+    float (*dot)(const float *, const float *, int);
+    void (*axpy)(float *, float, const float *, int);
+    void (*exp)(float *, int);
+} rl_kernels;
+
+static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref, {0, rl_matvec_q4_ref, rl_matvec_q8_ref},
+                                       rl_kv_to_float_ref, rl_dot_ref, rl_axpy_ref, rl_exp_ref};
+#if defined(__x86_64__)
+static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
+                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2},
+                                        rl_kv_to_float_avx2, rl_dot_avx2, rl_axpy_avx2, rl_exp_avx2};
+#endif
+
+int rl_cpu_best_isa(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return RL_ISA_AVX2;
+#endif
+    return RL_ISA_REF;
+}
+
+static const rl_kernels *kernels_for(int isa) {
+#if defined(__x86_64__)
+    if (isa == RL_ISA_AVX2 && rl_cpu_best_isa() >= RL_ISA_AVX2) return &KERNELS_AVX2;
+#endif
+    (void)isa;
+    return &KERNELS_REF;
+}
+
+/* ---- the model ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm;
+    rl_matrix qkv, wo, gate, up, down;
+} rl_layer;
+
+typedef struct {
+    int8_t *q;
+    float *d, *s, *f; /* f: float scratch (a normed row, a head's scores) */
+    size_t cap_q, cap_f;
+} rl_scratch;
+
+typedef struct rl_model {
+    int n_layers, hidden, n_heads, n_kv, head_dim, ffn, rope_dim, neox;
+    float eps, scale;
+    float *inv_freq;
+    rl_layer *layers;
+    const float *out_norm;
+    rl_matrix head;
+    uint16_t *k_pool, *v_pool;
+    int64_t layer_stride;
+    int block_size, kv_f16;
+    const rl_kernels *kern;
+    /* per-step buffers (grown as needed) */
+    int cap_rows;
+    float *qkv, *attn, *tmp, *ffn_h;
+    rl_scratch *scratch; /* one per thread */
+    int n_scratch;
+} rl_model;
+
+static int pad4(int n) { return (n + RL_ROWS - 1) / RL_ROWS * RL_ROWS; }
+
+rl_model *rl_model_new(int n_layers, int hidden, int n_heads, int n_kv, int head_dim, int ffn, int rope_dim,
+                       int neox, float eps, float scale, const float *inv_freq) {
+    rl_model *m = calloc(1, sizeof(rl_model));
+    if (!m) return NULL;
+    m->n_layers = n_layers, m->hidden = hidden, m->n_heads = n_heads, m->n_kv = n_kv;
+    m->head_dim = head_dim, m->ffn = ffn, m->rope_dim = rope_dim, m->neox = neox, m->eps = eps;
+    m->scale = scale;
+    m->inv_freq = malloc(sizeof(float) * (size_t)(rope_dim / 2 + 1));
+    m->layers = calloc((size_t)n_layers, sizeof(rl_layer));
+    if (!m->inv_freq || !m->layers) return NULL;
+    memcpy(m->inv_freq, inv_freq, sizeof(float) * (size_t)(rope_dim / 2));
+    m->kern = kernels_for(rl_cpu_best_isa());
+    return m;
+}
+
+int rl_model_set_isa(rl_model *m, int isa) {
+    m->kern = kernels_for(isa);
+    return m->kern->isa;
+}
+
+static void set_matrix(rl_matrix *dst, int fmt, int n, int k, const uint8_t *data, const float *bias) {
+    dst->fmt = fmt, dst->n = n, dst->k = k, dst->data = data, dst->bias = bias;
+}
+
+void rl_model_set_layer(rl_model *m, int i, const float *attn_norm, const float *ffn_norm, const float *q_norm,
+                        const float *k_norm, int qkv_fmt, const uint8_t *qkv, const float *qkv_bias, int wo_fmt,
+                        const uint8_t *wo, int gate_fmt, const uint8_t *gate, int up_fmt, const uint8_t *up,
+                        int down_fmt, const uint8_t *down) {
+    rl_layer *L = &m->layers[i];
+    int qs = m->n_heads * m->head_dim, kvs = m->n_kv * m->head_dim;
+    L->attn_norm = attn_norm, L->ffn_norm = ffn_norm, L->q_norm = q_norm, L->k_norm = k_norm;
+    set_matrix(&L->qkv, qkv_fmt, qs + 2 * kvs, m->hidden, qkv, qkv_bias);
+    set_matrix(&L->wo, wo_fmt, m->hidden, qs, wo, NULL);
+    set_matrix(&L->gate, gate_fmt, m->ffn, m->hidden, gate, NULL);
+    set_matrix(&L->up, up_fmt, m->ffn, m->hidden, up, NULL);
+    set_matrix(&L->down, down_fmt, m->hidden, m->ffn, down, NULL);
+}
+
+void rl_model_set_head(rl_model *m, const float *out_norm, int fmt, int vocab, const uint8_t *data) {
+    m->out_norm = out_norm;
+    set_matrix(&m->head, fmt, vocab, m->hidden, data, NULL);
+}
+
+void rl_model_set_kv(rl_model *m, uint16_t *k_pool, uint16_t *v_pool, int64_t layer_stride, int block_size,
+                     int kv_f16) {
+    m->k_pool = k_pool, m->v_pool = v_pool, m->layer_stride = layer_stride, m->block_size = block_size;
+    m->kv_f16 = kv_f16;
+}
+
+static void free_buffers(rl_model *m) {
+    free(m->qkv), free(m->attn), free(m->tmp), free(m->ffn_h);
+    m->qkv = m->attn = m->tmp = m->ffn_h = NULL;
+    for (int t = 0; t < m->n_scratch; t++) free(m->scratch[t].q), free(m->scratch[t].d), free(m->scratch[t].f);
+    free(m->scratch);
+    m->scratch = NULL, m->n_scratch = 0, m->cap_rows = 0;
+}
+
+void rl_model_free(rl_model *m) {
+    if (!m) return;
+    free_buffers(m);
+    free(m->inv_freq), free(m->layers), free(m);
+}
+
+static int widest(rl_model *m) {
+    int w = m->hidden;
+    if (m->ffn > w) w = m->ffn;
+    if (m->n_heads * m->head_dim > w) w = m->n_heads * m->head_dim;
+    return w;
+}
+
+/* buffers for `rows` rows, `nth` threads and histories up to `max_len` keys */
+static int reserve(rl_model *m, int rows, int nth, int max_len) {
+    if (rows > m->cap_rows || nth > m->n_scratch) {
+        free_buffers(m);
+        int qkv_n = pad4(m->n_heads * m->head_dim + 2 * m->n_kv * m->head_dim);
+        size_t r = (size_t)rows;
+        m->qkv = malloc(sizeof(float) * r * (size_t)qkv_n);
+        m->attn = malloc(sizeof(float) * r * (size_t)(m->n_heads * m->head_dim));
+        m->tmp = malloc(sizeof(float) * r * (size_t)pad4(m->hidden > m->ffn ? m->hidden : m->ffn) * 2);
+        m->ffn_h = malloc(sizeof(float) * r * (size_t)pad4(m->ffn));
+        m->scratch = calloc((size_t)nth, sizeof(rl_scratch));
+        if (!m->qkv || !m->attn || !m->tmp || !m->ffn_h || !m->scratch) return -1;
+        m->n_scratch = nth, m->cap_rows = rows;
+        for (int t = 0; t < nth; t++) {
+            rl_scratch *s = &m->scratch[t];
+            s->cap_q = r * (size_t)widest(m);
+            s->q = malloc(s->cap_q);
+            s->d = malloc(sizeof(float) * 2 * (s->cap_q / RL_QK + 1));
+            if (!s->q || !s->d) return -1;
+            s->s = s->d + s->cap_q / RL_QK + 1;
+        }
+    }
+    int g = m->n_kv ? m->n_heads / m->n_kv : 1;
+    size_t need_f = (size_t)g * (size_t)max_len + (size_t)m->head_dim + (size_t)rows * (size_t)widest(m) + 64;
+    for (int t = 0; t < nth; t++) {
+        rl_scratch *s = &m->scratch[t];
+        if (s->cap_f < need_f) {
+            free(s->f);
+            s->f = malloc(sizeof(float) * need_f);
+            if (!s->f) return -1;
+            s->cap_f = need_f;
+        }
+    }
+    return 0;
+}
+
+/* ---- thread pool --------------------------------------------------------------------------------- */
+
+typedef void (*rl_job)(void *ctx, int tid, int nth);
+
+typedef struct {
+    int nth;
+    pthread_t *threads;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic int job_gen, quit, bar_count, bar_gen;
+    rl_job job;
+    void *ctx;
+} rl_pool;
+
+static rl_pool *POOL = NULL;
+static pthread_mutex_t POOL_MU = PTHREAD_MUTEX_INITIALIZER;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* spin briefly, then yield: a busy machine (or a UI thread beside us) must not be starved by spinners */
+static inline void backoff(int *spins) {
+    if (++*spins < 2000) {
+        cpu_relax();
+    } else {
+        sched_yield();
+    }
+}
+
+static void barrier(rl_pool *p) {
+    if (p->nth == 1) return;
+    int gen = atomic_load_explicit(&p->bar_gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&p->bar_count, 1, memory_order_acq_rel) == p->nth - 1) {
+        atomic_store_explicit(&p->bar_count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&p->bar_gen, 1, memory_order_release);
+    } else {
+        int spins = 0;
+        while (atomic_load_explicit(&p->bar_gen, memory_order_acquire) == gen) backoff(&spins);
+    }
+}
+
+static double PARK_AFTER_S = 0.002; /* an idle worker spins this long for the next step, then sleeps */
+
+static void *worker_main(void *arg) {
+    rl_pool *p = POOL;
+    int tid = (int)(intptr_t)arg;
+    int seen = 0;
+    for (;;) {
+        double t0 = now_s();
+        int spins = 0;
+        while (atomic_load_explicit(&p->job_gen, memory_order_acquire) == seen &&
+               !atomic_load_explicit(&p->quit, memory_order_acquire)) {
+            if ((spins & 255) == 255 && now_s() - t0 > PARK_AFTER_S) {
+                pthread_mutex_lock(&p->mu);
+                while (atomic_load(&p->job_gen) == seen && !atomic_load(&p->quit)) pthread_cond_wait(&p->cv, &p->mu);
+                pthread_mutex_unlock(&p->mu);
+                break;
+            }
+            backoff(&spins);
+        }
+        if (atomic_load(&p->quit)) return NULL;
+        seen = atomic_load_explicit(&p->job_gen, memory_order_acquire);
+        p->job(p->ctx, tid, p->nth);
+    }
+}
+
+static void pool_stop(void) {
+    if (!POOL) return;
+    pthread_mutex_lock(&POOL->mu);
+    atomic_store(&POOL->quit, 1);
+    pthread_cond_broadcast(&POOL->cv);
+    pthread_mutex_unlock(&POOL->mu);
+    for (int i = 1; i < POOL->nth; i++) pthread_join(POOL->threads[i], NULL);
+    free(POOL->threads);
+    pthread_mutex_destroy(&POOL->mu);
+    pthread_cond_destroy(&POOL->cv);
+    free(POOL);
+    POOL = NULL;
+}
+
+static rl_pool *pool_get(int nth) {
+    if (POOL && POOL->nth == nth) return POOL;
+    const char *spin = getenv("RIPELM_NATIVE_SPIN_US");
+    if (spin) PARK_AFTER_S = atof(spin) * 1e-6;
+    pool_stop();
+    rl_pool *p = calloc(1, sizeof(rl_pool));
+    if (!p) return NULL;
+    p->nth = nth;
+    p->threads = calloc((size_t)nth, sizeof(pthread_t));
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    POOL = p;
+    for (int i = 1; i < nth; i++) {
+        if (pthread_create(&p->threads[i], NULL, worker_main, (void *)(intptr_t)i) != 0) {
+            p->nth = i; /* run with the threads we got */
+            break;
+        }
+    }
+    return p;
+}
+
+/* every thread runs job(ctx, tid, nth); the job ends with a barrier, so all are done on return */
+static void pool_run(rl_pool *p, rl_job job, void *ctx) {
+    p->job = job, p->ctx = ctx;
+    atomic_fetch_add_explicit(&p->job_gen, 1, memory_order_release);
+    pthread_mutex_lock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    job(ctx, 0, p->nth);
+}
+
+void rl_shutdown(void) {
+    pthread_mutex_lock(&POOL_MU);
+    pool_stop();
+    pthread_mutex_unlock(&POOL_MU);
+}
+
+/* ---- the step ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    rl_model *m;
+    rl_pool *pool;
+    int rows;
+    float *x; /* [rows, hidden] residual stream, in/out */
+    const int32_t *pos, *tables;
+    int max_blocks;
+    const int32_t *logit_rows;
+    int n_logits;
+    float *logits; /* [n_logits, pad4(vocab)] */
+    float *h_out;  /* [n_logits, hidden] or NULL */
+} rl_step_ctx;
+
+static void split(int n, int tid, int nth, int *a, int *b) {
+    *a = (int)((int64_t)n * tid / nth);
+    *b = (int)((int64_t)n * (tid + 1) / nth);
+}
+
+static void rms_norm_row(const float *x, const float *w, int n, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+/* norm (if w) and quantize `rows` rows of x [rows, k] into this thread's scratch */
+static rl_qact quantize_rows(rl_model *m, rl_scratch *s, const float *x, int ldx, int rows, int k, const float *w) {
+    rl_qact a = {s->q, s->d, s->s};
+    float *tmp = s->f + (s->cap_f - (size_t)widest(m) - 32);
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        if (w) {
+            rms_norm_row(xr, w, k, m->eps, tmp);
+            xr = tmp;
+        }
+        m->kern->quantize(xr, k, a.q + (size_t)r * k, a.d + (size_t)r * (k / RL_QK), a.s + (size_t)r * (k / RL_QK));
+    }
+    return a;
+}
+
+static void matvec_part(rl_model *m, const rl_matrix *w, const rl_qact *a, int rows, float *out, int ldo, int tid,
+                        int nth) {
+    int g0, g1;
+    split(pad4(w->n) / RL_ROWS, tid, nth, &g0, &g1);
+    if (g1 > g0) m->kern->matvec[w->fmt](w, a, rows, w->k / RL_QK, out, ldo, g0, g1);
+}
+
+static void rope_head(const rl_model *m, float *v, int pos) {
+    int half = m->rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        double ang = (double)pos * (double)m->inv_freq[i];
+        float c = (float)cos(ang), s = (float)sin(ang);
+        int ia = m->neox ? i : 2 * i, ib = m->neox ? i + half : 2 * i + 1;
+        float a = v[ia], b = v[ib];
+        v[ia] = a * c - b * s;
+        v[ib] = a * s + b * c;
+    }
+}
+
+static void head_norm(float *v, const float *w, int d, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < d; i++) ss += (double)v[i] * v[i];
+    float r = 1.0f / sqrtf((float)(ss / d) + eps);
+    for (int i = 0; i < d; i++) v[i] = v[i] * r * w[i];
+}
+
+static int64_t slot_of(const rl_step_ctx *c, int row, int p) {
+    int bs = c->m->block_size;
+    return (int64_t)c->tables[(size_t)row * c->max_blocks + p / bs] * bs + p % bs;
+}
+
+/* rows' Q/K normed and rotated in place, K/V written to the pool */
+static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
+    rl_model *m = c->m;
+    const rl_layer *L = &m->layers[layer];
+    int d = m->head_dim, qkv_n = pad4(m->n_heads * d + 2 * m->n_kv * d), heads = m->n_heads + m->n_kv;
+    int t0, t1;
+    split(c->rows * heads, tid, nth, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        int r = t / heads, h = t % heads;
+        float *row = m->qkv + (size_t)r * qkv_n;
+        float *v = row + (size_t)h * d;
+        int is_k = h >= m->n_heads;
+        const float *nw = is_k ? L->k_norm : L->q_norm;
+        if (nw) head_norm(v, nw, d, m->eps);
+        rope_head(m, v, c->pos[r]);
+        if (is_k) {
+            int kvh = h - m->n_heads;
+            int64_t off = (int64_t)layer * m->layer_stride + (slot_of(c, r, c->pos[r]) * m->n_kv + kvh) * d;
+            const float *vv = row + (size_t)(m->n_heads + m->n_kv + kvh) * d;
+            for (int i = 0; i < d; i++) {
+                m->k_pool[off + i] = m->kv_f16 ? rl_float_to_half(v[i]) : rl_float_to_bf16(v[i]);
+                m->v_pool[off + i] = m->kv_f16 ? rl_float_to_half(vv[i]) : rl_float_to_bf16(vv[i]);
+            }
+        }
+    }
+}
+
+static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
+    rl_model *m = c->m;
+    const rl_kernels *K = m->kern;
+    int d = m->head_dim, G = m->n_heads / m->n_kv, qkv_n = pad4(m->n_heads * d + 2 * m->n_kv * d);
+    int t0, t1;
+    split(c->rows * m->n_kv, tid, nth, &t0, &t1);
+    float *scores = m->scratch[tid].f;
+    for (int t = t0; t < t1; t++) {
+        int r = t / m->n_kv, kvh = t % m->n_kv, L = c->pos[r] + 1;
+        const float *q = m->qkv + (size_t)r * qkv_n + (size_t)kvh * G * d;
+        float *out = m->attn + (size_t)r * m->n_heads * d + (size_t)kvh * G * d;
+        const uint16_t *kbase = m->k_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
+        const uint16_t *vbase = m->v_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
+        int64_t slot_stride = (int64_t)m->n_kv * d;
+        float *row = scores + (size_t)G * L; /* one K or V row in float32, read once for all G heads */
+        for (int p = 0; p < L; p++) {
+            K->kv_to_float(kbase + slot_of(c, r, p) * slot_stride, row, d, m->kv_f16);
+            for (int g = 0; g < G; g++) scores[(size_t)g * L + p] = K->dot(q + (size_t)g * d, row, d) * m->scale;
+        }
+        float inv_sum[64];
+        for (int g = 0; g < G; g++) {
+            float *sg = scores + (size_t)g * L, mx = -INFINITY, sum = 0.0f;
+            for (int p = 0; p < L; p++) mx = sg[p] > mx ? sg[p] : mx;
+            for (int p = 0; p < L; p++) sg[p] -= mx;
+            K->exp(sg, L);
+            for (int p = 0; p < L; p++) sum += sg[p];
+            inv_sum[g % 64] = 1.0f / sum;
+            memset(out + (size_t)g * d, 0, sizeof(float) * (size_t)d);
+        }
+        for (int p = 0; p < L; p++) {
+            K->kv_to_float(vbase + slot_of(c, r, p) * slot_stride, row, d, m->kv_f16);
+            for (int g = 0; g < G; g++) K->axpy(out + (size_t)g * d, scores[(size_t)g * L + p], row, d);
+        }
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < d; i++) out[(size_t)g * d + i] *= inv_sum[g % 64];
+    }
+}
+
+
+static void step_job(void *arg, int tid, int nth) {
+    rl_step_ctx *c = arg;
+    rl_model *m = c->m;
+    rl_pool *p = c->pool;
+    rl_scratch *s = &m->scratch[tid];
+    int B = c->rows, H = m->hidden, qs = m->n_heads * m->head_dim;
+    int qkv_n = pad4(qs + 2 * m->n_kv * m->head_dim), hp = pad4(H), fp = pad4(m->ffn);
+    for (int l = 0; l < m->n_layers; l++) {
+        const rl_layer *L = &m->layers[l];
+        rl_qact a = quantize_rows(m, s, c->x, H, B, H, L->attn_norm);
+        matvec_part(m, &L->qkv, &a, B, m->qkv, qkv_n, tid, nth);
+        barrier(p);
+        rope_and_store(c, l, tid, nth);
+        barrier(p);
+        attend(c, l, tid, nth);
+        barrier(p);
+        a = quantize_rows(m, s, m->attn, qs, B, qs, NULL);
+        matvec_part(m, &L->wo, &a, B, m->tmp, hp, tid, nth);
+        int n0, n1, g0, g1;
+        split(hp / RL_ROWS, tid, nth, &g0, &g1);
+        n0 = g0 * RL_ROWS, n1 = g1 * RL_ROWS < H ? g1 * RL_ROWS : H;
+        for (int r = 0; r < B; r++)
+            for (int n = n0; n < n1; n++) c->x[(size_t)r * H + n] += m->tmp[(size_t)r * hp + n];
+        barrier(p);
+        a = quantize_rows(m, s, c->x, H, B, H, L->ffn_norm);
+        matvec_part(m, &L->gate, &a, B, m->tmp, fp, tid, nth);
+        matvec_part(m, &L->up, &a, B, m->tmp + (size_t)B * fp, fp, tid, nth);
+        split(fp / RL_ROWS, tid, nth, &g0, &g1);
+        n0 = g0 * RL_ROWS, n1 = g1 * RL_ROWS < m->ffn ? g1 * RL_ROWS : m->ffn;
+        for (int r = 0; r < B && n1 > n0; r++) { /* SwiGLU: silu(gate) * up, exp vectorized */
+            const float *gate = m->tmp + (size_t)r * fp, *up = m->tmp + (size_t)(B + r) * fp;
+            float *e = s->f;
+            for (int n = n0; n < n1; n++) e[n - n0] = -gate[n];
+            m->kern->exp(e, n1 - n0);
+            for (int n = n0; n < n1; n++) m->ffn_h[(size_t)r * m->ffn + n] = gate[n] / (1.0f + e[n - n0]) * up[n];
+        }
+        barrier(p);
+        a = quantize_rows(m, s, m->ffn_h, m->ffn, B, m->ffn, NULL);
+        matvec_part(m, &L->down, &a, B, m->tmp, hp, tid, nth);
+        split(hp / RL_ROWS, tid, nth, &g0, &g1);
+        n0 = g0 * RL_ROWS, n1 = g1 * RL_ROWS < H ? g1 * RL_ROWS : H;
+        for (int r = 0; r < B; r++)
+            for (int n = n0; n < n1; n++) c->x[(size_t)r * H + n] += m->tmp[(size_t)r * hp + n];
+        barrier(p);
+    }
+    if (c->n_logits > 0) {
+        /* the final norm of the rows that need logits, then the head */
+        float *normed = s->f;
+        for (int j = 0; j < c->n_logits; j++)
+            rms_norm_row(c->x + (size_t)c->logit_rows[j] * H, m->out_norm, H, m->eps, normed + (size_t)j * H);
+        if (tid == 0 && c->h_out) memcpy(c->h_out, normed, sizeof(float) * (size_t)c->n_logits * H);
+        rl_qact a = {s->q, s->d, s->s};
+        for (int j = 0; j < c->n_logits; j++)
+            m->kern->quantize(normed + (size_t)j * H, H, a.q + (size_t)j * H, a.d + (size_t)j * (H / RL_QK),
+                              a.s + (size_t)j * (H / RL_QK));
+        matvec_part(m, &m->head, &a, c->n_logits, c->logits, pad4(m->head.n), tid, nth);
+    }
+    barrier(p);
+}
+
+/* One forward of `rows` rows. x [rows, hidden] holds their embeddings on entry (overwritten). Returns 0,
+ * or -1 when memory for the step's buffers could not be had. */
+int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, const int32_t *tables,
+            int max_blocks, const int32_t *logit_rows, int n_logits, float *logits, float *h_out) {
+    if (n_threads < 1) n_threads = 1;
+    int max_len = 1;
+    for (int r = 0; r < rows; r++) max_len = pos[r] + 1 > max_len ? pos[r] + 1 : max_len;
+    pthread_mutex_lock(&POOL_MU);
+    rl_pool *p = pool_get(n_threads);
+    int rc = -1;
+    if (p && reserve(m, rows > n_logits ? rows : n_logits, p->nth, max_len) == 0) {
+        rl_step_ctx c = {m, p, rows, x, pos, tables, max_blocks, logit_rows, n_logits, logits, h_out};
+        pool_run(p, step_job, &c);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&POOL_MU);
+    return rc;
+}
+
+/* ---- single kernels, for tests ------------------------------------------------------------------- */
+
+int rl_isa_available(int isa) { return isa <= rl_cpu_best_isa(); }
+
+int rl_test_quantize(int isa, const float *x, int k, int8_t *q, float *d, float *s) {
+    const rl_kernels *K = kernels_for(isa);
+    K->quantize(x, k, q, d, s);
+    return K->isa;
+}
+
+int rl_test_matvec(int isa, int fmt, const uint8_t *data, int n, int k, const float *x, int rows, float *out) {
+    const rl_kernels *K = kernels_for(isa);
+    rl_matrix w = {fmt, n, k, data, NULL};
+    int nb = k / RL_QK;
+    rl_qact a = {malloc((size_t)rows * k), malloc(sizeof(float) * (size_t)rows * nb),
+                 malloc(sizeof(float) * (size_t)rows * nb)};
+    if (!a.q || !a.d || !a.s) return -1;
+    for (int r = 0; r < rows; r++)
+        K->quantize(x + (size_t)r * k, k, a.q + (size_t)r * k, a.d + (size_t)r * nb, a.s + (size_t)r * nb);
+    K->matvec[fmt](&w, &a, rows, nb, out, pad4(n), 0, pad4(n) / RL_ROWS);
+    free(a.q), free(a.d), free(a.s);
+    return K->isa;
+}
+
+int rl_test_exp(int isa, float *x, int n) {
+    const rl_kernels *K = kernels_for(isa);
+    K->exp(x, n);
+    return K->isa;
+}

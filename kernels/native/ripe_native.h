@@ -1,0 +1,115 @@
+/* ripelm's native CPU decode step: shared declarations of the C library (see decode_step.c). */
+#ifndef RIPE_NATIVE_H
+#define RIPE_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Weight formats of the repacked layout (see repack.c). */
+enum { RL_Q4 = 1, RL_Q8 = 2 };
+/* GGUF source types that repack into them (ggml type ids). */
+enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8 };
+/* Instruction-set paths, best last. */
+enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
+
+#define RL_QK 32   /* weights and activations are quantized in blocks of 32 */
+#define RL_ROWS 4  /* output rows interleaved per group in the repacked layout */
+
+typedef struct {
+    int fmt;             /* RL_Q4 or RL_Q8 */
+    int n, k;            /* output rows (a multiple of RL_ROWS) and inputs (a multiple of RL_QK) */
+    const uint8_t *data; /* n / RL_ROWS groups of k / RL_QK blocks */
+    const float *bias;   /* [n] or NULL */
+} rl_matrix;
+
+/* Activations quantized to int8 in blocks of 32: x ~= d[b] * q[32 b + i]; s[b] = d[b] * sum_i q. */
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+} rl_qact;
+
+typedef void (*rl_matvec_fn)(const rl_matrix *w, const rl_qact *x, int rows, int ldx_blocks, float *out,
+                             int ldo, int g0, int g1);
+
+size_t rl_repacked_size(int gguf_type, int n, int k);
+int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst);
+
+/* kernels per instruction set */
+void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s);
+void rl_matvec_q4_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q8_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s);
+void rl_matvec_q4_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q8_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+/* KV rows: 16-bit floats (kv_f16: IEEE half, else bfloat16) to float32 */
+void rl_kv_to_float_ref(const uint16_t *src, float *dst, int d, int kv_f16);
+void rl_kv_to_float_avx2(const uint16_t *src, float *dst, int d, int kv_f16);
+float rl_dot_ref(const float *a, const float *b, int d);
+float rl_dot_avx2(const float *a, const float *b, int d);
+void rl_axpy_ref(float *acc, float p, const float *v, int d);
+void rl_axpy_avx2(float *acc, float p, const float *v, int d);
+void rl_exp_ref(float *x, int n);
+void rl_exp_avx2(float *x, int n);
+
+
+static inline float rl_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t rl_float_to_half(float f) {
+    /* round to nearest even, as numpy and torch do */
+    uint32_t x;
+    __builtin_memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000;
+    int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t mant = x & 0x7fffff;
+    if (((x >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        mant |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - exp);
+        uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)exp << 10) | (mant >> 13), rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
+    return (uint16_t)half;
+}
+
+static inline float rl_bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t rl_float_to_bf16(float f) {
+    /* round to nearest even, as torch's .to(torch.bfloat16) does; NaN stays NaN */
+    uint32_t x;
+    __builtin_memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+#endif

@@ -1,0 +1,291 @@
+"""The engine's CPU step on ripelm's native library: all layers of a small batch of rows in one call.
+
+`NativeWeights.build` repacks a model's projection and head matrices once at load (from the GGUF blocks,
+see kernels/native/repack.c) when the native library is present and the model fits it: llama, qwen2 and
+qwen3 layers whose projections are Q4_0, Q4_1 or Q8_0. `NativeWeights.runner(cache)` binds them to one
+engine's paged KV pool; `NativeRunner.forward` then runs every decode step (and prefill chunks shorter
+than the dense path's threshold) with the GIL released. Anything else runs on the torch path, and
+`native_status()` says once why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ripelm.kernels import native_lib
+from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
+from ripelm.kernels.quant_types import QuantType
+from ripelm.models.gguf_file import GGUFFile
+
+# GGUF types the native step reads, and the repacked format each becomes.
+NATIVE_FORMATS = {
+    QuantType.Q4_0: native_lib.FMT_Q4,
+    QuantType.Q4_1: native_lib.FMT_Q4,
+    QuantType.Q8_0: native_lib.FMT_Q8,
+}
+NATIVE_KV_DTYPE = torch.float16  # llama.cpp's KV type; bfloat16 keys measurably cost agreement
+MAX_ROWS = DENSE_MIN_ROWS - 1  # from DENSE_MIN_ROWS rows on, prefill's dense bf16 matmuls are faster
+_notice_given = False
+
+
+def _ptr(a: np.ndarray | torch.Tensor | None) -> int | None:
+    if a is None:
+        return None
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+@dataclass
+class _Packed:
+    fmt: int
+    data: np.ndarray
+
+
+@dataclass
+class NativeWeights:
+    """Repacked weights of one model, and the float vectors the step reads (kept alive here)."""
+
+    cfg: object
+    lib: ctypes.CDLL
+    isa: int
+    layers: list[dict] = field(default_factory=list)
+    head: _Packed | None = None
+    out_norm: torch.Tensor | None = None
+    inv_freq: np.ndarray | None = None
+    scale: float = 1.0
+
+    @staticmethod
+    def build(g: GGUFFile, model) -> NativeWeights | None:  # noqa: ANN001 - a Transformer
+        """Repacked weights, or None (with the reason in `native_status`) when the native step cannot run."""
+        global _why_not_model
+        lib = native_lib.load()
+        if lib is None:
+            _why_not_model = native_lib.why_not()
+            return None
+        cfg = model.cfg
+        reason = _unsupported(g, model)
+        if reason:
+            _why_not_model = reason
+            return None
+        w = NativeWeights(cfg=cfg, lib=lib, isa=native_lib.best_isa(lib))
+
+        def pack(names: list[str]) -> _Packed:
+            parts, fmts = [], set()
+            for name in names:
+                info = g.tensors[name]
+                n, k = info.torch_shape
+                size = lib.rl_repacked_size(int(info.ggml_type), n, k)
+                out = np.empty(size, dtype=np.uint8)
+                raw = np.ascontiguousarray(g.tensor_bytes(name))
+                if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out.ctypes.data) != 0:
+                    raise ValueError(f"cannot repack {name}")
+                parts.append(out)
+                fmts.add(NATIVE_FORMATS[QuantType(info.ggml_type)])
+            assert len(fmts) == 1
+            return _Packed(fmts.pop(), parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+        for i, block in enumerate(model.layers):
+            p = f"blk.{i}."
+            bias = None
+            if cfg.attn_bias:
+                bias = torch.cat([_vec(g, p + f"attn_{x}.bias") for x in "qkv"]).contiguous()
+            w.layers.append(
+                {
+                    "attn_norm": block.attn_norm.float().contiguous(),
+                    "ffn_norm": block.ffn_norm.float().contiguous(),
+                    "q_norm": None if block.q_norm is None else block.q_norm.float().contiguous(),
+                    "k_norm": None if block.k_norm is None else block.k_norm.float().contiguous(),
+                    "qkv": pack([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
+                    "qkv_bias": bias,
+                    "wo": pack([p + "attn_output.weight"]),
+                    "gate": pack([p + "ffn_gate.weight"]),
+                    "up": pack([p + "ffn_up.weight"]),
+                    "down": pack([p + "ffn_down.weight"]),
+                }
+            )
+        w.head = pack([_head_name(g, cfg)])
+        w.out_norm = model.output_norm.float().contiguous()
+        w.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
+        w.scale = cfg.head_dim**-0.5
+        return w
+
+    def runner(self, cache) -> NativeRunner:  # noqa: ANN001 - a PagedKVCache
+        return NativeRunner(self, cache)
+
+
+_why_not_model: str | None = None
+
+
+def native_status() -> str | None:
+    """Why the last model load did not get the native step (None if it did)."""
+    return _why_not_model
+
+
+def notice_once() -> None:
+    """Tell the user once per process that decoding runs on the slower torch path, and why."""
+    global _notice_given
+    if _notice_given or _why_not_model is None:
+        return
+    _notice_given = True
+    print(f"ripe: native CPU decode step not used ({_why_not_model}); decoding on torch", file=sys.stderr)
+
+
+def _vec(g: GGUFFile, name: str) -> torch.Tensor:
+    from ripelm.kernels.dequant import dequantize
+
+    info = g.tensors[name]
+    return dequantize(g.tensor_bytes(name), info.ggml_type, info.torch_shape).float()
+
+
+def _head_name(g: GGUFFile, cfg) -> str:  # noqa: ANN001
+    return "token_embd.weight" if cfg.tied_embeddings or "output.weight" not in g.tensors else "output.weight"
+
+
+def _unsupported(g: GGUFFile, model) -> str | None:  # noqa: ANN001
+    cfg = model.cfg
+    if model.device.type != "cpu":
+        return f"device {model.device.type}"
+    if model.dtype != torch.bfloat16:
+        return f"compute dtype {model.dtype}"
+    if cfg.arch not in ("llama", "qwen2", "qwen3"):
+        return f"architecture {cfg.arch}"
+    if cfg.n_heads % cfg.n_kv_heads or cfg.n_heads // cfg.n_kv_heads > 64:
+        return "attention head grouping"
+    if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
+        return "rope dimensions"
+    names = [_head_name(g, cfg)]
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        names += [p + f"attn_{x}.weight" for x in ("q", "k", "v", "output")]
+        names += [p + f"ffn_{x}.weight" for x in ("gate", "up", "down")]
+    for name in names:
+        info = g.tensors[name]
+        qt = QuantType(info.ggml_type)
+        if qt not in NATIVE_FORMATS:
+            return f"tensor type {qt.name} ({name})"
+        n, k = info.torch_shape
+        if k % 32:
+            return f"row length {k} of {name}"
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        fmts = {NATIVE_FORMATS[QuantType(g.tensors[p + f"attn_{x}.weight"].ggml_type)] for x in "qkv"}
+        if len(fmts) > 1 or cfg.q_dim % 4 or cfg.kv_dim % 4:
+            return f"mixed Q/K/V formats in layer {i}"
+    return None
+
+
+class NativeRunner:
+    """The native step bound to one engine's KV pool."""
+
+    def __init__(self, weights: NativeWeights, cache):  # noqa: ANN001 - a PagedKVCache
+        cfg = weights.cfg
+        lib = weights.lib
+        self.weights, self.lib, self.cfg = weights, lib, cfg
+        self.threads = torch.get_num_threads()
+        handle = lib.rl_model_new(
+            cfg.n_layers,
+            cfg.hidden,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.ffn,
+            cfg.rope_dim,
+            int(cfg.arch in ("qwen2", "qwen3")),
+            cfg.rms_eps,
+            weights.scale,
+            weights.inv_freq.ctypes.data,
+        )
+        if not handle:
+            raise MemoryError("native step: out of memory")
+        self.handle = handle
+        self.isa = lib.rl_model_set_isa(handle, weights.isa)
+        for i, lw in enumerate(weights.layers):
+            lib.rl_model_set_layer(
+                handle,
+                i,
+                _ptr(lw["attn_norm"]),
+                _ptr(lw["ffn_norm"]),
+                _ptr(lw["q_norm"]),
+                _ptr(lw["k_norm"]),
+                lw["qkv"].fmt,
+                _ptr(lw["qkv"].data),
+                _ptr(lw["qkv_bias"]),
+                lw["wo"].fmt,
+                _ptr(lw["wo"].data),
+                lw["gate"].fmt,
+                _ptr(lw["gate"].data),
+                lw["up"].fmt,
+                _ptr(lw["up"].data),
+                lw["down"].fmt,
+                _ptr(lw["down"].data),
+            )
+        self.vocab = cfg.vocab_size
+        lib.rl_model_set_head(
+            handle, _ptr(weights.out_norm), weights.head.fmt, self.vocab, _ptr(weights.head.data)
+        )
+        if cache.k.dtype not in (torch.bfloat16, torch.float16) or not cache.k.is_contiguous():
+            raise ValueError("native step needs a contiguous float16 or bfloat16 KV pool")
+        self.cache = cache  # keeps the pool alive while the C side points into it
+        layer_stride = cache.k[0].numel()
+        lib.rl_model_set_kv(
+            handle,
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            layer_stride,
+            cache.block_size,
+            int(cache.k.dtype == torch.float16),
+        )
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.rl_model_free(self.handle)
+            self.handle = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: list[int],
+        tables: list[list[int]],
+        logit_rows: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: float32 [rows, hidden] embeddings (overwritten); one position and block table per row.
+
+        Returns float32 logits [len(logit_rows), vocab] and the final-normed hidden rows they came from.
+        """
+        rows = x.shape[0]
+        x = x.float().contiguous()
+        pos = np.asarray(positions, dtype=np.int32)
+        max_blocks = max(len(t) for t in tables)
+        tab = np.zeros((rows, max_blocks), dtype=np.int32)
+        for i, t in enumerate(tables):
+            tab[i, : len(t)] = t
+        lr = np.asarray(logit_rows, dtype=np.int32)
+        logits = torch.empty(len(logit_rows), _pad4(self.vocab), dtype=torch.float32)
+        h = torch.empty(len(logit_rows), self.cfg.hidden, dtype=torch.float32)
+        rc = self.lib.rl_step(
+            self.handle,
+            self.threads,
+            rows,
+            x.data_ptr(),
+            pos.ctypes.data,
+            tab.ctypes.data,
+            max_blocks,
+            lr.ctypes.data,
+            len(logit_rows),
+            logits.data_ptr(),
+            h.data_ptr(),
+        )
+        if rc != 0:
+            raise MemoryError("native step: out of memory for its buffers")
+        return logits[:, : self.vocab], h

@@ -1,0 +1,159 @@
+"""The native CPU library: each kernel against its reference on every instruction-set path this CPU has,
+the whole decode step against the exact float32 forward, batch invariance, and the torch fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from ripelm.kernels import native_lib
+
+lib = native_lib.load()
+pytestmark = pytest.mark.skipif(lib is None, reason=f"native library: {native_lib.why_not()}")
+ISAS = native_lib.available_isas(lib) if lib is not None else []
+GGML = {
+    "Q4_0": GGMLQuantizationType.Q4_0,
+    "Q4_1": GGMLQuantizationType.Q4_1,
+    "Q8_0": GGMLQuantizationType.Q8_0,
+}
+FMT = {"Q4_0": native_lib.FMT_Q4, "Q4_1": native_lib.FMT_Q4, "Q8_0": native_lib.FMT_Q8}
+
+
+def _quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The activation rounding every path must reproduce bit for bit: int8 per 32, scale amax / 127."""
+    b = x.reshape(-1, 32)
+    amax = np.abs(b).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(b * inv[:, None]).astype(np.int8)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return q.reshape(-1), d, d * q.sum(-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+def test_activation_quantization_is_exact_on_every_path(isa):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(32 * 40) * rng.uniform(0.01, 50, 32 * 40)).astype(np.float32)
+    x[:32] = 0  # an all-zero block
+    x[32:64] = 0.5 * 127 / 127  # ties: every value rounds half to even the same way
+    q, d, s = np.empty(x.size, np.int8), np.empty(40, np.float32), np.empty(40, np.float32)
+    assert (
+        lib.rl_test_quantize(isa, x.ctypes.data, x.size, q.ctypes.data, d.ctypes.data, s.ctypes.data) == isa
+    )
+    rq, rd, rs = _quantize_act(x)
+    assert np.array_equal(q, rq)
+    assert np.array_equal(d, rd)
+    np.testing.assert_allclose(s, rs, rtol=1e-6)
+
+
+def _random_weight(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF blocks of a random [n, k] weight and the float32 weight they decode to."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.2, (n, 1))).astype(np.float32)
+    raw = quants.quantize(w, GGML[qtype])
+    return raw, quants.dequantize(raw, GGML[qtype]).reshape(n, k).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+@pytest.mark.parametrize("n", [64, 100])  # 100: not a multiple of the 4-row groups (padding)
+def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n):
+    k, rows = 256, 3
+    raw, w = _random_weight(qtype, n, k, seed=n)
+    packed = np.empty(lib.rl_repacked_size(int(GGML[qtype]), n, k), np.uint8)
+    assert lib.rl_repack(int(GGML[qtype]), raw.ctypes.data, n, k, packed.ctypes.data) == 0
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    out = np.zeros((rows, (n + 3) // 4 * 4), np.float32)
+    assert (
+        lib.rl_test_matvec(isa, FMT[qtype], packed.ctypes.data, n, k, x.ctypes.data, rows, out.ctypes.data)
+        == isa
+    )
+    q, d, _ = _quantize_act(x.reshape(-1))
+    xq = (q.reshape(-1, 32).astype(np.float64) * d[:, None]).reshape(rows, k)
+    exact = xq @ w.astype(np.float64).T
+    # Only float32 accumulation order separates the kernels from the float64 product of the same
+    # rounded operands; against the unrounded activations the int8 rounding shows (about 0.4%).
+    np.testing.assert_allclose(out[:, :n], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    err = np.abs(out[:, :n] - x.astype(np.float64) @ w.T).max() / np.abs(exact).max()
+    assert err < 0.02
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+def test_vector_exp_is_accurate(isa):
+    x = np.linspace(-87, 88, 4001, dtype=np.float32)
+    y = x.copy()
+    lib.rl_test_exp(isa, y.ctypes.data, y.size)
+    np.testing.assert_allclose(y, np.exp(x.astype(np.float64)), rtol=4e-7)
+
+
+def _backend(path, **kw):
+    from ripelm.runtime.native import NativeBackend
+
+    return NativeBackend(path, device="cpu", n_ctx=512, **kw)
+
+
+@pytest.mark.parametrize(
+    "arch,qtype",
+    [("llama", "Q4_0"), ("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2", "Q4_0"), ("qwen3", "Q8_0")],
+)
+def test_native_step_tracks_the_exact_forward(tiny_model_factory, arch, qtype):
+    path = tiny_model_factory(arch=arch, qtype=qtype)
+    native = _backend(path)
+    assert native.runner is not None, "the tiny model should run on the native step"
+    exact = _backend(path, reference=True, tokenizer=native.tokenizer)
+    tokens = native.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6, add_bos=False)[:64]
+    ref = exact.teacher_forced_logits(tokens)
+    one = native.teacher_forced_logits(tokens, chunk=1)  # decode: one row per step
+    few = native.teacher_forced_logits(tokens, chunk=7)  # several rows of one sequence per step
+    for ours in (one, few):
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        assert kl < 5e-3, kl
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    # a row's result does not depend on how many rows share its step
+    torch.testing.assert_close(one, few, rtol=0, atol=0)
+
+
+def test_every_isa_path_tracks_the_exact_forward_on_the_bundled_model(bundled_model_path):
+    """The whole step on each instruction-set path this CPU has, against the exact float32 model. (The
+    paths differ in float summation order; int8 rounding turns that into small logit differences, so
+    each is checked against the exact forward, not bit for bit against the others.)"""
+    exact = _backend(bundled_model_path, reference=True)
+    text = "The capital of France is Paris. It lies on the Seine, and its museums draw millions each year."
+    tokens = exact.tokenizer.encode(text, add_bos=False)
+    ref = exact.teacher_forced_logits(tokens)
+    for isa in ISAS:
+        b = _backend(bundled_model_path, tokenizer=exact.tokenizer)
+        b.runner.isa = lib.rl_model_set_isa(b.runner.handle, isa)
+        assert b.runner.isa == isa
+        ours = b.teacher_forced_logits(tokens, chunk=1)
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        assert kl < 0.01, (native_lib.ISA_NAMES[isa], kl)
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_without_the_library_everything_runs_on_torch_with_one_notice(tmp_path, bundled_model_path):
+    code = (
+        "import sys\n"
+        "from ripelm.runtime.engine_backend import EngineBackend\n"
+        "from ripelm.runtime.backend import GenerationStats\n"
+        "from ripelm.runtime.sampling import SamplingParams\n"
+        f"b = EngineBackend({str(bundled_model_path)!r}, device='cpu', n_ctx=256, kv_memory=8 << 20)\n"
+        "assert b.engine.native is None\n"
+        "ids = b.tokenizer.encode('Hello', add_bos=False)\n"
+        "params = SamplingParams(temperature=0, max_tokens=5)\n"
+        "print(len(list(b.generate_ids(ids, params, GenerationStats()))))\n"
+        "b.close()\n"
+    )
+    env = {**os.environ, "RIPELM_NATIVE": "0", "RIPELM_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "5"
+    notices = [line for line in r.stderr.splitlines() if "native CPU decode step not used" in line]
+    assert len(notices) == 1 and "RIPELM_NATIVE=0" in notices[0]
