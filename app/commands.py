@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ripelm.config import load_config
 from ripelm.models.store import resolve_model
+from ripelm.remote_fit import remote_reply
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
 from ripelm.runtime.engines import open_backend
 from ripelm.runtime.errors import BackendError, BadSamplingError, EmptyPromptError
@@ -105,6 +106,12 @@ def format_stats(s: GenerationStats) -> str:
     return ", ".join(parts)
 
 
+def _trim_notice(dropped: int) -> None:
+    print(
+        f"[the chat no longer fits the context window: {dropped} earliest messages left out]", file=sys.stderr
+    )
+
+
 def _events(
     backend: Backend | OpenAIBackend, messages: list[dict[str, str]], params: SamplingParams, raw: str | None
 ) -> Iterator[TokenEvent]:
@@ -112,7 +119,9 @@ def _events(
     gets the messages and applies the template itself. `raw` is a plain completion prompt."""
     if getattr(backend, "takes_messages", False):
         remote: Any = backend
-        return remote.stream_text(raw, params) if raw is not None else remote.stream_chat(messages, params)
+        if raw is not None:
+            return remote.stream_text(raw, params)
+        return remote_reply(remote, messages, params, on_trim=_trim_notice)
     text = raw if raw is not None else backend.template.render(messages, add_generation_prompt=True)
     ids = prompt_ids(backend, text, add_bos=None if raw is not None else False)
     return stream(backend, ids, params)

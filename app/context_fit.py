@@ -24,7 +24,7 @@ class Fitted:
     prompt_tokens: int  # the rendered prompt's length in tokens
 
 
-def _turn_starts(body: Messages) -> list[int]:
+def turn_starts(body: Messages) -> list[int]:
     """Indexes where a turn begins: each user message (a leading non-user message starts one too)."""
     starts = [i for i, m in enumerate(body) if m["role"] == "user"]
     if body and (not starts or starts[0] != 0):
@@ -41,7 +41,7 @@ def fit_conversation(
     limit = context_length - room
     system = [m for m in messages if m["role"] == "system"]
     body = [m for m in messages if m["role"] != "system"]
-    starts = _turn_starts(body)
+    starts = turn_starts(body)
     for cut in starts:
         kept = system + body[cut:]
         n = count_tokens(kept)

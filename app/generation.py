@@ -9,7 +9,8 @@ acknowledgement is set when the stream has ended.
 `RemoteGeneration` is the same for a server engine (`takes_messages`, `--engine openai`): it sends the
 chat messages and the server renders the template. The stream is read on a thread of its own, so a
 cancel ends the reply at once even while the server is silent (a long prefill, a stalled server); the
-connection is dropped at the server's next chunk, which stops its work.
+connection is dropped at the server's next chunk, which stops its work. The conversation is fitted to the
+server's context window first (`remote_fit`); `on_trim(dropped)` hears when old turns were left out.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ripelm.remote_fit import remote_reply
 from ripelm.runtime.backend import GenerationStats, TokenEvent, stream
 from ripelm.runtime.sampling import SamplingParams
 
@@ -90,10 +92,17 @@ class Generation:
 class RemoteGeneration:
     """A reply from an OpenAI-compatible server: `events()`, `cancel()` and `stats` as in `Generation`."""
 
-    def __init__(self, backend: Any, messages: list[dict[str, str]], params: SamplingParams):
+    def __init__(
+        self,
+        backend: Any,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        on_trim: Callable[[int], None] | None = None,
+    ):
         self.backend = backend
         self.messages = messages
         self.params = params
+        self.on_trim = on_trim
         self.cancel_requested = threading.Event()
         self.ended = threading.Event()  # `events()` has returned
         self.stats: GenerationStats | None = None
@@ -101,7 +110,10 @@ class RemoteGeneration:
 
     def _read(self) -> None:
         try:
-            for ev in self.backend.stream_chat(self.messages, self.params, self.cancel_requested):
+            events = remote_reply(
+                self.backend, self.messages, self.params, self.cancel_requested, self.on_trim
+            )
+            for ev in events:
                 self._queue.put(ev)
         except BaseException as e:  # handed to the reader, which raises it
             self._queue.put(e)

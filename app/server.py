@@ -33,15 +33,33 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", extra: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.kind = status, kind
+        self.extra = extra or {}  # more fields of the error object
+
+
+def request_error(e: RipelmError) -> ApiError:
+    """A request the engine refuses (prompt too long, empty...), as a 400. A prompt too long for the
+    context window says so the way clients look for it: OpenAI's code `context_length_exceeded`, and the
+    numbers under the names llama.cpp's server gives them (`n_prompt_tokens`, `n_ctx`), so a client can
+    work out how much of a conversation to leave out."""
+    if isinstance(e, ContextOverflowError):
+        extra: dict[str, Any] = {"code": "context_length_exceeded"}
+        if e.prompt_tokens is not None:
+            extra["n_prompt_tokens"] = e.prompt_tokens
+        if e.context_length is not None:
+            extra["n_ctx"] = e.context_length
+        return ApiError(400, str(e), extra=extra)
+    return ApiError(400, str(e))
 
 
 def generation_error(e: RipelmError) -> ApiError:
     """An error raised while generating (the KV pool cannot hold the sequence...), as an API error."""
     if isinstance(e, ContextOverflowError):
-        return ApiError(400, str(e))
+        return request_error(e)
     return ApiError(500, str(e), "server_error")
 
 
@@ -94,15 +112,17 @@ class Api:
 
     def models(self) -> dict:
         # OpenAI's listing has no model type; `kind` (an extra field clients ignore) lets a chat client
-        # such as ripelm's own app leave the embedding model out of its chat model picker.
-        kinds = [(self.model_name, "chat")] + (
-            [(self.embeddings.name, "embedding")] if self.embeddings is not None else []
+        # such as ripelm's own app leave the embedding model out of its chat model picker. The chat model's
+        # context window goes under vLLM's name for it, `max_model_len`, so that clients fit a conversation
+        # to it before sending.
+        chat = {"id": self.model_name, "kind": "chat", "max_model_len": self.backend.context_length}
+        entries = [chat] + (
+            [{"id": self.embeddings.name, "kind": "embedding"}] if self.embeddings is not None else []
         )
         return {
             "object": "list",
             "data": [
-                {"id": n, "object": "model", "created": self.created, "owned_by": "ripelm", "kind": kind}
-                for n, kind in kinds
+                {"object": "model", "created": self.created, "owned_by": "ripelm", **e} for e in entries
             ],
         }
 
@@ -187,7 +207,9 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _error(self, e: ApiError) -> None:
-            self._send_json(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
+            self._send_json(
+                e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status, **e.extra}}
+            )
 
         def _authorized(self) -> bool:
             if api_key is None:
@@ -226,7 +248,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             except ApiError as e:
                 return self._error(e)
             except RipelmError as e:  # prompt too long, empty...
-                return self._error(ApiError(400, str(e)))
+                return self._error(request_error(e))
             kind = "chat" if path.endswith("chat/completions") else "text"
             if streaming:
                 self._stream(kind, ids, params, bool((body.get("stream_options") or {}).get("include_usage")))
@@ -300,7 +322,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             except RipelmError as e:  # headers are out: end the stream with an error event
                 err = generation_error(e)
                 try:
-                    send({"error": {"message": str(err), "type": err.kind, "code": err.status}})
+                    send({"error": {"message": str(err), "type": err.kind, "code": err.status, **err.extra}})
                     send("[DONE]")
                 except (BrokenPipeError, ConnectionResetError, TimeoutError):
                     pass

@@ -18,3 +18,7 @@ class UnsupportedModelError(RipelmError):
 
 class ModelNotFoundError(RipelmError):
     """A model name or path that resolves to nothing."""
+
+
+class ModelFileChangedError(RipelmError):
+    """The model file was truncated or rewritten on disk while an engine had it loaded."""

@@ -24,7 +24,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ripelm.models.errors import ModelFormatError, ModelNotFoundError
+from ripelm.models.errors import ModelFileChangedError, ModelFormatError, ModelNotFoundError
+from ripelm.models.file_guard import FileState, changed_message
 from ripelm.models.gguf_reader import (
     ABSURD_COUNT,
     DEFAULT_ALIGNMENT,
@@ -117,7 +118,8 @@ class GGUFFile:
     metadata: dict[str, Any]
     metadata_types: dict[str, int]
     tensors: dict[str, TensorInfo]  # in file order
-    _mm: np.memmap | None = field(default=None, repr=False)
+    _mm: np.ndarray | None = field(default=None, repr=False)
+    state: FileState | None = None  # the opened file as validated (see models/file_guard.py)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -127,8 +129,44 @@ class GGUFFile:
         arch = self.metadata.get("general.architecture")
         return arch if isinstance(arch, str) else None
 
-    def tensor_bytes(self, name: str) -> np.memmap:
-        """The raw bytes of tensor `name`: a read-only uint8 view into the file's memory map (no copy)."""
+    @property
+    def in_memory(self) -> bool:
+        """The tensor bytes are a private copy (`load_into_memory`), not a map of the file."""
+        return self._mm is not None and not isinstance(self._mm, np.memmap)
+
+    def load_into_memory(self) -> None:
+        """Replace the memory map by a private, read-only copy of the file, so that nothing read from
+        `tensor_bytes` afterwards can fault if the file is truncated (see models/file_guard.py). Call it
+        before taking any tensor's bytes. ModelFileChangedError if the file is no longer the one validated."""
+        if self._mm is None:
+            raise ValueError(f"{self.path} has been closed")
+        if self.in_memory:
+            return
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                change = FileState.of(os.fstat(f.fileno())).change_since(self.state) if self.state else None
+                if change is not None:
+                    raise ModelFileChangedError(changed_message(self.path, change))
+                data = np.empty(self.file_size, dtype=np.uint8)
+                view = memoryview(data)
+                done = 0
+                while done < self.file_size:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise ModelFileChangedError(
+                            changed_message(
+                                self.path, f"it ended at {done} of {self.file_size} bytes while read"
+                            )
+                        )
+                    done += n
+        except OSError as e:
+            raise ModelFormatError(f"cannot read model file {self.path}: {e.strerror or e}") from None
+        data.flags.writeable = False
+        self._mm = data
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """The raw bytes of tensor `name`: a read-only uint8 view into the file's memory map, or into its
+        private copy after `load_into_memory` (no copy either way)."""
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"no tensor named {name!r} in {self.path}")
@@ -171,7 +209,8 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         raise ModelFormatError(f"{p}: not a GGUF file: the file is empty")
     try:
         with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size  # the file we actually opened, not whatever stat() saw
+            opened = os.fstat(f.fileno())  # the file we actually opened, not whatever stat() saw
+            size = opened.st_size
             head = f.read(8)
             try:
                 check_magic_and_version(head, size)
@@ -181,7 +220,9 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     except OSError as e:
         raise ModelFormatError(f"cannot read model file {p}: {e.strerror or e}") from None
     try:
-        return _parse(HeaderReader(mm, size, p), p)
+        g = _parse(HeaderReader(mm, size, p), p)
+        g.state = FileState.of(opened)
+        return g
     except ModelFormatError as e:
         raise ModelFormatError(f"{p}: {e}") from None
     except (ValueError, OverflowError, struct.error, UnicodeError, IndexError, MemoryError) as e:

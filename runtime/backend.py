@@ -76,7 +76,9 @@ def prompt_ids(backend: Backend, text: str, *, add_bos: bool | None = None) -> l
     ids = backend.tokenizer.encode(text, add_bos=add_bos)
     if len(ids) >= backend.context_length:
         raise ContextOverflowError(
-            f"the prompt is {len(ids)} tokens but the context window is {backend.context_length}"
+            f"the prompt is {len(ids)} tokens but the context window is {backend.context_length}",
+            prompt_tokens=len(ids),
+            context_length=backend.context_length,
         )
     return ids
 

@@ -52,7 +52,9 @@ class EngineBackend:
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
         """Start a generation and return its engine `Request`, for callers that must cancel it from another
         thread: `request.cancel()` returns the event the engine sets once the request's blocks are freed.
-        Read its tokens with `request_ids`."""
+        Read its tokens with `request_ids`. ModelFileChangedError if the model file changed since it was
+        loaded (models/file_guard.py)."""
+        self.file_guard.check()
         return self.engine.submit(prompt, params)
 
     def request_ids(self, req: Request, stats: GenerationStats) -> Iterator[int]:
@@ -70,3 +72,4 @@ class EngineBackend:
     def close(self) -> None:
         self.engine.close()
         self.gguf.close()
+        self.file_guard.close()

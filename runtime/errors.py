@@ -4,7 +4,15 @@ from ripelm.models.errors import RipelmError
 
 
 class ContextOverflowError(RipelmError):
-    """The prompt (plus what must be generated) does not fit the model's context window."""
+    """The prompt (plus what must be generated) does not fit the model's context window.
+
+    `prompt_tokens` and `context_length` carry the numbers where they are known (a server engine's error
+    may give them), so a caller can work out how much of a conversation to leave out."""
+
+    def __init__(self, message: str, *, prompt_tokens: int | None = None, context_length: int | None = None):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
 
 
 class EmptyPromptError(RipelmError):

@@ -1,5 +1,11 @@
 """The llama.cpp engine (through llama-cpp-python): runs what the native engine does not, and is the
-reference our logits are checked against."""
+reference our logits are checked against.
+
+llama.cpp maps the model file and reads weights straight from the mapping, so a file truncated under it
+would fault (SIGBUS) in the middle of a generation. A file up to COPY_AT_LOAD_MAX_BYTES is loaded with
+`use_mmap=False` (read into llama.cpp's own buffers), and every request first checks that the loaded file
+is unchanged (`ModelFileGuard`); models/file_guard.py gives the reasons.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ripelm.models.errors import ModelFileChangedError
+from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFileGuard, changed_message
 from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
@@ -44,8 +52,11 @@ class LlamaCppBackend:
         g = gguf or open_gguf(self.path)  # validate before llama.cpp's own parser touches the file
         trained = int(g.get(f"{g.architecture}.context_length", 4096) or 4096)
         template_src = g.get("tokenizer.chat_template")
+        loaded = g.state or FileState.of(self.path.stat())
         g.close()
         self.context_length = min(n_ctx or 4096, trained)
+        # Held from before llama.cpp opens the file, so the file it loads is the one validated above.
+        self.file_guard = ModelFileGuard(self.path, loaded)
         quiet_llama_logs()
         try:
             self.llm = llama_cpp.Llama(
@@ -55,18 +66,37 @@ class LlamaCppBackend:
                 n_batch=n_batch,
                 n_ubatch=n_batch,
                 logits_all=logits_all,
+                use_mmap=loaded.size > COPY_AT_LOAD_MAX_BYTES,
                 verbose=False,
             )
         except Exception as e:
+            self.file_guard.close()
             raise BackendError(f"llama.cpp could not load {self.path.name}: {e}") from e
+        try:
+            self.file_guard.check()
+            self._check_path_names(loaded)
+        except ModelFileChangedError:
+            self.llm.close()
+            self.file_guard.close()
+            raise
         self.tokenizer = tokenizer or Tokenizer(self.path)
         self.template = ChatTemplate(
             template_src, bos_token=self.tokenizer.bos_text, eos_token=self.tokenizer.eos_text
         )
 
+    def _check_path_names(self, loaded: FileState) -> None:
+        """llama.cpp opened the file by its path: that must still be the file the guard holds."""
+        try:
+            now = FileState.of(os.stat(self.path))
+        except OSError:
+            return  # removed since: what llama.cpp opened was still the guarded file
+        if (now.dev, now.ino) != (loaded.dev, loaded.ino):
+            raise ModelFileChangedError(changed_message(self.path, "it was replaced while it loaded"))
+
     def generate_ids(
         self, prompt: list[int], params: SamplingParams, stats: GenerationStats
     ) -> Iterator[int]:
+        self.file_guard.check()
         llm = self.llm
         stats.cached_tokens = common_prefix(list(llm._input_ids), prompt)
         if params.seed is not None:
@@ -89,3 +119,4 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         self.llm.close()
+        self.file_guard.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFileGuard
 from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
@@ -35,10 +36,15 @@ def load_native(
     reference: bool,
     gguf: GGUFFile | None,
 ) -> None:
-    """Load a GGUF model onto `backend`: its path, gguf, model, cfg, device, context, tokenizer, template."""
+    """Load a GGUF model onto `backend`: its path, gguf, file_guard, model, cfg, device, context, tokenizer,
+    template. A file up to COPY_AT_LOAD_MAX_BYTES is copied into memory first, so truncating it later cannot
+    fault; `file_guard.check()` before each request reports any change (see models/file_guard.py)."""
     bound_heap_growth()
     backend.path = Path(model_path)
     backend.gguf = gguf or open_gguf(backend.path)
+    backend.file_guard = ModelFileGuard(backend.path, backend.gguf.state or _state_now(backend.path))
+    if backend.gguf.file_size <= COPY_AT_LOAD_MAX_BYTES:
+        backend.gguf.load_into_memory()
     backend.torch_device = pick_device(device)
     backend.device = str(backend.torch_device)
     backend.model = load_transformer(
@@ -60,6 +66,10 @@ def load_native(
     backend.template = ChatTemplate(
         cfg.chat_template, bos_token=backend.tokenizer.bos_text, eos_token=backend.tokenizer.eos_text
     )
+
+
+def _state_now(path: Path) -> FileState:
+    return FileState.of(path.stat())
 
 
 class NativeBackend:
@@ -143,6 +153,7 @@ class NativeBackend:
     def generate_ids(
         self, prompt: list[int], params: SamplingParams, stats: GenerationStats
     ) -> Iterator[int]:
+        self.file_guard.check()
         sampler = Sampler(params)
         logits, reused = self.prefill(prompt)
         stats.cached_tokens = reused
@@ -169,3 +180,4 @@ class NativeBackend:
 
     def close(self) -> None:
         self.gguf.close()
+        self.file_guard.close()

@@ -6,10 +6,17 @@ the tokenizer and applies the chat template. Replies stream as server-sent event
 `openai` client (already in ripelm's dependency tree, and the client other tools use, so what works
 here works there), and come back as the same `TokenEvent`s and `GenerationStats` the local engines
 give, so `ripe run` and `ripe chat` treat every engine alike.
+
+The server also owns the context window. `context_length` is the window the server states in its model
+listing (vLLM's and `ripe serve`'s `max_model_len`, or `context_length` as some others name it), None when
+it states none. A prompt the server refuses as too long comes back as `ContextOverflowError`, with the
+prompt's size and the window where the error gives them, so the app can leave old turns out and retry
+(app/remote_fit.py).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ripelm.runtime.backend import GenerationStats, TokenEvent
-from ripelm.runtime.errors import BackendError
+from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
 
 NO_KEY = "sk-no-key-required"  # the client insists on a key; local servers ignore it
@@ -52,12 +59,25 @@ class OpenAIBackend:
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key or NO_KEY, timeout=timeout, max_retries=1
         )
-        self.model = model or self._first_model()
+        listing: list[Any] | None = None
+        if model is None:
+            listing = self._listing()
+            model = self._first_model(listing)
+        else:
+            try:  # only for the context window: a server without a listing still serves a named model
+                listing = self._listing()
+            except BackendError:
+                listing = None
+        self.model = model
+        self.context_length: int | None = _context_length(listing or [], model)
+        # Prompt tokens per UTF-8 byte of the messages, as this server counts them: measured by the app
+        # from replies' usage and overflow errors (app/remote_fit.py); None until then.
+        self.tokens_per_byte: float | None = None
         self.device = f"{self.model} at {self.base_url}"
 
     # ---- errors ------------------------------------------------------------------------------------
 
-    def _error(self, e: Exception) -> BackendError:
+    def _error(self, e: Exception) -> BackendError | ContextOverflowError:
         import openai
 
         where = f"the server at {self.base_url}"
@@ -77,22 +97,28 @@ class OpenAIBackend:
                 "and the model name"
             )
         if isinstance(e, openai.APIStatusError):
+            overflow = _context_overflow(e)
+            if overflow is not None:
+                return overflow
             return BackendError(f"{where} answered HTTP {e.status_code}: {_detail(e)}")
         return BackendError(f"{where} failed: {e}")
 
-    def list_models(self) -> list[str]:
-        """The model ids the server lists at /v1/models, less those it marks as embedding models
-        (`ripe serve` adds `"kind": "embedding"`; other servers list no kind)."""
+    def _listing(self) -> list[Any]:
         import openai
 
         try:
-            models = list(self.client.models.list())
+            return list(self.client.models.list())
         except openai.OpenAIError as e:
             raise self._error(e) from e
+
+    def list_models(self, listing: list[Any] | None = None) -> list[str]:
+        """The model ids the server lists at /v1/models, less those it marks as embedding models
+        (`ripe serve` adds `"kind": "embedding"`; other servers list no kind)."""
+        models = self._listing() if listing is None else listing
         return [m.id for m in models if (m.model_extra or {}).get("kind") != "embedding"]
 
-    def _first_model(self) -> str:
-        models = self.list_models()
+    def _first_model(self, listing: list[Any]) -> str:
+        models = self.list_models(listing)
         if not models:
             raise BackendError(f"the server at {self.base_url} lists no models; pass --model")
         return models[0]
@@ -191,6 +217,63 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _context_length(listing: list[Any], model: str) -> int | None:
+    """The context window the listing gives for `model`: vLLM's `max_model_len` (which `ripe serve` gives
+    too) or a `context_length` field; None if it gives neither. llama.cpp's server lists only the window
+    the model was trained with (`meta.n_ctx_train`), which need not be the one it serves, so it is not
+    taken: that server's overflow error gives the real one."""
+    for m in listing:
+        if m.id != model:
+            continue
+        extra = m.model_extra or {}
+        for key in ("max_model_len", "context_length"):
+            value = extra.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+# How servers word a prompt that does not fit, and where the numbers are: vLLM and OpenAI ("This model's
+# maximum context length is 2048 tokens. However, you requested 2100 tokens (2000 in the messages, 100 in
+# the completion)"), `ripe serve` ("the prompt is 5000 tokens but the context window is 4096"), llama.cpp's
+# server (type exceed_context_size_error, with n_prompt_tokens and n_ctx fields).
+_OVERFLOW_WORDS = re.compile(r"context (length|window|size)|maximum context|too many tokens", re.IGNORECASE)
+_WINDOW = re.compile(
+    r"(?:maximum context length is|context window is|context size is)\D{0,3}(\d+)", re.IGNORECASE
+)
+_PROMPT = re.compile(
+    r"(\d+) (?:tokens )?in the messages|prompt (?:is|has|of) (\d+) tokens|resulted in (\d+) tokens"
+    r"|request has (\d+) input tokens",
+    re.IGNORECASE,
+)
+
+
+def _context_overflow(e: Any) -> ContextOverflowError | None:
+    """The server's refusal of a prompt as too long for its context window, or None for any other error."""
+    if e.status_code not in (400, 413):
+        return None
+    body = getattr(e, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    err = err if isinstance(err, dict) else {}
+    message = str(err.get("message") or _detail(e))
+    marked = err.get("code") == "context_length_exceeded" or err.get("type") == "exceed_context_size_error"
+    if not marked and not _OVERFLOW_WORDS.search(message):
+        return None
+
+    def number(field: str, pattern: re.Pattern[str]) -> int | None:
+        value = err.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        m = pattern.search(message)
+        return int(next(g for g in m.groups() if g)) if m else None
+
+    return ContextOverflowError(
+        f"the conversation does not fit the server's context window: {message[:200]}",
+        prompt_tokens=number("n_prompt_tokens", _PROMPT),
+        context_length=number("n_ctx", _WINDOW),
+    )
 
 
 def _detail(e: Exception) -> str:

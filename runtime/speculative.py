@@ -96,6 +96,8 @@ class SpeculativeBackend:
         self, prompt: list[int], params: SamplingParams, stats: GenerationStats
     ) -> Iterator[int]:
         params.validate()
+        self.target.file_guard.check()
+        self.draft.file_guard.check()
         ctl = self.controller
         gen = torch.Generator()
         if params.seed is not None:

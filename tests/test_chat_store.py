@@ -134,6 +134,91 @@ def test_forward_migration_keeps_data(tmp_path):
     store.close()
 
 
+# The schema as ripelm wrote it at version 2 (before AUTOINCREMENT), spelled out so this test keeps
+# building the old database whatever later migrations do.
+V2_SCHEMA = [
+    """CREATE TABLE chats (
+        id INTEGER PRIMARY KEY, title TEXT NOT NULL, model TEXT, draft TEXT, system TEXT,
+        params TEXT NOT NULL DEFAULT '{}', collection TEXT, created REAL NOT NULL, updated REAL NOT NULL
+    )""",
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY, chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        role TEXT NOT NULL, content TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'done', created REAL NOT NULL,
+        stats TEXT
+    )""",
+    "CREATE INDEX messages_by_chat ON messages(chat_id, id)",
+    "ALTER TABLE messages ADD COLUMN sources TEXT",
+    "CREATE INDEX chats_by_updated ON chats(updated)",
+    "PRAGMA user_version = 2",
+]
+
+
+def test_ids_are_not_reused_after_a_delete(store):
+    c = store.new_chat()
+    store.add_message(c.id, "user", "q")
+    last = store.add_message(c.id, "assistant", "a")
+    store.delete_messages_from(c.id, last.id)
+    assert store.add_message(c.id, "assistant", "a again").id > last.id
+    gone = store.new_chat("newest")
+    store.delete_chat(gone.id)
+    assert store.new_chat().id > gone.id
+
+
+def test_migration_from_v2_keeps_data_and_stops_id_reuse(tmp_path):
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    for sql in V2_SCHEMA:
+        conn.execute(sql)
+    conn.execute(
+        "INSERT INTO chats (id, title, model, system, params, collection, created, updated) "
+        "VALUES (1, 'kept', 'smollm2:135m', 'be brief', '{\"temperature\": 0.2}', 'notes', 1.0, 2.0), "
+        "(2, 'other', NULL, NULL, '{}', NULL, 3.0, 4.0)"
+    )
+    conn.execute(
+        "INSERT INTO messages (id, chat_id, role, content, state, created, stats, sources) VALUES "
+        "(1, 1, 'user', 'hello', 'done', 1.0, NULL, NULL), "
+        "(2, 1, 'assistant', 'hi [1]', 'done', 1.5, '{\"decode_tok_s\": 9.5}', "
+        '\'[{"where": "a.txt:1-3"}]\'), '
+        "(5, 2, 'user', 'gap before me', 'done', 3.0, NULL, NULL), "
+        "(6, 2, 'assistant', 'cut off', 'partial', 3.5, NULL, NULL)"
+    )
+    conn.commit()
+    conn.close()
+
+    store = ChatStore(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.integrity() == "ok"
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # back on after the rebuild
+    kept = store.chat(1)
+    assert (kept.title, kept.model, kept.system, kept.params) == (
+        "kept",
+        "smollm2:135m",
+        "be brief",
+        {"temperature": 0.2},
+    )
+    assert (kept.collection, kept.created, kept.updated) == ("notes", 1.0, 2.0)
+    assert [(m.id, m.role, m.content, m.state) for m in store.messages(1)] == [
+        (1, "user", "hello", DONE),
+        (2, "assistant", "hi [1]", DONE),
+    ]
+    assert store.message(2).stats == {"decode_tok_s": 9.5}
+    assert store.message(2).sources == [{"where": "a.txt:1-3"}]
+    assert [(m.id, m.state) for m in store.messages(2)] == [(5, DONE), (6, PARTIAL)]
+
+    # Deleting the newest message used to hand its id to the next one (max(id) + 1); now it never comes back.
+    store.delete_messages_from(2, 6)
+    assert store.add_message(2, "assistant", "again").id == 7
+    with store.db.atomic():  # the foreign key's cascade still works after the rebuild
+        store.db.execute("DELETE FROM chats WHERE id = 2")
+    assert store.db.execute("SELECT count(*) FROM messages WHERE chat_id = 2").fetchone()[0] == 0
+    assert store.new_chat("after").id == 3
+    assert [m.id for m in store.messages(1)] == [1, 2]
+    store.close()
+    again = ChatStore(path)  # reopening does not migrate again
+    assert again.add_message(1, "user", "later").id == 8
+    again.close()
+
+
 def test_newer_schema_refused(tmp_path):
     path = tmp_path / "future.db"
     conn = sqlite3.connect(path)

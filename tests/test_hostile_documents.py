@@ -9,6 +9,7 @@ with address-space and CPU caps (runtime/retrieval/pdf_pages.py).
 from __future__ import annotations
 
 import os
+import re
 import resource
 import stat
 import tempfile
@@ -28,15 +29,20 @@ from ripelm.runtime.retrieval.loaders import load
 GB = 1 << 30
 
 
-def bomb_pdf(content_bytes: int) -> bytes:
-    """A one-page PDF whose Flate content stream inflates to `content_bytes` of drawing operators."""
+def bomb_pdf(content_bytes: int, *, text: bool = False) -> bytes:
+    """A one-page PDF whose Flate content stream inflates to `content_bytes` of drawing operators; with
+    `text`, the page has a font and starts by showing a line of text (pypdf then inflates the stream to
+    extract it; a page without fonts it skips)."""
     comp = zlib.compressobj(9)
     chunk = b"0 0 m\n" * (1 << 18)
-    stream = b"".join(comp.compress(chunk) for _ in range(content_bytes // len(chunk))) + comp.flush()
+    head = comp.compress(b"BT /F1 12 Tf 72 720 Td (Hello from the bomb) Tj ET\n") if text else b""
+    stream = head + b"".join(comp.compress(chunk) for _ in range(content_bytes // len(chunk))) + comp.flush()
+    font = b" /Resources << /Font << /F1 << /Type /Font /Subtype /Type1 /BaseFont /Helvetica >> >> >>"
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R%s >>"
+        % (font if text else b""),
         b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
     ]
     out = bytearray(b"%PDF-1.4\n")
@@ -68,7 +74,7 @@ def hostile_folder(root: Path) -> dict[str, str]:
         "truncated.pdf": "PDF",
         "garbage-xref.pdf": "PDF",
         "encrypted.pdf": "encrypted",
-        "bomb.pdf": "PDF",
+        "bomb.pdf": "decompression bomb",
         "binary.txt": "binary",
         "latin1.md": "UTF-8",
         "huge.txt": "too large",
@@ -122,6 +128,27 @@ def test_hostile_file_is_skipped_with_a_reason(folder: tuple[Path, dict[str, str
     assert time.perf_counter() - start < 30
     # A PDF parser child may use at most its address-space cap (1.5 GB), whatever the file claims.
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss <= max(before, 1536 * 1024)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["no-fonts", "with-text"])
+def test_decompression_bomb_is_named_as_one(tmp_path: Path, text: bool) -> None:
+    """Whether pypdf inflates the stream to extract text (and stops at its limit) or skips a page without
+    fonts, the reason says the PDF is a decompression bomb, not that it has no text."""
+    path = tmp_path / "bomb.pdf"
+    path.write_bytes(bomb_pdf(128 << 20, text=text))
+    with pytest.raises(SkipFile) as caught:
+        load(path)
+    assert re.fullmatch(
+        r"decompression bomb: a compressed stream in the PDF inflates past the parser's limit of \d+ MB",
+        str(caught.value),
+    ), caught.value
+
+
+def test_small_pdf_without_text_still_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "drawing.pdf"
+    path.write_bytes(bomb_pdf(1 << 20))  # 1 MB of drawing: under the limit, and no text
+    with pytest.raises(SkipFile, match=r"^PDF has no extractable text"):
+        load(path)
 
 
 @contextmanager

@@ -177,6 +177,36 @@ def test_a_server_that_goes_down_is_one_error_in_the_app(tiny_model_factory, hom
             close(app)
 
 
+def test_a_chat_longer_than_the_server_window_is_trimmed_and_the_user_told(tiny_model_factory, home):
+    """`ripe serve --ctx 256`: the app leaves the oldest turns out (the window comes from /v1/models), the
+    reply arrives, and the status bar and a notification say so, as with the local engines."""
+    with ripe_serve(tiny_model_factory(qtype="Q4_0", n_layers=2), home / "serve", "--ctx", "256") as (url, _):
+        app = open_app(home, "--base-url", url, "--max-tokens", "8")
+
+        async def go() -> None:
+            async with app.run_test(size=SIZE) as pilot:
+                await send(pilot, app, "Hello")
+                await wait_until(pilot, lambda: idle(app), what="the first reply")
+                chat = app.chat.id
+                assert app.trim_notices == 0
+                for i in range(10):
+                    app.store.add_message(chat, "user", f"question {i} " + "word " * 40)
+                    app.store.add_message(chat, "assistant", f"answer {i} " + "word " * 40)
+                await app.open_chat(chat)
+                await send(pilot, app, "and now?")
+                await wait_until(pilot, lambda: idle(app), what="the trimmed reply")
+                reply = app.store.messages(chat)[-1]
+                assert reply.state == DONE and 0 < reply.stats["prompt_tokens"] < 256
+                assert app.trim_notices == 1
+                assert "earliest messages left out" in status(app)
+                assert any("no longer fits the context window" in n.message for n in app._notifications)
+
+        try:
+            asyncio.run(go())
+        finally:
+            close(app)
+
+
 def test_the_app_against_llama_cpp_server(bundled_model_path, home):
     pytest.importorskip(
         "uvicorn", reason="llama-cpp-python's server needs the dev extra (uvicorn, fastapi...)"

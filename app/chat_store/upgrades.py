@@ -46,7 +46,62 @@ def _v2_sources(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX chats_by_updated ON chats(updated)")
 
 
-UPGRADES: list[Callable[[sqlite3.Connection], None]] = [_v1_chats_and_messages, _v2_sources]
+def _v3_ids_never_reused(conn: sqlite3.Connection) -> None:
+    """Chat and message ids come from AUTOINCREMENT, so an id is never handed out again after a delete (a
+    plain INTEGER PRIMARY KEY takes max(id) + 1: deleting the newest message gave its id to the next one).
+
+    SQLite cannot add AUTOINCREMENT to a table, so both tables are rebuilt (SQLite's documented order:
+    create the new table, copy, drop the old, rename) with their rows and ids as they were. Copying the rows
+    sets `sqlite_sequence` to the largest id; an id deleted before this migration above that largest id is
+    not known and may be given once more. `upgrade` turns foreign keys off around this, or dropping `chats`
+    would cascade into `messages`.
+    """
+    conn.execute(
+        """CREATE TABLE chats_v3 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            title TEXT NOT NULL,
+            model TEXT,
+            draft TEXT,
+            system TEXT,
+            params TEXT NOT NULL DEFAULT '{}',
+            collection TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )"""
+    )
+    conn.execute(
+        "INSERT INTO chats_v3 (id, title, model, draft, system, params, collection, created, updated) "
+        "SELECT id, title, model, draft, system, params, collection, created, updated FROM chats"
+    )
+    conn.execute(
+        """CREATE TABLE messages_v3 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'done',
+            created REAL NOT NULL,
+            stats TEXT,
+            sources TEXT
+        )"""
+    )
+    conn.execute(
+        "INSERT INTO messages_v3 (id, chat_id, role, content, state, created, stats, sources) "
+        "SELECT id, chat_id, role, content, state, created, stats, sources FROM messages"
+    )
+    conn.execute("DROP TABLE messages")  # drops its index messages_by_chat too
+    conn.execute("DROP TABLE chats")  # and chats_by_updated
+    conn.execute("ALTER TABLE chats_v3 RENAME TO chats")
+    conn.execute("ALTER TABLE messages_v3 RENAME TO messages")
+    conn.execute("CREATE INDEX messages_by_chat ON messages(chat_id, id)")
+    conn.execute("CREATE INDEX chats_by_updated ON chats(updated)")
+
+
+UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
+    _v1_chats_and_messages,
+    _v2_sources,
+    _v3_ids_never_reused,
+]
 SCHEMA_VERSION = len(UPGRADES)
 
 
@@ -55,10 +110,21 @@ def schema_version(db: sqlite_utils.Database) -> int:
 
 
 def upgrade(db: sqlite_utils.Database, to: int = SCHEMA_VERSION) -> int:
-    """Apply the missing migrations, each with its version bump in one transaction; the old version."""
+    """Apply the missing migrations, each with its version bump in one transaction; the old version.
+
+    Foreign keys are off while they run (the pragma is a no-op inside a transaction, so it is set around
+    them): a migration that rebuilds a table must not cascade its DROP into the rows that point at it."""
     start = schema_version(db)
-    for version in range(start, to):
-        with db.atomic():  # the migration and the new version commit together, or neither does
-            UPGRADES[version](db.conn)
-            db.execute(f"PRAGMA user_version = {version + 1}")
+    if start >= to:
+        return start
+    keys_were_on = db.execute("PRAGMA foreign_keys").fetchone()[0]
+    db.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for version in range(start, to):
+            with db.atomic():  # the migration and the new version commit together, or neither does
+                UPGRADES[version](db.conn)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+    finally:
+        if keys_were_on:
+            db.execute("PRAGMA foreign_keys=ON")
     return start

@@ -237,7 +237,9 @@ class RipeApp(ChatActions, App[None]):
             gen: Generation | RemoteGeneration
             if is_remote(backend):
                 reply.remote = True
-                gen = RemoteGeneration(backend, turns, params)
+                gen = RemoteGeneration(
+                    backend, turns, params, on_trim=lambda n: self.call_from_thread(self._trimmed, n)
+                )
             else:
                 prompt = build_prompt(backend, turns, params)
                 if prompt.fitted.dropped:

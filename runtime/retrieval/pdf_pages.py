@@ -4,6 +4,10 @@ pypdf (pure Python) does the parsing, in ``python -m ripelm.runtime.retrieval.pd
 address-space cap, a CPU-time cap and a wall-clock timeout; the parent reads JSON from its stdout. A
 crafted PDF (a decompression bomb, a cyclic object graph, a huge content stream) then costs at most those
 limits, and the indexer skips it with the reason. Encrypted PDFs open only if the empty password works.
+
+A decompression bomb is named as one: pypdf stops inflating a stream at its own output limit
+(`LimitReachedError`), and a page that gave no text has its content streams inflated too (pypdf skips the
+content of a page without fonts, which would hide a bomb behind "no extractable text").
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ _EXIT_ENCRYPTED = 3
 _EXIT_BROKEN = 4
 _EXIT_MEMORY = 5
 _EXIT_NO_PYPDF = 6
+_EXIT_BOMB = 7
 
 
 def _limit_self() -> None:
@@ -49,6 +54,12 @@ def pdf_page_texts(path: Path, *, wall_seconds: float = WALL_SECONDS) -> list[st
     if proc.returncode == _EXIT_BROKEN:
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise SkipFile(f"broken PDF ({msg[-1] if msg else 'unreadable'})")
+    if proc.returncode == _EXIT_BOMB:
+        limit = proc.stderr.decode("utf-8", "replace").strip()
+        raise SkipFile(
+            "decompression bomb: a compressed stream in the PDF inflates past the parser's limit"
+            + (f" of {limit}" if limit else "")
+        )
     if proc.returncode == _EXIT_NO_PYPDF:
         raise SkipFile("PDF support is unavailable (pypdf cannot be imported)")
     if proc.returncode != 0:
@@ -90,7 +101,7 @@ def _main(argv: list[str]) -> int:  # the child process
     logging.disable(logging.CRITICAL)  # pypdf logs warnings about sloppy files to stderr
     try:
         from pypdf import PdfReader
-        from pypdf.errors import FileNotDecryptedError, PdfReadError
+        from pypdf.errors import FileNotDecryptedError, LimitReachedError, PdfReadError
     except MemoryError:
         return _EXIT_MEMORY
     except ImportError as e:
@@ -108,6 +119,8 @@ def _main(argv: list[str]) -> int:  # the child process
         total = 0
         for page in reader.pages:
             text = page.extract_text() or ""
+            if not text.strip():
+                page.get_contents()  # inflated within pypdf's limit: a bomb raises LimitReachedError
             total += len(text)
             if total > MAX_CHARS:
                 print("more text than the limit", file=sys.stderr)
@@ -115,11 +128,27 @@ def _main(argv: list[str]) -> int:  # the child process
             pages.append(text)
     except FileNotDecryptedError:
         return _EXIT_ENCRYPTED
+    except LimitReachedError:
+        print(_inflate_limit(), file=sys.stderr)
+        return _EXIT_BOMB
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return _EXIT_BROKEN
     sys.stdout.write(json.dumps(pages))
     return 0
+
+
+def _inflate_limit() -> str:
+    """pypdf's cap on one stream's inflated size, in words ("" where this pypdf does not say)."""
+    try:
+        from pypdf import get_configuration
+
+        limit = get_configuration().zlib_maximum_output_length
+    except (ImportError, AttributeError):
+        from pypdf import filters
+
+        limit = getattr(filters, "ZLIB_MAX_OUTPUT_LENGTH", None)
+    return f"{limit / 1e6:.0f} MB" if isinstance(limit, int) else ""
 
 
 if __name__ == "__main__":
