@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ripelm.kernels.cpu_features import dense_matmul_dtype
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DENSE_MIN_ROWS = 32  # from this many input rows on, CPU layers with a `dense_weight` use it
 
@@ -102,6 +104,7 @@ class Int4Linear(nn.Module):
         # AVX512-BF16); `dense_weight` rebuilds the float weight on demand, so nothing extra stays resident.
         self.dense_weight = dense_weight if device.type == "cpu" else None
         self._dense_rows = DENSE_MIN_ROWS if self.dense_weight is not None else 1 << 62
+        self._dense_dtype = dense_matmul_dtype(dtype)
         self._cache_args()
         self._mm = (
             torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -114,11 +117,12 @@ class Int4Linear(nn.Module):
         # attribute reads and one kernel call (module and reshape overhead is a tenth of the matmul).
         if x.dim() != 2:
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype)
         if x.shape[0] >= self._dense_rows:
-            y = F.linear(x, self.dense_weight().to(self.dtype))  # type: ignore[misc]
+            dt = self._dense_dtype
+            y = F.linear(x.to(dt), self.dense_weight().to(dt)).to(self.dtype)  # type: ignore[misc]
         else:
+            if x.dtype != self.dtype:
+                x = x.to(self.dtype)
             y = self._mm(x, *self._args)
         return y if self._bias is None else y + self._bias
 
@@ -193,7 +197,8 @@ class SplitInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_weight is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
-            y = F.linear(x.to(self.inner.dtype), self.dense_weight().to(self.inner.dtype))
+            dt = dense_matmul_dtype(self.inner.dtype)
+            y = F.linear(x.to(dt), self.dense_weight().to(dt)).to(self.inner.dtype)
             return y if self.inner.bias is None else y + self.inner.bias
         return self.inner(torch.cat([x, x], dim=-1))
 

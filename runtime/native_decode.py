@@ -153,8 +153,6 @@ def _unsupported(g: GGUFFile, model) -> str | None:  # noqa: ANN001
     cfg = model.cfg
     if model.device.type != "cpu":
         return f"device {model.device.type}"
-    if model.dtype != torch.bfloat16:
-        return f"compute dtype {model.dtype}"
     if cfg.arch not in ("llama", "qwen2", "qwen3"):
         return f"architecture {cfg.arch}"
     if cfg.n_heads % cfg.n_kv_heads or cfg.n_heads // cfg.n_kv_heads > 64:

@@ -253,7 +253,7 @@ static void barrier(rl_pool *p) {
     }
 }
 
-static double PARK_AFTER_S = 0.002; /* an idle worker spins this long for the next step, then sleeps */
+static double PARK_AFTER_S = 0.0005; /* an idle worker spins this long for the next step, then sleeps */
 
 static void *worker_main(void *arg) {
     rl_pool *p = POOL;
