@@ -110,6 +110,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rl_test_matvec.restype = _i
     lib.rl_test_exp.argtypes = [_i, _vp, _i]
     lib.rl_test_exp.restype = _i
+    lib.rl_test_attn.argtypes = [_i, _vp, _i, _i, _vp, _vp, _i, _i, ctypes.c_float, _vp, _vp, _vp]
+    lib.rl_test_attn.restype = _i
     lib.rl_shutdown.argtypes = []
     lib.rl_shutdown.restype = None
 

@@ -39,8 +39,9 @@ def _ptr(a: np.ndarray | torch.Tensor | None) -> int | None:
     return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 
-def _pad4(n: int) -> int:
-    return (n + 3) // 4 * 4
+def _pad_rows(n: int) -> int:
+    """Output rows rounded up to the repacked layout's groups of 8 (kernels/native/repack.c)."""
+    return (n + 7) // 8 * 8
 
 
 @dataclass
@@ -175,7 +176,7 @@ def _unsupported(g: GGUFFile, model) -> str | None:  # noqa: ANN001
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         fmts = {NATIVE_FORMATS[QuantType(g.tensors[p + f"attn_{x}.weight"].ggml_type)] for x in "qkv"}
-        if len(fmts) > 1 or cfg.q_dim % 4 or cfg.kv_dim % 4:
+        if len(fmts) > 1 or cfg.q_dim % 8 or cfg.kv_dim % 8:
             return f"mixed Q/K/V formats in layer {i}"
     return None
 
@@ -269,7 +270,7 @@ class NativeRunner:
         for i, t in enumerate(tables):
             tab[i, : len(t)] = t
         lr = np.asarray(logit_rows, dtype=np.int32)
-        logits = torch.empty(len(logit_rows), _pad4(self.vocab), dtype=torch.float32)
+        logits = torch.empty(len(logit_rows), _pad_rows(self.vocab), dtype=torch.float32)
         h = torch.empty(len(logit_rows), self.cfg.hidden, dtype=torch.float32)
         rc = self.lib.rl_step(
             self.handle,

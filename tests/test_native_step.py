@@ -61,14 +61,14 @@ def _random_weight(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, n
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
-@pytest.mark.parametrize("n", [64, 100])  # 100: not a multiple of the 4-row groups (padding)
+@pytest.mark.parametrize("n", [64, 100])  # 100: not a multiple of the 8-row groups (padding)
 def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n):
     k, rows = 256, 3
     raw, w = _random_weight(qtype, n, k, seed=n)
     packed = np.empty(lib.rl_repacked_size(int(GGML[qtype]), n, k), np.uint8)
     assert lib.rl_repack(int(GGML[qtype]), raw.ctypes.data, n, k, packed.ctypes.data) == 0
     x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
-    out = np.zeros((rows, (n + 3) // 4 * 4), np.float32)
+    out = np.zeros((rows, (n + 7) // 8 * 8), np.float32)
     assert (
         lib.rl_test_matvec(isa, FMT[qtype], packed.ctypes.data, n, k, x.ctypes.data, rows, out.ctypes.data)
         == isa
@@ -89,6 +89,48 @@ def test_vector_exp_is_accurate(isa):
     y = x.copy()
     lib.rl_test_exp(isa, y.ctypes.data, y.size)
     np.testing.assert_allclose(y, np.exp(x.astype(np.float64)), rtol=4e-7)
+
+
+@pytest.mark.parametrize("kv_f16", [True, False], ids=["f16", "bf16"])
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+@pytest.mark.parametrize("n_keys", [1, 13, 200])
+def test_attention_range_matches_softmax_reference(isa, kv_f16, n_keys):
+    rng = np.random.default_rng(n_keys)
+    g, d = 3, 64
+    q = rng.standard_normal((g, d)).astype(np.float32)
+    kf = rng.standard_normal((n_keys, d)).astype(np.float32)
+    vf = rng.standard_normal((n_keys, d)).astype(np.float32)
+    if kv_f16:
+        k16, v16 = kf.astype(np.float16), vf.astype(np.float16)
+        kq, vq = k16.astype(np.float64), v16.astype(np.float64)
+        k16, v16 = k16.view(np.uint16), v16.view(np.uint16)
+    else:
+        k16 = torch.from_numpy(kf).bfloat16().view(torch.uint16).numpy()
+        v16 = torch.from_numpy(vf).bfloat16().view(torch.uint16).numpy()
+        kq = torch.from_numpy(kf).bfloat16().double().numpy()
+        vq = torch.from_numpy(vf).bfloat16().double().numpy()
+    m, lsum, acc = np.empty(g, np.float32), np.empty(g, np.float32), np.empty((g, d), np.float32)
+    scale = d**-0.5
+    rc = lib.rl_test_attn(
+        isa,
+        q.ctypes.data,
+        g,
+        d,
+        k16.ctypes.data,
+        v16.ctypes.data,
+        n_keys,
+        int(kv_f16),
+        scale,
+        m.ctypes.data,
+        lsum.ctypes.data,
+        acc.ctypes.data,
+    )
+    assert rc == isa
+    scores = q.astype(np.float64) @ kq.T * scale
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = (p @ vq) / p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(acc / lsum[:, None], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m, scores.max(-1), rtol=1e-5, atol=1e-5)
 
 
 def _backend(path, **kw):

@@ -34,6 +34,8 @@
 #define cpu_relax() ((void)0)
 #endif
 
+#define ATTN_CHUNK 128 /* keys per attention task, see attend() */
+
 /* ---- instruction-set dispatch -------------------------------------------------------------------- */
 
 typedef struct {
@@ -44,14 +46,17 @@ typedef struct {
     float (*dot)(const float *, const float *, int);
     void (*axpy)(float *, float, const float *, int);
     void (*exp)(float *, int);
+    void (*attn_part)(const rl_attn_args *, int, int, float *, float *, float *, float *);
 } rl_kernels;
 
 static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref, {0, rl_matvec_q4_ref, rl_matvec_q8_ref},
-                                       rl_kv_to_float_ref, rl_dot_ref, rl_axpy_ref, rl_exp_ref};
+                                       rl_kv_to_float_ref, rl_dot_ref, rl_axpy_ref, rl_exp_ref,
+                                       rl_attn_part_ref};
 #if defined(__x86_64__)
 static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
                                         {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2},
-                                        rl_kv_to_float_avx2, rl_dot_avx2, rl_axpy_avx2, rl_exp_avx2};
+                                        rl_kv_to_float_avx2, rl_dot_avx2, rl_axpy_avx2, rl_exp_avx2,
+                                        rl_attn_part_avx2};
 #endif
 
 int rl_cpu_best_isa(void) {
@@ -96,12 +101,14 @@ typedef struct rl_model {
     const rl_kernels *kern;
     /* per-step buffers (grown as needed) */
     int cap_rows;
-    float *qkv, *attn, *tmp, *ffn_h;
+    float *qkv, *tmp, *ffn_h, *part;
+    int *task0;
+    size_t cap_part; /* part: attention partials, see attend() */
     rl_scratch *scratch; /* one per thread */
     int n_scratch;
 } rl_model;
 
-static int pad4(int n) { return (n + RL_ROWS - 1) / RL_ROWS * RL_ROWS; }
+static int pad_rows(int n) { return (n + RL_ROWS - 1) / RL_ROWS * RL_ROWS; }
 
 rl_model *rl_model_new(int n_layers, int hidden, int n_heads, int n_kv, int head_dim, int ffn, int rope_dim,
                        int neox, float eps, float scale, const float *inv_freq) {
@@ -153,8 +160,9 @@ void rl_model_set_kv(rl_model *m, uint16_t *k_pool, uint16_t *v_pool, int64_t la
 }
 
 static void free_buffers(rl_model *m) {
-    free(m->qkv), free(m->attn), free(m->tmp), free(m->ffn_h);
-    m->qkv = m->attn = m->tmp = m->ffn_h = NULL;
+    free(m->qkv), free(m->tmp), free(m->ffn_h), free(m->part), free(m->task0);
+    m->qkv = m->tmp = m->ffn_h = m->part = NULL;
+    m->task0 = NULL, m->cap_part = 0;
     for (int t = 0; t < m->n_scratch; t++) free(m->scratch[t].q), free(m->scratch[t].d), free(m->scratch[t].f);
     free(m->scratch);
     m->scratch = NULL, m->n_scratch = 0, m->cap_rows = 0;
@@ -177,14 +185,14 @@ static int widest(rl_model *m) {
 static int reserve(rl_model *m, int rows, int nth, int max_len) {
     if (rows > m->cap_rows || nth > m->n_scratch) {
         free_buffers(m);
-        int qkv_n = pad4(m->n_heads * m->head_dim + 2 * m->n_kv * m->head_dim);
+        int qkv_n = pad_rows(m->n_heads * m->head_dim + 2 * m->n_kv * m->head_dim);
         size_t r = (size_t)rows;
         m->qkv = malloc(sizeof(float) * r * (size_t)qkv_n);
-        m->attn = malloc(sizeof(float) * r * (size_t)(m->n_heads * m->head_dim));
-        m->tmp = malloc(sizeof(float) * r * (size_t)pad4(m->hidden > m->ffn ? m->hidden : m->ffn) * 2);
-        m->ffn_h = malloc(sizeof(float) * r * (size_t)pad4(m->ffn));
+        m->tmp = malloc(sizeof(float) * r * (size_t)pad_rows(m->hidden > m->ffn ? m->hidden : m->ffn) * 2);
+        m->ffn_h = malloc(sizeof(float) * r * (size_t)pad_rows(m->ffn));
+        m->task0 = malloc(sizeof(int) * (r + 1));
         m->scratch = calloc((size_t)nth, sizeof(rl_scratch));
-        if (!m->qkv || !m->attn || !m->tmp || !m->ffn_h || !m->scratch) return -1;
+        if (!m->qkv || !m->tmp || !m->ffn_h || !m->task0 || !m->scratch) return -1;
         m->n_scratch = nth, m->cap_rows = rows;
         for (int t = 0; t < nth; t++) {
             rl_scratch *s = &m->scratch[t];
@@ -195,8 +203,16 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
             s->s = s->d + s->cap_q / RL_QK + 1;
         }
     }
+    size_t need_part = (size_t)rows * (size_t)m->n_heads * (size_t)(m->head_dim + 2) *
+                       (size_t)((max_len + ATTN_CHUNK - 1) / ATTN_CHUNK);
+    if (need_part > m->cap_part) {
+        free(m->part);
+        m->part = malloc(sizeof(float) * need_part);
+        if (!m->part) return -1;
+        m->cap_part = need_part;
+    }
     int g = m->n_kv ? m->n_heads / m->n_kv : 1;
-    size_t need_f = (size_t)g * (size_t)max_len + (size_t)m->head_dim + (size_t)rows * (size_t)widest(m) + 64;
+    size_t need_f = (size_t)g * (size_t)max_len + (size_t)m->head_dim + (size_t)(rows + 1) * (size_t)widest(m) + 64;
     for (int t = 0; t < nth; t++) {
         rl_scratch *s = &m->scratch[t];
         if (s->cap_f < need_f) {
@@ -340,8 +356,9 @@ typedef struct {
     int max_blocks;
     const int32_t *logit_rows;
     int n_logits;
-    float *logits; /* [n_logits, pad4(vocab)] */
+    float *logits; /* [n_logits, pad_rows(vocab)] */
     float *h_out;  /* [n_logits, hidden] or NULL */
+    int *task0;    /* [rows + 1]: first attention task of each row (prefix sums of n_kv * splits) */
 } rl_step_ctx;
 
 static void split(int n, int tid, int nth, int *a, int *b) {
@@ -374,7 +391,7 @@ static rl_qact quantize_rows(rl_model *m, rl_scratch *s, const float *x, int ldx
 static void matvec_part(rl_model *m, const rl_matrix *w, const rl_qact *a, int rows, float *out, int ldo, int tid,
                         int nth) {
     int g0, g1;
-    split(pad4(w->n) / RL_ROWS, tid, nth, &g0, &g1);
+    split(pad_rows(w->n) / RL_ROWS, tid, nth, &g0, &g1);
     if (g1 > g0) m->kern->matvec[w->fmt](w, a, rows, w->k / RL_QK, out, ldo, g0, g1);
 }
 
@@ -406,7 +423,7 @@ static int64_t slot_of(const rl_step_ctx *c, int row, int p) {
 static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
     rl_model *m = c->m;
     const rl_layer *L = &m->layers[layer];
-    int d = m->head_dim, qkv_n = pad4(m->n_heads * d + 2 * m->n_kv * d), heads = m->n_heads + m->n_kv;
+    int d = m->head_dim, qkv_n = pad_rows(m->n_heads * d + 2 * m->n_kv * d), heads = m->n_heads + m->n_kv;
     int t0, t1;
     split(c->rows * heads, tid, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
@@ -429,44 +446,59 @@ static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
     }
 }
 
+/* Each (row, K/V head) attends in ranges of ATTN_CHUNK keys whose partial results are merged after
+ * (flash-decoding): every thread gets attention work even for one row over few K/V heads. The ranges
+ * depend only on the row's own length, never on the batch or the thread count, so a row's output is
+ * the same alone and in any batch. */
+static int attn_splits_of(int len) { return (len + ATTN_CHUNK - 1) / ATTN_CHUNK; }
+
+/* attention partials of every (row, K/V head, key range), spread over the threads */
 static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
     rl_model *m = c->m;
-    const rl_kernels *K = m->kern;
-    int d = m->head_dim, G = m->n_heads / m->n_kv, qkv_n = pad4(m->n_heads * d + 2 * m->n_kv * d);
-    int t0, t1;
-    split(c->rows * m->n_kv, tid, nth, &t0, &t1);
-    float *scores = m->scratch[tid].f;
+    int d = m->head_dim, G = m->n_heads / m->n_kv, qkv_n = pad_rows(m->n_heads * d + 2 * m->n_kv * d);
+    int t0, t1, r = 0;
+    void (*part_fn)(const rl_attn_args *, int, int, float *, float *, float *, float *) = m->kern->attn_part;
+    if (d % 8 || d > 256 || G > 16) part_fn = rl_attn_part_ref;
+    split(c->task0[c->rows], tid, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
-        int r = t / m->n_kv, kvh = t % m->n_kv, L = c->pos[r] + 1;
-        const float *q = m->qkv + (size_t)r * qkv_n + (size_t)kvh * G * d;
-        float *out = m->attn + (size_t)r * m->n_heads * d + (size_t)kvh * G * d;
-        const uint16_t *kbase = m->k_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
-        const uint16_t *vbase = m->v_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
-        int64_t slot_stride = (int64_t)m->n_kv * d;
-        float *row = scores + (size_t)G * L; /* one K or V row in float32, read once for all G heads */
-        for (int p = 0; p < L; p++) {
-            K->kv_to_float(kbase + slot_of(c, r, p) * slot_stride, row, d, m->kv_f16);
-            for (int g = 0; g < G; g++) scores[(size_t)g * L + p] = K->dot(q + (size_t)g * d, row, d) * m->scale;
-        }
-        float inv_sum[64];
-        for (int g = 0; g < G; g++) {
-            float *sg = scores + (size_t)g * L, mx = -INFINITY, sum = 0.0f;
-            for (int p = 0; p < L; p++) mx = sg[p] > mx ? sg[p] : mx;
-            for (int p = 0; p < L; p++) sg[p] -= mx;
-            K->exp(sg, L);
-            for (int p = 0; p < L; p++) sum += sg[p];
-            inv_sum[g % 64] = 1.0f / sum;
-            memset(out + (size_t)g * d, 0, sizeof(float) * (size_t)d);
-        }
-        for (int p = 0; p < L; p++) {
-            K->kv_to_float(vbase + slot_of(c, r, p) * slot_stride, row, d, m->kv_f16);
-            for (int g = 0; g < G; g++) K->axpy(out + (size_t)g * d, scores[(size_t)g * L + p], row, d);
-        }
-        for (int g = 0; g < G; g++)
-            for (int i = 0; i < d; i++) out[(size_t)g * d + i] *= inv_sum[g % 64];
+        while (t >= c->task0[r + 1]) r++;
+        int L = c->pos[r] + 1, S = attn_splits_of(L), kvh = (t - c->task0[r]) / S, sp = (t - c->task0[r]) % S;
+        rl_attn_args a = {m->qkv + (size_t)r * qkv_n + (size_t)kvh * G * d, G, d, m->block_size, m->kv_f16,
+                          m->k_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
+                          m->v_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
+                          (int64_t)m->n_kv * d, c->tables + (size_t)r * c->max_blocks, m->scale};
+        float *part = m->part + (size_t)t * G * (d + 2);
+        int k0 = sp * ATTN_CHUNK, k1 = k0 + ATTN_CHUNK < L ? k0 + ATTN_CHUNK : L;
+        part_fn(&a, k0, k1, m->scratch[tid].f, part, part + G, part + 2 * G);
     }
 }
 
+/* every row's attention output [rows, heads * d] from the partials (each thread does it for itself) */
+static void merge_attention(const rl_step_ctx *c, float *out) {
+    const rl_model *m = c->m;
+    int d = m->head_dim, G = m->n_heads / m->n_kv;
+    for (int r = 0; r < c->rows; r++) {
+        int S = attn_splits_of(c->pos[r] + 1);
+        for (int kvh = 0; kvh < m->n_kv; kvh++) {
+            const float *base = m->part + (size_t)(c->task0[r] + kvh * S) * G * (d + 2);
+            for (int g = 0; g < G; g++) {
+                float mx = -INFINITY, den = 0.0f;
+                for (int sp = 0; sp < S; sp++) mx = base[(size_t)sp * G * (d + 2) + g] > mx ? base[(size_t)sp * G * (d + 2) + g] : mx;
+                float *o = out + (size_t)r * m->n_heads * d + (size_t)(kvh * G + g) * d;
+                for (int i = 0; i < d; i++) o[i] = 0.0f;
+                for (int sp = 0; sp < S; sp++) {
+                    const float *p = base + (size_t)sp * G * (d + 2);
+                    float w = expf(p[g] - mx);
+                    den += w * p[G + g];
+                    const float *acc = p + 2 * G + (size_t)g * d;
+                    for (int i = 0; i < d; i++) o[i] += w * acc[i];
+                }
+                float inv = 1.0f / den;
+                for (int i = 0; i < d; i++) o[i] *= inv;
+            }
+        }
+    }
+}
 
 static void step_job(void *arg, int tid, int nth) {
     rl_step_ctx *c = arg;
@@ -474,7 +506,7 @@ static void step_job(void *arg, int tid, int nth) {
     rl_pool *p = c->pool;
     rl_scratch *s = &m->scratch[tid];
     int B = c->rows, H = m->hidden, qs = m->n_heads * m->head_dim;
-    int qkv_n = pad4(qs + 2 * m->n_kv * m->head_dim), hp = pad4(H), fp = pad4(m->ffn);
+    int qkv_n = pad_rows(qs + 2 * m->n_kv * m->head_dim), hp = pad_rows(H), fp = pad_rows(m->ffn);
     for (int l = 0; l < m->n_layers; l++) {
         const rl_layer *L = &m->layers[l];
         rl_qact a = quantize_rows(m, s, c->x, H, B, H, L->attn_norm);
@@ -484,7 +516,9 @@ static void step_job(void *arg, int tid, int nth) {
         barrier(p);
         attend(c, l, tid, nth);
         barrier(p);
-        a = quantize_rows(m, s, m->attn, qs, B, qs, NULL);
+        float *attn_out = s->f;
+        merge_attention(c, attn_out);
+        a = quantize_rows(m, s, attn_out, qs, B, qs, NULL);
         matvec_part(m, &L->wo, &a, B, m->tmp, hp, tid, nth);
         int n0, n1, g0, g1;
         split(hp / RL_ROWS, tid, nth, &g0, &g1);
@@ -523,7 +557,7 @@ static void step_job(void *arg, int tid, int nth) {
         for (int j = 0; j < c->n_logits; j++)
             m->kern->quantize(normed + (size_t)j * H, H, a.q + (size_t)j * H, a.d + (size_t)j * (H / RL_QK),
                               a.s + (size_t)j * (H / RL_QK));
-        matvec_part(m, &m->head, &a, c->n_logits, c->logits, pad4(m->head.n), tid, nth);
+        matvec_part(m, &m->head, &a, c->n_logits, c->logits, pad_rows(m->head.n), tid, nth);
     }
     barrier(p);
 }
@@ -539,7 +573,9 @@ int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, 
     rl_pool *p = pool_get(n_threads);
     int rc = -1;
     if (p && reserve(m, rows > n_logits ? rows : n_logits, p->nth, max_len) == 0) {
-        rl_step_ctx c = {m, p, rows, x, pos, tables, max_blocks, logit_rows, n_logits, logits, h_out};
+        rl_step_ctx c = {m, p, rows, x, pos, tables, max_blocks, logit_rows, n_logits, logits, h_out, m->task0};
+        c.task0[0] = 0;
+        for (int r = 0; r < rows; r++) c.task0[r + 1] = c.task0[r] + m->n_kv * attn_splits_of(pos[r] + 1);
         pool_run(p, step_job, &c);
         rc = 0;
     }
@@ -566,7 +602,7 @@ int rl_test_matvec(int isa, int fmt, const uint8_t *data, int n, int k, const fl
     if (!a.q || !a.d || !a.s) return -1;
     for (int r = 0; r < rows; r++)
         K->quantize(x + (size_t)r * k, k, a.q + (size_t)r * k, a.d + (size_t)r * nb, a.s + (size_t)r * nb);
-    K->matvec[fmt](&w, &a, rows, nb, out, pad4(n), 0, pad4(n) / RL_ROWS);
+    K->matvec[fmt](&w, &a, rows, nb, out, pad_rows(n), 0, pad_rows(n) / RL_ROWS);
     free(a.q), free(a.d), free(a.s);
     return K->isa;
 }
@@ -574,5 +610,19 @@ int rl_test_matvec(int isa, int fmt, const uint8_t *data, int n, int k, const fl
 int rl_test_exp(int isa, float *x, int n) {
     const rl_kernels *K = kernels_for(isa);
     K->exp(x, n);
+    return K->isa;
+}
+
+/* one attention range over a plain (one block per key) f16/bf16 K/V array, for tests */
+int rl_test_attn(int isa, const float *q, int G, int d, const uint16_t *k, const uint16_t *v, int n_keys,
+                 int kv_f16, float scale, float *m, float *l, float *acc) {
+    const rl_kernels *K = kernels_for(isa);
+    int32_t *table = malloc(sizeof(int32_t) * (size_t)n_keys);
+    float *scratch = malloc(sizeof(float) * ((size_t)G * n_keys + (size_t)d + 64));
+    if (!table || !scratch) return -1;
+    for (int i = 0; i < n_keys; i++) table[i] = i;
+    rl_attn_args a = {q, G, d, 1, kv_f16, k, v, d, table, scale};
+    K->attn_part(&a, 0, n_keys, scratch, m, l, acc);
+    free(table), free(scratch);
     return K->isa;
 }

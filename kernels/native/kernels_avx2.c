@@ -15,13 +15,6 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* the four sums of four vectors, as one __m128 */
-AVX2 static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
-    __m256 abcd = _mm256_hadd_ps(ab, cd);
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
 AVX2 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s) {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -52,93 +45,108 @@ AVX2 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s)
     }
 }
 
-AVX2 static inline __m256 lane_bcast(__m128 v, int j) {
-    switch (j) {
-    case 0: return _mm256_broadcastss_ps(v);
-    case 1: return _mm256_broadcastss_ps(_mm_shuffle_ps(v, v, 0x55));
-    case 2: return _mm256_broadcastss_ps(_mm_shuffle_ps(v, v, 0xaa));
-    default: return _mm256_broadcastss_ps(_mm_shuffle_ps(v, v, 0xff));
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return v;
+}
+
+static inline void store_rows(const rl_matrix *w, float *out, int g, const float *vals) {
+    for (int j = 0; j < RL_ROWS; j++) {
+        int n = g * RL_ROWS + j;
+        out[n] = vals[j] + (w->bias && n < w->n ? w->bias[n] : 0.0f);
     }
 }
 
+/* Eight rows at a time, one 32-bit lane per row: the codes of a group-block are unpacked once and
+ * multiplied with each activation row's broadcast quadruples; a block's integer sums stay in 16 bits
+ * (8 products of at most 2 * 15 * 127 fit) until one widening per block. */
 AVX2 void rl_matvec_q4_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
                             int g0, int g1) {
     const int nb = w->k / RL_QK;
     const __m256i lowmask = _mm256_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[32];
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * 80;
-        if (g + 1 < g1) _mm_prefetch((const char *)(base + (size_t)nb * 80), _MM_HINT_T0);
-        for (int r = 0; r < rows; r++) {
-            const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
-            const float *xd = x->d + (size_t)r * ldx, *xs = x->s + (size_t)r * ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            __m128 macc = _mm_setzero_ps();
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q4_GROUP_BLOCK;
+        for (int r0 = 0; r0 < rows; r0 += 32) {
+            int rn = rows - r0 < 32 ? rows - r0 : 32;
+            for (int r = 0; r < rn; r++) acc[r] = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
-                const uint8_t *gb = base + (size_t)b * 80;
-                _mm_prefetch((const char *)(gb + 640), _MM_HINT_T0);
-                __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)gb));
-                __m128 m4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(gb + 8)));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * RL_QK));
-                __m128 dd = _mm_mul_ps(d4, _mm_set1_ps(xd[b]));
-                macc = _mm_fmadd_ps(m4, _mm_set1_ps(xs[b]), macc);
-#define RL_Q4_ROW(j, acc)                                                                               \
-    do {                                                                                                \
-        __m128i c = _mm_loadu_si128((const __m128i *)(gb + 16 + 16 * (j)));                              \
-        __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(c, 4), c), lowmask);               \
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);                              \
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane_bcast(dd, j), acc);                           \
-    } while (0)
-                RL_Q4_ROW(0, a0);
-                RL_Q4_ROW(1, a1);
-                RL_Q4_ROW(2, a2);
-                RL_Q4_ROW(3, a3);
-#undef RL_Q4_ROW
+                const uint8_t *gb = base + (size_t)b * RL_Q4_GROUP_BLOCK;
+                _mm_prefetch((const char *)(gb + 4 * RL_Q4_GROUP_BLOCK), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q4_GROUP_BLOCK + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q4_GROUP_BLOCK + 128), _MM_HINT_T0);
+                __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+                __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16)));
+                __m256i c0 = _mm256_loadu_si256((const __m256i *)(gb + 32));
+                __m256i c1 = _mm256_loadu_si256((const __m256i *)(gb + 64));
+                __m256i c2 = _mm256_loadu_si256((const __m256i *)(gb + 96));
+                __m256i c3 = _mm256_loadu_si256((const __m256i *)(gb + 128));
+                __m256i l0 = _mm256_and_si256(c0, lowmask), h0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), lowmask);
+                __m256i l1 = _mm256_and_si256(c1, lowmask), h1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), lowmask);
+                __m256i l2 = _mm256_and_si256(c2, lowmask), h2 = _mm256_and_si256(_mm256_srli_epi16(c2, 4), lowmask);
+                __m256i l3 = _mm256_and_si256(c3, lowmask), h3 = _mm256_and_si256(_mm256_srli_epi16(c3, 4), lowmask);
+                for (int r = 0; r < rn; r++) {
+                    const int8_t *xb = x->q + ((size_t)(r0 + r) * ldx + b) * RL_QK;
+                    __m256i s = _mm256_maddubs_epi16(l0, _mm256_set1_epi32(load_i32(xb)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h0, _mm256_set1_epi32(load_i32(xb + 16))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(l1, _mm256_set1_epi32(load_i32(xb + 4))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h1, _mm256_set1_epi32(load_i32(xb + 20))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(l2, _mm256_set1_epi32(load_i32(xb + 8))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h2, _mm256_set1_epi32(load_i32(xb + 24))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(l3, _mm256_set1_epi32(load_i32(xb + 12))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h3, _mm256_set1_epi32(load_i32(xb + 28))));
+                    __m256 sf = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                    size_t xi = (size_t)(r0 + r) * ldx + b;
+                    acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(m8, _mm256_set1_ps(x->s[xi]), acc[r]);
+                }
             }
-            __m128 res = _mm_add_ps(hsum8x4(a0, a1, a2, a3), macc);
-            float vals[4];
-            _mm_storeu_ps(vals, res);
-            for (int j = 0; j < RL_ROWS; j++) {
-                int n = g * RL_ROWS + j;
-                out[(size_t)r * ldo + n] = vals[j] + (w->bias && n < w->n ? w->bias[n] : 0.0f);
+            for (int r = 0; r < rn; r++) {
+                float vals[8];
+                _mm256_storeu_ps(vals, acc[r]);
+                store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
             }
         }
     }
 }
 
+/* Q8_0 x Q8: products of two signed bytes go through maddubs as |w| times x with w's sign */
 AVX2 void rl_matvec_q8_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
                             int g0, int g1) {
     const int nb = w->k / RL_QK;
     const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[32];
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * 136;
-        for (int r = 0; r < rows; r++) {
-            const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
-            const float *xd = x->d + (size_t)r * ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q8_GROUP_BLOCK;
+        for (int r0 = 0; r0 < rows; r0 += 32) {
+            int rn = rows - r0 < 32 ? rows - r0 : 32;
+            for (int r = 0; r < rn; r++) acc[r] = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
-                const uint8_t *gb = base + (size_t)b * 136;
-                _mm_prefetch((const char *)(gb + 1088), _MM_HINT_T0);
-                __m128 dd = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)gb)), _mm_set1_ps(xd[b]));
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * RL_QK));
-#define RL_Q8_ROW(j, acc)                                                                               \
-    do {                                                                                                \
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(gb + 8 + 32 * (j)));                           \
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)), \
-                                      ones);                                                            \
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane_bcast(dd, j), acc);                           \
-    } while (0)
-                RL_Q8_ROW(0, a0);
-                RL_Q8_ROW(1, a1);
-                RL_Q8_ROW(2, a2);
-                RL_Q8_ROW(3, a3);
-#undef RL_Q8_ROW
+                const uint8_t *gb = base + (size_t)b * RL_Q8_GROUP_BLOCK;
+                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 128), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 192), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 256), _MM_HINT_T0);
+                __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+                for (int r = 0; r < rn; r++) {
+                    const int8_t *xb = x->q + ((size_t)(r0 + r) * ldx + b) * RL_QK;
+                    __m256i s32 = _mm256_setzero_si256();
+                    for (int v = 0; v < 8; v++) {
+                        __m256i wv = _mm256_loadu_si256((const __m256i *)(gb + 16 + 32 * v));
+                        __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + 4 * v)), wv);
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), xv), ones));
+                    }
+                    size_t xi = (size_t)(r0 + r) * ldx + b;
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[r]);
+                }
             }
-            float vals[4];
-            _mm_storeu_ps(vals, hsum8x4(a0, a1, a2, a3));
-            for (int j = 0; j < RL_ROWS; j++) {
-                int n = g * RL_ROWS + j;
-                out[(size_t)r * ldo + n] = vals[j] + (w->bias && n < w->n ? w->bias[n] : 0.0f);
+            for (int r = 0; r < rn; r++) {
+                float vals[8];
+                _mm256_storeu_ps(vals, acc[r]);
+                store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
             }
         }
     }
@@ -200,5 +208,98 @@ AVX2 void rl_exp_avx2(float *x, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
     for (; i < n; i++) x[i] = expf(x[i]);
+}
+/* sums of eight vectors, as one vector */
+AVX2 static inline __m256 hsum8x8(const __m256 *v) {
+    __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+AVX2 static inline __m256 kv8(const uint16_t *p, int f16) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return f16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+#define RL_ATTN_MAX_G 16
+#define RL_ATTN_MAX_D 256
+
+/* head_dim a multiple of 8, at most 256; G at most 16 (decode_step.c checks, else the reference runs) */
+AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
+    const int n = k1 - k0, d = a->d, G = a->G, nv = d / 8, f16 = a->kv_f16;
+    __m256 kf[RL_ATTN_MAX_D / 8];
+    __m256 part[RL_ATTN_MAX_G][8];
+    /* scores, eight keys at a time: one horizontal reduction for eight dot products */
+    for (int t = k0; t < k1; t++) {
+        const uint16_t *kp = a->kbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride;
+        for (int i = 0; i < nv; i++) kf[i] = kv8(kp + 8 * i, f16);
+        int j = (t - k0) & 7;
+        for (int g = 0; g < G; g++) {
+            const float *q = a->q + (size_t)g * d;
+            __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(q), kf[0]), s1 = _mm256_setzero_ps();
+            for (int i = 1; i + 1 < nv; i += 2) {
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kf[i], s1);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), kf[i + 1], s0);
+            }
+            if (!(nv & 1)) s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * (nv - 1)), kf[nv - 1], s1);
+            part[g][j] = _mm256_add_ps(s0, s1);
+        }
+        if (j == 7 || t == k1 - 1) {
+            int base = t - k0 - j;
+            for (int g = 0; g < G; g++) {
+                for (int z = j + 1; z < 8; z++) part[g][z] = _mm256_setzero_ps();
+                float out[8];
+                _mm256_storeu_ps(out, _mm256_mul_ps(hsum8x8(part[g]), _mm256_set1_ps(a->scale)));
+                for (int z = 0; z <= j; z++) scratch[(size_t)g * n + base + z] = out[z];
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *s = scratch + (size_t)g * n;
+        __m256 mx8 = _mm256_set1_ps(-INFINITY);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
+        float tmp[8], mx = -INFINITY;
+        _mm256_storeu_ps(tmp, mx8);
+        for (int z = 0; z < 8; z++) mx = tmp[z] > mx ? tmp[z] : mx;
+        for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+        __m256 vm = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
+        for (i = 0; i + 8 <= n; i += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+            _mm256_storeu_ps(s + i, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        float sum = hsum8(sum8);
+        for (; i < n; i++) {
+            s[i] = expf(s[i] - mx);
+            sum += s[i];
+        }
+        m[g] = mx, l[g] = sum;
+    }
+    /* weighted values: accumulators stay in registers for up to four heads over 32 dims at a time */
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        int gn = G - g0 < 4 ? G - g0 : 4;
+        for (int c = 0; c < nv; c += 4) {
+            int cn = nv - c < 4 ? nv - c : 4;
+            __m256 ac[4][4];
+            for (int g = 0; g < 4; g++)
+                for (int i = 0; i < 4; i++) ac[g][i] = _mm256_setzero_ps();
+            for (int t = k0; t < k1; t++) {
+                const uint16_t *vp = a->vbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride + 8 * c;
+                __m256 v0 = kv8(vp, f16), v1 = cn > 1 ? kv8(vp + 8, f16) : v0, v2 = cn > 2 ? kv8(vp + 16, f16) : v0,
+                       v3 = cn > 3 ? kv8(vp + 24, f16) : v0;
+                for (int g = 0; g < gn; g++) {
+                    __m256 p = _mm256_set1_ps(scratch[(size_t)(g0 + g) * n + (t - k0)]);
+                    ac[g][0] = _mm256_fmadd_ps(p, v0, ac[g][0]);
+                    ac[g][1] = _mm256_fmadd_ps(p, v1, ac[g][1]);
+                    ac[g][2] = _mm256_fmadd_ps(p, v2, ac[g][2]);
+                    ac[g][3] = _mm256_fmadd_ps(p, v3, ac[g][3]);
+                }
+            }
+            for (int g = 0; g < gn; g++)
+                for (int i = 0; i < cn; i++) _mm256_storeu_ps(acc + (size_t)(g0 + g) * d + 8 * (c + i), ac[g][i]);
+        }
+    }
 }
 #endif

@@ -22,25 +22,31 @@ void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s) {
     }
 }
 
+/* code i (0..31) of row r in an RL_Q4 group-block (see repack.c) */
+static inline int q4_code(const uint8_t *gb, int r, int i) {
+    int v = (i & 15) / 4, t = i & 3;
+    uint8_t byte = gb[32 + 32 * v + 4 * r + t];
+    return i < 16 ? (byte & 15) : (byte >> 4);
+}
+
 void rl_matvec_q4_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
                       int g1) {
     int nb = w->k / RL_QK;
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * 80;
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q4_GROUP_BLOCK;
         for (int r = 0; r < rows; r++) {
             const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
             const float *xd = x->d + (size_t)r * ldx, *xs = x->s + (size_t)r * ldx;
             for (int j = 0; j < RL_ROWS; j++) {
                 float acc = 0.0f;
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *gb = base + (size_t)b * 80;
+                    const uint8_t *gb = base + (size_t)b * RL_Q4_GROUP_BLOCK;
                     uint16_t dh, mh;
                     __builtin_memcpy(&dh, gb + 2 * j, 2);
-                    __builtin_memcpy(&mh, gb + 8 + 2 * j, 2);
-                    const uint8_t *codes = gb + 16 + 16 * j;
+                    __builtin_memcpy(&mh, gb + 16 + 2 * j, 2);
                     const int8_t *xb = xq + b * RL_QK;
                     int sum = 0;
-                    for (int i = 0; i < 16; i++) sum += (codes[i] & 15) * xb[i] + (codes[i] >> 4) * xb[i + 16];
+                    for (int i = 0; i < RL_QK; i++) sum += q4_code(gb, j, i) * xb[i];
                     acc += rl_half_to_float(dh) * xd[b] * (float)sum + rl_half_to_float(mh) * xs[b];
                 }
                 int n = g * RL_ROWS + j;
@@ -54,20 +60,19 @@ void rl_matvec_q8_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, f
                       int g1) {
     int nb = w->k / RL_QK;
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * 136;
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q8_GROUP_BLOCK;
         for (int r = 0; r < rows; r++) {
             const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
             const float *xd = x->d + (size_t)r * ldx;
             for (int j = 0; j < RL_ROWS; j++) {
                 float acc = 0.0f;
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *gb = base + (size_t)b * 136;
+                    const uint8_t *gb = base + (size_t)b * RL_Q8_GROUP_BLOCK;
                     uint16_t dh;
                     __builtin_memcpy(&dh, gb + 2 * j, 2);
-                    const int8_t *wq = (const int8_t *)(gb + 8 + 32 * j);
                     const int8_t *xb = xq + b * RL_QK;
                     int sum = 0;
-                    for (int i = 0; i < RL_QK; i++) sum += wq[i] * xb[i];
+                    for (int i = 0; i < RL_QK; i++) sum += (int8_t)gb[16 + 32 * (i / 4) + 4 * j + i % 4] * xb[i];
                     acc += rl_half_to_float(dh) * xd[b] * (float)sum;
                 }
                 int n = g * RL_ROWS + j;
@@ -93,4 +98,29 @@ void rl_axpy_ref(float *acc, float p, const float *v, int d) {
 
 void rl_exp_ref(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] = expf(x[i]);
+}
+
+void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
+    int n = k1 - k0, d = a->d;
+    float *row = scratch + (size_t)a->G * n;
+    for (int t = k0; t < k1; t++) {
+        const uint16_t *kp = a->kbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride;
+        rl_kv_to_float_ref(kp, row, d, a->kv_f16);
+        for (int g = 0; g < a->G; g++) scratch[(size_t)g * n + (t - k0)] = rl_dot_ref(a->q + (size_t)g * d, row, d) * a->scale;
+    }
+    for (int g = 0; g < a->G; g++) {
+        float *s = scratch + (size_t)g * n, mx = -INFINITY, sum = 0.0f;
+        for (int i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+        for (int i = 0; i < n; i++) {
+            s[i] = expf(s[i] - mx);
+            sum += s[i];
+        }
+        m[g] = mx, l[g] = sum;
+        for (int i = 0; i < d; i++) acc[(size_t)g * d + i] = 0.0f;
+    }
+    for (int t = k0; t < k1; t++) {
+        const uint16_t *vp = a->vbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride;
+        rl_kv_to_float_ref(vp, row, d, a->kv_f16);
+        for (int g = 0; g < a->G; g++) rl_axpy_ref(acc + (size_t)g * d, scratch[(size_t)g * n + (t - k0)], row, d);
+    }
 }

@@ -1,17 +1,18 @@
 /* Repacking GGUF blocks into the layout the decode kernels stream.
  *
- * Four output rows are interleaved per group, block by block, so a kernel reads one sequential stream
- * and reuses each activation block for four rows. Q4_0 and Q4_1 both become RL_Q4 (w = d * q + m per 32
- * weights, with Q4_0's m = -8 d; the 4-bit codes are copied unchanged), Q8_0 becomes RL_Q8. Rows past n
- * (padding up to a multiple of four) are zero.
- *   RL_Q4 group-block: fp16 d[4], fp16 m[4], uint8 codes[4][16]   (80 bytes)
- *   RL_Q8 group-block: fp16 d[4], int8 q[4][32]                    (136 bytes)
+ * Eight output rows are interleaved per group so that a kernel keeps one 32-bit lane per row: it
+ * multiplies four weights of each of the eight rows by the same four activations (broadcast) in one
+ * instruction and never sums across lanes until the row is done. Q4_0 and Q4_1 both become RL_Q4
+ * (w = d * q + m per 32 weights, with Q4_0's m = -8 d; the 4-bit codes are unchanged), Q8_0 becomes RL_Q8.
+ * Rows past n (padding up to a multiple of eight) are zero. One group-block covers 32 inputs of 8 rows:
+ *   RL_Q4 (160 bytes): fp16 d[8], fp16 m[8], then 4 vectors of 32 bytes; byte 4 r + t of vector v holds
+ *                      row r's code 4 v + t in its low nibble and code 16 + 4 v + t in its high nibble
+ *                      (the same pairing of codes as a GGUF Q4 block)
+ *   RL_Q8 (272 bytes): fp16 d[8], then 8 vectors of 32 bytes; byte 4 r + t of vector v is row r's 4 v + t
  */
 #include <string.h>
 
 #include "ripe_native.h"
-
-enum { Q4_GROUP_BLOCK = 80, Q8_GROUP_BLOCK = 136 };
 
 static int padded_rows(int n) { return (n + RL_ROWS - 1) / RL_ROWS * RL_ROWS; }
 
@@ -21,9 +22,9 @@ size_t rl_repacked_size(int gguf_type, int n, int k) {
     switch (gguf_type) {
     case GGML_Q4_0:
     case GGML_Q4_1:
-        return groups * blocks * Q4_GROUP_BLOCK;
+        return groups * blocks * RL_Q4_GROUP_BLOCK;
     case GGML_Q8_0:
-        return groups * blocks * Q8_GROUP_BLOCK;
+        return groups * blocks * RL_Q8_GROUP_BLOCK;
     default:
         return 0;
     }
@@ -36,16 +37,16 @@ int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst) {
     int nb = k / RL_QK, groups = padded_rows(n) / RL_ROWS;
     for (int g = 0; g < groups; g++) {
         for (int b = 0; b < nb; b++) {
-            for (int j = 0; j < RL_ROWS; j++) {
-                int row = g * RL_ROWS + j;
+            for (int r = 0; r < RL_ROWS; r++) {
+                int row = g * RL_ROWS + r;
                 if (row >= n) continue;
                 if (gguf_type == GGML_Q8_0) {
                     const uint8_t *blk = src + ((size_t)row * nb + b) * 34;
-                    uint8_t *out = dst + ((size_t)g * nb + b) * Q8_GROUP_BLOCK;
-                    memcpy(out + 2 * j, blk, 2);
-                    memcpy(out + 8 + 32 * j, blk + 2, 32);
+                    uint8_t *out = dst + ((size_t)g * nb + b) * RL_Q8_GROUP_BLOCK;
+                    memcpy(out + 2 * r, blk, 2);
+                    for (int v = 0; v < 8; v++) memcpy(out + 16 + 32 * v + 4 * r, blk + 2 + 4 * v, 4);
                 } else {
-                    uint8_t *out = dst + ((size_t)g * nb + b) * Q4_GROUP_BLOCK;
+                    uint8_t *out = dst + ((size_t)g * nb + b) * RL_Q4_GROUP_BLOCK;
                     uint16_t d, m;
                     const uint8_t *codes;
                     if (gguf_type == GGML_Q4_1) {
@@ -59,9 +60,10 @@ int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst) {
                         m = rl_float_to_half(-8.0f * rl_half_to_float(d)); /* exact: a power-of-two scale */
                         codes = blk + 2;
                     }
-                    memcpy(out + 2 * j, &d, 2);
-                    memcpy(out + 8 + 2 * j, &m, 2);
-                    memcpy(out + 16 + 16 * j, codes, 16);
+                    memcpy(out + 2 * r, &d, 2);
+                    memcpy(out + 16 + 2 * r, &m, 2);
+                    /* GGUF byte i holds codes i (low) and 16 + i (high): the pairing the layout keeps */
+                    for (int v = 0; v < 4; v++) memcpy(out + 32 + 32 * v + 4 * r, codes + 4 * v, 4);
                 }
             }
         }

@@ -13,7 +13,9 @@ enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8 };
 enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
 
 #define RL_QK 32   /* weights and activations are quantized in blocks of 32 */
-#define RL_ROWS 4  /* output rows interleaved per group in the repacked layout */
+#define RL_ROWS 8  /* output rows interleaved per group in the repacked layout (repack.c) */
+#define RL_Q4_GROUP_BLOCK 160
+#define RL_Q8_GROUP_BLOCK 272
 
 typedef struct {
     int fmt;             /* RL_Q4 or RL_Q8 */
@@ -48,6 +50,20 @@ float rl_dot_ref(const float *a, const float *b, int d);
 float rl_dot_avx2(const float *a, const float *b, int d);
 void rl_axpy_ref(float *acc, float p, const float *v, int d);
 void rl_axpy_avx2(float *acc, float p, const float *v, int d);
+/* Attention of G query heads (q [G][d]) over keys k0..k1-1 of one K/V head (kbase/vbase point at that
+ * head in block 0 of the layer's pool; key t lives in block table[t / bs], slot t % bs, rows key_stride
+ * apart). Writes the unnormalized partial result: m[g] = max score, l[g] = sum exp(score - m[g]),
+ * acc[g][d] = sum exp(score - m[g]) v. scratch holds G * (k1 - k0) + d floats. */
+typedef struct {
+    const float *q;
+    int G, d, bs, kv_f16;
+    const uint16_t *kbase, *vbase;
+    int64_t key_stride;
+    const int32_t *table;
+    float scale;
+} rl_attn_args;
+void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
+void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 void rl_exp_ref(float *x, int n);
 void rl_exp_avx2(float *x, int n);
 
