@@ -265,9 +265,7 @@ class Engine:
         if not logit_rows:
             logit_rows = [len(tokens) - 1]
         x = self.model.embed(torch.tensor(tokens, dtype=torch.long))
-        logits, h = self.native.forward(x, positions, tables, logit_rows)
-        if self.model.head_rows is not None:
-            logits = self.model._refine_top(logits, h)
+        logits, _ = self.native.forward(x, positions, tables, logit_rows)
         self._commit(plan, new, ready, logits)
 
     def _commit(self, plan: StepPlan, new: list[list[int]], ready: list[int], logits: torch.Tensor) -> None:

@@ -210,3 +210,67 @@ def load_transformer(
         if reference
         else lambda ids: dequantize_rows(head_raw, int(head_m.qtype), head_m.shape, ids),
     )
+
+
+def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Transformer:  # noqa: ANN001
+    """The model over the native library's repacked weights (`NativeWeights.pack`), on the CPU.
+
+    Decode steps run in C on those weights; the torch modules here (prefill chunks of 32 rows and more)
+    dequantize them per call, and the embedding and head rows come from them too, so nothing keeps the
+    file's bytes once this returns.
+    """
+    from ripelm.kernels.native_linear import RepackedEmbedding, RepackedLinear
+    from ripelm.runtime.native_decode import NativeHead
+
+    cfg = weights.cfg
+    lib = weights.lib
+    device = torch.device("cpu")
+
+    def vec(name: str) -> torch.Tensor:
+        info = g.tensors[name]
+        return dequantize(g.tensor_bytes(name), info.ggml_type, info.torch_shape).float().clone()
+
+    layers, biases = [], []
+    for i, lw in enumerate(weights.layers):
+        p = f"blk.{i}."
+        bias = torch.cat([vec(p + f"attn_{x}.bias") for x in "qkv"]) if cfg.attn_bias else None
+        biases.append(bias)
+        layers.append(
+            LayerWeights(
+                attn_norm=vec(p + "attn_norm.weight"),
+                wqkv=RepackedLinear(lib, [lw["qkv"]], bias, dtype),
+                wo=RepackedLinear(lib, [lw["wo"]], None, dtype),
+                ffn_norm=vec(p + "ffn_norm.weight"),
+                w_gate_up=RepackedLinear(lib, [lw["gate"], lw["up"]], None, dtype),
+                w_down=RepackedLinear(lib, [lw["down"]], None, dtype),
+                q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
+                k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+            )
+        )
+    if weights.embed is not None:
+        embed: nn.Module = RepackedEmbedding(lib, weights.embed)
+    else:  # a token table of a type the native step does not repack: keep a private copy of its bytes
+        info = g.tensors["token_embd.weight"]
+        m = _Matrix(
+            "token_embd.weight",
+            QuantType(info.ggml_type),
+            tuple(info.torch_shape),
+            np.array(g.tensor_bytes("token_embd.weight")),
+        )  # type: ignore[arg-type]
+        embed = QuantizedEmbedding(m, device)
+    freq_factors = vec("rope_freqs.weight") if "rope_freqs.weight" in g.tensors else None
+    model = Transformer(
+        cfg,
+        embed,
+        layers,
+        vec("output_norm.weight"),
+        NativeHead(weights),
+        dtype=dtype,
+        device=device,
+        rope_freq_factors=freq_factors,
+        head_rows=lambda ids: weights.head.rows(lib, ids),
+    )
+    model.qkv_biases = biases
+    weights.attach(model)
+    model.native = weights
+    return model

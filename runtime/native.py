@@ -18,7 +18,7 @@ from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device, release_free_memory
 from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.kv_cache import ContiguousKVCache, SequencePool
-from ripelm.runtime.loader import load_transformer
+from ripelm.runtime.loader import check_supported, load_native_transformer, load_transformer
 from ripelm.runtime.native_decode import MAX_ROWS, NATIVE_KV_DTYPE, NativeRunner, NativeWeights, notice_once
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.tokenizer import Tokenizer
@@ -43,21 +43,25 @@ def load_native(
     backend.path = Path(model_path)
     backend.gguf = gguf or open_gguf(backend.path)
     backend.file_guard = ModelFileGuard(backend.path, backend.gguf.state or _state_now(backend.path))
-    if backend.gguf.file_size <= COPY_AT_LOAD_MAX_BYTES:
-        backend.gguf.load_into_memory()
     backend.torch_device = pick_device(device)
     backend.device = str(backend.torch_device)
-    backend.model = load_transformer(
-        backend.gguf,
-        device=backend.torch_device,
-        dtype=compute_dtype(backend.torch_device),
-        reference=reference,
-    )
-    backend.dtype = backend.model.dtype
+    dtype = compute_dtype(backend.torch_device)
+    native = None
     if not reference:
-        backend.model.native = NativeWeights.build(backend.gguf, backend.model)
-        if backend.model.native is None and backend.torch_device.type == "cpu":
+        # The native step's repacked weights become the model's only copy; nothing reads the file after.
+        native = NativeWeights.pack(backend.gguf, check_supported(backend.gguf), backend.torch_device)
+        if native is None and backend.torch_device.type == "cpu":
             notice_once()
+    if native is not None:
+        backend.model = load_native_transformer(backend.gguf, native, dtype=dtype)
+        backend.gguf.close()  # unmapped: nothing reads the file again, so no page of it stays resident
+    else:
+        if backend.gguf.file_size <= COPY_AT_LOAD_MAX_BYTES:
+            backend.gguf.load_into_memory()
+        backend.model = load_transformer(
+            backend.gguf, device=backend.torch_device, dtype=dtype, reference=reference
+        )
+    backend.dtype = backend.model.dtype
     release_free_memory()
     cfg = backend.model.cfg
     backend.cfg = cfg
@@ -123,11 +127,9 @@ class NativeBackend:
             else:
                 rows = [int(r) for r in logits_rows]
             table = self.cache.table(start + n)
-            out, h = self.runner.forward(
+            out, _ = self.runner.forward(
                 self.model.embed(t), list(range(start, start + n)), [table] * n, rows
             )
-            if self.model.head_rows is not None:
-                out = self.model._refine_top(out, h)
         else:
             out = self.model(t, start, self.cache.step(start, n), logits_rows=logits_rows)
         self.cache.length = start + n

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from ripelm.kernels import native_lib
+from ripelm.kernels.native_linear import Repacked
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
 from ripelm.kernels.quant_types import QuantType
+from ripelm.models.config import ModelConfig
 from ripelm.models.gguf_file import GGUFFile
+from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX
 
 # GGUF types the native step reads, and the repacked format each becomes.
 NATIVE_FORMATS = {
@@ -45,41 +49,36 @@ def _pad_rows(n: int) -> int:
 
 
 @dataclass
-class _Packed:
-    fmt: int
-    data: np.ndarray
-
-
-@dataclass
 class NativeWeights:
-    """Repacked weights of one model, and the float vectors the step reads (kept alive here)."""
+    """Repacked weights of one model (the only copy in memory), and the float vectors the step reads."""
 
-    cfg: object
+    cfg: ModelConfig
     lib: ctypes.CDLL
     isa: int
     layers: list[dict] = field(default_factory=list)
-    head: _Packed | None = None
+    head: Repacked | None = None
+    embed: Repacked | None = None  # token_embd when it is the head or repacks too; else None
     out_norm: torch.Tensor | None = None
     inv_freq: np.ndarray | None = None
     scale: float = 1.0
 
     @staticmethod
-    def build(g: GGUFFile, model) -> NativeWeights | None:  # noqa: ANN001 - a Transformer
-        """Repacked weights, or None (with the reason in `native_status`) when the native step cannot run."""
+    def pack(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> NativeWeights | None:
+        """The model's matrices repacked for the native step, or None (the reason in `native_status`)."""
         global _why_not_model
         lib = native_lib.load()
         if lib is None:
             _why_not_model = native_lib.why_not()
             return None
-        cfg = model.cfg
-        reason = _unsupported(g, model)
+        reason = _unsupported(g, cfg, device)
         if reason:
             _why_not_model = reason
             return None
+        _why_not_model = None
         w = NativeWeights(cfg=cfg, lib=lib, isa=native_lib.best_isa(lib))
 
-        def pack(names: list[str]) -> _Packed:
-            parts, fmts = [], set()
+        def pack(names: list[str]) -> Repacked:
+            parts, fmts, n_total = [], set(), 0
             for name in names:
                 info = g.tensors[name]
                 n, k = info.torch_shape
@@ -90,33 +89,40 @@ class NativeWeights:
                     raise ValueError(f"cannot repack {name}")
                 parts.append(out)
                 fmts.add(NATIVE_FORMATS[QuantType(info.ggml_type)])
+                n_total += n
             assert len(fmts) == 1
-            return _Packed(fmts.pop(), parts[0] if len(parts) == 1 else np.concatenate(parts))
+            return Repacked(fmts.pop(), n_total, k, parts[0] if len(parts) == 1 else np.concatenate(parts))
 
-        for i, block in enumerate(model.layers):
+        for i in range(cfg.n_layers):
             p = f"blk.{i}."
-            bias = None
-            if cfg.attn_bias:
-                bias = torch.cat([_vec(g, p + f"attn_{x}.bias") for x in "qkv"]).contiguous()
             w.layers.append(
                 {
-                    "attn_norm": block.attn_norm.float().contiguous(),
-                    "ffn_norm": block.ffn_norm.float().contiguous(),
-                    "q_norm": None if block.q_norm is None else block.q_norm.float().contiguous(),
-                    "k_norm": None if block.k_norm is None else block.k_norm.float().contiguous(),
                     "qkv": pack([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
-                    "qkv_bias": bias,
                     "wo": pack([p + "attn_output.weight"]),
                     "gate": pack([p + "ffn_gate.weight"]),
                     "up": pack([p + "ffn_up.weight"]),
                     "down": pack([p + "ffn_down.weight"]),
                 }
             )
-        w.head = pack([_head_name(g, cfg)])
-        w.out_norm = model.output_norm.float().contiguous()
-        w.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
+        head_name = _head_name(g, cfg)
+        w.head = pack([head_name])
+        if head_name == "token_embd.weight":
+            w.embed = w.head
+        elif QuantType(g.tensors["token_embd.weight"].ggml_type) in NATIVE_FORMATS:
+            w.embed = pack(["token_embd.weight"])
         w.scale = cfg.head_dim**-0.5
         return w
+
+    def attach(self, model) -> None:  # noqa: ANN001 - a Transformer
+        """Take the float vectors (norms, biases, RoPE frequencies) from the model built on these weights."""
+        for lw, block, bias in zip(self.layers, model.layers, model.qkv_biases, strict=True):
+            lw["attn_norm"] = block.attn_norm.float().contiguous()
+            lw["ffn_norm"] = block.ffn_norm.float().contiguous()
+            lw["q_norm"] = None if block.q_norm is None else block.q_norm.float().contiguous()
+            lw["k_norm"] = None if block.k_norm is None else block.k_norm.float().contiguous()
+            lw["qkv_bias"] = None if bias is None else bias.float().contiguous()
+        self.out_norm = model.output_norm.float().contiguous()
+        self.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
 
     def runner(self, cache) -> NativeRunner:  # noqa: ANN001 - a PagedKVCache
         return NativeRunner(self, cache)
@@ -139,21 +145,13 @@ def notice_once() -> None:
     print(f"ripe: native CPU decode step not used ({_why_not_model}); decoding on torch", file=sys.stderr)
 
 
-def _vec(g: GGUFFile, name: str) -> torch.Tensor:
-    from ripelm.kernels.dequant import dequantize
-
-    info = g.tensors[name]
-    return dequantize(g.tensor_bytes(name), info.ggml_type, info.torch_shape).float()
-
-
-def _head_name(g: GGUFFile, cfg) -> str:  # noqa: ANN001
+def _head_name(g: GGUFFile, cfg: ModelConfig) -> str:
     return "token_embd.weight" if cfg.tied_embeddings or "output.weight" not in g.tensors else "output.weight"
 
 
-def _unsupported(g: GGUFFile, model) -> str | None:  # noqa: ANN001
-    cfg = model.cfg
-    if model.device.type != "cpu":
-        return f"device {model.device.type}"
+def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"device {device.type}"
     if cfg.arch not in ("llama", "qwen2", "qwen3"):
         return f"architecture {cfg.arch}"
     if cfg.n_heads % cfg.n_kv_heads or cfg.n_heads // cfg.n_kv_heads > 64:
@@ -260,7 +258,8 @@ class NativeRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: float32 [rows, hidden] embeddings (overwritten); one position and block table per row.
 
-        Returns float32 logits [len(logit_rows), vocab] and the final-normed hidden rows they came from.
+        Returns float32 logits [len(logit_rows), vocab], their leading candidates recomputed exactly (as
+        `Transformer._refine_top` does), and the final-normed hidden rows they came from.
         """
         rows = x.shape[0]
         x = x.float().contiguous()
@@ -287,4 +286,51 @@ class NativeRunner:
         )
         if rc != 0:
             raise MemoryError("native step: out of memory for its buffers")
+        head = self.weights.head
+        # Greedy exactness: the near-top logits again in float64 from the head's rows (model._refine_top).
+        rc = self.lib.rl_refine_top(
+            head.fmt,
+            head.data.ctypes.data,
+            head.k,
+            self.vocab,
+            h.data_ptr(),
+            logits.data_ptr(),
+            logits.shape[1],
+            len(logit_rows),
+            REFINE_MARGIN,
+            REFINE_MAX,
+        )
+        if rc != 0:
+            raise MemoryError("native step: out of memory refining logits")
         return logits[:, : self.vocab], h
+
+
+class NativeHead(nn.Module):
+    """The output head on the native library, for the torch path's logits (the last rows of a prefill)."""
+
+    def __init__(self, weights: NativeWeights):
+        super().__init__()
+        self.weights = weights
+        self.lib = weights.lib
+        cfg = weights.cfg
+        self.vocab = cfg.vocab_size
+        one = np.ones(1, dtype=np.float32)
+        handle = self.lib.rl_model_new(1, cfg.hidden, 1, 1, 8, cfg.ffn, 0, 0, 1e-6, 1.0, one.ctypes.data)
+        if not handle:
+            raise MemoryError("native head: out of memory")
+        self.handle = handle
+        self.lib.rl_model_set_isa(handle, weights.isa)
+        self.lib.rl_model_set_head(handle, None, weights.head.fmt, self.vocab, _ptr(weights.head.data))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.float().contiguous()
+        rows = h.shape[0]
+        logits = torch.empty(rows, _pad_rows(self.vocab), dtype=torch.float32)
+        if self.lib.rl_head(self.handle, torch.get_num_threads(), rows, h.data_ptr(), logits.data_ptr()) != 0:
+            raise MemoryError("native head: out of memory for its buffers")
+        return logits[:, : self.vocab]
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", None):
+            self.lib.rl_model_free(self.handle)
+            self.handle = None

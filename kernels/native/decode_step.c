@@ -583,6 +583,69 @@ int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, 
     return rc;
 }
 
+/* ---- helpers of the torch prefill path ---------------------------------------------------------- */
+
+typedef struct {
+    int fmt, n, k;
+    const uint8_t *data;
+    float *out;
+} rl_dequant_ctx;
+
+static void dequant_job(void *arg, int tid, int nth) {
+    rl_dequant_ctx *c = arg;
+    int g0, g1;
+    split(pad_rows(c->n) / RL_ROWS, tid, nth, &g0, &g1);
+    int r0 = g0 * RL_ROWS, r1 = g1 * RL_ROWS < c->n ? g1 * RL_ROWS : c->n;
+    if (r1 > r0) rl_dequant_rows(c->fmt, c->data, c->k, r0, r1 - r0, c->out + (size_t)r0 * c->k);
+    barrier(POOL);
+}
+
+/* the whole [n, k] float32 weight of a repacked matrix, on the pool's threads */
+int rl_dequant(int n_threads, int fmt, const uint8_t *data, int n, int k, float *out) {
+    pthread_mutex_lock(&POOL_MU);
+    rl_pool *p = pool_get(n_threads < 1 ? 1 : n_threads);
+    if (p) {
+        rl_dequant_ctx c = {fmt, n, k, data, out};
+        pool_run(p, dequant_job, &c);
+    }
+    pthread_mutex_unlock(&POOL_MU);
+    return p ? 0 : -1;
+}
+
+typedef struct {
+    rl_model *m;
+    int rows;
+    const float *h;
+    float *logits;
+} rl_head_ctx;
+
+static void head_job(void *arg, int tid, int nth) {
+    rl_head_ctx *c = arg;
+    rl_model *m = c->m;
+    rl_scratch *s = &m->scratch[tid];
+    int H = m->hidden;
+    rl_qact a = {s->q, s->d, s->s};
+    for (int j = 0; j < c->rows; j++)
+        m->kern->quantize(c->h + (size_t)j * H, H, a.q + (size_t)j * H, a.d + (size_t)j * (H / RL_QK),
+                          a.s + (size_t)j * (H / RL_QK));
+    matvec_part(m, &m->head, &a, c->rows, c->logits, pad_rows(m->head.n), tid, nth);
+    barrier(POOL);
+}
+
+/* logits [rows, pad_rows(vocab)] of final-normed hidden rows h [rows, hidden] (prefill's last rows) */
+int rl_head(rl_model *m, int n_threads, int rows, const float *h, float *logits) {
+    pthread_mutex_lock(&POOL_MU);
+    rl_pool *p = pool_get(n_threads < 1 ? 1 : n_threads);
+    int rc = -1;
+    if (p && reserve(m, rows, p->nth, 1) == 0) {
+        rl_head_ctx c = {m, rows, h, logits};
+        pool_run(p, head_job, &c);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&POOL_MU);
+    return rc;
+}
+
 /* ---- single kernels, for tests ------------------------------------------------------------------- */
 
 int rl_isa_available(int isa) { return isa <= rl_cpu_best_isa(); }
@@ -625,4 +688,44 @@ int rl_test_attn(int isa, const float *q, int G, int d, const uint16_t *k, const
     K->attn_part(&a, 0, n_keys, scratch, m, l, acc);
     free(table), free(scratch);
     return K->isa;
+}
+
+static int cmp_desc(const void *a, const void *b) {
+    float x = ((const float *)a)[0], y = ((const float *)b)[0];
+    return (x < y) - (x > y);
+}
+
+/* Recompute the leading candidates of each row of logits exactly (float64 dot products of the head's
+ * dequantized rows with the normed hidden row), as runtime/model.py's _refine_top does: every token within
+ * `margin` of the row's best, or the best max_cand / 4 where more than max_cand are that close. */
+int rl_refine_top(int fmt, const uint8_t *head, int k, int vocab, const float *h, float *logits, int ldo, int rows,
+                  float margin, int max_cand) {
+    float *w = malloc(sizeof(float) * (size_t)k);
+    float *cand = malloc(sizeof(float) * 2 * (size_t)vocab);
+    if (!w || !cand) {
+        free(w), free(cand);
+        return -1;
+    }
+    for (int r = 0; r < rows; r++) {
+        float *row = logits + (size_t)r * ldo;
+        const float *hr = h + (size_t)r * k;
+        float mx = -INFINITY;
+        for (int i = 0; i < vocab; i++) mx = row[i] > mx ? row[i] : mx;
+        int n = 0;
+        for (int i = 0; i < vocab; i++)
+            if (row[i] >= mx - margin) cand[2 * n] = row[i], cand[2 * n + 1] = (float)i, n++;
+        if (n > max_cand) { /* a flat row: its top max_cand / 4 only */
+            qsort(cand, (size_t)n, 2 * sizeof(float), cmp_desc);
+            n = max_cand / 4;
+        }
+        for (int j = 0; j < n; j++) {
+            int id = (int)cand[2 * j + 1];
+            rl_dequant_rows(fmt, head, k, id, 1, w);
+            double acc = 0.0;
+            for (int i = 0; i < k; i++) acc += (double)w[i] * (double)hr[i];
+            row[id] = (float)acc;
+        }
+    }
+    free(w), free(cand);
+    return 0;
 }

@@ -70,3 +70,43 @@ int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst) {
     }
     return 0;
 }
+
+/* Rows of a repacked matrix back to float32: prefill's dense matmuls and the embedding lookup read the
+ * weights from the repacked copy, so the model file need not stay in memory. */
+static void dequant_row(int fmt, const uint8_t *data, int k, int row, float *out) {
+    int nb = k / RL_QK, g = row / RL_ROWS, r = row % RL_ROWS;
+    for (int b = 0; b < nb; b++) {
+        float *o = out + (size_t)b * RL_QK;
+        if (fmt == RL_Q4) {
+            const uint8_t *gb = data + ((size_t)g * nb + b) * RL_Q4_GROUP_BLOCK;
+            uint16_t dh, mh;
+            memcpy(&dh, gb + 2 * r, 2);
+            memcpy(&mh, gb + 16 + 2 * r, 2);
+            float d = rl_half_to_float(dh), m = rl_half_to_float(mh);
+            for (int v = 0; v < 4; v++) {
+                const uint8_t *c = gb + 32 + 32 * v + 4 * r;
+                for (int t = 0; t < 4; t++) {
+                    o[4 * v + t] = d * (float)(c[t] & 15) + m;
+                    o[16 + 4 * v + t] = d * (float)(c[t] >> 4) + m;
+                }
+            }
+        } else {
+            const uint8_t *gb = data + ((size_t)g * nb + b) * RL_Q8_GROUP_BLOCK;
+            uint16_t dh;
+            memcpy(&dh, gb + 2 * r, 2);
+            float d = rl_half_to_float(dh);
+            for (int v = 0; v < 8; v++) {
+                const int8_t *c = (const int8_t *)(gb + 16 + 32 * v + 4 * r);
+                for (int t = 0; t < 4; t++) o[4 * v + t] = d * (float)c[t];
+            }
+        }
+    }
+}
+
+void rl_dequant_rows(int fmt, const uint8_t *data, int k, int row0, int nrows, float *out) {
+    for (int i = 0; i < nrows; i++) dequant_row(fmt, data, k, row0 + i, out + (size_t)i * k);
+}
+
+void rl_gather_rows(int fmt, const uint8_t *data, int k, const int64_t *ids, int count, float *out) {
+    for (int i = 0; i < count; i++) dequant_row(fmt, data, k, (int)ids[i], out + (size_t)i * k);
+}

@@ -34,6 +34,7 @@ typedef void (*rl_matvec_fn)(const rl_matrix *w, const rl_qact *x, int rows, int
                              int ldo, int g0, int g1);
 
 size_t rl_repacked_size(int gguf_type, int n, int k);
+void rl_dequant_rows(int fmt, const uint8_t *data, int k, int row0, int nrows, float *out);
 int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst);
 
 /* kernels per instruction set */
