@@ -218,7 +218,7 @@ class Engine:
         starts = [s.table.num_tokens for s in plan.seqs]
         new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
         self.cache.apply_copies()
-        if self.native is not None and sum(plan.counts) <= MAX_ROWS:
+        if self.native is not None and (sum(plan.counts) <= MAX_ROWS or self.native.prefills):
             self._run_native(plan, starts, new)
             return
         batch = PagedBatch(
@@ -264,8 +264,10 @@ class Engine:
                 logit_rows.append(len(tokens) - 1)
         if not logit_rows:
             logit_rows = [len(tokens) - 1]
+        # A long prefill chunk runs as several native steps; a cancel is acknowledged between them.
+        interrupt = plan.seqs[0].request.cancel_requested.is_set if plan.kind == "prefill" else None
         x = self.model.embed(torch.tensor(tokens, dtype=torch.long))
-        logits, _ = self.native.forward(x, positions, tables, logit_rows)
+        logits, _ = self.native.forward(x, positions, tables, logit_rows, interrupt=interrupt)
         self._commit(plan, new, ready, logits)
 
     def _commit(self, plan: StepPlan, new: list[list[int]], ready: list[int], logits: torch.Tensor) -> None:

@@ -121,7 +121,7 @@ class NativeBackend:
         t = torch.tensor(tokens, dtype=torch.long, device=self.torch_device)
         if self.runner is None:
             out = self.model(t, start, self.cache, logits_rows=logits_rows)
-        elif n <= MAX_ROWS:
+        elif n <= MAX_ROWS or self.runner.prefills:
             if isinstance(logits_rows, str):
                 rows = list(range(n)) if logits_rows == "all" else [n - 1]
             else:

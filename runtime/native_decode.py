@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +20,13 @@ import torch
 from torch import nn
 
 from ripelm.kernels import native_lib
+from ripelm.kernels.cpu_features import cpu_has_bf16_matmul
 from ripelm.kernels.native_linear import Repacked
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
 from ripelm.kernels.quant_types import QuantType
 from ripelm.models.config import ModelConfig
 from ripelm.models.gguf_file import GGUFFile
-from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX
+from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 
 # GGUF types the native step reads, and the repacked format each becomes.
 NATIVE_FORMATS = {
@@ -33,7 +35,8 @@ NATIVE_FORMATS = {
     QuantType.Q8_0: native_lib.FMT_Q8,
 }
 NATIVE_KV_DTYPE = torch.float16  # llama.cpp's KV type; bfloat16 keys measurably cost agreement
-MAX_ROWS = DENSE_MIN_ROWS - 1  # from DENSE_MIN_ROWS rows on, prefill's dense bf16 matmuls are faster
+MAX_ROWS = DENSE_MIN_ROWS - 1  # rows of one native step; longer prefills take several (or torch's matmuls)
+PREFILL_ROWS = 32  # rows per native step of a long prefill (the kernels' tile of activation rows)
 _notice_given = False
 
 
@@ -187,6 +190,10 @@ class NativeRunner:
         lib = weights.lib
         self.weights, self.lib, self.cfg = weights, lib, cfg
         self.threads = torch.get_num_threads()
+        # Long prefills: torch's dense matmuls where the CPU multiplies bf16 matrices in hardware (AMX,
+        # AVX512-BF16), else native steps of PREFILL_ROWS rows (int8 dot products beat emulated bf16 and
+        # fp32 there: Zen 3, bundled model, 2 threads: ~TODO vs 250 tok/s).
+        self.prefills = not cpu_has_bf16_matmul()
         handle = lib.rl_model_new(
             cfg.n_layers,
             cfg.hidden,
@@ -255,12 +262,30 @@ class NativeRunner:
         positions: list[int],
         tables: list[list[int]],
         logit_rows: list[int],
+        interrupt: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: float32 [rows, hidden] embeddings (overwritten); one position and block table per row.
+        """x: float32 [rows, hidden] embeddings; one position and block table per row; rows of one sequence
+        in position order. More than MAX_ROWS rows run as steps of PREFILL_ROWS, `interrupt` polled between
+        them (ForwardInterrupted when it returns True).
 
         Returns float32 logits [len(logit_rows), vocab], their leading candidates recomputed exactly (as
         `Transformer._refine_top` does), and the final-normed hidden rows they came from.
         """
+        rows = x.shape[0]
+        if rows <= MAX_ROWS:
+            return self._step(x, positions, tables, logit_rows)
+        outs = []
+        for s in range(0, rows, PREFILL_ROWS):
+            if interrupt is not None and interrupt():
+                raise ForwardInterrupted
+            e = min(rows, s + PREFILL_ROWS)
+            mine = [r - s for r in logit_rows if s <= r < e]
+            outs.append(self._step(x[s:e], positions[s:e], tables[s:e], mine))
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def _step(
+        self, x: torch.Tensor, positions: list[int], tables: list[list[int]], logit_rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[0]
         x = x.float().contiguous()
         pos = np.asarray(positions, dtype=np.int32)

@@ -152,13 +152,16 @@ def test_native_step_tracks_the_exact_forward(tiny_model_factory, arch, qtype):
     ref = exact.teacher_forced_logits(tokens)
     one = native.teacher_forced_logits(tokens, chunk=1)  # decode: one row per step
     few = native.teacher_forced_logits(tokens, chunk=7)  # several rows of one sequence per step
-    for ours in (one, few):
+    many = native.teacher_forced_logits(tokens, chunk=64)  # a prefill longer than one native step
+    for ours in (one, few, many):
         lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
         kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
         assert kl < 5e-3, kl
         assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     # a row's result does not depend on how many rows share its step
     torch.testing.assert_close(one, few, rtol=0, atol=0)
+    if native.runner.prefills:  # long prefills run natively here (no bf16 matrix unit): the same rows
+        torch.testing.assert_close(one, many, rtol=0, atol=0)
 
 
 def test_every_isa_path_tracks_the_exact_forward_on_the_bundled_model(bundled_model_path):
