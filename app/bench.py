@@ -139,17 +139,33 @@ def cmd_bench_chat(model: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_model(args: argparse.Namespace) -> str:
+    """The model to measure: --synthetic (built once into the data dir), else --model or the bundled one."""
+    if not getattr(args, "synthetic", None):
+        return str(resolve_model(args.model))
+    from ripelm.models.store import bundled_model_path, data_dir
+    from ripelm.models.synthetic import build_synthetic
+
+    path = data_dir() / "synthetic" / f"{args.synthetic}.gguf"
+    if not path.exists():
+        print(f"building synthetic model {args.synthetic} (random weights, one time)...", file=sys.stderr)
+        build_synthetic(args.synthetic, path, bundled_model_path())
+    return str(path)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.synthetic and args.model:
+        raise RipelmError("--synthetic and --model name different models: give one")
     if args.chat:
-        return cmd_bench_chat(str(resolve_model(args.model)), args)
+        return cmd_bench_chat(bench_model(args), args)
     if args.batch is not None or args.kv:
         if args.runs < 1 or (args.batch is not None and args.batch < 1) or args.kv_requests < 1:
             raise RipelmError("--runs, --batch and --kv-requests must be positive")
-        model = str(resolve_model(args.model))
+        model = bench_model(args)
         return cmd_bench_kv(model, args) if args.kv else cmd_bench_batch(model, args)
     if args.runs < 1 or args.prompt_tokens < 1 or args.gen_tokens < 1 or args.threads < 1:
         raise RipelmError("--runs, --prompt-tokens, --gen-tokens and --threads must be positive")
-    model = str(resolve_model(args.model))
+    model = bench_model(args)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
         if e not in ("native", "llama.cpp"):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ripelm import __version__
 from ripelm.draft_cli import add_draft_args
 from ripelm.models.errors import RipelmError
+from ripelm.models.synthetic import SHAPES as SYNTHETIC_SHAPES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run in a fresh process.",
     )
     bench.add_argument("--model", "-m", default=None, help="model name or .gguf path (default: bundled)")
+    bench.add_argument(
+        "--synthetic",
+        choices=sorted(SYNTHETIC_SHAPES),
+        default=None,
+        help="measure a synthetic model of a real shape (random weights, the bundled tokenizer; built once)",
+    )
     bench.add_argument("--runs", type=int, default=5, help="runs per engine (default 5)")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
     bench.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode (default 128)")

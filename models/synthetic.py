@@ -1,0 +1,181 @@
+"""Synthetic GGUF models of real shapes, for benchmarks where a model is memory-bound.
+
+Random weights written directly as valid quantized blocks (random codes, scales sized so activations stay
+near unit scale), the bundled model's tokenizer and chat template. Building a 1B-shaped model takes a few
+seconds; nothing is quantized from floats in Python. The token table has the bundled tokenizer's 49,152
+entries (Llama 3.2 has 128,256 and Qwen2.5 151,936), so the head is smaller than the real models'.
+
+Shapes (`SHAPES`): `llama-1b-q4_0` is Llama-3.2-1B (hidden 2048, 16 layers, 32/8 heads, FFN 8192, tied
+head) in Q4_0; `qwen2.5-0.5b-q4_k_m` is Qwen2.5-0.5B (hidden 896, 24 layers, 14/2 heads, FFN 4864, Q/K/V
+biases) typed as llama.cpp's Q4_K_M makes it: rows of 896 do not split into 256-wide K-quant blocks, so
+those tensors fall back to Q5_0 (Q8_0 where Q6_K was due), ffn_down (rows of 4864) is Q4_K and every
+other layer's Q6_K, and the token table Q8_0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ripelm.kernels.quant_types import QuantType
+
+if TYPE_CHECKING:  # numpy and the writer load only when a model is built (the CLI lists SHAPES)
+    import numpy as np
+
+    from ripelm.models.gguf_writer import RawEntry
+
+# (bytes, weights) per block, and where the fp16 scales sit
+_BLOCK = {
+    QuantType.Q4_0: (18, 32),
+    QuantType.Q5_0: (22, 32),
+    QuantType.Q8_0: (34, 32),
+    QuantType.Q4_K: (144, 256),
+    QuantType.Q6_K: (210, 256),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    context: int
+    rope_theta: float
+    attn_bias: bool
+    types: Callable[[str, int], QuantType]  # (tensor kind, layer) -> type
+
+
+def _q4_k_m(kind: str, layer: int) -> QuantType:
+    if kind == "token_embd":
+        return QuantType.Q8_0
+    if kind == "ffn_down":
+        return QuantType.Q6_K if layer % 2 == 0 else QuantType.Q4_K
+    return QuantType.Q8_0 if kind == "attn_v" and layer % 2 == 0 else QuantType.Q5_0
+
+
+SHAPES = {
+    "llama-1b-q4_0": Shape(
+        "llama", 2048, 16, 32, 8, 8192, 8192, 500000.0, False, lambda k, i: QuantType.Q4_0
+    ),
+    "qwen2.5-0.5b-q4_k_m": Shape("qwen2", 896, 24, 14, 2, 4864, 32768, 1000000.0, True, _q4_k_m),
+}
+
+
+def _half(x: float) -> bytes:
+    return struct.pack("<e", x)
+
+
+def random_blocks(t: QuantType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Bytes of a random [n, k] weight of type t whose values have a standard deviation near 1/sqrt(k)."""
+    import numpy as np
+
+    size, per = _BLOCK[t]
+    blocks = n * (k // per)
+    raw = rng.integers(0, 256, size=(blocks, size), dtype=np.uint8)
+    std = 1.0 / np.sqrt(k)
+    if t == QuantType.Q4_0:  # d * (q - 8): std ~ 4.6 d
+        raw[:, :2] = np.frombuffer(_half(std / 4.6), np.uint8)
+    elif t == QuantType.Q5_0:  # d * (q - 16): std ~ 9.2 d
+        raw[:, :2] = np.frombuffer(_half(std / 9.2), np.uint8)
+    elif t == QuantType.Q8_0:  # random int8: std ~ 74 d
+        raw[:, :2] = np.frombuffer(_half(std / 74), np.uint8)
+    elif t == QuantType.Q4_K:  # d * sc * q - dmin * m with 6-bit sc, m: keep sc, m small (low bits only)
+        raw[:, :4] = np.frombuffer(_half(std / 60) + _half(std / 60), np.uint8)
+        raw[:, 4:16] &= 0x07
+    elif t == QuantType.Q6_K:  # d * sc * (q - 32) with int8 sc: small scales
+        raw[:, 192:208] = (rng.integers(-8, 9, size=(blocks, 16)) & 0xFF).astype(np.uint8)
+        raw[:, 208:210] = np.frombuffer(_half(std / 150), np.uint8)
+    return raw.reshape(-1)
+
+
+def _entry(key: str, fmt: str, vtype: int, value: float | int | str) -> RawEntry:
+    from ripelm.models.gguf_writer import RawEntry
+
+    kb = key.encode()
+    head = struct.pack("<Q", len(kb)) + kb + struct.pack("<I", vtype)
+    if vtype == 8:
+        vb = str(value).encode()
+        return RawEntry(key, head + struct.pack("<Q", len(vb)) + vb)
+    return RawEntry(key, head + struct.pack(fmt, value))
+
+
+def build_synthetic(
+    name: str, path: Path, tokenizer_from: Path, seed: int = 0, n_layers: int | None = None
+) -> Path:
+    """Write the synthetic model `name` (a key of SHAPES) to `path`; returns it. `n_layers` overrides the
+    shape's layer count (tests build one-layer models)."""
+    import numpy as np
+
+    from ripelm.models.gguf_file import open_gguf
+    from ripelm.models.gguf_writer import TensorOut, raw_metadata, uint32_entry, write_gguf
+
+    s = SHAPES[name]
+    if n_layers is not None:
+        s = dataclasses.replace(s, layers=n_layers)
+    src = open_gguf(tokenizer_from)
+    try:
+        tok = [e for e in raw_metadata(src) if e.key.startswith("tokenizer.")]
+        vocab = len(src.metadata["tokenizer.ggml.tokens"])
+    finally:
+        src.close()
+    a = s.arch
+    head_dim = s.hidden // s.heads
+    entries = [
+        _entry("general.architecture", "", 8, a),
+        _entry("general.name", "", 8, f"synthetic {name}"),
+        uint32_entry("general.quantization_version", 2),
+        uint32_entry(f"{a}.context_length", s.context),
+        uint32_entry(f"{a}.embedding_length", s.hidden),
+        uint32_entry(f"{a}.block_count", s.layers),
+        uint32_entry(f"{a}.feed_forward_length", s.ffn),
+        uint32_entry(f"{a}.attention.head_count", s.heads),
+        uint32_entry(f"{a}.attention.head_count_kv", s.kv_heads),
+        uint32_entry(f"{a}.rope.dimension_count", head_dim),
+        uint32_entry(f"{a}.vocab_size", vocab),
+        _entry(f"{a}.attention.layer_norm_rms_epsilon", "<f", 6, 1e-5),
+        _entry(f"{a}.rope.freq_base", "<f", 6, s.rope_theta),
+        *tok,
+    ]
+    rng = np.random.default_rng(seed)
+    tensors: list[TensorOut] = []
+
+    def matrix(tname: str, kind: str, layer: int, n: int, k: int) -> None:
+        t = s.types(kind, layer)
+        tensors.append(TensorOut(tname, (k, n), int(t), lambda: random_blocks(t, n, k, rng)))
+
+    def vector(tname: str, n: int, value: float | None = None) -> None:
+        make = (
+            (lambda: np.full(n, value, np.float32))
+            if value is not None
+            else (lambda: (rng.standard_normal(n) * 0.1).astype(np.float32))
+        )
+        tensors.append(TensorOut(tname, (n,), int(QuantType.F32), make))
+
+    q_dim, kv_dim = s.heads * head_dim, s.kv_heads * head_dim
+    matrix("token_embd.weight", "token_embd", 0, vocab, s.hidden)
+    for i in range(s.layers):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", s.hidden, 1.0)
+        matrix(p + "attn_q.weight", "attn_q", i, q_dim, s.hidden)
+        matrix(p + "attn_k.weight", "attn_k", i, kv_dim, s.hidden)
+        matrix(p + "attn_v.weight", "attn_v", i, kv_dim, s.hidden)
+        if s.attn_bias:
+            vector(p + "attn_q.bias", q_dim)
+            vector(p + "attn_k.bias", kv_dim)
+            vector(p + "attn_v.bias", kv_dim)
+        matrix(p + "attn_output.weight", "attn_output", i, s.hidden, q_dim)
+        vector(p + "ffn_norm.weight", s.hidden, 1.0)
+        matrix(p + "ffn_gate.weight", "ffn_gate", i, s.ffn, s.hidden)
+        matrix(p + "ffn_up.weight", "ffn_up", i, s.ffn, s.hidden)
+        matrix(p + "ffn_down.weight", "ffn_down", i, s.hidden, s.ffn)
+    vector("output_norm.weight", s.hidden, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_gguf(path, entries, tensors, alignment=32)
+    return path
