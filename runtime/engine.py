@@ -218,7 +218,11 @@ class Engine:
         starts = [s.table.num_tokens for s in plan.seqs]
         new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
         self.cache.apply_copies()
-        if self.native is not None and (sum(plan.counts) <= MAX_ROWS or self.native.prefills):
+        # Recomputing a preempted sequence goes through the native step too, so its history gets the same
+        # K/V as when it was first decoded (and its greedy continuation the same tokens).
+        if self.native is not None and (
+            sum(plan.counts) <= MAX_ROWS or self.native.prefills or plan.seqs[0].preemptions > 0
+        ):
             self._run_native(plan, starts, new)
             return
         batch = PagedBatch(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import ripelm  # noqa: F401  (first: it sets torch's OpenMP spin count before torch loads, as `ripe` does)
+
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))

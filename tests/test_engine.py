@@ -184,30 +184,46 @@ def test_cancel_mid_stream_frees_blocks(bundled):
 
 
 def test_cancel_stops_a_prefill_between_layers_and_leaves_the_cache_clean(bundled):
-    """A cancel that arrives mid-prefill ends the forward at the next layer, frees the blocks, and the
-    partly written rows do not leak into a later request over the same prompt."""
+    """A cancel that arrives mid-prefill ends the forward at the next layer (torch path) or the next
+    native step of 32 rows (native path), frees the blocks, and the partly written rows do not leak into
+    a later request over the same prompt."""
     engine = Engine(
         bundled.model, context_length=2048, kv_memory=64 << 20, prefill_chunk=2048, threaded=False
     )
     prompt = prompts_of_mixed_lengths(bundled, [900])[0]
-    layers = bundled.model.layers
     ran: list[int] = []
     req = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=8), ignore_eos=True)
-    hooks = []
-    for i, layer in enumerate(layers):
+    if engine.native is not None and engine.native.prefills:
+        step = engine.native._step
 
-        def note(module, args, i=i):
-            ran.append(i)
-            if i == 5:
+        def counted(*args, **kw):
+            ran.append(len(ran))
+            if len(ran) == 3:
                 req.cancel()
+            return step(*args, **kw)
 
-        hooks.append(layer.register_forward_pre_hook(note))
-    try:
-        engine.step()
-    finally:
-        for h in hooks:
-            h.remove()
-    assert ran == list(range(6))  # layer 5 ran (the cancel came during it), layer 6 never started
+        engine.native._step = counted
+        try:
+            engine.step()
+        finally:
+            del engine.native._step
+        assert ran == [0, 1, 2]  # the third step ran (the cancel came during it), the fourth never started
+    else:
+        hooks = []
+        for i, layer in enumerate(bundled.model.layers):
+
+            def note(module, args, i=i):
+                ran.append(i)
+                if i == 5:
+                    req.cancel()
+
+            hooks.append(layer.register_forward_pre_hook(note))
+        try:
+            engine.step()
+        finally:
+            for h in hooks:
+                h.remove()
+        assert ran == list(range(6))  # layer 5 ran (the cancel came during it), layer 6 never started
     assert req.cancelled.is_set()
     assert list(req.streams[0]) == [] and req.streams[0].finish.reason == "cancelled"
     assert engine.counters.prefill_tokens == 0
