@@ -212,7 +212,7 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
         m->cap_part = need_part;
     }
     int g = m->n_kv ? m->n_heads / m->n_kv : 1;
-    size_t need_f = (size_t)g * (size_t)max_len + (size_t)m->head_dim + (size_t)(rows + 1) * (size_t)widest(m) + 64;
+    size_t need_f = (size_t)(g + 2) * (size_t)max_len + (size_t)m->head_dim + (size_t)(rows + 1) * (size_t)widest(m) + 64;
     for (int t = 0; t < nth; t++) {
         rl_scratch *s = &m->scratch[t];
         if (s->cap_f < need_f) {
@@ -681,7 +681,7 @@ int rl_test_attn(int isa, const float *q, int G, int d, const uint16_t *k, const
                  int kv_f16, float scale, float *m, float *l, float *acc) {
     const rl_kernels *K = kernels_for(isa);
     int32_t *table = malloc(sizeof(int32_t) * (size_t)n_keys);
-    float *scratch = malloc(sizeof(float) * ((size_t)G * n_keys + (size_t)d + 64));
+    float *scratch = malloc(sizeof(float) * ((size_t)G * n_keys + (size_t)d + 2 * (size_t)n_keys + 64));
     if (!table || !scratch) return -1;
     for (int i = 0; i < n_keys; i++) table[i] = i;
     rl_attn_args a = {q, G, d, 1, kv_f16, k, v, d, table, scale};

@@ -230,9 +230,11 @@ AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratc
     const int n = k1 - k0, d = a->d, G = a->G, nv = d / 8, f16 = a->kv_f16;
     __m256 kf[RL_ATTN_MAX_D / 8];
     __m256 part[RL_ATTN_MAX_G][8];
+    int64_t *off = rl_offsets_in(scratch, G, n, d);
+    rl_key_offsets(a, k0, k1, off);
     /* scores, eight keys at a time: one horizontal reduction for eight dot products */
     for (int t = k0; t < k1; t++) {
-        const uint16_t *kp = a->kbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride;
+        const uint16_t *kp = a->kbase + off[t - k0];
         for (int i = 0; i < nv; i++) kf[i] = kv8(kp + 8 * i, f16);
         int j = (t - k0) & 7;
         for (int g = 0; g < G; g++) {
@@ -286,7 +288,7 @@ AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratc
             for (int g = 0; g < 4; g++)
                 for (int i = 0; i < 4; i++) ac[g][i] = _mm256_setzero_ps();
             for (int t = k0; t < k1; t++) {
-                const uint16_t *vp = a->vbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride + 8 * c;
+                const uint16_t *vp = a->vbase + off[t - k0] + 8 * c;
                 __m256 v0 = kv8(vp, f16), v1 = cn > 1 ? kv8(vp + 8, f16) : v0, v2 = cn > 2 ? kv8(vp + 16, f16) : v0,
                        v3 = cn > 3 ? kv8(vp + 24, f16) : v0;
                 for (int g = 0; g < gn; g++) {

@@ -103,8 +103,10 @@ void rl_exp_ref(float *x, int n) {
 void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
     int n = k1 - k0, d = a->d;
     float *row = scratch + (size_t)a->G * n;
+    int64_t *off = rl_offsets_in(scratch, a->G, n, d);
+    rl_key_offsets(a, k0, k1, off);
     for (int t = k0; t < k1; t++) {
-        const uint16_t *kp = a->kbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride;
+        const uint16_t *kp = a->kbase + off[t - k0];
         rl_kv_to_float_ref(kp, row, d, a->kv_f16);
         for (int g = 0; g < a->G; g++) scratch[(size_t)g * n + (t - k0)] = rl_dot_ref(a->q + (size_t)g * d, row, d) * a->scale;
     }
@@ -119,7 +121,7 @@ void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, flo
         for (int i = 0; i < d; i++) acc[(size_t)g * d + i] = 0.0f;
     }
     for (int t = k0; t < k1; t++) {
-        const uint16_t *vp = a->vbase + ((int64_t)a->table[t / a->bs] * a->bs + t % a->bs) * a->key_stride;
+        const uint16_t *vp = a->vbase + off[t - k0];
         rl_kv_to_float_ref(vp, row, d, a->kv_f16);
         for (int g = 0; g < a->G; g++) rl_axpy_ref(acc + (size_t)g * d, scratch[(size_t)g * n + (t - k0)], row, d);
     }

@@ -54,7 +54,7 @@ void rl_axpy_avx2(float *acc, float p, const float *v, int d);
 /* Attention of G query heads (q [G][d]) over keys k0..k1-1 of one K/V head (kbase/vbase point at that
  * head in block 0 of the layer's pool; key t lives in block table[t / bs], slot t % bs, rows key_stride
  * apart). Writes the unnormalized partial result: m[g] = max score, l[g] = sum exp(score - m[g]),
- * acc[g][d] = sum exp(score - m[g]) v. scratch holds G * (k1 - k0) + d floats. */
+ * acc[g][d] = sum exp(score - m[g]) v. scratch holds G * (k1 - k0) + d + 2 (k1 - k0) + 1 floats. */
 typedef struct {
     const float *q;
     int G, d, bs, kv_f16;
@@ -63,6 +63,19 @@ typedef struct {
     const int32_t *table;
     float scale;
 } rl_attn_args;
+/* element offsets of keys k0..k1-1 from kbase/vbase (one division per range, not per key) */
+static inline void rl_key_offsets(const rl_attn_args *a, int k0, int k1, int64_t *off) {
+    int blk = k0 / a->bs, slot = k0 % a->bs;
+    for (int t = k0; t < k1; t++) {
+        off[t - k0] = ((int64_t)a->table[blk] * a->bs + slot) * a->key_stride;
+        if (++slot == a->bs) slot = 0, blk++;
+    }
+}
+/* scratch of an attention range: G * n scores, one float row of d, then n key offsets */
+static inline int64_t *rl_offsets_in(float *scratch, int G, int n, int d) {
+    size_t at = (size_t)G * n + (size_t)d;
+    return (int64_t *)(scratch + at + (at & 1));
+}
 void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 void rl_exp_ref(float *x, int n);
