@@ -232,9 +232,18 @@ AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratc
     __m256 part[RL_ATTN_MAX_G][8];
     int64_t *off = rl_offsets_in(scratch, G, n, d);
     rl_key_offsets(a, k0, k1, off);
+    for (int t = k0; t < k1 && t < k0 + 16; t++) {
+        const char *kn = (const char *)(a->kbase + off[t - k0]), *vn = (const char *)(a->vbase + off[t - k0]);
+        for (int i = 0; i < 2 * d; i += 64) _mm_prefetch(kn + i, _MM_HINT_T0), _mm_prefetch(vn + i, _MM_HINT_T1);
+    }
     /* scores, eight keys at a time: one horizontal reduction for eight dot products */
     for (int t = k0; t < k1; t++) {
         const uint16_t *kp = a->kbase + off[t - k0];
+        if (t + 16 < k1) { /* K and V rows sit apart in the pool: fetch both a few keys ahead */
+            const char *kn = (const char *)(a->kbase + off[t + 16 - k0]);
+            const char *vn = (const char *)(a->vbase + off[t + 16 - k0]);
+            for (int i = 0; i < 2 * d; i += 64) _mm_prefetch(kn + i, _MM_HINT_T0), _mm_prefetch(vn + i, _MM_HINT_T1);
+        }
         for (int i = 0; i < nv; i++) kf[i] = kv8(kp + 8 * i, f16);
         int j = (t - k0) & 7;
         for (int g = 0; g < G; g++) {
@@ -289,6 +298,7 @@ AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratc
                 for (int i = 0; i < 4; i++) ac[g][i] = _mm256_setzero_ps();
             for (int t = k0; t < k1; t++) {
                 const uint16_t *vp = a->vbase + off[t - k0] + 8 * c;
+
                 __m256 v0 = kv8(vp, f16), v1 = cn > 1 ? kv8(vp + 8, f16) : v0, v2 = cn > 2 ? kv8(vp + 16, f16) : v0,
                        v3 = cn > 3 ? kv8(vp + 24, f16) : v0;
                 for (int g = 0; g < gn; g++) {
