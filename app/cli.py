@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ripe",
         description="A local, private LLM assistant for the terminal.",
-        epilog='Examples:\n  ripe chat\n  ripe run "What is the capital of France?"\n'
+        epilog='Examples:\n  ripe chat\n  ripe run "What is the capital of France? Answer in one sentence."\n'
         '  ripe pull qwen2.5:0.5b\n  ripe run -m qwen2.5:0.5b "Hello"\n  ripe bench --runs 5',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -58,10 +58,12 @@ import zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["ripelm/cli.py", "ripelm/runtime/engines.py", "ripelm/models/catalog.py", "ripelm/kernels/dequant.py"]
 missing = [n for n in need if n not in names]
+if not any(n.startswith("ripelm/kernels/_ripe_native") for n in names):
+    missing.append("ripelm/kernels/_ripe_native*.so (the native CPU library)")
 bad = [n for n in names if n.endswith(".gguf") or n.startswith("tests/") or "/tests/" in n]
 if missing or bad:
     sys.exit(f"wheel content problem: missing {missing}, unexpected {bad}")
-print(f"{len(names)} files; ripelm, ripelm.runtime, ripelm.models, ripelm.kernels present; no tests or models")
+print(f"{len(names)} files; ripelm, ripelm.runtime, ripelm.models, ripelm.kernels and the native library present; no tests or models")
 EOF
 
 step "pipx install into a fresh PIPX_HOME"
@@ -99,7 +101,7 @@ EOF
 step "the installed ripe"
 export RIPELM_HOME="$WORK/home"  # never the real home
 "$RIPE" --version
-ANSWER=$("$RIPE" run --temp 0 --max-tokens 32 --stats "What is the capital of France?")
+ANSWER=$("$RIPE" run --temp 0 --max-tokens 32 --stats "What is the capital of France? Answer in one sentence.")
 echo "ripe run: $ANSWER"
 case "$ANSWER" in
   *Paris*) ;;

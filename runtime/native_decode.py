@@ -232,6 +232,7 @@ class NativeRunner:
                 _ptr(lw["down"].data),
             )
         self.vocab = cfg.vocab_size
+        self._refine_work = torch.empty(cfg.hidden + 2 * self.vocab, dtype=torch.float32)
         lib.rl_model_set_head(
             handle, _ptr(weights.out_norm), weights.head.fmt, self.vocab, _ptr(weights.head.data)
         )
@@ -337,6 +338,7 @@ class NativeRunner:
             len(logit_rows),
             REFINE_MARGIN,
             REFINE_MAX,
+            self._refine_work.data_ptr(),
         )
         if rc != 0:
             raise MemoryError("native step: out of memory refining logits")

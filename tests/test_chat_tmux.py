@@ -50,7 +50,7 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     try:
         poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
         pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
-        tmux("send-keys", "-t", session, "What is the capital of France?", "Enter")
+        tmux("send-keys", "-t", session, "What is the capital of France? Answer in one sentence.", "Enter")
         # the answer streams onto the screen: it grows, then the reply ends (the label loses "streaming")
         poll(lambda: "Assistant" in screen(session), 60, "the reply to start")
         db = tmp_path / "chats.db"
@@ -68,7 +68,7 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
         answer = poll(lambda: replies(DONE), 120, "the first answer to finish")[0]
         shown = poll(lambda: "Paris" in screen(session) and screen(session), 10, "the answer on screen")
         assert "Paris" in answer, answer
-        assert "What is the capital of France?" in shown
+        assert "What is the capital of France?" in shown  # the prompt wraps on the screen
 
         tmux("send-keys", "-t", session, "Write a long story about a dragon.", "Enter")
         poll(lambda: any(len(t) > 40 for t in replies(PARTIAL)), 120, "the second reply to stream")

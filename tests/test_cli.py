@@ -42,10 +42,26 @@ def home(tmp_path):
 
 
 def test_run_answers_capital_of_france_reproducibly(home):
-    a = ripe("run", "--temp", "0", "--max-tokens", "40", "What is the capital of France?", home=home)
+    a = ripe(
+        "run",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "40",
+        "What is the capital of France? Answer in one sentence.",
+        home=home,
+    )
     assert a.returncode == 0, a.stderr
     assert "Paris" in a.stdout
-    b = ripe("run", "--temp", "0", "--max-tokens", "40", "What is the capital of France?", home=home)
+    b = ripe(
+        "run",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "40",
+        "What is the capital of France? Answer in one sentence.",
+        home=home,
+    )
     assert a.stdout == b.stdout
 
 
@@ -59,7 +75,7 @@ def test_run_llama_cpp_engine_and_stats(home):
         "--max-tokens",
         "24",
         "--stats",
-        "What is the capital of France?",
+        "What is the capital of France? Answer in one sentence.",
         home=home,
     )
     assert p.returncode == 0, p.stderr

@@ -35,6 +35,8 @@ from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
+DELTA_INTERVAL_S = 0.1  # how often streamed text reaches the UI (10 updates a second)
+
 
 @dataclass
 class ActiveReply:
@@ -251,19 +253,25 @@ class RipeApp(ChatActions, App[None]):
                 gen.cancel()
             first: float | None = None
             tokens = 0
+            # Text goes to the UI at most every DELTA_INTERVAL_S: at 150+ tokens/s, one UI message per
+            # token kept the UI thread busy enough to take a core from the engine's step.
+            pending, posted = "", 0.0
             for ev in gen.events():
                 text = ev.text
                 if citations is not None:  # only citations that name a retrieved source get through
                     text = citations.feed(text) + (citations.flush() if ev.done else "")
                 if ev.done:
-                    if text:
-                        self.post_message(ReplyDelta(reply.id, text, tokens, 0.0))
+                    if pending or text:
+                        self.post_message(ReplyDelta(reply.id, pending + text, tokens, 0.0))
                     self.post_message(ReplyDone(reply.id, ev.stats))
                     return
                 now = time.perf_counter()
                 first = first if first is not None else now
                 tokens += 1
-                self.post_message(ReplyDelta(reply.id, text, tokens, now - first))
+                pending += text
+                if now - posted >= DELTA_INTERVAL_S:
+                    self.post_message(ReplyDelta(reply.id, pending, tokens, now - first))
+                    pending, posted = "", now
         except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
             self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
 

@@ -308,7 +308,15 @@ static void pool_stop(void) {
     POOL = NULL;
 }
 
+/* A forked child has none of the pool's threads: it starts a pool of its own (the parent's is leaked). */
+static void pool_forget_in_child(void) {
+    POOL = NULL;
+    pthread_mutex_init(&POOL_MU, NULL);
+}
+
 static rl_pool *pool_get(int nth) {
+    static int atfork_set = 0;
+    if (!atfork_set) atfork_set = pthread_atfork(NULL, NULL, pool_forget_in_child) == 0;
     if (POOL && POOL->nth == nth) return POOL;
     const char *spin = getenv("RIPELM_NATIVE_SPIN_US");
     if (spin) PARK_AFTER_S = atof(spin) * 1e-6;
@@ -699,13 +707,8 @@ static int cmp_desc(const void *a, const void *b) {
  * dequantized rows with the normed hidden row), as runtime/model.py's _refine_top does: every token within
  * `margin` of the row's best, or the best max_cand / 4 where more than max_cand are that close. */
 int rl_refine_top(int fmt, const uint8_t *head, int k, int vocab, const float *h, float *logits, int ldo, int rows,
-                  float margin, int max_cand) {
-    float *w = malloc(sizeof(float) * (size_t)k);
-    float *cand = malloc(sizeof(float) * 2 * (size_t)vocab);
-    if (!w || !cand) {
-        free(w), free(cand);
-        return -1;
-    }
+                  float margin, int max_cand, float *work /* k + 2 * vocab floats */) {
+    float *w = work, *cand = work + k;
     for (int r = 0; r < rows; r++) {
         float *row = logits + (size_t)r * ldo;
         const float *hr = h + (size_t)r * k;
@@ -726,6 +729,5 @@ int rl_refine_top(int fmt, const uint8_t *head, int k, int vocab, const float *h
             row[id] = (float)acc;
         }
     }
-    free(w), free(cand);
     return 0;
 }
