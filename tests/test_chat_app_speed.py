@@ -1,8 +1,8 @@
 """The chat app decodes nearly as fast as `ripe run`: the engine's step runs without the GIL (native
-library) and streamed text reaches the UI ten times a second, so the Textual thread does not starve it. Both figures are the engine's own
-decode tokens/s (GenerationStats), the app's as its status bar shows it, on the bundled model with the
-same greedy request. (Before the native step, the app ran at half of `ripe run`'s speed: its UI thread
-and the engine thread fought for the GIL ~1,000 times per token.)"""
+library) and streamed text reaches the UI ten times a second, so the Textual thread does not starve it.
+Both figures are the engine's own decode tokens/s (GenerationStats), the app's as its status bar shows
+it, on the bundled model with the same greedy request. (Before the native step, the app ran at half of
+`ripe run`'s speed: its UI thread and the engine thread fought for the GIL ~1,000 times per token.)"""
 
 from __future__ import annotations
 
