@@ -25,6 +25,7 @@ from ripelm.kernels.native_linear import Repacked
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
 from ripelm.kernels.quant_types import QuantType
 from ripelm.models.config import ModelConfig
+from ripelm.models.errors import ModelFileChangedError
 from ripelm.models.gguf_file import GGUFFile
 from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 
@@ -87,7 +88,7 @@ class NativeWeights:
                 n, k = info.torch_shape
                 size = lib.rl_repacked_size(int(info.ggml_type), n, k)
                 out = np.empty(size, dtype=np.uint8)
-                raw = np.ascontiguousarray(g.tensor_bytes(name))
+                raw = _read_tensor(g, name)
                 if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out.ctypes.data) != 0:
                     raise ValueError(f"cannot repack {name}")
                 parts.append(out)
@@ -146,6 +147,20 @@ def notice_once() -> None:
         return
     _notice_given = True
     print(f"ripe: native CPU decode step not used ({_why_not_model}); decoding on torch", file=sys.stderr)
+
+
+def _read_tensor(g: GGUFFile, name: str) -> np.ndarray:
+    """A tensor's bytes read from the file (not through the map: mapped pages would count in the process's
+    memory until the map is dropped, doubling peak RSS while a model is repacked)."""
+    info = g.tensors[name]
+    if g.in_memory:
+        return np.ascontiguousarray(g.tensor_bytes(name))
+    with open(g.path, "rb", buffering=0) as f:
+        f.seek(info.offset)
+        data = np.empty(info.nbytes, dtype=np.uint8)
+        if f.readinto(memoryview(data)) != info.nbytes:
+            raise ModelFileChangedError(f"{g.path}: the model file ended early while it was read")
+    return data
 
 
 def _head_name(g: GGUFFile, cfg: ModelConfig) -> str:
