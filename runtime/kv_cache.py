@@ -34,6 +34,14 @@ DEFAULT_KV_CAP = 2 << 30  # bytes; more only on request
 DEFAULT_KV_CONTEXTS = 4  # ... and no more than this many full context windows
 
 
+def check_span(length: int, max_len: int, start: int, count: int) -> None:
+    """A single-sequence cache holding `length` tokens can take positions start..start+count-1."""
+    if start > length:
+        raise ValueError(f"cache holds {length} tokens, cannot write at {start}")
+    if start + count > max_len:
+        raise ContextOverflowError(f"{start + count} tokens do not fit the context window of {max_len}")
+
+
 class ContiguousKVCache:
     def __init__(
         self,
@@ -53,12 +61,7 @@ class ContiguousKVCache:
 
     def begin(self, start: int, count: int) -> None:
         """Announce that the next forward writes positions start..start+count-1 (start <= length)."""
-        if start > self.length:
-            raise ValueError(f"cache holds {self.length} tokens, cannot write at {start}")
-        if start + count > self.max_len:
-            raise ContextOverflowError(
-                f"{start + count} tokens do not fit the context window of {self.max_len}"
-            )
+        check_span(self.length, self.max_len, start, count)
         self._start, self._end = start, start + count
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -101,12 +104,7 @@ class SequencePool:
         return list(range(-(-n // self.paged.block_size)))
 
     def begin(self, start: int, count: int) -> None:
-        if start > self.length:
-            raise ValueError(f"cache holds {self.length} tokens, cannot write at {start}")
-        if start + count > self.max_len:
-            raise ContextOverflowError(
-                f"{start + count} tokens do not fit the context window of {self.max_len}"
-            )
+        check_span(self.length, self.max_len, start, count)
 
     def step(self, start: int, count: int) -> PagedStep:
         """What the torch forward attends through for positions start..start+count-1."""
