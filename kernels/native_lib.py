@@ -121,8 +121,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rl_head.restype = _i
     lib.rl_refine_top.argtypes = [_i, _vp, _i, _i, _vp, _vp, _i, _i, ctypes.c_float, _i, _vp]
     lib.rl_refine_top.restype = _i
-    lib.rl_shutdown.argtypes = []
-    lib.rl_shutdown.restype = None
 
 
 def best_isa(lib: ctypes.CDLL) -> int:

@@ -22,7 +22,7 @@ from ripelm.runtime.block_allocator import chain_hash
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
-from ripelm.runtime.native_decode import MAX_ROWS, NATIVE_KV_DTYPE
+from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.scheduler import Scheduler, StepPlan
 from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
@@ -220,9 +220,7 @@ class Engine:
         self.cache.apply_copies()
         # Recomputing a preempted sequence goes through the native step too, so its history gets the same
         # K/V as when it was first decoded (and its greedy continuation the same tokens).
-        if self.native is not None and (
-            sum(plan.counts) <= MAX_ROWS or self.native.prefills or plan.seqs[0].preemptions > 0
-        ):
+        if self.native is not None and (self.native.takes(sum(plan.counts)) or plan.seqs[0].preemptions > 0):
             self._run_native(plan, starts, new)
             return
         batch = PagedBatch(

@@ -230,21 +230,24 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
         info = g.tensors[name]
         return dequantize(g.tensor_bytes(name), info.ggml_type, info.torch_shape).float().clone()
 
-    layers, biases = [], []
+    layers = []
     for i, lw in enumerate(weights.layers):
         p = f"blk.{i}."
-        bias = torch.cat([vec(p + f"attn_{x}.bias") for x in "qkv"]) if cfg.attn_bias else None
-        biases.append(bias)
+        # the float vectors are shared by the torch modules and the native step (which reads them in place)
+        lw["qkv_bias"] = torch.cat([vec(p + f"attn_{x}.bias") for x in "qkv"]) if cfg.attn_bias else None
+        lw["attn_norm"], lw["ffn_norm"] = vec(p + "attn_norm.weight"), vec(p + "ffn_norm.weight")
+        lw["q_norm"] = vec(p + "attn_q_norm.weight") if cfg.qk_norm else None
+        lw["k_norm"] = vec(p + "attn_k_norm.weight") if cfg.qk_norm else None
         layers.append(
             LayerWeights(
-                attn_norm=vec(p + "attn_norm.weight"),
-                wqkv=RepackedLinear(lib, [lw["qkv"]], bias, dtype),
+                attn_norm=lw["attn_norm"],
+                wqkv=RepackedLinear(lib, [lw["qkv"]], lw["qkv_bias"], dtype),
                 wo=RepackedLinear(lib, [lw["wo"]], None, dtype),
-                ffn_norm=vec(p + "ffn_norm.weight"),
+                ffn_norm=lw["ffn_norm"],
                 w_gate_up=RepackedLinear(lib, [lw["gate"], lw["up"]], None, dtype),
                 w_down=RepackedLinear(lib, [lw["down"]], None, dtype),
-                q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
-                k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+                q_norm=lw["q_norm"],
+                k_norm=lw["k_norm"],
             )
         )
     if weights.embed is not None:
@@ -270,7 +273,7 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
         rope_freq_factors=freq_factors,
         head_rows=lambda ids: weights.head.rows(lib, ids),
     )
-    model.qkv_biases = biases
-    weights.attach(model)
+    weights.out_norm = model.output_norm
+    weights.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
     model.native = weights
     return model

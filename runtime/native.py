@@ -19,7 +19,7 @@ from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device,
 from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.kv_cache import ContiguousKVCache, SequencePool
 from ripelm.runtime.loader import check_supported, load_native_transformer, load_transformer
-from ripelm.runtime.native_decode import MAX_ROWS, NATIVE_KV_DTYPE, NativeRunner, NativeWeights, notice_once
+from ripelm.runtime.native_decode import NATIVE_KV_DTYPE, NativeRunner, NativeWeights, notice_once
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.tokenizer import Tokenizer
 
@@ -37,8 +37,9 @@ def load_native(
     gguf: GGUFFile | None,
 ) -> None:
     """Load a GGUF model onto `backend`: its path, gguf, file_guard, model, cfg, device, context, tokenizer,
-    template. A file up to COPY_AT_LOAD_MAX_BYTES is copied into memory first, so truncating it later cannot
-    fault; `file_guard.check()` before each request reports any change (see models/file_guard.py)."""
+    template. On the native step nothing of the file is kept (its weights are repacked, the file closed);
+    otherwise a file up to COPY_AT_LOAD_MAX_BYTES is copied into memory first. Either way truncating the
+    file later cannot fault, and `file_guard.check()` before each request reports any change."""
     bound_heap_growth()
     backend.path = Path(model_path)
     backend.gguf = gguf or open_gguf(backend.path)
@@ -121,7 +122,7 @@ class NativeBackend:
         t = torch.tensor(tokens, dtype=torch.long, device=self.torch_device)
         if self.runner is None:
             out = self.model(t, start, self.cache, logits_rows=logits_rows)
-        elif n <= MAX_ROWS or self.runner.prefills:
+        elif self.runner.takes(n):
             if isinstance(logits_rows, str):
                 rows = list(range(n)) if logits_rows == "all" else [n - 1]
             else:

@@ -69,7 +69,7 @@ class NativeWeights:
 
     @staticmethod
     def pack(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> NativeWeights | None:
-        """The model's matrices repacked for the native step, or None (the reason in `native_status`)."""
+        """The model's matrices repacked for the native step, or None (the reason goes to `notice_once`)."""
         global _why_not_model
         lib = native_lib.load()
         if lib is None:
@@ -81,6 +81,13 @@ class NativeWeights:
             return None
         _why_not_model = None
         w = NativeWeights(cfg=cfg, lib=lib, isa=native_lib.best_isa(lib))
+        with open(g.path, "rb", buffering=0) as f:
+            w._pack_all(g, f)
+        w.scale = cfg.head_dim**-0.5
+        return w
+
+    def _pack_all(self, g: GGUFFile, f) -> None:  # noqa: ANN001 - the open model file
+        lib, cfg, w = self.lib, self.cfg, self
 
         def pack(names: list[str]) -> Repacked:
             parts, fmts, n_total = [], set(), 0
@@ -89,7 +96,7 @@ class NativeWeights:
                 n, k = info.torch_shape
                 size = lib.rl_repacked_size(int(info.ggml_type), n, k)
                 out = np.empty(size, dtype=np.uint8)
-                raw = _read_tensor(g, name)
+                raw = _read_tensor(g, f, name)
                 if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out.ctypes.data) != 0:
                     raise ValueError(f"cannot repack {name}")
                 parts.append(out)
@@ -115,30 +122,12 @@ class NativeWeights:
             w.embed = w.head
         elif QuantType(g.tensors["token_embd.weight"].ggml_type) in NATIVE_FORMATS:
             w.embed = pack(["token_embd.weight"])
-        w.scale = cfg.head_dim**-0.5
-        return w
-
-    def attach(self, model) -> None:  # noqa: ANN001 - a Transformer
-        """Take the float vectors (norms, biases, RoPE frequencies) from the model built on these weights."""
-        for lw, block, bias in zip(self.layers, model.layers, model.qkv_biases, strict=True):
-            lw["attn_norm"] = block.attn_norm.float().contiguous()
-            lw["ffn_norm"] = block.ffn_norm.float().contiguous()
-            lw["q_norm"] = None if block.q_norm is None else block.q_norm.float().contiguous()
-            lw["k_norm"] = None if block.k_norm is None else block.k_norm.float().contiguous()
-            lw["qkv_bias"] = None if bias is None else bias.float().contiguous()
-        self.out_norm = model.output_norm.float().contiguous()
-        self.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
 
     def runner(self, cache) -> NativeRunner:  # noqa: ANN001 - a PagedKVCache
         return NativeRunner(self, cache)
 
 
 _why_not_model: str | None = None
-
-
-def native_status() -> str | None:
-    """Why the last model load did not get the native step (None if it did)."""
-    return _why_not_model
 
 
 def notice_once() -> None:
@@ -150,17 +139,16 @@ def notice_once() -> None:
     print(f"ripe: native CPU decode step not used ({_why_not_model}); decoding on torch", file=sys.stderr)
 
 
-def _read_tensor(g: GGUFFile, name: str) -> np.ndarray:
+def _read_tensor(g: GGUFFile, f, name: str) -> np.ndarray:  # noqa: ANN001 - the open model file
     """A tensor's bytes read from the file (not through the map: mapped pages would count in the process's
     memory until the map is dropped, doubling peak RSS while a model is repacked)."""
     info = g.tensors[name]
     if g.in_memory:
         return np.ascontiguousarray(g.tensor_bytes(name))
-    with open(g.path, "rb", buffering=0) as f:
-        f.seek(info.offset)
-        data = np.empty(info.nbytes, dtype=np.uint8)
-        if f.readinto(memoryview(data)) != info.nbytes:
-            raise ModelFileChangedError(f"{g.path}: the model file ended early while it was read")
+    f.seek(info.offset)
+    data = np.empty(info.nbytes, dtype=np.uint8)
+    if f.readinto(memoryview(data)) != info.nbytes:
+        raise ModelFileChangedError(f"{g.path}: the model file ended early while it was read")
     return data
 
 
@@ -173,8 +161,10 @@ def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | N
         return f"device {device.type}"
     if cfg.arch not in ("llama", "qwen2", "qwen3"):
         return f"architecture {cfg.arch}"
-    if cfg.n_heads % cfg.n_kv_heads or cfg.n_heads // cfg.n_kv_heads > 64:
+    if cfg.n_heads % cfg.n_kv_heads:
         return "attention head grouping"
+    if cfg.q_dim % 8 or cfg.kv_dim % 8:
+        return "Q/K/V widths that are not whole 8-row groups"
     if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
         return "rope dimensions"
     names = [_head_name(g, cfg)]
@@ -193,7 +183,7 @@ def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | N
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         fmts = {NATIVE_FORMATS[QuantType(g.tensors[p + f"attn_{x}.weight"].ggml_type)] for x in "qkv"}
-        if len(fmts) > 1 or cfg.q_dim % 8 or cfg.kv_dim % 8:
+        if len(fmts) > 1:
             return f"mixed Q/K/V formats in layer {i}"
     return None
 
@@ -277,6 +267,10 @@ class NativeRunner:
         bs = self.cache.block_size
         x = torch.zeros(rows, self.cfg.hidden, dtype=torch.float32)
         self._step(x, list(range(rows)), [list(range(-(-rows // bs)))] * rows, [rows - 1])
+
+    def takes(self, rows: int) -> bool:
+        """Whether a forward of this many rows runs here rather than on torch's matmuls."""
+        return rows <= MAX_ROWS or self.prefills
 
     def close(self) -> None:
         if self.handle:

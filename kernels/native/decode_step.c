@@ -42,20 +42,17 @@ typedef struct {
     int isa;
     void (*quantize)(const float *, int, int8_t *, float *, float *);
     rl_matvec_fn matvec[3];
-    void (*kv_to_float)(const uint16_t *, float *, int, int);
-    float (*dot)(const float *, const float *, int);
-    void (*axpy)(float *, float, const float *, int);
     void (*exp)(float *, int);
     void (*attn_part)(const rl_attn_args *, int, int, float *, float *, float *, float *);
 } rl_kernels;
 
 static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref, {0, rl_matvec_q4_ref, rl_matvec_q8_ref},
-                                       rl_kv_to_float_ref, rl_dot_ref, rl_axpy_ref, rl_exp_ref,
+                                       rl_exp_ref,
                                        rl_attn_part_ref};
 #if defined(__x86_64__)
 static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
                                         {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2},
-                                        rl_kv_to_float_avx2, rl_dot_avx2, rl_axpy_avx2, rl_exp_avx2,
+                                        rl_exp_avx2,
                                         rl_attn_part_avx2};
 #endif
 
@@ -103,6 +100,7 @@ typedef struct rl_model {
     int cap_rows;
     float *qkv, *tmp, *ffn_h, *part;
     int *task0;
+    float *rope; /* [rows][rope_dim / 2][cos, sin] of this step's positions */
     size_t cap_part; /* part: attention partials, see attend() */
     rl_scratch *scratch; /* one per thread */
     int n_scratch;
@@ -160,7 +158,8 @@ void rl_model_set_kv(rl_model *m, uint16_t *k_pool, uint16_t *v_pool, int64_t la
 }
 
 static void free_buffers(rl_model *m) {
-    free(m->qkv), free(m->tmp), free(m->ffn_h), free(m->part), free(m->task0);
+    free(m->qkv), free(m->tmp), free(m->ffn_h), free(m->part), free(m->task0), free(m->rope);
+    m->rope = NULL;
     m->qkv = m->tmp = m->ffn_h = m->part = NULL;
     m->task0 = NULL, m->cap_part = 0;
     for (int t = 0; t < m->n_scratch; t++) free(m->scratch[t].q), free(m->scratch[t].d), free(m->scratch[t].f);
@@ -191,8 +190,9 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
         m->tmp = malloc(sizeof(float) * r * (size_t)pad_rows(m->hidden > m->ffn ? m->hidden : m->ffn) * 2);
         m->ffn_h = malloc(sizeof(float) * r * (size_t)pad_rows(m->ffn));
         m->task0 = malloc(sizeof(int) * (r + 1));
+        m->rope = malloc(sizeof(float) * r * (size_t)(m->rope_dim / 2 + 1) * 2);
         m->scratch = calloc((size_t)nth, sizeof(rl_scratch));
-        if (!m->qkv || !m->tmp || !m->ffn_h || !m->task0 || !m->scratch) return -1;
+        if (!m->qkv || !m->tmp || !m->ffn_h || !m->task0 || !m->rope || !m->scratch) return -1;
         m->n_scratch = nth, m->cap_rows = rows;
         for (int t = 0; t < nth; t++) {
             rl_scratch *s = &m->scratch[t];
@@ -347,12 +347,6 @@ static void pool_run(rl_pool *p, rl_job job, void *ctx) {
     job(ctx, 0, p->nth);
 }
 
-void rl_shutdown(void) {
-    pthread_mutex_lock(&POOL_MU);
-    pool_stop();
-    pthread_mutex_unlock(&POOL_MU);
-}
-
 /* ---- the step ------------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -403,11 +397,23 @@ static void matvec_part(rl_model *m, const rl_matrix *w, const rl_qact *a, int r
     if (g1 > g0) m->kern->matvec[w->fmt](w, a, rows, w->k / RL_QK, out, ldo, g0, g1);
 }
 
-static void rope_head(const rl_model *m, float *v, int pos) {
+/* cos and sin of each row's position, once per step (every head of every layer uses them) */
+static void rope_tables(rl_model *m, int rows, const int32_t *pos) {
     int half = m->rope_dim / 2;
+    for (int r = 0; r < rows; r++) {
+        for (int i = 0; i < half; i++) {
+            double ang = (double)pos[r] * (double)m->inv_freq[i];
+            m->rope[((size_t)r * half + i) * 2] = (float)cos(ang);
+            m->rope[((size_t)r * half + i) * 2 + 1] = (float)sin(ang);
+        }
+    }
+}
+
+static void rope_head(const rl_model *m, float *v, int row) {
+    int half = m->rope_dim / 2;
+    const float *cs = m->rope + (size_t)row * half * 2;
     for (int i = 0; i < half; i++) {
-        double ang = (double)pos * (double)m->inv_freq[i];
-        float c = (float)cos(ang), s = (float)sin(ang);
+        float c = cs[2 * i], s = cs[2 * i + 1];
         int ia = m->neox ? i : 2 * i, ib = m->neox ? i + half : 2 * i + 1;
         float a = v[ia], b = v[ib];
         v[ia] = a * c - b * s;
@@ -441,7 +447,7 @@ static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
         int is_k = h >= m->n_heads;
         const float *nw = is_k ? L->k_norm : L->q_norm;
         if (nw) head_norm(v, nw, d, m->eps);
-        rope_head(m, v, c->pos[r]);
+        rope_head(m, v, r);
         if (is_k) {
             int kvh = h - m->n_heads;
             int64_t off = (int64_t)layer * m->layer_stride + (slot_of(c, r, c->pos[r]) * m->n_kv + kvh) * d;
@@ -582,6 +588,7 @@ int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, 
     int rc = -1;
     if (p && reserve(m, rows > n_logits ? rows : n_logits, p->nth, max_len) == 0) {
         rl_step_ctx c = {m, p, rows, x, pos, tables, max_blocks, logit_rows, n_logits, logits, h_out, m->task0};
+        rope_tables(m, rows, pos);
         c.task0[0] = 0;
         for (int r = 0; r < rows; r++) c.task0[r + 1] = c.task0[r] + m->n_kv * attn_splits_of(pos[r] + 1);
         pool_run(p, step_job, &c);

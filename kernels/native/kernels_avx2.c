@@ -152,36 +152,6 @@ AVX2 void rl_matvec_q8_avx2(const rl_matrix *w, const rl_qact *x, int rows, int 
     }
 }
 
-AVX2 void rl_kv_to_float_avx2(const uint16_t *src, float *dst, int d, int kv_f16) {
-    int i = 0;
-    for (; i + 8 <= d; i += 8) {
-        __m128i h = _mm_loadu_si128((const __m128i *)(src + i));
-        __m256 f = kv_f16 ? _mm256_cvtph_ps(h)
-                          : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        _mm256_storeu_ps(dst + i, f);
-    }
-    for (; i < d; i++) dst[i] = kv_f16 ? rl_half_to_float(src[i]) : rl_bf16_to_float(src[i]);
-}
-
-AVX2 float rl_dot_avx2(const float *a, const float *b, int d) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int i = 0;
-    for (; i + 16 <= d; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
-    }
-    float acc = hsum8(_mm256_add_ps(a0, a1));
-    for (; i < d; i++) acc += a[i] * b[i];
-    return acc;
-}
-
-AVX2 void rl_axpy_avx2(float *acc, float p, const float *v, int d) {
-    __m256 vp = _mm256_set1_ps(p);
-    int i = 0;
-    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
-    for (; i < d; i++) acc[i] += p * v[i];
-}
-
 /* exp in float32 (Cephes' polynomial; ~1 ulp), arguments clamped to the float range */
 AVX2 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));

@@ -44,13 +44,10 @@ void rl_matvec_q8_ref(const rl_matrix *, const rl_qact *, int, int, float *, int
 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s);
 void rl_matvec_q4_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
-/* KV rows: 16-bit floats (kv_f16: IEEE half, else bfloat16) to float32 */
+/* pieces of the reference attention: KV rows (kv_f16: IEEE half, else bfloat16) to float32, dot, axpy */
 void rl_kv_to_float_ref(const uint16_t *src, float *dst, int d, int kv_f16);
-void rl_kv_to_float_avx2(const uint16_t *src, float *dst, int d, int kv_f16);
 float rl_dot_ref(const float *a, const float *b, int d);
-float rl_dot_avx2(const float *a, const float *b, int d);
 void rl_axpy_ref(float *acc, float p, const float *v, int d);
-void rl_axpy_avx2(float *acc, float p, const float *v, int d);
 /* Attention of G query heads (q [G][d]) over keys k0..k1-1 of one K/V head (kbase/vbase point at that
  * head in block 0 of the layer's pool; key t lives in block table[t / bs], slot t % bs, rows key_stride
  * apart). Writes the unnormalized partial result: m[g] = max score, l[g] = sum exp(score - m[g]),
