@@ -32,7 +32,7 @@ from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 
 # GGUF types the native step reads, and the repacked format each becomes.
 NATIVE_FORMATS = {
-    QuantType.Q4_0: native_lib.FMT_Q4,
+    QuantType.Q4_0: native_lib.FMT_Q4_0,
     QuantType.Q4_1: native_lib.FMT_Q4,
     QuantType.Q8_0: native_lib.FMT_Q8,
 }

@@ -22,7 +22,7 @@ GGML = {
     "Q4_1": GGMLQuantizationType.Q4_1,
     "Q8_0": GGMLQuantizationType.Q8_0,
 }
-FMT = {"Q4_0": native_lib.FMT_Q4, "Q4_1": native_lib.FMT_Q4, "Q8_0": native_lib.FMT_Q8}
+FMT = {"Q4_0": native_lib.FMT_Q4_0, "Q4_1": native_lib.FMT_Q4, "Q8_0": native_lib.FMT_Q8}
 
 
 def _quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,8 +62,9 @@ def _random_weight(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
 @pytest.mark.parametrize("n", [64, 100])  # 100: not a multiple of the 8-row groups (padding)
-def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n):
-    k, rows = 256, 3
+@pytest.mark.parametrize("rows", [3, 9])  # 9: tiles of four activation rows and a remainder
+def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n, rows):
+    k = 256
     raw, w = _random_weight(qtype, n, k, seed=n)
     packed = np.empty(lib.rl_repacked_size(int(GGML[qtype]), n, k), np.uint8)
     assert lib.rl_repack(int(GGML[qtype]), raw.ctypes.data, n, k, packed.ctypes.data) == 0

@@ -41,17 +41,17 @@
 typedef struct {
     int isa;
     void (*quantize)(const float *, int, int8_t *, float *, float *);
-    rl_matvec_fn matvec[3];
+    rl_matvec_fn matvec[6]; /* by format id (RL_Q4, RL_Q8, RL_Q4_0) */
     void (*exp)(float *, int);
     void (*attn_part)(const rl_attn_args *, int, int, float *, float *, float *, float *);
 } rl_kernels;
 
-static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref, {0, rl_matvec_q4_ref, rl_matvec_q8_ref},
+static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref, {0, rl_matvec_q4_ref, rl_matvec_q8_ref, 0, 0, rl_matvec_q4_0_ref},
                                        rl_exp_ref,
                                        rl_attn_part_ref};
 #if defined(__x86_64__)
 static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
-                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2},
+                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2, 0, 0, rl_matvec_q4_0_avx2},
                                         rl_exp_avx2,
                                         rl_attn_part_avx2};
 #endif

@@ -22,38 +22,52 @@ void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s) {
     }
 }
 
-/* code i (0..31) of row r in an RL_Q4 group-block (see repack.c) */
-static inline int q4_code(const uint8_t *gb, int r, int i) {
+/* code i (0..31) of row r in an RL_Q4 or RL_Q4_0 group-block whose codes start at byte `at` (see repack.c) */
+static inline int q4_code(const uint8_t *gb, int at, int r, int i) {
     int v = (i & 15) / 4, t = i & 3;
-    uint8_t byte = gb[32 + 32 * v + 4 * r + t];
+    uint8_t byte = gb[at + 32 * v + 4 * r + t];
     return i < 16 ? (byte & 15) : (byte >> 4);
 }
 
-void rl_matvec_q4_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
-                      int g1) {
-    int nb = w->k / RL_QK;
+static void matvec_q4(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0, int g1,
+                      int has_m) {
+    int nb = w->k / RL_QK, bytes = has_m ? RL_Q4_GROUP_BLOCK : RL_Q4_0_GROUP_BLOCK, at = has_m ? 32 : 16;
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * RL_Q4_GROUP_BLOCK;
+        const uint8_t *base = w->data + (size_t)g * nb * bytes;
         for (int r = 0; r < rows; r++) {
             const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
             const float *xd = x->d + (size_t)r * ldx, *xs = x->s + (size_t)r * ldx;
             for (int j = 0; j < RL_ROWS; j++) {
                 float acc = 0.0f;
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *gb = base + (size_t)b * RL_Q4_GROUP_BLOCK;
+                    const uint8_t *gb = base + (size_t)b * bytes;
                     uint16_t dh, mh;
                     __builtin_memcpy(&dh, gb + 2 * j, 2);
-                    __builtin_memcpy(&mh, gb + 16 + 2 * j, 2);
+                    float d = rl_half_to_float(dh), m = -8.0f * d;
+                    if (has_m) {
+                        __builtin_memcpy(&mh, gb + 16 + 2 * j, 2);
+                        m = rl_half_to_float(mh);
+                    }
                     const int8_t *xb = xq + b * RL_QK;
                     int sum = 0;
-                    for (int i = 0; i < RL_QK; i++) sum += q4_code(gb, j, i) * xb[i];
-                    acc += rl_half_to_float(dh) * xd[b] * (float)sum + rl_half_to_float(mh) * xs[b];
+                    for (int i = 0; i < RL_QK; i++) sum += q4_code(gb, at, j, i) * xb[i];
+                    acc += d * xd[b] * (float)sum + m * xs[b];
                 }
                 int n = g * RL_ROWS + j;
                 out[(size_t)r * ldo + n] = acc + (w->bias && n < w->n ? w->bias[n] : 0.0f);
             }
         }
     }
+}
+
+void rl_matvec_q4_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                      int g1) {
+    matvec_q4(w, x, rows, ldx, out, ldo, g0, g1, 1);
+}
+
+void rl_matvec_q4_0_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                        int g1) {
+    matvec_q4(w, x, rows, ldx, out, ldo, g0, g1, 0);
 }
 
 void rl_matvec_q8_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,

@@ -6,7 +6,7 @@
 #include <stdint.h>
 
 /* Weight formats of the repacked layout (see repack.c). */
-enum { RL_Q4 = 1, RL_Q8 = 2 };
+enum { RL_Q4 = 1, RL_Q8 = 2, RL_Q4_0 = 5 };
 /* GGUF source types that repack into them (ggml type ids). */
 enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8 };
 /* Instruction-set paths, best last. */
@@ -16,9 +16,10 @@ enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
 #define RL_ROWS 8  /* output rows interleaved per group in the repacked layout (repack.c) */
 #define RL_Q4_GROUP_BLOCK 160
 #define RL_Q8_GROUP_BLOCK 272
+#define RL_Q4_0_GROUP_BLOCK 144
 
 typedef struct {
-    int fmt;             /* RL_Q4 or RL_Q8 */
+    int fmt;             /* RL_Q4, RL_Q8 or RL_Q4_0 */
     int n, k;            /* output rows (a multiple of RL_ROWS) and inputs (a multiple of RL_QK) */
     const uint8_t *data; /* n / RL_ROWS groups of k / RL_QK blocks */
     const float *bias;   /* [n] or NULL */
@@ -41,9 +42,11 @@ int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst);
 void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s);
 void rl_matvec_q4_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q4_0_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s);
 void rl_matvec_q4_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q4_0_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 /* pieces of the reference attention: KV rows (kv_f16: IEEE half, else bfloat16) to float32, dot, axpy */
 void rl_kv_to_float_ref(const uint16_t *src, float *dst, int d, int kv_f16);
 float rl_dot_ref(const float *a, const float *b, int d);
