@@ -181,43 +181,53 @@ AVX2 void rl_matvec_q4_0_avx2(const rl_matrix *w, const rl_qact *x, int rows, in
     q4_matvec(w, x, rows, ldx, out, ldo, g0, g1, 0);
 }
 
-/* Q8_0 x Q8: products of two signed bytes go through maddubs as |w| times x with w's sign */
+/* Q8_0 x Q8: products of two signed bytes go through maddubs as |w| times x with w's sign. Up to four
+ * activation rows share each weight vector and its absolute value; every row sees the same operations in
+ * the same order whatever its batch. */
+Q4_INLINE void q8_rows(const uint8_t *gb, const rl_qact *x, int r0, int n, int ldx, int b, __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const size_t xs = (size_t)ldx * RL_QK;
+    const int8_t *xb = x->q + (size_t)r0 * xs + (size_t)b * RL_QK;
+    __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int v = 0; v < 8; v++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(gb + 16 + 32 * v)), aw = _mm256_abs_epi8(wv);
+        for (int r = 0; r < n; r++) {
+            __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + r * xs + 4 * v)), wv);
+            s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
+        }
+    }
+    __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+    for (int r = 0; r < n; r++) {
+        float dx = x->d[(size_t)(r0 + r) * ldx + b];
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(d8, _mm256_set1_ps(dx)), acc[r]);
+    }
+}
+
+Q4_INLINE void q8_group(const rl_matrix *w, const uint8_t *base, const rl_qact *x, int r0, int n, int ldx, float *out,
+                        int ldo, int g) {
+    const int nb = w->k / RL_QK;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *gb = base + (size_t)b * RL_Q8_GROUP_BLOCK;
+        for (int i = 0; i < RL_Q8_GROUP_BLOCK; i += 64)
+            _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + i), _MM_HINT_T0);
+        q8_rows(gb, x, r0, n, ldx, b, acc);
+    }
+    for (int r = 0; r < n; r++) {
+        float vals[8];
+        _mm256_storeu_ps(vals, acc[r]);
+        store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
+    }
+}
+
 AVX2 void rl_matvec_q8_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
                             int g0, int g1) {
-    const int nb = w->k / RL_QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[32];
+    const size_t group = (size_t)(w->k / RL_QK) * RL_Q8_GROUP_BLOCK;
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * RL_Q8_GROUP_BLOCK;
-        for (int r0 = 0; r0 < rows; r0 += 32) {
-            int rn = rows - r0 < 32 ? rows - r0 : 32;
-            for (int r = 0; r < rn; r++) acc[r] = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *gb = base + (size_t)b * RL_Q8_GROUP_BLOCK;
-                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK), _MM_HINT_T0);
-                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 64), _MM_HINT_T0);
-                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 128), _MM_HINT_T0);
-                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 192), _MM_HINT_T0);
-                _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + 256), _MM_HINT_T0);
-                __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
-                for (int r = 0; r < rn; r++) {
-                    const int8_t *xb = x->q + ((size_t)(r0 + r) * ldx + b) * RL_QK;
-                    __m256i s32 = _mm256_setzero_si256();
-                    for (int v = 0; v < 8; v++) {
-                        __m256i wv = _mm256_loadu_si256((const __m256i *)(gb + 16 + 32 * v));
-                        __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + 4 * v)), wv);
-                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), xv), ones));
-                    }
-                    size_t xi = (size_t)(r0 + r) * ldx + b;
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[r]);
-                }
-            }
-            for (int r = 0; r < rn; r++) {
-                float vals[8];
-                _mm256_storeu_ps(vals, acc[r]);
-                store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
-            }
-        }
+        const uint8_t *base = w->data + (size_t)g * group;
+        int r = 0;
+        for (; r + 4 <= rows; r += 4) q8_group(w, base, x, r, 4, ldx, out, ldo, g);
+        for (; r < rows; r++) q8_group(w, base, x, r, 1, ldx, out, ldo, g);
     }
 }
 
