@@ -9,6 +9,7 @@ copy nor the model file stays resident.
 from __future__ import annotations
 
 import ctypes
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from ripelm.kernels.cpu_features import dense_matmul_dtype
+
+
+HUGE_PAGE = 2 << 20
+
+
+class WeightArena:
+    """Anonymous memory for repacked weights, advised for transparent huge pages.
+
+    Decode streams every weight once per token; on 4 KiB pages that is one TLB miss per page and, in a
+    VM, a two-level page walk each. Weights carved out of a few large mappings advised MADV_HUGEPAGE
+    (honored where the kernel's THP mode is `madvise` or `always`) take 2 MiB pages instead. Slices
+    are handed out in order from chunks of `chunk` bytes; untouched space at a chunk's end costs
+    address space only.
+    """
+
+    def __init__(self, chunk: int = 32 << 20):
+        self.chunk = chunk
+        self._maps: list[mmap.mmap] = []
+        self._buf: np.ndarray | None = None
+        self._at = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A fresh uint8 array of nbytes, 64-byte aligned."""
+        nbytes = int(nbytes)
+        if self._buf is None or self._at + nbytes > self._buf.size:
+            size = max(self.chunk, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    m.madvise(mmap.MADV_HUGEPAGE)
+                except OSError:  # THP compiled out: plain pages
+                    pass
+            self._maps.append(m)
+            self._buf, self._at = np.frombuffer(m, dtype=np.uint8), 0
+        out = self._buf[self._at : self._at + nbytes]
+        self._at += -(-nbytes // 64) * 64
+        return out
 
 
 @dataclass

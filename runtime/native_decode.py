@@ -22,7 +22,7 @@ from torch import nn
 
 from ripelm.kernels import native_lib
 from ripelm.kernels.cpu_features import cpu_has_bf16_matmul
-from ripelm.kernels.native_linear import Repacked
+from ripelm.kernels.native_linear import Repacked, WeightArena
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
 from ripelm.kernels.quant_types import QuantType
 from ripelm.models.config import ModelConfig
@@ -89,21 +89,21 @@ class NativeWeights:
     def _pack_all(self, g: GGUFFile, f) -> None:  # noqa: ANN001 - the open model file
         lib, cfg, w = self.lib, self.cfg, self
 
+        arena = WeightArena()
+
         def pack(names: list[str]) -> Repacked:
-            parts, fmts, n_total = [], set(), 0
-            for name in names:
-                info = g.tensors[name]
-                n, k = info.torch_shape
-                size = lib.rl_repacked_size(int(info.ggml_type), n, k)
-                out = np.empty(size, dtype=np.uint8)
-                raw = _read_tensor(g, f, name)
-                if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out.ctypes.data) != 0:
-                    raise ValueError(f"cannot repack {name}")
-                parts.append(out)
-                fmts.add(NATIVE_FORMATS[QuantType(info.ggml_type)])
-                n_total += n
+            infos = [g.tensors[name] for name in names]
+            fmts = {NATIVE_FORMATS[QuantType(info.ggml_type)] for info in infos}
             assert len(fmts) == 1
-            return Repacked(fmts.pop(), n_total, k, parts[0] if len(parts) == 1 else np.concatenate(parts))
+            sizes = [lib.rl_repacked_size(int(info.ggml_type), *info.torch_shape) for info in infos]
+            out, at = arena.take(sum(sizes)), 0
+            for name, info, size in zip(names, infos, sizes):
+                n, k = info.torch_shape
+                raw = _read_tensor(g, f, name)
+                if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out[at:].ctypes.data) != 0:
+                    raise ValueError(f"cannot repack {name}")
+                at += size
+            return Repacked(fmts.pop(), sum(info.torch_shape[0] for info in infos), k, out)
 
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
