@@ -16,7 +16,7 @@ from pathlib import Path
 
 ISA_NAMES = {0: "reference C", 1: "AVX2"}
 ISA_BY_NAME = {"ref": 0, "avx2": 1}
-FMT_Q4, FMT_Q8 = 1, 2
+FMT_Q4, FMT_Q8, FMT_T2 = 1, 2, 6  # ids 3..5: formats of other branches
 
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 _vp = ctypes.c_void_p
