@@ -1,6 +1,6 @@
 """torch modules over weights held only in the native library's repacked layout (kernels/native/repack.c).
 
-When the native decode step runs a model, its repacked int4/int8 blocks are the one copy of the weights
+When the native decode step runs a model, its repacked int4/int8/ternary blocks are the one copy of the weights
 in memory: decode reads them in C, and the torch path (prefill chunks of 32 rows and more) dequantizes a
 layer's weights from them on the fly, as it did from the file before. So neither torch's packed int4
 copy nor the model file stays resident.
@@ -21,7 +21,7 @@ from ripelm.kernels.cpu_features import dense_matmul_dtype
 
 @dataclass
 class Repacked:
-    """One matrix in the repacked layout: `fmt` (native_lib.FMT_Q4 / FMT_Q8), [n, k], its bytes."""
+    """One matrix in the repacked layout: `fmt` (native_lib.FMT_Q4 / FMT_Q8 / FMT_T2), [n, k], its bytes."""
 
     fmt: int
     n: int

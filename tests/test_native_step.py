@@ -213,6 +213,8 @@ def _backend(path, **kw):
         ("llama", "Q8_0"),
         ("qwen2", "Q4_0"),
         ("qwen3", "Q8_0"),
+        ("llama", "TQ1_0"),  # ternary projections (RL_T2), Q8_0 embedding and head (gguf_factory)
+        ("llama", "TQ2_0"),
     ],
 )
 def test_native_step_tracks_the_exact_forward(tiny_model_factory, arch, qtype):
