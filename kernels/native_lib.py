@@ -16,7 +16,7 @@ from pathlib import Path
 
 ISA_NAMES = {0: "reference C", 1: "AVX2"}
 ISA_BY_NAME = {"ref": 0, "avx2": 1}
-FMT_Q4, FMT_Q8, FMT_Q4_0 = 1, 2, 5  # repacked layouts (kernels/native/repack.c)
+FMT_Q4, FMT_Q8, FMT_Q4_0, FMT_T2 = 1, 2, 5, 6  # repacked layouts (kernels/native/repack.c)
 
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 _vp = ctypes.c_void_p

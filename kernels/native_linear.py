@@ -1,9 +1,9 @@
 """torch modules over weights held only in the native library's repacked layout (kernels/native/repack.c).
 
-When the native decode step runs a model, its repacked int4/int8 blocks are the one copy of the weights
-in memory: decode reads them in C, and the torch path (prefill chunks of 32 rows and more) dequantizes a
-layer's weights from them on the fly, as it did from the file before. So neither torch's packed int4
-copy nor the model file stays resident.
+When the native decode step runs a model, its repacked int4/int8/ternary blocks are the one copy of the
+weights in memory: decode reads them in C, and the torch path (prefill chunks of 32 rows and more)
+dequantizes a layer's weights from them on the fly, as it did from the file before. So neither torch's
+packed int4 copy nor the model file stays resident.
 """
 
 from __future__ import annotations

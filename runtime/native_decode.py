@@ -2,7 +2,10 @@
 
 `NativeWeights.pack` repacks a model's projection and head matrices once at load (from the GGUF blocks,
 see kernels/native/repack.c) when the native library is present and the model fits it: llama, qwen2 and
-qwen3 layers whose projections are Q4_0, Q4_1 or Q8_0; the repacked weights are then the model's only
+qwen3 layers whose projections are Q4_0, Q4_1 or Q8_0 (RL_Q4 / RL_Q8), or the ternary TQ1_0 or TQ2_0
+(both RL_T2: 2-bit codes t + 1, one fp16 scale per row and 256 inputs), with a head of one of those types
+(ternary models usually keep token_embd / output.weight in Q8_0 or similar; a head of a type not listed,
+F16 say, sends the whole model to the torch path); the repacked weights are then the model's only
 copy (runtime/loader.py `load_native_transformer`). `NativeWeights.runner(cache)` binds them to one
 engine's paged KV pool; `NativeRunner.forward` runs every decode step, short prefill chunks, and long
 ones too on CPUs without bf16 matrix instructions, with the GIL released. Anything else runs on the
@@ -24,7 +27,7 @@ from ripelm.kernels import native_lib
 from ripelm.kernels.cpu_features import cpu_has_bf16_matmul
 from ripelm.kernels.native_linear import Repacked, WeightArena
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
-from ripelm.kernels.quant_types import QuantType
+from ripelm.kernels.quant_types import BLOCK_LAYOUT, QuantType
 from ripelm.models.config import ModelConfig
 from ripelm.models.errors import ModelFileChangedError
 from ripelm.models.gguf_file import GGUFFile
@@ -35,6 +38,8 @@ NATIVE_FORMATS = {
     QuantType.Q4_0: native_lib.FMT_Q4_0,
     QuantType.Q4_1: native_lib.FMT_Q4,
     QuantType.Q8_0: native_lib.FMT_Q8,
+    QuantType.TQ1_0: native_lib.FMT_T2,
+    QuantType.TQ2_0: native_lib.FMT_T2,
 }
 NATIVE_KV_DTYPE = torch.float16  # llama.cpp's KV type; bfloat16 keys measurably cost agreement
 MAX_ROWS = DENSE_MIN_ROWS - 1  # rows of one native step; longer prefills take several (or torch's matmuls)
@@ -178,7 +183,7 @@ def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | N
         if qt not in NATIVE_FORMATS:
             return f"tensor type {qt.name} ({name})"
         n, k = info.torch_shape
-        if k % 32:
+        if k % BLOCK_LAYOUT[qt][0]:  # whole GGUF blocks per row (32, or 256 for K-quants and ternary)
             return f"row length {k} of {name}"
     for i in range(cfg.n_layers):
         p = f"blk.{i}."

@@ -21,8 +21,16 @@ GGML = {
     "Q4_0": GGMLQuantizationType.Q4_0,
     "Q4_1": GGMLQuantizationType.Q4_1,
     "Q8_0": GGMLQuantizationType.Q8_0,
+    "TQ1_0": GGMLQuantizationType.TQ1_0,
+    "TQ2_0": GGMLQuantizationType.TQ2_0,
 }
-FMT = {"Q4_0": native_lib.FMT_Q4_0, "Q4_1": native_lib.FMT_Q4, "Q8_0": native_lib.FMT_Q8}
+FMT = {
+    "Q4_0": native_lib.FMT_Q4_0,
+    "Q4_1": native_lib.FMT_Q4,
+    "Q8_0": native_lib.FMT_Q8,
+    "TQ1_0": native_lib.FMT_T2,
+    "TQ2_0": native_lib.FMT_T2,
+}
 
 
 def _quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,21 +67,34 @@ def _random_weight(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, n
     return raw, quants.dequantize(raw, GGML[qtype]).reshape(n, k).astype(np.float32)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
-@pytest.mark.parametrize("n", [64, 100])  # 100: not a multiple of the 8-row groups (padding)
-@pytest.mark.parametrize("rows", [3, 9])  # 9: tiles of four activation rows and a remainder
-def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n, rows):
-    k = 256
-    raw, w = _random_weight(qtype, n, k, seed=n)
+def _random_ternary_blocks(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random TQ1_0 / TQ2_0 blocks (every byte pattern is a valid code; TQ2_0's stray code 3 included) with
+    random fp16 scales, and the float32 weight gguf decodes them to."""
+    rng = np.random.default_rng(seed)
+    size = 54 if qtype == "TQ1_0" else 66
+    raw = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.1, (n, k // 256)).astype(np.float16)
+    raw[:, :, size - 2 :] = d[..., None].view(np.uint8)
+    raw = raw.reshape(n, -1)
+    return raw, quants.dequantize(raw, GGML[qtype]).reshape(n, k).astype(np.float32)
+
+
+def _matvec(isa: int, qtype: str, raw: np.ndarray, n: int, k: int, x: np.ndarray) -> np.ndarray:
     packed = np.empty(lib.rl_repacked_size(int(GGML[qtype]), n, k), np.uint8)
+    assert packed.size > 0
     assert lib.rl_repack(int(GGML[qtype]), raw.ctypes.data, n, k, packed.ctypes.data) == 0
-    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    rows = x.shape[0]
     out = np.zeros((rows, (n + 7) // 8 * 8), np.float32)
     assert (
         lib.rl_test_matvec(isa, FMT[qtype], packed.ctypes.data, n, k, x.ctypes.data, rows, out.ctypes.data)
         == isa
     )
+    return out
+
+
+def _check_exact_product(out: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    rows, k = x.shape
+    n = w.shape[0]
     q, d, _ = _quantize_act(x.reshape(-1))
     xq = (q.reshape(-1, 32).astype(np.float64) * d[:, None]).reshape(rows, k)
     exact = xq @ w.astype(np.float64).T
@@ -82,6 +103,51 @@ def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n,
     np.testing.assert_allclose(out[:, :n], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
     err = np.abs(out[:, :n] - x.astype(np.float64) @ w.T).max() / np.abs(exact).max()
     assert err < 0.02
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "TQ1_0", "TQ2_0"])
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+@pytest.mark.parametrize("n", [64, 100])  # 100: not a multiple of the 8-row groups (padding)
+@pytest.mark.parametrize("rows", [3, 9])  # 9: tiles of four activation rows and a remainder
+def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n, rows):
+    k = 512 if qtype.startswith("TQ") else 256  # ternary blocks are 256 wide: two of them
+    raw, w = _random_weight(qtype, n, k, seed=n)
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    _check_exact_product(_matvec(isa, qtype, raw, n, k, x), x, w)
+
+
+@pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+@pytest.mark.parametrize("rows", [1, 35])  # 35: more than one 32-row tile of activations
+def test_ternary_matvec_on_random_blocks(qtype, isa, rows):
+    n, k = 40, 768
+    raw, w = _random_ternary_blocks(qtype, n, k, seed=rows)
+    x = np.random.default_rng(2).standard_normal((rows, k)).astype(np.float32)
+    _check_exact_product(_matvec(isa, qtype, raw, n, k, x), x, w)
+
+
+@pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
+@pytest.mark.parametrize("source", ["quantized", "random blocks"])
+def test_ternary_repack_round_trip(qtype, source):
+    """Rows read back from the repacked layout equal the GGUF dequantization exactly (gguf's and ours)."""
+    from ripelm.kernels.dequant import dequantize
+
+    n, k = 21, 512
+    if source == "quantized":
+        raw, w = _random_weight(qtype, n, k, seed=5)
+    else:
+        raw, w = _random_ternary_blocks(qtype, n, k, seed=5)
+    assert np.array_equal(dequantize(raw, int(GGML[qtype]), (n, k)).numpy(), w)
+    packed = np.empty(lib.rl_repacked_size(int(GGML[qtype]), n, k), np.uint8)
+    assert packed.size == (n + 7) // 8 * (k // 256) * 528  # 2.06 bits per weight
+    assert lib.rl_repack(int(GGML[qtype]), raw.ctypes.data, n, k, packed.ctypes.data) == 0
+    full = np.empty((n, k), np.float32)
+    assert lib.rl_dequant(1, FMT[qtype], packed.ctypes.data, n, k, full.ctypes.data) == 0
+    assert np.array_equal(full, w)
+    ids = np.array([20, 0, 7, 8, 13], np.int64)
+    some = np.empty((ids.size, k), np.float32)
+    lib.rl_gather_rows(FMT[qtype], packed.ctypes.data, k, ids.ctypes.data, ids.size, some.ctypes.data)
+    assert np.array_equal(some, w[ids])
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
@@ -142,7 +208,15 @@ def _backend(path, **kw):
 
 @pytest.mark.parametrize(
     "arch,qtype",
-    [("llama", "Q4_0"), ("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2", "Q4_0"), ("qwen3", "Q8_0")],
+    [
+        ("llama", "Q4_0"),
+        ("llama", "Q4_1"),
+        ("llama", "Q8_0"),
+        ("qwen2", "Q4_0"),
+        ("qwen3", "Q8_0"),
+        ("llama", "TQ1_0"),  # ternary projections (RL_T2), Q8_0 embedding and head (gguf_factory)
+        ("llama", "TQ2_0"),
+    ],
 )
 def test_native_step_tracks_the_exact_forward(tiny_model_factory, arch, qtype):
     path = tiny_model_factory(arch=arch, qtype=qtype)

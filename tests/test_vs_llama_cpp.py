@@ -17,8 +17,11 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
+from ripelm.kernels import native_lib  # noqa: E402
+from ripelm.kernels.quant_types import QuantType  # noqa: E402
 from ripelm.runtime.llama_cpp_backend import LlamaCppBackend  # noqa: E402
 from ripelm.runtime.native import NativeBackend  # noqa: E402
+from ripelm.runtime.native_decode import NATIVE_FORMATS  # noqa: E402
 
 ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_text()
 
@@ -88,8 +91,11 @@ CASES = [
 CASES += [("qwen2", "Q4_0"), ("qwen2", "Q4_K"), ("qwen3", "Q4_0"), ("qwen3", "Q8_0")]
 
 
-def error_vs_exact(path: Path, n_tokens: int) -> tuple[float, float, float, float]:
-    """KL from the exact float32 forward (dequantized weights) to the native engine and to llama.cpp."""
+def error_vs_exact(
+    path: Path, n_tokens: int, native_step: bool | None = None
+) -> tuple[float, float, float, float]:
+    """KL from the exact float32 forward (dequantized weights) to the native engine and to llama.cpp.
+    `native_step`: when given, whether the engine must run the model on the native CPU step."""
     llama = LlamaCppBackend(path, n_ctx=512, n_threads=2, logits_all=True)
     tokens = llama.tokenizer.encode(ENGLISH, add_bos=False)[:n_tokens]
     theirs = torch.from_numpy(llama.teacher_forced_logits(tokens)).float()
@@ -97,6 +103,8 @@ def error_vs_exact(path: Path, n_tokens: int) -> tuple[float, float, float, floa
     exact = NativeBackend(path, device="cpu", n_ctx=512, tokenizer=llama.tokenizer, reference=True)
     ref = exact.teacher_forced_logits(tokens)
     native = NativeBackend(path, device="cpu", n_ctx=512, tokenizer=llama.tokenizer)
+    if native_step is not None:
+        assert (native.runner is not None) == native_step, native.runner
     # One token per forward, so each type's packed (int4 / split-Q8_0 / dense) decode kernels are measured.
     ours = native.teacher_forced_logits(tokens, chunk=1).float()
     (a_ours, kl_ours), (a_theirs, kl_theirs) = _argmax_kl(ours, ref), _argmax_kl(theirs, ref)
@@ -108,7 +116,10 @@ def test_tiny_models_as_close_to_exact_as_llama_cpp(tiny_model_factory, arch, qt
     # Tiny random models have many near-tied logits, so both engines are measured against the exact
     # float32 forward of the same weights: the native engine must be no further from it than llama.cpp,
     # except that its bf16 activations may cost up to 1e-3 nats where llama.cpp computes exactly (F32/F16).
-    a_ours, kl_ours, a_theirs, kl_theirs = error_vs_exact(tiny_model_factory(arch=arch, qtype=qtype), 160)
+    # the types the native step repacks (token_embd / output of TQ models are Q8_0) must run on it
+    native_step = QuantType[qtype] in NATIVE_FORMATS if native_lib.load() is not None else False
+    path = tiny_model_factory(arch=arch, qtype=qtype)
+    a_ours, kl_ours, a_theirs, kl_theirs = error_vs_exact(path, 160, native_step=native_step)
     print(
         f"\n{arch} {qtype}: vs exact fp32, native agreement {a_ours:.4f} KL {kl_ours:.5f}; "
         f"llama.cpp agreement {a_theirs:.4f} KL {kl_theirs:.5f}"

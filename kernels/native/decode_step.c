@@ -41,17 +41,18 @@
 typedef struct {
     int isa;
     void (*quantize)(const float *, int, int8_t *, float *, float *);
-    rl_matvec_fn matvec[6]; /* by format id (RL_Q4, RL_Q8, RL_Q4_0) */
+    rl_matvec_fn matvec[RL_N_FMTS]; /* by format id; 0 where this library has no such format */
     void (*exp)(float *, int);
     void (*attn_part)(const rl_attn_args *, int, int, float *, float *, float *, float *);
 } rl_kernels;
 
-static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref, {0, rl_matvec_q4_ref, rl_matvec_q8_ref, 0, 0, rl_matvec_q4_0_ref},
+static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref,
+                                       {0, rl_matvec_q4_ref, rl_matvec_q8_ref, 0, 0, rl_matvec_q4_0_ref, rl_matvec_t2_ref},
                                        rl_exp_ref,
                                        rl_attn_part_ref};
 #if defined(__x86_64__)
 static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
-                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2, 0, 0, rl_matvec_q4_0_avx2},
+                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2, 0, 0, rl_matvec_q4_0_avx2, rl_matvec_t2_avx2},
                                         rl_exp_avx2,
                                         rl_attn_part_avx2};
 #endif
@@ -673,6 +674,7 @@ int rl_test_quantize(int isa, const float *x, int k, int8_t *q, float *d, float 
 
 int rl_test_matvec(int isa, int fmt, const uint8_t *data, int n, int k, const float *x, int rows, float *out) {
     const rl_kernels *K = kernels_for(isa);
+    if (fmt < 0 || fmt >= RL_N_FMTS || !K->matvec[fmt]) return -1;
     rl_matrix w = {fmt, n, k, data, NULL};
     int nb = k / RL_QK;
     rl_qact a = {malloc((size_t)rows * k), malloc(sizeof(float) * (size_t)rows * nb),

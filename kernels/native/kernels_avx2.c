@@ -231,6 +231,66 @@ AVX2 void rl_matvec_q8_avx2(const rl_matrix *w, const rl_qact *x, int rows, int 
     }
 }
 
+/* Ternary (RL_T2, w = d c - d, codes c 0..3 in 2-bit fields): per 32 inputs two vectors hold the 8 rows'
+ * codes; a shift and a mask give each vector of 32 codes, which pairs with one broadcast activation
+ * quadruple as in the Q4 kernel. Sums stay in 16 bits within a block (8 products of at most 2 * 3 * 127).
+ * d is one per row and 256 inputs: the offset -d s_x is added once per 256, from the blocks' summed s_x. */
+AVX2 void rl_matvec_t2_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
+                            int g0, int g1) {
+    const int nb = w->k / RL_T2_QK, sub = RL_T2_QK / RL_QK;
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[32];
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *base = w->data + (size_t)g * nb * RL_T2_GROUP_BLOCK;
+        for (int r0 = 0; r0 < rows; r0 += 32) {
+            int rn = rows - r0 < 32 ? rows - r0 : 32;
+            for (int r = 0; r < rn; r++) acc[r] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *gb = base + (size_t)b * RL_T2_GROUP_BLOCK;
+                __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+                for (int s = 0; s < sub; s++) {
+                    const uint8_t *cb = gb + 16 + 64 * s;
+                    _mm_prefetch((const char *)(cb + 640), _MM_HINT_T0);
+                    __m256i v0 = _mm256_loadu_si256((const __m256i *)cb);
+                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(cb + 32));
+                    __m256i c0 = _mm256_and_si256(v0, three), c1 = _mm256_and_si256(_mm256_srli_epi16(v0, 2), three);
+                    __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), three);
+                    __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v0, 6), three);
+                    __m256i c4 = _mm256_and_si256(v1, three), c5 = _mm256_and_si256(_mm256_srli_epi16(v1, 2), three);
+                    __m256i c6 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), three);
+                    __m256i c7 = _mm256_and_si256(_mm256_srli_epi16(v1, 6), three);
+                    for (int r = 0; r < rn; r++) {
+                        size_t xi = (size_t)(r0 + r) * ldx + (size_t)b * sub + s;
+                        const int8_t *xb = x->q + xi * RL_QK;
+                        __m256i t = _mm256_maddubs_epi16(c0, _mm256_set1_epi32(load_i32(xb)));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c1, _mm256_set1_epi32(load_i32(xb + 4))));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c2, _mm256_set1_epi32(load_i32(xb + 8))));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c3, _mm256_set1_epi32(load_i32(xb + 12))));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c4, _mm256_set1_epi32(load_i32(xb + 16))));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c5, _mm256_set1_epi32(load_i32(xb + 20))));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c6, _mm256_set1_epi32(load_i32(xb + 24))));
+                        t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c7, _mm256_set1_epi32(load_i32(xb + 28))));
+                        __m256 sf = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones));
+                        acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[r]);
+                    }
+                }
+                for (int r = 0; r < rn; r++) {
+                    const float *xs = x->s + (size_t)(r0 + r) * ldx + (size_t)b * sub;
+                    float sx = 0.0f;
+                    for (int s = 0; s < sub; s++) sx += xs[s];
+                    acc[r] = _mm256_fnmadd_ps(d8, _mm256_set1_ps(sx), acc[r]);
+                }
+            }
+            for (int r = 0; r < rn; r++) {
+                float vals[8];
+                _mm256_storeu_ps(vals, acc[r]);
+                store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
+            }
+        }
+    }
+}
+
 /* exp in float32 (Cephes' polynomial; ~1 ulp), arguments clamped to the float range */
 AVX2 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));

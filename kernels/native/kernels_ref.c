@@ -96,6 +96,43 @@ void rl_matvec_q8_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, f
     }
 }
 
+/* code i (0..255) of row r in an RL_T2 group-block (see repack.c): t + 1 of the ternary weight */
+static inline int t2_code(const uint8_t *gb, int r, int i) {
+    int s = i / 32, h = (i / 16) & 1, j = (i / 4) & 3, t = i & 3;
+    return (gb[16 + 64 * s + 32 * h + 4 * r + t] >> (2 * j)) & 3;
+}
+
+/* w = d (c - 1) with one d per row and 256 inputs: each 32-input block adds d_x sum(c q) - s_x, scaled by
+ * d once per 256 */
+void rl_matvec_t2_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                      int g1) {
+    int nb = w->k / RL_T2_QK;
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *base = w->data + (size_t)g * nb * RL_T2_GROUP_BLOCK;
+        for (int r = 0; r < rows; r++) {
+            const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
+            const float *xd = x->d + (size_t)r * ldx, *xs = x->s + (size_t)r * ldx;
+            for (int j = 0; j < RL_ROWS; j++) {
+                float acc = 0.0f;
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *gb = base + (size_t)b * RL_T2_GROUP_BLOCK;
+                    uint16_t dh;
+                    __builtin_memcpy(&dh, gb + 2 * j, 2);
+                    float part = 0.0f;
+                    for (int s = 0; s < RL_T2_QK / RL_QK; s++) {
+                        int xb = b * (RL_T2_QK / RL_QK) + s, sum = 0;
+                        for (int i = 0; i < RL_QK; i++) sum += t2_code(gb, j, RL_QK * s + i) * xq[RL_QK * xb + i];
+                        part += xd[xb] * (float)sum - xs[xb];
+                    }
+                    acc += rl_half_to_float(dh) * part;
+                }
+                int n = g * RL_ROWS + j;
+                out[(size_t)r * ldo + n] = acc + (w->bias && n < w->n ? w->bias[n] : 0.0f);
+            }
+        }
+    }
+}
+
 void rl_kv_to_float_ref(const uint16_t *src, float *dst, int d, int kv_f16) {
     for (int i = 0; i < d; i++) dst[i] = kv_f16 ? rl_half_to_float(src[i]) : rl_bf16_to_float(src[i]);
 }

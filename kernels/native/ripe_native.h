@@ -6,9 +6,10 @@
 #include <stdint.h>
 
 /* Weight formats of the repacked layout (see repack.c). */
-enum { RL_Q4 = 1, RL_Q8 = 2, RL_Q4_0 = 5 };
+enum { RL_Q4 = 1, RL_Q8 = 2, RL_Q4_0 = 5, RL_T2 = 6 };
+#define RL_N_FMTS 7 /* size of the kernels' dispatch table (ids 3, 4: other formats, not here) */
 /* GGUF source types that repack into them (ggml type ids). */
-enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8 };
+enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_TQ1_0 = 34, GGML_TQ2_0 = 35 };
 /* Instruction-set paths, best last. */
 enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
 
@@ -17,10 +18,12 @@ enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
 #define RL_Q4_GROUP_BLOCK 160
 #define RL_Q8_GROUP_BLOCK 272
 #define RL_Q4_0_GROUP_BLOCK 144
+#define RL_T2_QK 256 /* RL_T2 group-blocks cover 256 inputs (the GGUF ternary block) */
+#define RL_T2_GROUP_BLOCK 528
 
 typedef struct {
-    int fmt;             /* RL_Q4, RL_Q8 or RL_Q4_0 */
-    int n, k;            /* output rows (a multiple of RL_ROWS) and inputs (a multiple of RL_QK) */
+    int fmt;             /* RL_Q4, RL_Q8, RL_Q4_0 or RL_T2 */
+    int n, k;            /* output rows (a multiple of RL_ROWS) and inputs (a multiple of RL_QK; of RL_T2_QK for RL_T2) */
     const uint8_t *data; /* n / RL_ROWS groups of k / RL_QK blocks */
     const float *bias;   /* [n] or NULL */
 } rl_matrix;
@@ -43,10 +46,12 @@ void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s);
 void rl_matvec_q4_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q4_0_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_t2_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s);
 void rl_matvec_q4_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q4_0_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_t2_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 /* pieces of the reference attention: KV rows (kv_f16: IEEE half, else bfloat16) to float32, dot, axpy */
 void rl_kv_to_float_ref(const uint16_t *src, float *dst, int d, int kv_f16);
 float rl_dot_ref(const float *a, const float *b, int d);
