@@ -334,8 +334,8 @@ AVX2 static inline __m256 kv8(const uint16_t *p, int f16) {
 #define RL_ATTN_MAX_G 16
 #define RL_ATTN_MAX_D 256
 
-/* head_dim a multiple of 8, at most 256; G at most 16 (decode_step.c checks, else the reference runs) */
-AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
+/* any head_dim that is a multiple of 8, at most 256; G at most 16 (decode_step.c checks, else the reference runs) */
+AVX2 static void attn_part_generic(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
     const int n = k1 - k0, d = a->d, G = a->G, nv = d / 8, f16 = a->kv_f16;
     __m256 kf[RL_ATTN_MAX_D / 8];
     __m256 part[RL_ATTN_MAX_G][8];
@@ -422,5 +422,111 @@ AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratc
                 for (int i = 0; i < cn; i++) _mm256_storeu_ps(acc + (size_t)(g0 + g) * d + 8 * (c + i), ac[g][i]);
         }
     }
+}
+
+/* softmax pieces of one head's scores s[0..n): m = max, l = sum exp(s - m); s becomes exp(s - m) */
+AVX2 static void softmax_part(float *s, int n, float *m, float *l) {
+    __m256 mx8 = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
+    float tmp[8], mx = -INFINITY;
+    _mm256_storeu_ps(tmp, mx8);
+    for (int z = 0; z < 8; z++) mx = tmp[z] > mx ? tmp[z] : mx;
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    __m256 vm = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+        _mm256_storeu_ps(s + i, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum8(sum8);
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    *m = mx, *l = sum;
+}
+
+/* weighted values of GN (1..3) heads over 32 dims (4 vectors) starting at vector c, in registers */
+AVX2 static inline __attribute__((always_inline)) void pv_slice(const rl_attn_args *a, const int64_t *off, int n,
+                                                                 const float *p, int g0, int GN, int c, float *acc) {
+    const int d = a->d, f16 = a->kv_f16;
+    __m256 ac[3][4];
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < 4; i++) ac[g][i] = _mm256_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        const uint16_t *vp = a->vbase + off[t] + 8 * c;
+        __m256 v0 = kv8(vp, f16), v1 = kv8(vp + 8, f16), v2 = kv8(vp + 16, f16), v3 = kv8(vp + 24, f16);
+        for (int g = 0; g < GN; g++) {
+            __m256 pg = _mm256_broadcast_ss(p + (size_t)(g0 + g) * n + t);
+            ac[g][0] = _mm256_fmadd_ps(pg, v0, ac[g][0]);
+            ac[g][1] = _mm256_fmadd_ps(pg, v1, ac[g][1]);
+            ac[g][2] = _mm256_fmadd_ps(pg, v2, ac[g][2]);
+            ac[g][3] = _mm256_fmadd_ps(pg, v3, ac[g][3]);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(acc + (size_t)(g0 + g) * d + 8 * (c + i), ac[g][i]);
+}
+
+/* The attention range for head_dim 64 (8 vectors; SmolLM2, Llama 3.2 1B, Qwen2.5 0.5B): a key's row stays
+ * in registers for all G query heads, eight keys' dot products share one horizontal reduction, and the
+ * weighted sum keeps up to three heads' accumulators for 32 dims in registers per pass over the values. */
+AVX2 static void attn_part_d64(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l,
+                               float *acc) {
+    const int n = k1 - k0, G = a->G, f16 = a->kv_f16;
+    int64_t *off = rl_offsets_in(scratch, G, n, 64);
+    rl_key_offsets(a, k0, k1, off);
+    const __m256 scale = _mm256_set1_ps(a->scale);
+    for (int t = 0; t < n && t < 16; t++) {
+        const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
+        _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
+        _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+    }
+    for (int t0 = 0; t0 < n; t0 += 8) {
+        int tn = n - t0 < 8 ? n - t0 : 8;
+        for (int g = 0; g < G; g++) {
+            const float *q = a->q + (size_t)g * 64;
+            __m256 part[8];
+            for (int j = 0; j < 8; j++) part[j] = _mm256_setzero_ps();
+            for (int j = 0; j < tn; j++) {
+                const uint16_t *kp = a->kbase + off[t0 + j];
+                __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(q), kv8(kp, f16));
+                __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), kv8(kp + 8, f16));
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), kv8(kp + 16, f16), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), kv8(kp + 24, f16), s1);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 32), kv8(kp + 32, f16), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 40), kv8(kp + 40, f16), s1);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 48), kv8(kp + 48, f16), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 56), kv8(kp + 56, f16), s1);
+                part[j] = _mm256_add_ps(s0, s1);
+            }
+            __m256 sc = _mm256_mul_ps(hsum8x8(part), scale);
+            float out[8];
+            _mm256_storeu_ps(out, sc);
+            for (int j = 0; j < tn; j++) scratch[(size_t)g * n + t0 + j] = out[j];
+        }
+        for (int j = 0; j < 8; j++) { /* the keys 16 ahead of this group of eight */
+            int t = t0 + 16 + j;
+            if (t >= n) break;
+            const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
+            _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
+            _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+        }
+    }
+    for (int g = 0; g < G; g++) softmax_part(scratch + (size_t)g * n, n, m + g, l + g);
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        int gn = G - g0 < 3 ? G - g0 : 3;
+        for (int c = 0; c < 8; c += 4) {
+            if (gn == 3) pv_slice(a, off, n, scratch, g0, 3, c, acc);
+            else if (gn == 2) pv_slice(a, off, n, scratch, g0, 2, c, acc);
+            else pv_slice(a, off, n, scratch, g0, 1, c, acc);
+        }
+    }
+}
+
+AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
+    if (a->d == 64) attn_part_d64(a, k0, k1, scratch, m, l, acc);
+    else attn_part_generic(a, k0, k1, scratch, m, l, acc);
 }
 #endif
