@@ -19,7 +19,6 @@ from torch import nn
 
 from ripelm.kernels.cpu_features import dense_matmul_dtype
 
-
 HUGE_PAGE = 2 << 20
 
 

@@ -102,7 +102,7 @@ class NativeWeights:
             assert len(fmts) == 1
             sizes = [lib.rl_repacked_size(int(info.ggml_type), *info.torch_shape) for info in infos]
             out, at = arena.take(sum(sizes)), 0
-            for name, info, size in zip(names, infos, sizes):
+            for name, info, size in zip(names, infos, sizes, strict=True):
                 n, k = info.torch_shape
                 raw = _read_tensor(g, f, name)
                 if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out[at:].ctypes.data) != 0:
