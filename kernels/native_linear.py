@@ -21,7 +21,7 @@ from ripelm.kernels.cpu_features import dense_matmul_dtype
 
 @dataclass
 class Repacked:
-    """One matrix in the repacked layout: `fmt` (native_lib.FMT_Q4 / FMT_Q8), [n, k], its bytes."""
+    """One matrix in the repacked layout: `fmt` (native_lib.FMT_Q4/Q5/Q6/Q8), [n, k], its bytes."""
 
     fmt: int
     n: int

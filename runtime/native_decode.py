@@ -2,8 +2,10 @@
 
 `NativeWeights.pack` repacks a model's projection and head matrices once at load (from the GGUF blocks,
 see kernels/native/repack.c) when the native library is present and the model fits it: llama, qwen2 and
-qwen3 layers whose projections are Q4_0, Q4_1 or Q8_0; the repacked weights are then the model's only
-copy (runtime/loader.py `load_native_transformer`). `NativeWeights.runner(cache)` binds them to one
+qwen3 layers whose projections are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K, each matrix in its
+own type (llama.cpp's Q4_K_M mixes them within a layer: Q, K and V of different types run as three
+parts of one output row); the repacked weights are then the model's only copy (runtime/loader.py
+`load_native_transformer`). `NativeWeights.runner(cache)` binds them to one
 engine's paged KV pool; `NativeRunner.forward` runs every decode step, short prefill chunks, and long
 ones too on CPUs without bf16 matrix instructions, with the GIL released. Anything else runs on the
 torch path, and `notice_once()` says why.
@@ -34,8 +36,14 @@ from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 NATIVE_FORMATS = {
     QuantType.Q4_0: native_lib.FMT_Q4,
     QuantType.Q4_1: native_lib.FMT_Q4,
+    QuantType.Q4_K: native_lib.FMT_Q4,
+    QuantType.Q5_0: native_lib.FMT_Q5,
+    QuantType.Q5_1: native_lib.FMT_Q5,
+    QuantType.Q5_K: native_lib.FMT_Q5,
+    QuantType.Q6_K: native_lib.FMT_Q6,
     QuantType.Q8_0: native_lib.FMT_Q8,
 }
+_K_QUANTS = (QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K)
 NATIVE_KV_DTYPE = torch.float16  # llama.cpp's KV type; bfloat16 keys measurably cost agreement
 MAX_ROWS = DENSE_MIN_ROWS - 1  # rows of one native step; longer prefills take several (or torch's matmuls)
 PREFILL_ROWS = 32  # rows per native step of a long prefill (the kernels' tile of activation rows)
@@ -89,39 +97,43 @@ class NativeWeights:
     def _pack_all(self, g: GGUFFile, f) -> None:  # noqa: ANN001 - the open model file
         lib, cfg, w = self.lib, self.cfg, self
 
-        def pack(names: list[str]) -> Repacked:
-            parts, fmts, n_total = [], set(), 0
-            for name in names:
-                info = g.tensors[name]
-                n, k = info.torch_shape
-                size = lib.rl_repacked_size(int(info.ggml_type), n, k)
-                out = np.empty(size, dtype=np.uint8)
-                raw = _read_tensor(g, f, name)
-                if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out.ctypes.data) != 0:
-                    raise ValueError(f"cannot repack {name}")
-                parts.append(out)
-                fmts.add(NATIVE_FORMATS[QuantType(info.ggml_type)])
-                n_total += n
-            assert len(fmts) == 1
-            return Repacked(fmts.pop(), n_total, k, parts[0] if len(parts) == 1 else np.concatenate(parts))
+        def pack(name: str) -> Repacked:
+            info = g.tensors[name]
+            n, k = info.torch_shape
+            size = lib.rl_repacked_size(int(info.ggml_type), n, k)
+            out = np.empty(size, dtype=np.uint8)
+            raw = _read_tensor(g, f, name)
+            if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out.ctypes.data) != 0:
+                raise ValueError(f"cannot repack {name}")
+            return Repacked(NATIVE_FORMATS[QuantType(info.ggml_type)], n, k, out)
+
+        def pack_side_by_side(names: list[str]) -> list[Repacked]:
+            """Matrices whose outputs share one row (Q, K, V): fused into one when their formats agree
+            (every part a whole number of 8-row groups, so the bytes just follow each other), else apart."""
+            parts = [pack(name) for name in names]
+            if len({p.fmt for p in parts}) > 1:
+                return parts
+            data = np.concatenate([p.data for p in parts])
+            return [Repacked(parts[0].fmt, sum(p.n for p in parts), parts[0].k, data)]
 
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
             w.layers.append(
                 {
-                    "qkv": pack([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
-                    "wo": pack([p + "attn_output.weight"]),
-                    "gate": pack([p + "ffn_gate.weight"]),
-                    "up": pack([p + "ffn_up.weight"]),
-                    "down": pack([p + "ffn_down.weight"]),
+                    # [fused qkv] or [q, k, v]
+                    "qkv": pack_side_by_side([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
+                    "wo": pack(p + "attn_output.weight"),
+                    "gate": pack(p + "ffn_gate.weight"),
+                    "up": pack(p + "ffn_up.weight"),
+                    "down": pack(p + "ffn_down.weight"),
                 }
             )
         head_name = _head_name(g, cfg)
-        w.head = pack([head_name])
+        w.head = pack(head_name)
         if head_name == "token_embd.weight":
             w.embed = w.head
         elif QuantType(g.tensors["token_embd.weight"].ggml_type) in NATIVE_FORMATS:
-            w.embed = pack(["token_embd.weight"])
+            w.embed = pack("token_embd.weight")
 
     def runner(self, cache) -> NativeRunner:  # noqa: ANN001 - a PagedKVCache
         return NativeRunner(self, cache)
@@ -178,14 +190,16 @@ def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | N
         if qt not in NATIVE_FORMATS:
             return f"tensor type {qt.name} ({name})"
         n, k = info.torch_shape
-        if k % 32:
+        if k % (256 if qt in _K_QUANTS else 32):  # a valid file's blocks never straddle rows
             return f"row length {k} of {name}"
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        fmts = {NATIVE_FORMATS[QuantType(g.tensors[p + f"attn_{x}.weight"].ggml_type)] for x in "qkv"}
-        if len(fmts) > 1:
-            return f"mixed Q/K/V formats in layer {i}"
     return None
+
+
+def _qkv_args(parts: list[Repacked]) -> list[int | None]:
+    """(fmt, data) of Q, K, V for rl_model_set_layer: the fused matrix with K and V absent, or each part."""
+    if len(parts) == 1:
+        return [parts[0].fmt, _ptr(parts[0].data), 0, None, 0, None]
+    return [x for p in parts for x in (p.fmt, _ptr(p.data))]
 
 
 class NativeRunner:
@@ -225,8 +239,7 @@ class NativeRunner:
                 _ptr(lw["ffn_norm"]),
                 _ptr(lw["q_norm"]),
                 _ptr(lw["k_norm"]),
-                lw["qkv"].fmt,
-                _ptr(lw["qkv"].data),
+                *_qkv_args(lw["qkv"]),
                 _ptr(lw["qkv_bias"]),
                 lw["wo"].fmt,
                 _ptr(lw["wo"].data),

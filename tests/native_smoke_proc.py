@@ -38,8 +38,9 @@ def main() -> None:
         assert lib.rl_test_matvec(isa, fmt, dst, n, k, x, rows, out) == isa
         results[name] = list(out)
     q, d, s = (ctypes.c_int8 * k)(), (ctypes.c_float * 2)(), (ctypes.c_float * 2)()
-    assert lib.rl_test_quantize(isa, x, k, q, d, s) == isa
-    results["quantize"] = list(q) + list(d) + list(s)
+    h = (ctypes.c_int32 * 4)()
+    assert lib.rl_test_quantize(isa, x, k, q, d, s, h) == isa
+    results["quantize"] = list(q) + list(d) + list(s) + list(h)
     e = (ctypes.c_float * 40)(*[-20 + i for i in range(40)])
     assert lib.rl_test_exp(isa, e, 40) == isa
     results["exp"] = [v / math.exp(-20 + i) for i, v in enumerate(e)]  # relative: ~1 everywhere
