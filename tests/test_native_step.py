@@ -303,9 +303,20 @@ def test_native_step_tracks_the_exact_forward(tiny_model_factory, arch, qtype, t
 def test_mixed_formats_a_row_computes_the_same_alone_and_in_a_batch(tiny_model_factory):
     """Rows of two sequences in one step, against each row alone, bit for bit, on a model whose Q, K and V
     are three parts of different formats (their groups split over the threads as one range)."""
-    native = _backend(tiny_model_factory(arch="qwen2", qtype="Q4_0", tensor_types=MIXED))
+    path = tiny_model_factory(arch="qwen2", qtype="Q4_0", tensor_types=MIXED)
+    native = _backend(path)
     runner = native.runner
     assert len(runner.weights.layers[0]["qkv"]) == 3
+    # the torch path's [q | k | v] weight (long prefills where the CPU multiplies bf16 in hardware) from
+    # the three parts: the file's weights exactly
+    from ripelm.kernels.dequant import dequantize
+    from ripelm.models.gguf_file import open_gguf
+
+    g = open_gguf(path)
+    infos = [g.tensors[f"blk.0.attn_{x}.weight"] for x in "qkv"]
+    parts = [dequantize(g.tensor_bytes(i.name), i.ggml_type, i.torch_shape) for i in infos]
+    g.close()
+    assert torch.equal(native.model.layers[0].wqkv.weight(), torch.cat(parts))
     ids = native.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4, add_bos=False)
     seqs = [ids[:19], ids[19:45], ids[3:10]]
     bs = runner.cache.block_size
