@@ -153,6 +153,24 @@ def test_matvec_matches_the_exact_product_of_the_rounded_operands(qtype, isa, n)
     assert not out[:, n:].any()  # padding rows are zero
 
 
+@pytest.mark.parametrize("qtype", list(FMT))
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+def test_matvec_rows_of_a_batch_equal_each_row_alone(qtype, isa):
+    """40 activation rows in one call (the kernels' tiles of 32 and a remainder), bit for bit as one each."""
+    n, k, rows = 24, 256, 40
+    raw, _ = _random_weight(qtype, n, k, seed=5)
+    packed = np.empty(lib.rl_repacked_size(int(GGML[qtype]), n, k), np.uint8)
+    assert lib.rl_repack(int(GGML[qtype]), raw.ctypes.data, n, k, packed.ctypes.data) == 0
+    x = np.random.default_rng(2).standard_normal((rows, k)).astype(np.float32)
+    out = np.zeros((rows, n), np.float32)
+    lib.rl_test_matvec(isa, FMT[qtype], packed.ctypes.data, n, k, x.ctypes.data, rows, out.ctypes.data)
+    for r in (0, 1, 31, 32, 39):
+        one = np.zeros((1, n), np.float32)
+        xr = np.ascontiguousarray(x[r : r + 1])
+        lib.rl_test_matvec(isa, FMT[qtype], packed.ctypes.data, n, k, xr.ctypes.data, 1, one.ctypes.data)
+        assert np.array_equal(one[0], out[r])
+
+
 @pytest.mark.parametrize("qtype", ["Q5_K", "Q6_K"])
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
 def test_matvec_holds_the_largest_codes_and_activations(qtype, isa):
