@@ -303,11 +303,14 @@ def test_native_step_tracks_the_exact_forward(tiny_model_factory, arch, qtype, t
     one = native.teacher_forced_logits(tokens, chunk=1)  # decode: one row per step
     few = native.teacher_forced_logits(tokens, chunk=7)  # several rows of one sequence per step
     many = native.teacher_forced_logits(tokens, chunk=64)  # a prefill longer than one native step
+    prefills, native.runner.prefills = native.runner.prefills, False
+    dense = native.teacher_forced_logits(tokens, chunk=64)  # torch's matmuls over the repacked weights
+    native.runner.prefills = prefills
     # Argmax agreement where the exact top two are not near-tied: a tiny random model has many near ties
     # (the Q4_K one: 13% of positions within 0.05), which the int8 activations' rounding flips either way.
     top2 = ref.topk(2, -1).values
     decisive = top2[:, 0] - top2[:, 1] > 0.1
-    for ours in (one, few, many):
+    for ours in (one, few, many, dense):
         lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
         kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
         assert kl < 5e-3, kl
