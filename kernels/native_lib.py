@@ -16,7 +16,8 @@ from pathlib import Path
 
 ISA_NAMES = {0: "reference C", 1: "AVX2"}
 ISA_BY_NAME = {"ref": 0, "avx2": 1}
-FMT_Q4, FMT_Q8, FMT_Q4_0, FMT_T2 = 1, 2, 5, 6  # repacked layouts (kernels/native/repack.c)
+# repacked formats (kernels/native/repack.c)
+FMT_Q4, FMT_Q8, FMT_Q5, FMT_Q6, FMT_Q4_0, FMT_T2 = 1, 2, 3, 4, 5, 6
 
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 _vp = ctypes.c_void_p
@@ -69,25 +70,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     f.argtypes = [_i, _i, _i, _i, _i, _i, _i, _i, ctypes.c_float, ctypes.c_float, _vp]
     lib.rl_model_set_isa.argtypes = [_vp, _i]
     lib.rl_model_set_isa.restype = _i
-    lib.rl_model_set_layer.argtypes = [
-        _vp,
-        _i,
-        _vp,
-        _vp,
-        _vp,
-        _vp,
-        _i,
-        _vp,
-        _vp,
-        _i,
-        _vp,
-        _i,
-        _vp,
-        _i,
-        _vp,
-        _i,
-        _vp,
-    ]
+    # (model, layer, attn_norm, ffn_norm, q_norm, k_norm, then (fmt, data) of q, k, v, the qkv bias, then
+    # (fmt, data) of wo, gate, up, down)
+    lib.rl_model_set_layer.argtypes = [_vp, _i, _vp, _vp, _vp, _vp, *[_i, _vp] * 3, _vp, *[_i, _vp] * 4]
     lib.rl_model_set_layer.restype = None
     lib.rl_model_set_head.argtypes = [_vp, _vp, _i, _i, _vp]
     lib.rl_model_set_head.restype = None
@@ -101,11 +86,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rl_repacked_size.restype = ctypes.c_size_t
     lib.rl_repack.argtypes = [_i, _vp, _i, _i, _vp]
     lib.rl_repack.restype = _i
+    lib.rl_format_of.argtypes = [_i]
+    lib.rl_format_of.restype = _i
     lib.rl_cpu_best_isa.argtypes = []
     lib.rl_cpu_best_isa.restype = _i
     lib.rl_isa_available.argtypes = [_i]
     lib.rl_isa_available.restype = _i
-    lib.rl_test_quantize.argtypes = [_i, _vp, _i, _vp, _vp, _vp]
+    lib.rl_test_quantize.argtypes = [_i, _vp, _i, _vp, _vp, _vp, _vp]
     lib.rl_test_quantize.restype = _i
     lib.rl_test_matvec.argtypes = [_i, _i, _vp, _i, _i, _vp, _i, _vp]
     lib.rl_test_matvec.restype = _i

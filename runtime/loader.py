@@ -241,7 +241,7 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
         layers.append(
             LayerWeights(
                 attn_norm=lw["attn_norm"],
-                wqkv=RepackedLinear(lib, [lw["qkv"]], lw["qkv_bias"], dtype),
+                wqkv=RepackedLinear(lib, lw["qkv"], lw["qkv_bias"], dtype),
                 wo=RepackedLinear(lib, [lw["wo"]], None, dtype),
                 ffn_norm=lw["ffn_norm"],
                 w_gate_up=RepackedLinear(lib, [lw["gate"], lw["up"]], None, dtype),

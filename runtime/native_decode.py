@@ -2,12 +2,12 @@
 
 `NativeWeights.pack` repacks a model's projection and head matrices once at load (from the GGUF blocks,
 see kernels/native/repack.c) when the native library is present and the model fits it: llama, qwen2 and
-qwen3 layers whose projections are Q4_0, Q4_1 or Q8_0 (RL_Q4 / RL_Q8), or the ternary TQ1_0 or TQ2_0
-(both RL_T2: 2-bit codes t + 1, one fp16 scale per row and 256 inputs), with a head of one of those types
-(ternary models usually keep token_embd / output.weight in Q8_0 or similar; a head of a type not listed,
-F16 say, sends the whole model to the torch path); the repacked weights are then the model's only
-copy (runtime/loader.py `load_native_transformer`). `NativeWeights.runner(cache)` binds them to one
-engine's paged KV pool; `NativeRunner.forward` runs every decode step, short prefill chunks, and long
+qwen3 layers whose projections are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or the ternary TQ1_0
+and TQ2_0, each matrix in its own type (llama.cpp's Q4_K_M mixes them within a layer: Q, K and V of
+different types run as three parts of one output row), with a head of one of those types (a head of a
+type not listed, F16 say, sends the whole model to the torch path); the repacked weights are then the
+model's only copy (runtime/loader.py `load_native_transformer`). `NativeWeights.runner(cache)` binds them
+to one engine's paged KV pool; `NativeRunner.forward` runs every decode step, short prefill chunks, and long
 ones too on CPUs without bf16 matrix instructions, with the GIL released. Anything else runs on the
 torch path, and `notice_once()` says why.
 """
@@ -37,6 +37,11 @@ from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 NATIVE_FORMATS = {
     QuantType.Q4_0: native_lib.FMT_Q4_0,
     QuantType.Q4_1: native_lib.FMT_Q4,
+    QuantType.Q4_K: native_lib.FMT_Q4,
+    QuantType.Q5_0: native_lib.FMT_Q5,
+    QuantType.Q5_1: native_lib.FMT_Q5,
+    QuantType.Q5_K: native_lib.FMT_Q5,
+    QuantType.Q6_K: native_lib.FMT_Q6,
     QuantType.Q8_0: native_lib.FMT_Q8,
     QuantType.TQ1_0: native_lib.FMT_T2,
     QuantType.TQ2_0: native_lib.FMT_T2,
@@ -96,7 +101,9 @@ class NativeWeights:
 
         arena = WeightArena()
 
-        def pack(names: list[str]) -> Repacked:
+        def pack_into_one(names: list[str]) -> Repacked:
+            """Tensors of one format whose outputs share a row (Q, K, V), repacked into one arena slice one
+            after the other (every part a whole number of 8-row groups); or one tensor alone."""
             infos = [g.tensors[name] for name in names]
             fmts = {NATIVE_FORMATS[QuantType(info.ggml_type)] for info in infos}
             assert len(fmts) == 1
@@ -110,23 +117,34 @@ class NativeWeights:
                 at += size
             return Repacked(fmts.pop(), sum(info.torch_shape[0] for info in infos), k, out)
 
+        def pack(name: str) -> Repacked:
+            return pack_into_one([name])
+
+        def pack_side_by_side(names: list[str]) -> list[Repacked]:
+            """Matrices whose outputs share one row (Q, K, V): fused into one when their formats agree,
+            else apart."""
+            if len({NATIVE_FORMATS[QuantType(g.tensors[name].ggml_type)] for name in names}) > 1:
+                return [pack(name) for name in names]
+            return [pack_into_one(names)]
+
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
             w.layers.append(
                 {
-                    "qkv": pack([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
-                    "wo": pack([p + "attn_output.weight"]),
-                    "gate": pack([p + "ffn_gate.weight"]),
-                    "up": pack([p + "ffn_up.weight"]),
-                    "down": pack([p + "ffn_down.weight"]),
+                    # [fused qkv] or [q, k, v]
+                    "qkv": pack_side_by_side([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
+                    "wo": pack(p + "attn_output.weight"),
+                    "gate": pack(p + "ffn_gate.weight"),
+                    "up": pack(p + "ffn_up.weight"),
+                    "down": pack(p + "ffn_down.weight"),
                 }
             )
         head_name = _head_name(g, cfg)
-        w.head = pack([head_name])
+        w.head = pack(head_name)
         if head_name == "token_embd.weight":
             w.embed = w.head
         elif QuantType(g.tensors["token_embd.weight"].ggml_type) in NATIVE_FORMATS:
-            w.embed = pack(["token_embd.weight"])
+            w.embed = pack("token_embd.weight")
 
     def runner(self, cache) -> NativeRunner:  # noqa: ANN001 - a PagedKVCache
         return NativeRunner(self, cache)
@@ -185,12 +203,14 @@ def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | N
         n, k = info.torch_shape
         if k % BLOCK_LAYOUT[qt][0]:  # whole GGUF blocks per row (32, or 256 for K-quants and ternary)
             return f"row length {k} of {name}"
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        fmts = {NATIVE_FORMATS[QuantType(g.tensors[p + f"attn_{x}.weight"].ggml_type)] for x in "qkv"}
-        if len(fmts) > 1:
-            return f"mixed Q/K/V formats in layer {i}"
     return None
+
+
+def _qkv_args(parts: list[Repacked]) -> list[int | None]:
+    """(fmt, data) of Q, K, V for rl_model_set_layer: the fused matrix with K and V absent, or each part."""
+    if len(parts) == 1:
+        return [parts[0].fmt, _ptr(parts[0].data), 0, None, 0, None]
+    return [x for p in parts for x in (p.fmt, _ptr(p.data))]
 
 
 class NativeRunner:
@@ -230,8 +250,7 @@ class NativeRunner:
                 _ptr(lw["ffn_norm"]),
                 _ptr(lw["q_norm"]),
                 _ptr(lw["k_norm"]),
-                lw["qkv"].fmt,
-                _ptr(lw["qkv"].data),
+                *_qkv_args(lw["qkv"]),
                 _ptr(lw["qkv_bias"]),
                 lw["wo"].fmt,
                 _ptr(lw["wo"].data),

@@ -44,7 +44,8 @@ from ripelm.models.store import bundled_model_path
 
 ARCHES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 QTYPES: tuple[str, ...] = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0", "IQ4_NL",
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0",
+    "IQ4_NL",
 )  # fmt: skip
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,6 +57,8 @@ _FILE_TYPES: dict[str, LlamaFileType] = {
     "Q8_0": LlamaFileType.MOSTLY_Q8_0,
     "Q4_0": LlamaFileType.MOSTLY_Q4_0,
     "Q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": LlamaFileType.MOSTLY_Q5_1,
     "TQ1_0": LlamaFileType.MOSTLY_TQ1_0,
     "TQ2_0": LlamaFileType.MOSTLY_TQ2_0,
 }
@@ -314,6 +317,7 @@ def _write_gguf(
     rope_theta: float,
     norm_eps: float,
     vocab_from: Path,
+    tensor_types: dict[str, str] | None = None,
 ) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_type("model")
@@ -342,6 +346,8 @@ def _write_gguf(
             writer.add_tensor(tname, data)
             continue
         tq = _embd_qtype(qtype) if tname in ("token_embd.weight", "output.weight") else qtype
+        if tname.startswith("blk.") and tensor_types:
+            tq = tensor_types.get(tname.split(".")[-2], tq)
         arr, raw_dtype = _encode(data, tq)
         writer.add_tensor(tname, arr, raw_dtype=raw_dtype)
 
@@ -395,6 +401,7 @@ def build_tiny_model(
     seed: int = 0,
     norm_eps: float = 1e-5,
     vocab_from: str | os.PathLike[str] | None = None,
+    tensor_types: tuple[tuple[str, str], ...] = (),
 ) -> Path:
     """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
 
@@ -402,10 +409,15 @@ def build_tiny_model(
     ``head_dim`` defaults to ``hidden // n_heads``. Block-quantized types need every matrix row (the input
     dimension: hidden, ffn, n_heads * head_dim) to be a multiple of the block size (32, or 256 for the
     K-quants and TQ types); for the K-quants llama.cpp falls back to another type instead of failing.
+    ``tensor_types``: (kind, type) pairs, e.g. ("attn_v", "Q8_0"), giving every layer's ``blk.N.<kind>``
+    matrix its own type (types the gguf package quantizes; a mix within a layer as llama.cpp's Q4_K_M
+    makes).
     """
     if arch not in ARCHES:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHES}")
     route = quantizer_path(qtype)
+    if tensor_types and route != "gguf":
+        raise ValueError("tensor_types needs a base qtype the gguf package quantizes")
     if head_dim is None:
         if hidden % n_heads:
             raise ValueError(f"hidden={hidden} is not divisible by n_heads={n_heads}; pass head_dim")
@@ -431,7 +443,7 @@ def build_tiny_model(
     partial = path.with_name(path.name + ".partial")
     try:
         if route == "gguf":
-            _write_gguf(partial, tensors, qtype=qtype, **meta)
+            _write_gguf(partial, tensors, qtype=qtype, tensor_types=dict(tensor_types), **meta)
         else:
             f32 = path.with_name(path.name + ".f32.partial")
             try:

@@ -20,26 +20,37 @@ def half(x: float) -> bytes:
 def main() -> None:
     lib = ctypes.CDLL(sys.argv[1])
     isa = lib.rl_cpu_best_isa() if sys.argv[2] == "best" else int(sys.argv[2])
-    n, k, rows = 16, 64, 2
+    n, k, rows = 16, 256, 2
     x = (ctypes.c_float * (rows * k))(*[math.sin(0.37 * i) * (1 + i % 7) for i in range(rows * k)])
     results: dict[str, list[float]] = {}
-    for name, gguf_type, fmt, block in (("q4_1", 3, 1, 20), ("q4_0", 2, 1, 18), ("q8_0", 8, 2, 34)):
+    # (name, ggml type, repacked format, block bytes, weights per block, offsets of its fp16 scales)
+    formats = (
+        ("q4_1", 3, 1, 20, 32, (0, 2)),
+        ("q4_0", 2, 5, 18, 32, (0,)),
+        ("q8_0", 8, 2, 34, 32, (0,)),
+        ("q5_0", 6, 3, 22, 32, (0,)),
+        ("q4_k", 12, 1, 144, 256, (0, 2)),
+        ("q6_k", 14, 4, 210, 256, (208,)),
+        ("tq2_0", 35, 6, 66, 256, (64,)),
+    )
+    for name, gguf_type, fmt, block, per_block, halves in formats:
         raw = bytearray()
-        for i in range(n * k // 32):
-            raw += half(0.01 + 0.001 * (i % 5))
-            if block == 20:
-                raw += half(-0.05 + 0.01 * (i % 3))
-            raw += bytes((37 * i + 11 * j) % 256 for j in range(block - (4 if block == 20 else 2)))
+        for i in range(n * k // per_block):
+            blk = bytearray((37 * i + 11 * j) % 256 for j in range(block))
+            for at in halves:  # finite scales (arbitrary bytes could be inf or NaN)
+                blk[at : at + 2] = half(0.01 + 0.001 * (i % 5))
+            raw += blk
         src = (ctypes.c_uint8 * len(raw)).from_buffer(raw)
         size = lib.rl_repacked_size(gguf_type, n, k)
         dst = (ctypes.c_uint8 * size)()
-        assert lib.rl_repack(gguf_type, src, n, k, dst) == 0
+        assert lib.rl_repack(gguf_type, src, n, k, dst) == 0, name
         out = (ctypes.c_float * (rows * n))()
-        assert lib.rl_test_matvec(isa, fmt, dst, n, k, x, rows, out) == isa
+        assert lib.rl_test_matvec(isa, fmt, dst, n, k, x, rows, out) == isa, name
         results[name] = list(out)
-    q, d, s = (ctypes.c_int8 * k)(), (ctypes.c_float * 2)(), (ctypes.c_float * 2)()
-    assert lib.rl_test_quantize(isa, x, k, q, d, s) == isa
-    results["quantize"] = list(q) + list(d) + list(s)
+    q, d, s = (ctypes.c_int8 * k)(), (ctypes.c_float * (k // 32))(), (ctypes.c_float * (k // 32))()
+    h = (ctypes.c_int32 * (k // 16))()
+    assert lib.rl_test_quantize(isa, x, k, q, d, s, h) == isa
+    results["quantize"] = list(q) + list(d) + list(s) + list(h)
     e = (ctypes.c_float * 40)(*[-20 + i for i in range(40)])
     assert lib.rl_test_exp(isa, e, 40) == isa
     results["exp"] = [v / math.exp(-20 + i) for i, v in enumerate(e)]  # relative: ~1 everywhere

@@ -13,7 +13,10 @@ from ripelm.models.synthetic import SHAPES, build_synthetic
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_synthetic_model_loads_and_runs_on_both_engines(tmp_path, bundled_model_path, name):
-    path = build_synthetic(name, tmp_path / f"{name}.gguf", bundled_model_path, n_layers=1)
+    # Q4_K_M in two layers: layer 0 mixes types (Q5_0 Q/K beside a Q8_0 V, a Q6_K ffn_down), layer 1 has
+    # one type for Q/K/V and a Q4_K ffn_down
+    layers = 2 if name.endswith("q4_k_m") else 1
+    path = build_synthetic(name, tmp_path / f"{name}.gguf", bundled_model_path, n_layers=layers)
     g = open_gguf(path)  # our validator: every tensor's type, shape and size agree
     shape = SHAPES[name]
     assert g.metadata[f"{shape.arch}.embedding_length"] == shape.hidden
@@ -21,11 +24,14 @@ def test_synthetic_model_loads_and_runs_on_both_engines(tmp_path, bundled_model_
     g.close()
     assert types == {int(shape.types("attn_q", 0)), int(shape.types("ffn_down", 0))}
 
+    from ripelm.runtime import native_decode
     from ripelm.runtime.llama_cpp_backend import LlamaCppBackend
     from ripelm.runtime.native import NativeBackend
 
     native = NativeBackend(path, device="cpu", n_ctx=128)
-    assert (native.runner is not None) == (name == "llama-1b-q4_0")  # K-quants are not native yet
+    # every shape runs on the native CPU step (no "native CPU decode step not used" notice)
+    assert native.runner is not None, native_decode._why_not_model
+    assert native_decode._why_not_model is None
     ids = native.tokenizer.encode("The lighthouse keeper wrote", add_bos=False)
     ours = native.teacher_forced_logits(ids, chunk=1)
     assert torch.isfinite(ours).all()

@@ -40,19 +40,21 @@
 
 typedef struct {
     int isa;
-    void (*quantize)(const float *, int, int8_t *, float *, float *);
-    rl_matvec_fn matvec[RL_N_FMTS]; /* by format id; 0 where this library has no such format */
+    rl_quantize_fn quantize;
+    rl_matvec_fn matvec[RL_N_FMT]; /* by format id (ripe_native.h); 0: none */
     void (*exp)(float *, int);
     void (*attn_part)(const rl_attn_args *, int, int, float *, float *, float *, float *);
 } rl_kernels;
 
 static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref,
-                                       {0, rl_matvec_q4_ref, rl_matvec_q8_ref, 0, 0, rl_matvec_q4_0_ref, rl_matvec_t2_ref},
+                                       {0, rl_matvec_q4_ref, rl_matvec_q8_ref, rl_matvec_q5_ref, rl_matvec_q6_ref,
+                                        rl_matvec_q4_0_ref, rl_matvec_t2_ref},
                                        rl_exp_ref,
                                        rl_attn_part_ref};
 #if defined(__x86_64__)
 static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
-                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2, 0, 0, rl_matvec_q4_0_avx2, rl_matvec_t2_avx2},
+                                        {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2, rl_matvec_q5_avx2,
+                                         rl_matvec_q6_avx2, rl_matvec_q4_0_avx2, rl_matvec_t2_avx2},
                                         rl_exp_avx2,
                                         rl_attn_part_avx2};
 #endif
@@ -77,12 +79,16 @@ static const rl_kernels *kernels_for(int isa) {
 
 typedef struct {
     const float *attn_norm, *ffn_norm, *q_norm, *k_norm;
-    rl_matrix qkv, wo, gate, up, down;
+    /* the [q | k | v] projection: one fused matrix when Q, K and V share a format, else three parts */
+    rl_matrix qkv[3];
+    int n_qkv;
+    rl_matrix wo, gate, up, down;
 } rl_layer;
 
 typedef struct {
     int8_t *q;
     float *d, *s, *f; /* f: float scratch (a normed row, a head's scores) */
+    int32_t *h;
     size_t cap_q, cap_f;
 } rl_scratch;
 
@@ -133,14 +139,24 @@ static void set_matrix(rl_matrix *dst, int fmt, int n, int k, const uint8_t *dat
     dst->fmt = fmt, dst->n = n, dst->k = k, dst->data = data, dst->bias = bias;
 }
 
+/* q: the fused [q | k | v] matrix when k and v are NULL, else Q alone beside K and V (formats may differ);
+ * qkv_bias: [q | k | v] or NULL */
 void rl_model_set_layer(rl_model *m, int i, const float *attn_norm, const float *ffn_norm, const float *q_norm,
-                        const float *k_norm, int qkv_fmt, const uint8_t *qkv, const float *qkv_bias, int wo_fmt,
-                        const uint8_t *wo, int gate_fmt, const uint8_t *gate, int up_fmt, const uint8_t *up,
-                        int down_fmt, const uint8_t *down) {
+                        const float *k_norm, int q_fmt, const uint8_t *q, int k_fmt, const uint8_t *k, int v_fmt,
+                        const uint8_t *v, const float *qkv_bias, int wo_fmt, const uint8_t *wo, int gate_fmt,
+                        const uint8_t *gate, int up_fmt, const uint8_t *up, int down_fmt, const uint8_t *down) {
     rl_layer *L = &m->layers[i];
     int qs = m->n_heads * m->head_dim, kvs = m->n_kv * m->head_dim;
     L->attn_norm = attn_norm, L->ffn_norm = ffn_norm, L->q_norm = q_norm, L->k_norm = k_norm;
-    set_matrix(&L->qkv, qkv_fmt, qs + 2 * kvs, m->hidden, qkv, qkv_bias);
+    if (!k || !v) {
+        L->n_qkv = 1;
+        set_matrix(&L->qkv[0], q_fmt, qs + 2 * kvs, m->hidden, q, qkv_bias);
+    } else {
+        L->n_qkv = 3;
+        set_matrix(&L->qkv[0], q_fmt, qs, m->hidden, q, qkv_bias);
+        set_matrix(&L->qkv[1], k_fmt, kvs, m->hidden, k, qkv_bias ? qkv_bias + qs : NULL);
+        set_matrix(&L->qkv[2], v_fmt, kvs, m->hidden, v, qkv_bias ? qkv_bias + qs + kvs : NULL);
+    }
     set_matrix(&L->wo, wo_fmt, m->hidden, qs, wo, NULL);
     set_matrix(&L->gate, gate_fmt, m->ffn, m->hidden, gate, NULL);
     set_matrix(&L->up, up_fmt, m->ffn, m->hidden, up, NULL);
@@ -163,7 +179,8 @@ static void free_buffers(rl_model *m) {
     m->rope = NULL;
     m->qkv = m->tmp = m->ffn_h = m->part = NULL;
     m->task0 = NULL, m->cap_part = 0;
-    for (int t = 0; t < m->n_scratch; t++) free(m->scratch[t].q), free(m->scratch[t].d), free(m->scratch[t].f);
+    for (int t = 0; t < m->n_scratch; t++)
+        free(m->scratch[t].q), free(m->scratch[t].d), free(m->scratch[t].h), free(m->scratch[t].f);
     free(m->scratch);
     m->scratch = NULL, m->n_scratch = 0, m->cap_rows = 0;
 }
@@ -200,7 +217,8 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
             s->cap_q = r * (size_t)widest(m);
             s->q = malloc(s->cap_q);
             s->d = malloc(sizeof(float) * 2 * (s->cap_q / RL_QK + 1));
-            if (!s->q || !s->d) return -1;
+            s->h = malloc(sizeof(int32_t) * 2 * (s->cap_q / RL_QK + 1));
+            if (!s->q || !s->d || !s->h) return -1;
             s->s = s->d + s->cap_q / RL_QK + 1;
         }
     }
@@ -378,7 +396,7 @@ static void rms_norm_row(const float *x, const float *w, int n, float eps, float
 
 /* norm (if w) and quantize `rows` rows of x [rows, k] into this thread's scratch */
 static rl_qact quantize_rows(rl_model *m, rl_scratch *s, const float *x, int ldx, int rows, int k, const float *w) {
-    rl_qact a = {s->q, s->d, s->s};
+    rl_qact a = {s->q, s->d, s->s, s->h};
     float *tmp = s->f + (s->cap_f - (size_t)widest(m) - 32);
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * ldx;
@@ -386,7 +404,8 @@ static rl_qact quantize_rows(rl_model *m, rl_scratch *s, const float *x, int ldx
             rms_norm_row(xr, w, k, m->eps, tmp);
             xr = tmp;
         }
-        m->kern->quantize(xr, k, a.q + (size_t)r * k, a.d + (size_t)r * (k / RL_QK), a.s + (size_t)r * (k / RL_QK));
+        m->kern->quantize(xr, k, a.q + (size_t)r * k, a.d + (size_t)r * (k / RL_QK), a.s + (size_t)r * (k / RL_QK),
+                          a.h + (size_t)r * (k / RL_QK) * 2);
     }
     return a;
 }
@@ -396,6 +415,26 @@ static void matvec_part(rl_model *m, const rl_matrix *w, const rl_qact *a, int r
     int g0, g1;
     split(pad_rows(w->n) / RL_ROWS, tid, nth, &g0, &g1);
     if (g1 > g0) m->kern->matvec[w->fmt](w, a, rows, w->k / RL_QK, out, ldo, g0, g1);
+}
+
+/* matrices side by side in one output row (Q, K and V of different formats): their 8-row groups are split
+ * over the threads as one range, so the work stays balanced; a part's columns start where the last ended
+ * (each part but the last a whole number of groups) */
+static void matvec_parts(rl_model *m, const rl_matrix *w, int n_parts, const rl_qact *a, int rows, float *out, int ldo,
+                         int tid, int nth) {
+    if (n_parts == 1) {
+        matvec_part(m, w, a, rows, out, ldo, tid, nth);
+        return;
+    }
+    int total = 0, g0, g1, first = 0, col = 0;
+    for (int p = 0; p < n_parts; p++) total += pad_rows(w[p].n) / RL_ROWS;
+    split(total, tid, nth, &g0, &g1);
+    for (int p = 0; p < n_parts; p++) {
+        int groups = pad_rows(w[p].n) / RL_ROWS;
+        int a0 = (g0 > first ? g0 : first) - first, a1 = (g1 < first + groups ? g1 : first + groups) - first;
+        if (a1 > a0) m->kern->matvec[w[p].fmt](&w[p], a, rows, w[p].k / RL_QK, out + col, ldo, a0, a1);
+        first += groups, col += w[p].n;
+    }
 }
 
 /* cos and sin of each row's position, once per step (every head of every layer uses them) */
@@ -525,7 +564,7 @@ static void step_job(void *arg, int tid, int nth) {
     for (int l = 0; l < m->n_layers; l++) {
         const rl_layer *L = &m->layers[l];
         rl_qact a = quantize_rows(m, s, c->x, H, B, H, L->attn_norm);
-        matvec_part(m, &L->qkv, &a, B, m->qkv, qkv_n, tid, nth);
+        matvec_parts(m, L->qkv, L->n_qkv, &a, B, m->qkv, qkv_n, tid, nth);
         barrier(p);
         rope_and_store(c, l, tid, nth);
         barrier(p);
@@ -568,10 +607,10 @@ static void step_job(void *arg, int tid, int nth) {
         for (int j = 0; j < c->n_logits; j++)
             rms_norm_row(c->x + (size_t)c->logit_rows[j] * H, m->out_norm, H, m->eps, normed + (size_t)j * H);
         if (tid == 0 && c->h_out) memcpy(c->h_out, normed, sizeof(float) * (size_t)c->n_logits * H);
-        rl_qact a = {s->q, s->d, s->s};
+        rl_qact a = {s->q, s->d, s->s, s->h};
         for (int j = 0; j < c->n_logits; j++)
             m->kern->quantize(normed + (size_t)j * H, H, a.q + (size_t)j * H, a.d + (size_t)j * (H / RL_QK),
-                              a.s + (size_t)j * (H / RL_QK));
+                              a.s + (size_t)j * (H / RL_QK), a.h + (size_t)j * (H / RL_QK) * 2);
         matvec_part(m, &m->head, &a, c->n_logits, c->logits, pad_rows(m->head.n), tid, nth);
     }
     barrier(p);
@@ -640,10 +679,10 @@ static void head_job(void *arg, int tid, int nth) {
     rl_model *m = c->m;
     rl_scratch *s = &m->scratch[tid];
     int H = m->hidden;
-    rl_qact a = {s->q, s->d, s->s};
+    rl_qact a = {s->q, s->d, s->s, s->h};
     for (int j = 0; j < c->rows; j++)
         m->kern->quantize(c->h + (size_t)j * H, H, a.q + (size_t)j * H, a.d + (size_t)j * (H / RL_QK),
-                          a.s + (size_t)j * (H / RL_QK));
+                          a.s + (size_t)j * (H / RL_QK), a.h + (size_t)j * (H / RL_QK) * 2);
     matvec_part(m, &m->head, &a, c->rows, c->logits, pad_rows(m->head.n), tid, nth);
     barrier(POOL);
 }
@@ -666,24 +705,25 @@ int rl_head(rl_model *m, int n_threads, int rows, const float *h, float *logits)
 
 int rl_isa_available(int isa) { return isa <= rl_cpu_best_isa(); }
 
-int rl_test_quantize(int isa, const float *x, int k, int8_t *q, float *d, float *s) {
+int rl_test_quantize(int isa, const float *x, int k, int8_t *q, float *d, float *s, int32_t *h) {
     const rl_kernels *K = kernels_for(isa);
-    K->quantize(x, k, q, d, s);
+    K->quantize(x, k, q, d, s, h);
     return K->isa;
 }
 
 int rl_test_matvec(int isa, int fmt, const uint8_t *data, int n, int k, const float *x, int rows, float *out) {
     const rl_kernels *K = kernels_for(isa);
-    if (fmt < 0 || fmt >= RL_N_FMTS || !K->matvec[fmt]) return -1;
+    if (fmt <= 0 || fmt >= RL_N_FMT || !K->matvec[fmt]) return -1;
     rl_matrix w = {fmt, n, k, data, NULL};
     int nb = k / RL_QK;
     rl_qact a = {malloc((size_t)rows * k), malloc(sizeof(float) * (size_t)rows * nb),
-                 malloc(sizeof(float) * (size_t)rows * nb)};
-    if (!a.q || !a.d || !a.s) return -1;
+                 malloc(sizeof(float) * (size_t)rows * nb), malloc(sizeof(int32_t) * (size_t)rows * nb * 2)};
+    if (!a.q || !a.d || !a.s || !a.h) return -1;
     for (int r = 0; r < rows; r++)
-        K->quantize(x + (size_t)r * k, k, a.q + (size_t)r * k, a.d + (size_t)r * nb, a.s + (size_t)r * nb);
+        K->quantize(x + (size_t)r * k, k, a.q + (size_t)r * k, a.d + (size_t)r * nb, a.s + (size_t)r * nb,
+                    a.h + (size_t)r * nb * 2);
     K->matvec[fmt](&w, &a, rows, nb, out, pad_rows(n), 0, pad_rows(n) / RL_ROWS);
-    free(a.q), free(a.d), free(a.s);
+    free(a.q), free(a.d), free(a.s), free(a.h);
     return K->isa;
 }
 

@@ -15,7 +15,7 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s) {
+AVX2 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s, int32_t *h) {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int b = 0; b < k / RL_QK; b++) {
@@ -35,7 +35,9 @@ AVX2 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s)
         v1 = _mm256_round_ps(_mm256_mul_ps(v1, vid), mode);
         v2 = _mm256_round_ps(_mm256_mul_ps(v2, vid), mode);
         v3 = _mm256_round_ps(_mm256_mul_ps(v3, vid), mode);
-        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));  /* exact: small ints */
+        /* exact: small ints */
+        float lo = hsum8(_mm256_add_ps(v0, v1)), hi = hsum8(_mm256_add_ps(v2, v3)), sum = lo + hi;
+        h[2 * b] = (int32_t)lo, h[2 * b + 1] = (int32_t)hi;
         __m256i i0 = _mm256_cvtps_epi32(v0), i1 = _mm256_cvtps_epi32(v1), i2 = _mm256_cvtps_epi32(v2),
                 i3 = _mm256_cvtps_epi32(v3);
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
@@ -220,6 +222,139 @@ Q4_INLINE void q8_group(const rl_matrix *w, const uint8_t *base, const rl_qact *
     }
 }
 
+/* RL_Q5: RL_Q4's loop with each code's fifth bit shifted in from the plane (repack.c): bit v of a plane
+ * byte belongs to vector v's low-nibble code, bit 4 + v to its high-nibble code; a 16-bit shift spills
+ * bits across the byte boundary only where the 0x10 mask drops them. Codes reach 31, so four maddubs
+ * (8 products of at most 31 * 127) are summed in 16 bits before each widening. */
+AVX2 void rl_matvec_q5_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
+                            int g0, int g1) {
+    const int nb = w->k / RL_QK;
+    const __m256i lowmask = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[32];
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q5_GROUP_BLOCK;
+        for (int r0 = 0; r0 < rows; r0 += 32) {
+            int rn = rows - r0 < 32 ? rows - r0 : 32;
+            for (int r = 0; r < rn; r++) acc[r] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *gb = base + (size_t)b * RL_Q5_GROUP_BLOCK;
+                _mm_prefetch((const char *)(gb + 4 * RL_Q5_GROUP_BLOCK), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q5_GROUP_BLOCK + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q5_GROUP_BLOCK + 128), _MM_HINT_T0);
+                __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+                __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16)));
+                __m256i p = _mm256_loadu_si256((const __m256i *)(gb + 160));
+#define RL_Q5_UNPACK(v, l, h)                                                                                   \
+    __m256i l, h;                                                                                              \
+    {                                                                                                          \
+        __m256i c = _mm256_loadu_si256((const __m256i *)(gb + 32 + 32 * (v)));                                  \
+        l = _mm256_or_si256(_mm256_and_si256(c, lowmask), _mm256_and_si256(_mm256_slli_epi16(p, 4 - (v)), bit4)); \
+        h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lowmask),                                 \
+                            _mm256_and_si256(_mm256_srli_epi16(p, (v)), bit4));                                 \
+    }
+                RL_Q5_UNPACK(0, l0, h0)
+                RL_Q5_UNPACK(1, l1, h1)
+                RL_Q5_UNPACK(2, l2, h2)
+                RL_Q5_UNPACK(3, l3, h3)
+#undef RL_Q5_UNPACK
+                for (int r = 0; r < rn; r++) {
+                    const int8_t *xb = x->q + ((size_t)(r0 + r) * ldx + b) * RL_QK;
+                    __m256i s = _mm256_maddubs_epi16(l0, _mm256_set1_epi32(load_i32(xb)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h0, _mm256_set1_epi32(load_i32(xb + 16))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(l1, _mm256_set1_epi32(load_i32(xb + 4))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h1, _mm256_set1_epi32(load_i32(xb + 20))));
+                    __m256i t = _mm256_maddubs_epi16(l2, _mm256_set1_epi32(load_i32(xb + 8)));
+                    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(h2, _mm256_set1_epi32(load_i32(xb + 24))));
+                    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(l3, _mm256_set1_epi32(load_i32(xb + 12))));
+                    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(h3, _mm256_set1_epi32(load_i32(xb + 28))));
+                    __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(t, ones));
+                    __m256 sf = _mm256_cvtepi32_ps(s32);
+                    size_t xi = (size_t)(r0 + r) * ldx + b;
+                    acc[r] = _mm256_fmadd_ps(sf, _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(m8, _mm256_set1_ps(x->s[xi]), acc[r]);
+                }
+            }
+            for (int r = 0; r < rn; r++) {
+                float vals[8];
+                _mm256_storeu_ps(vals, acc[r]);
+                store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
+            }
+        }
+    }
+}
+
+/* RL_Q6: codes 0..63 from the nibbles and two bit planes; the low-nibble codes (first 16 weights of the
+ * block) and the high-nibble ones (last 16) are summed apart for their own scales, the -32 offset taken
+ * off the int32 sums exactly (32 * the activation's sum per 16). A maddubs lane reaches 2 * 63 * 127, so
+ * only two are summed in 16 bits. */
+AVX2 void rl_matvec_q6_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
+                            int g0, int g1) {
+    const int nb = w->k / RL_QK;
+    const __m256i lowmask = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), bit5 = _mm256_set1_epi8(0x20);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[32];
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q6_GROUP_BLOCK;
+        for (int r0 = 0; r0 < rows; r0 += 32) {
+            int rn = rows - r0 < 32 ? rows - r0 : 32;
+            for (int r = 0; r < rn; r++) acc[r] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *gb = base + (size_t)b * RL_Q6_GROUP_BLOCK;
+                _mm_prefetch((const char *)(gb + 4 * RL_Q6_GROUP_BLOCK), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q6_GROUP_BLOCK + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q6_GROUP_BLOCK + 128), _MM_HINT_T0);
+                _mm_prefetch((const char *)(gb + 4 * RL_Q6_GROUP_BLOCK + 192), _MM_HINT_T0);
+                __m256 dl8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+                __m256 dh8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16)));
+                __m256i p4 = _mm256_loadu_si256((const __m256i *)(gb + 160));
+                __m256i p5 = _mm256_loadu_si256((const __m256i *)(gb + 192));
+#define RL_Q6_UNPACK(v, l, h)                                                                                   \
+    __m256i l, h;                                                                                              \
+    {                                                                                                          \
+        __m256i c = _mm256_loadu_si256((const __m256i *)(gb + 32 + 32 * (v)));                                  \
+        l = _mm256_or_si256(_mm256_and_si256(c, lowmask), _mm256_and_si256(_mm256_slli_epi16(p4, 4 - (v)), bit4)); \
+        l = _mm256_or_si256(l, _mm256_and_si256(_mm256_slli_epi16(p5, 5 - (v)), bit5));                         \
+        __m256i b5 = _mm256_and_si256(_mm256_srli_epi16(p5, (v)), bit4);                                        \
+        h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lowmask),                                 \
+                            _mm256_and_si256(_mm256_srli_epi16(p4, (v)), bit4));                                \
+        h = _mm256_or_si256(h, _mm256_add_epi8(b5, b5));                                                       \
+    }
+                RL_Q6_UNPACK(0, l0, h0)
+                RL_Q6_UNPACK(1, l1, h1)
+                RL_Q6_UNPACK(2, l2, h2)
+                RL_Q6_UNPACK(3, l3, h3)
+#undef RL_Q6_UNPACK
+                for (int r = 0; r < rn; r++) {
+                    size_t xi = (size_t)(r0 + r) * ldx + b;
+                    const int8_t *xb = x->q + xi * RL_QK;
+                    __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(l0, _mm256_set1_epi32(load_i32(xb))),
+                                                 _mm256_maddubs_epi16(l1, _mm256_set1_epi32(load_i32(xb + 4))));
+                    __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(l2, _mm256_set1_epi32(load_i32(xb + 8))),
+                                                 _mm256_maddubs_epi16(l3, _mm256_set1_epi32(load_i32(xb + 12))));
+                    __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(c, ones));
+                    a = _mm256_add_epi16(_mm256_maddubs_epi16(h0, _mm256_set1_epi32(load_i32(xb + 16))),
+                                         _mm256_maddubs_epi16(h1, _mm256_set1_epi32(load_i32(xb + 20))));
+                    c = _mm256_add_epi16(_mm256_maddubs_epi16(h2, _mm256_set1_epi32(load_i32(xb + 24))),
+                                         _mm256_maddubs_epi16(h3, _mm256_set1_epi32(load_i32(xb + 28))));
+                    __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(c, ones));
+                    lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(32 * x->h[2 * xi]));
+                    hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(32 * x->h[2 * xi + 1]));
+                    __m256 xd = _mm256_set1_ps(x->d[xi]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dl8, xd), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dh8, xd), acc[r]);
+                }
+            }
+            for (int r = 0; r < rn; r++) {
+                float vals[8];
+                _mm256_storeu_ps(vals, acc[r]);
+                store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
+            }
+        }
+    }
+}
+
+/* Q8_0 x Q8: products of two signed bytes go through maddubs as |w| times x with w's sign */
 AVX2 void rl_matvec_q8_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
                             int g0, int g1) {
     const size_t group = (size_t)(w->k / RL_QK) * RL_Q8_GROUP_BLOCK;

@@ -5,52 +5,48 @@
 
 #include "ripe_native.h"
 
-void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s) {
+void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s, int32_t *h) {
     for (int b = 0; b < k / RL_QK; b++) {
         const float *xb = x + b * RL_QK;
         float amax = 0.0f;
         for (int i = 0; i < RL_QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
+        int sum = 0, lo = 0;
         for (int i = 0; i < RL_QK; i++) {
             int v = (int)nearbyintf(xb[i] * id);
             q[b * RL_QK + i] = (int8_t)v;
             sum += v;
+            if (i == 15) lo = sum;
         }
+        h[2 * b] = lo, h[2 * b + 1] = sum - lo;
         d[b] = amax / 127.0f;
         s[b] = d[b] * (float)sum;
     }
 }
 
-/* code i (0..31) of row r in an RL_Q4 or RL_Q4_0 group-block whose codes start at byte `at` (see repack.c) */
-static inline int q4_code(const uint8_t *gb, int at, int r, int i) {
-    int v = (i & 15) / 4, t = i & 3;
-    uint8_t byte = gb[at + 32 * v + 4 * r + t];
-    return i < 16 ? (byte & 15) : (byte >> 4);
-}
-
-static void matvec_q4(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0, int g1,
-                      int has_m) {
-    int nb = w->k / RL_QK, bytes = has_m ? RL_Q4_GROUP_BLOCK : RL_Q4_0_GROUP_BLOCK, at = has_m ? 32 : 16;
+/* RL_Q4, RL_Q4_0 and RL_Q5: w = d * code + m per 32 weights */
+static void matvec_dm_ref(int fmt, size_t gbb, const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out,
+                          int ldo, int g0, int g1) {
+    int nb = w->k / RL_QK;
     for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * nb * bytes;
+        const uint8_t *base = w->data + (size_t)g * nb * gbb;
         for (int r = 0; r < rows; r++) {
             const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
             const float *xd = x->d + (size_t)r * ldx, *xs = x->s + (size_t)r * ldx;
             for (int j = 0; j < RL_ROWS; j++) {
                 float acc = 0.0f;
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *gb = base + (size_t)b * bytes;
+                    const uint8_t *gb = base + (size_t)b * gbb;
                     uint16_t dh, mh;
                     __builtin_memcpy(&dh, gb + 2 * j, 2);
                     float d = rl_half_to_float(dh), m = -8.0f * d;
-                    if (has_m) {
+                    if (fmt != RL_Q4_0) { /* RL_Q4_0 stores no m: w = d * (code - 8) */
                         __builtin_memcpy(&mh, gb + 16 + 2 * j, 2);
                         m = rl_half_to_float(mh);
                     }
                     const int8_t *xb = xq + b * RL_QK;
                     int sum = 0;
-                    for (int i = 0; i < RL_QK; i++) sum += q4_code(gb, at, j, i) * xb[i];
+                    for (int i = 0; i < RL_QK; i++) sum += rl_code(fmt, gb, j, i) * xb[i];
                     acc += d * xd[b] * (float)sum + m * xs[b];
                 }
                 int n = g * RL_ROWS + j;
@@ -62,12 +58,49 @@ static void matvec_q4(const rl_matrix *w, const rl_qact *x, int rows, int ldx, f
 
 void rl_matvec_q4_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
                       int g1) {
-    matvec_q4(w, x, rows, ldx, out, ldo, g0, g1, 1);
+    matvec_dm_ref(RL_Q4, RL_Q4_GROUP_BLOCK, w, x, rows, ldx, out, ldo, g0, g1);
 }
 
 void rl_matvec_q4_0_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
                         int g1) {
-    matvec_q4(w, x, rows, ldx, out, ldo, g0, g1, 0);
+    matvec_dm_ref(RL_Q4_0, RL_Q4_0_GROUP_BLOCK, w, x, rows, ldx, out, ldo, g0, g1);
+}
+
+void rl_matvec_q5_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                      int g1) {
+    matvec_dm_ref(RL_Q5, RL_Q5_GROUP_BLOCK, w, x, rows, ldx, out, ldo, g0, g1);
+}
+
+/* RL_Q6: w = dlo * (code - 32) over the first 16 weights of a block, dhi * (code - 32) over the rest; the
+ * offset leaves the integer sums exact: sum (code - 32) q = sum code q - 32 sum q (h holds sum q per 16) */
+void rl_matvec_q6_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                      int g1) {
+    int nb = w->k / RL_QK;
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *base = w->data + (size_t)g * nb * RL_Q6_GROUP_BLOCK;
+        for (int r = 0; r < rows; r++) {
+            const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
+            const float *xd = x->d + (size_t)r * ldx;
+            const int32_t *xh = x->h + (size_t)r * ldx * 2;
+            for (int j = 0; j < RL_ROWS; j++) {
+                float acc = 0.0f;
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *gb = base + (size_t)b * RL_Q6_GROUP_BLOCK;
+                    uint16_t lh, hh;
+                    __builtin_memcpy(&lh, gb + 2 * j, 2);
+                    __builtin_memcpy(&hh, gb + 16 + 2 * j, 2);
+                    const int8_t *xb = xq + b * RL_QK;
+                    int lo = 0, hi = 0;
+                    for (int i = 0; i < 16; i++) lo += rl_code(RL_Q6, gb, j, i) * xb[i];
+                    for (int i = 16; i < RL_QK; i++) hi += rl_code(RL_Q6, gb, j, i) * xb[i];
+                    lo -= 32 * xh[2 * b], hi -= 32 * xh[2 * b + 1];
+                    acc += rl_half_to_float(lh) * xd[b] * (float)lo + rl_half_to_float(hh) * xd[b] * (float)hi;
+                }
+                int n = g * RL_ROWS + j;
+                out[(size_t)r * ldo + n] = acc + (w->bias && n < w->n ? w->bias[n] : 0.0f);
+            }
+        }
+    }
 }
 
 void rl_matvec_q8_ref(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,

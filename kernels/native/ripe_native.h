@@ -6,49 +6,63 @@
 #include <stdint.h>
 
 /* Weight formats of the repacked layout (see repack.c). */
-enum { RL_Q4 = 1, RL_Q8 = 2, RL_Q4_0 = 5, RL_T2 = 6 };
-#define RL_N_FMTS 7 /* size of the kernels' dispatch table (ids 3, 4: other formats, not here) */
+enum { RL_Q4 = 1, RL_Q8 = 2, RL_Q5 = 3, RL_Q6 = 4, RL_Q4_0 = 5, RL_T2 = 6 };
+#define RL_N_FMT 7 /* size of the kernels' tables, indexed by format id */
 /* GGUF source types that repack into them (ggml type ids). */
-enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_TQ1_0 = 34, GGML_TQ2_0 = 35 };
+enum {
+    GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
+    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_TQ1_0 = 34, GGML_TQ2_0 = 35
+};
 /* Instruction-set paths, best last. */
 enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
 
 #define RL_QK 32   /* weights and activations are quantized in blocks of 32 */
 #define RL_ROWS 8  /* output rows interleaved per group in the repacked layout (repack.c) */
 #define RL_Q4_GROUP_BLOCK 160
+#define RL_Q5_GROUP_BLOCK 192
+#define RL_Q6_GROUP_BLOCK 224
 #define RL_Q8_GROUP_BLOCK 272
 #define RL_Q4_0_GROUP_BLOCK 144
 #define RL_T2_QK 256 /* RL_T2 group-blocks cover 256 inputs (the GGUF ternary block) */
 #define RL_T2_GROUP_BLOCK 528
 
 typedef struct {
-    int fmt;             /* RL_Q4, RL_Q8, RL_Q4_0 or RL_T2 */
+    int fmt;             /* RL_Q4, RL_Q5, RL_Q6, RL_Q8, RL_Q4_0 or RL_T2 */
     int n, k;            /* output rows (a multiple of RL_ROWS) and inputs (a multiple of RL_QK; of RL_T2_QK for RL_T2) */
     const uint8_t *data; /* n / RL_ROWS groups of k / RL_QK blocks */
     const float *bias;   /* [n] or NULL */
 } rl_matrix;
 
-/* Activations quantized to int8 in blocks of 32: x ~= d[b] * q[32 b + i]; s[b] = d[b] * sum_i q. */
+/* Activations quantized to int8 in blocks of 32: x ~= d[b] * q[32 b + i]; s[b] = d[b] * sum_i q;
+ * h[2 b], h[2 b + 1]: the integer sums of q over the block's two halves of 16 (RL_Q6's code offset). */
 typedef struct {
     int8_t *q;
     float *d, *s;
+    int32_t *h;
 } rl_qact;
 
 typedef void (*rl_matvec_fn)(const rl_matrix *w, const rl_qact *x, int rows, int ldx_blocks, float *out,
                              int ldo, int g0, int g1);
 
+int rl_format_of(int gguf_type);
+size_t rl_group_block_bytes(int fmt);
 size_t rl_repacked_size(int gguf_type, int n, int k);
 void rl_dequant_rows(int fmt, const uint8_t *data, int k, int row0, int nrows, float *out);
 int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst);
 
 /* kernels per instruction set */
-void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s);
+typedef void (*rl_quantize_fn)(const float *x, int k, int8_t *q, float *d, float *s, int32_t *h);
+void rl_quantize_ref(const float *x, int k, int8_t *q, float *d, float *s, int32_t *h);
 void rl_matvec_q4_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q5_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q6_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q4_0_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_t2_ref(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
-void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s);
+void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s, int32_t *h);
 void rl_matvec_q4_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q5_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q6_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q4_0_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_t2_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
@@ -86,6 +100,15 @@ void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, fl
 void rl_exp_ref(float *x, int n);
 void rl_exp_avx2(float *x, int n);
 
+/* code i (0..31) of row r in an RL_Q4, RL_Q4_0, RL_Q5 or RL_Q6 group-block gb (see repack.c) */
+static inline int rl_code(int fmt, const uint8_t *gb, int r, int i) {
+    int v = (i & 15) / 4, t = i & 3, hi = i >= 16;
+    uint8_t byte = gb[(fmt == RL_Q4_0 ? 16 : 32) + 32 * v + 4 * r + t];
+    int c = hi ? byte >> 4 : byte & 15, bit = v + 4 * hi;
+    if (fmt == RL_Q5 || fmt == RL_Q6) c |= ((gb[160 + 4 * r + t] >> bit) & 1) << 4;
+    if (fmt == RL_Q6) c |= ((gb[192 + 4 * r + t] >> bit) & 1) << 5;
+    return c;
+}
 
 static inline float rl_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
