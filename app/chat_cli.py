@@ -64,7 +64,6 @@ def run_app(args: argparse.Namespace) -> int:
             model_choices=choices,
             keymap=cfg.keys,
             default_model=default_model,
-            lower_ui_priority=True,
         )
         app.run()
     finally:

@@ -1,7 +1,6 @@
 """The chat app's decode speed, in a process of its own: `python chat_app_speed_proc.py MODEL PROMPT TOKENS
-DIR` drives the app with Pilot, as `ripe chat` runs it (the model opened through BackendPool's loader
-thread, the UI thread's priority lowered), for two replies, and prints the status bar's tok/s of each as
-one JSON line. A process of its own because lowering the UI thread's priority cannot be undone."""
+DIR` drives the app with Pilot for two replies and prints the status bar's tok/s of each as one JSON line. A
+process of its own, as `ripe chat` and `ripe run` are: nothing else of the test session runs beside it."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ def main(model: str, prompt: str, tokens: int, home: Path) -> None:
 
     async def go() -> None:
         store = ChatStore(home / "chats.db")
-        app = RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=tokens), lower_ui_priority=True)
+        app = RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=tokens))
         async with app.run_test(size=(100, 30)) as pilot:
             for _ in range(2):
                 await pilot.press("ctrl+n")

@@ -29,7 +29,7 @@ def long_backend(tiny_model_factory):
     machine) that it is still streaming when they act. A random-weight model emits an end-of-generation
     token wherever its greedy path happens to meet one, so it is told to ignore it."""
     b = EngineBackend(
-        tiny_model_factory(qtype="Q4_0", n_layers=2, context_length=8192),
+        tiny_model_factory(qtype="Q4_0", n_layers=8, context_length=8192),
         device="cpu",
         n_ctx=8192,
         kv_memory=64 << 20,

@@ -9,8 +9,6 @@ template and owns the context window); Esc ends the reply at once (see `RemoteGe
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,27 +35,20 @@ from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
-DELTA_INTERVAL_S = 0.1  # how often streamed text reaches the UI (10 updates a second)
-UI_NICE = 10  # the UI thread's nice value while the app runs (see yield_cpu_to_engine)
+DELTA_INTERVAL_S = 0.1  # how often streamed text reaches the UI at most (10 updates a second)
+DELTA_INTERVAL_MAX_S = 0.5  # ... and at least (twice a second)
+UI_CPU_SHARE = 0.03  # the part of one core the UI may spend showing a streaming reply
 
 
-def yield_cpu_to_engine() -> None:
-    """Lower the calling (UI) thread's scheduling priority to nice UI_NICE, on Linux.
+def next_delta_interval(ui_cpu_s: float) -> float:
+    """Seconds until the next streamed-text update, given the UI thread's CPU time since the last one.
 
-    The engine's step runs on as many threads as the machine has cores; a render of the UI (~25 ms of a
-    core per streamed update on a 2-core Zen 3) would otherwise take a core from one of them mid-step, and
-    the step waits at its next barrier for that thread. At nice 10 the UI gets about a tenth of a core
-    while the engine computes and all of it otherwise; streamed text then arrives in fewer, larger
-    updates. Linux keeps a nice value per thread; threads created afterwards by this thread inherit it,
-    which is why models open on BackendPool's loader thread (started before this). An unprivileged
-    process cannot raise the priority again, so this is for the app's main thread only.
+    Showing an update (Markdown, layout, the screen's redraw) costs the UI thread ~25 ms of CPU on a
+    2-core Zen 3, and the engine's step runs on every core: at 10 updates a second the app decoded at
+    ~0.75x of `ripe run`. Spacing the updates so the UI spends about UI_CPU_SHARE of a core keeps the
+    engine near full speed; on a fast machine the updates stay at 10 a second.
     """
-    if sys.platform != "linux":
-        return  # macOS and Windows apply a nice value to the whole process, the engine included
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UI_NICE)
-    except OSError:
-        pass
+    return min(DELTA_INTERVAL_MAX_S, max(DELTA_INTERVAL_S, ui_cpu_s / UI_CPU_SHARE))
 
 
 @dataclass
@@ -72,6 +63,8 @@ class ActiveReply:
     cancel_pressed: float | None = None
     prompt_tokens: int = 0  # set by the worker once the prompt is built
     shown_at: float = 0.0  # when the status bar numbers were last refreshed
+    delta_interval: float = DELTA_INTERVAL_S  # seconds between streamed-text updates (next_delta_interval)
+    ui_cpu: float | None = None  # the UI thread's CPU time (time.thread_time) at the last update
     remote: bool = False  # from a server engine: no token counts while it streams
 
 
@@ -104,10 +97,8 @@ class RipeApp(ChatActions, App[None]):
         keymap: dict[str, str] | None = None,
         export_dir: Path | None = None,
         default_model: str = "default",
-        lower_ui_priority: bool = False,
     ):
         super().__init__()
-        self.lower_ui_priority = lower_ui_priority
         self.store = store
         self.pool = pool
         self.defaults = defaults
@@ -134,8 +125,6 @@ class RipeApp(ChatActions, App[None]):
         yield StatusBar()
 
     async def on_mount(self) -> None:
-        if self.lower_ui_priority:
-            yield_cpu_to_engine()
         if self._keymap_config:
             self.set_keymap(self._keymap_config)
         chats = self.store.chats()
@@ -279,8 +268,9 @@ class RipeApp(ChatActions, App[None]):
                 gen.cancel()
             first: float | None = None
             tokens = 0
-            # Text goes to the UI at most every DELTA_INTERVAL_S: at 150+ tokens/s, one UI message per
-            # token kept the UI thread busy enough to take a core from the engine's step.
+            # Text goes to the UI every reply.delta_interval seconds (next_delta_interval): at 150+
+            # tokens/s, one UI message per token kept the UI thread busy enough to take a core from the
+            # engine's step.
             pending, posted = "", 0.0
             for ev in gen.events():
                 text = ev.text
@@ -295,7 +285,7 @@ class RipeApp(ChatActions, App[None]):
                 first = first if first is not None else now
                 tokens += 1
                 pending += text
-                if now - posted >= DELTA_INTERVAL_S:
+                if now - posted >= reply.delta_interval:
                     self.post_message(ReplyDelta(reply.id, pending, tokens, now - first))
                     pending, posted = "", now
         except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
@@ -311,6 +301,10 @@ class RipeApp(ChatActions, App[None]):
         if reply is None or reply.id != event.generation_id:
             return
         reply.recorder.feed(event.text)
+        cpu = time.thread_time()
+        if reply.ui_cpu is not None:
+            reply.delta_interval = next_delta_interval(cpu - reply.ui_cpu)
+        reply.ui_cpu = cpu
         if reply.view is not None:
             await reply.view.append(event.text)
             self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)

@@ -5,10 +5,6 @@ or draft model.
 decoding (None: the command line's or config's default for either); the app calls `get` from a worker
 thread, since loading a model takes a moment.
 
-Models open on the pool's own loader thread, started with the pool: the engine threads a model starts
-(the native step's workers among them) are created from it and so keep its scheduling priority even
-after the app lowers its UI thread's (see `RipeApp`'s `lower_ui_priority`).
-
 `ServerModels` is the opener for a server engine (`--engine openai`): the models are the server's, as
 its /v1/models lists them, and opening one is only a new client.
 """
@@ -17,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 Opener = Callable[[str | None, str | None], Any]
@@ -31,8 +26,6 @@ class BackendPool:
         self.key: Key = (None, None)
         self.backend: Any = initial
         self.owns = initial is None  # a backend handed in is closed by whoever opened it
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ripelm-loader")
-        self._loader.submit(lambda: None).result()  # its thread exists from now on
 
     @property
     def model(self) -> str | None:
@@ -45,8 +38,7 @@ class BackendPool:
             if self.backend is not None and self.owns:
                 self.backend.close()  # first: two models at once may not fit in memory
             self.backend = None
-            opened = self._loader.submit(self._opener, model, draft).result()
-            self.backend, self.key, self.owns = opened, (model, draft), True
+            self.backend, self.key, self.owns = self._opener(model, draft), (model, draft), True
             return self.backend
 
     def current(self) -> Any:
@@ -57,7 +49,6 @@ class BackendPool:
             if self.backend is not None and self.owns:
                 self.backend.close()
             self.backend = None
-        self._loader.shutdown(wait=False)
 
 
 class ServerModels:
