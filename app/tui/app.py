@@ -36,7 +36,7 @@ from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
 DELTA_INTERVAL_S = 0.1  # how often streamed text reaches the UI at most (10 updates a second)
-DELTA_INTERVAL_MAX_S = 0.5  # ... and at least (twice a second)
+DELTA_INTERVAL_MAX_S = 0.25  # ... and at least (4 a second; a streaming reply is also saved no less often)
 UI_CPU_SHARE = 0.03  # the part of one core the UI may spend showing a streaming reply
 
 
