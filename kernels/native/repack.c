@@ -249,6 +249,14 @@ int rl_repack(int gguf_type, const uint8_t *src, int n, int k, uint8_t *dst) {
                     for (int v = 0; v < 8; v++) memcpy(out + 16 + 32 * v + 4 * r, blk + 2 + 4 * v, 4);
                     continue;
                 }
+                if (gguf_type == GGML_Q4_0 || gguf_type == GGML_Q4_1) { /* the file's code pairing: copies */
+                    int q40 = gguf_type == GGML_Q4_0;
+                    const uint8_t *blk = src_row + (size_t)b * (q40 ? 18 : 20);
+                    memcpy(out + 2 * r, blk, 2);
+                    if (!q40) memcpy(out + 16 + 2 * r, blk + 2, 2);
+                    for (int v = 0; v < 4; v++) memcpy(out + (q40 ? 16 : 32) + 32 * v + 4 * r, blk + (q40 ? 2 : 4) + 4 * v, 4);
+                    continue;
+                }
                 uint16_t d = 0, m = 0;
                 source_block(gguf_type, src_row, b, codes, &d, &m);
                 memcpy(out + 2 * r, &d, 2);
