@@ -211,6 +211,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from ripelm.commands import open_from_args, sampling_from_args
     from ripelm.doc_qa import CitationFilter, Source, build_messages, cited_numbers, sources_footer
+    from ripelm.remote_fit import remote_reply
     from ripelm.runtime.backend import prompt_ids, stream
     from ripelm.runtime.errors import ContextOverflowError, EmptyPromptError
     from ripelm.runtime.retrieval.store import Store
@@ -235,19 +236,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
     ]
     backend = open_from_args(args)
     try:
-        while True:  # drop the weakest sources until the prompt leaves room for the answer
-            text = backend.template.render(build_messages(question, sources), add_generation_prompt=True)
-            try:
-                ids = prompt_ids(backend, text, add_bos=False)
-                if len(ids) + min(params.max_tokens, 256) <= backend.context_length or len(sources) == 1:
-                    break
-            except ContextOverflowError:
-                if len(sources) == 1:
-                    raise
-            sources = sources[:-1]
+        if getattr(backend, "takes_messages", False):  # a server engine: it owns template and tokenizer
+            events = remote_reply(backend, build_messages(question, sources), params)
+        else:
+            while True:  # drop the weakest sources until the prompt leaves room for the answer
+                text = backend.template.render(build_messages(question, sources), add_generation_prompt=True)
+                try:
+                    ids = prompt_ids(backend, text, add_bos=False)
+                    if len(ids) + min(params.max_tokens, 256) <= backend.context_length or len(sources) == 1:
+                        break
+                except ContextOverflowError:
+                    if len(sources) == 1:
+                        raise
+                sources = sources[:-1]
+            events = stream(backend, ids, params)
         filt = CitationFilter({src.number for src in sources})
         answer: list[str] = []
-        for ev in stream(backend, ids, params):
+        for ev in events:
             out = filt.feed(ev.text) if ev.text else ""
             if ev.done:
                 out += filt.flush()

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from openai_servers import ripe_serve
 from pdf_factory import build_pdf
 from retrieval_helpers import make_home, ripe
 
@@ -90,6 +91,24 @@ def test_changed_embedder_needs_rebuild_and_rm(home, corpus):
     assert "576" in ripe("collections", home=home).stdout
     assert ripe("collections", "rm", "swap", home=home).returncode == 0
     assert "swap" not in ripe("collections", home=home).stdout
+
+
+def test_ask_through_a_server_engine(home, tmp_path):
+    """`ripe ask --engine openai`: the question and its sources go to the server as chat messages (a
+    server engine has no local template or tokenizer), and the answer comes back with the sources."""
+    model = bundled_model_path()
+    if model is None:
+        pytest.skip("bundled model not installed")
+    with ripe_serve(model, tmp_path / "serve-home", "--ctx", "2048") as (url, _):
+        p = ripe(
+            "ask", "What does the KV cache store?", "-c", "docs", "--engine", "openai", "--base-url", url,
+            "--temp", "0", "--max-tokens", "24", "--sources", "2",
+            home=home,
+        )  # fmt: skip
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    answer, _, footer = p.stdout.partition("\n\nSources")
+    assert answer.strip(), p.stdout
+    assert re.search(r"^  \[1\] .+kv\.md:\d+", footer, re.M), p.stdout
 
 
 def test_ask_cites_existing_chunks(home, corpus):
