@@ -100,3 +100,21 @@ def test_long_text_is_cut_to_the_window_and_workers_agree(embedder, gguf_path):
         one = single.embed(texts)
     np.testing.assert_allclose(many, one, atol=1e-4)
     assert embedder.embed([]).shape == (0, 384)
+
+
+def test_a_truncated_embedder_file_ends_the_next_batch_with_one_error(gguf_path, tmp_path):
+    """The embedding model has the chat engines' file guard: copied at load (small), checked per batch."""
+    from ripelm.models.errors import ModelFileChangedError
+
+    copy = tmp_path / "embedder.gguf"
+    copy.write_bytes(gguf_path.read_bytes())
+    e = Embedder(copy, name="all-minilm:l6-v2", workers=2)
+    try:
+        before = e.embed(["the keeper trims the wick"])
+        with open(copy, "r+b") as f:  # truncated in place, as a download rewritten over it would be
+            f.truncate(copy.stat().st_size // 2)
+        with pytest.raises(ModelFileChangedError, match="truncated"):
+            e.embed(["the keeper trims the wick"])
+    finally:
+        e.close()
+    assert before.shape == (1, 384)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ripelm.models.errors import ModelFormatError
+from ripelm.models.errors import ModelFileChangedError, ModelFormatError
+from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFileGuard
 from ripelm.models.gguf_file import open_gguf
 from ripelm.runtime.errors import BackendError
 
@@ -98,11 +99,16 @@ class Embedder:
         from ripelm.runtime.tokenizer import quiet_llama_logs
 
         self.path = Path(path)
+        loaded = FileState.of(self.path.stat())
         self.info = read_info(self.path, name)
         n = workers or default_workers()
         window = max(self.info.max_tokens, _BATCH_TOKENS)
         quiet_llama_logs()
         self._models = []
+        # As the chat engines do (models/file_guard.py): a descriptor on the loaded file, checked before
+        # each batch, and the weights copied at load when small, so a file truncated or rewritten on disk
+        # ends a request with one error line instead of a SIGBUS in llama.cpp's mapped reads.
+        self.file_guard = ModelFileGuard(self.path, loaded)
         try:
             for _ in range(n):
                 self._models.append(
@@ -117,6 +123,7 @@ class Embedder:
                         n_threads_batch=1,
                         flash_attn=True,
                         pooling_type=-1 if self.info.pooled else llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                        use_mmap=loaded.size * n > COPY_AT_LOAD_MAX_BYTES,
                     )
                 )
         except Exception as e:
@@ -124,6 +131,11 @@ class Embedder:
             raise ModelFormatError(
                 f"llama.cpp cannot load {self.path.name} as an embedding model: {e}"
             ) from e
+        try:
+            self.file_guard.check()
+        except ModelFileChangedError:
+            self.close()
+            raise
         if self._models[0].n_embd() != self.info.dim:
             raise ModelFormatError(f"{self.path.name}: metadata and model disagree on the embedding size")
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="embed") if n > 1 else None
@@ -157,6 +169,7 @@ class Embedder:
             texts = [prefix + t for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        self.file_guard.check()
         n = len(self._models)
         if self._pool is None or len(texts) < 2 * n:
             out, count = self._embed_on(0, texts)
@@ -193,6 +206,8 @@ class Embedder:
         for m in getattr(self, "_models", []):
             m.close()
         self._models = []
+        if getattr(self, "file_guard", None) is not None:
+            self.file_guard.close()
 
     def __enter__(self) -> Embedder:
         return self
