@@ -60,15 +60,15 @@ static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
                                         rl_attn_part_avx2};
 #endif
 #if defined(__aarch64__)
-/* matvecs without a NEON version (and all of them without dotprod) run the reference kernels */
+/* the int8 matvecs need dot products: without them, the reference kernels */
 static const rl_kernels KERNELS_NEON = {RL_ISA_NEON, rl_quantize_neon,
                                         {0, rl_matvec_q4_ref, rl_matvec_q8_ref, rl_matvec_q5_ref, rl_matvec_q6_ref,
                                          rl_matvec_q4_0_ref, rl_matvec_t2_ref},
                                         rl_exp_neon,
                                         rl_attn_part_neon};
 static const rl_kernels KERNELS_DOTPROD = {RL_ISA_DOTPROD, rl_quantize_neon,
-                                           {0, rl_matvec_q4_dotprod, rl_matvec_q8_dotprod, rl_matvec_q5_ref,
-                                            rl_matvec_q6_ref, rl_matvec_q4_0_dotprod, rl_matvec_t2_ref},
+                                           {0, rl_matvec_q4_dotprod, rl_matvec_q8_dotprod, rl_matvec_q5_dotprod,
+                                            rl_matvec_q6_dotprod, rl_matvec_q4_0_dotprod, rl_matvec_t2_dotprod},
                                            rl_exp_neon,
                                            rl_attn_part_neon};
 #endif

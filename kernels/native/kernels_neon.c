@@ -4,8 +4,8 @@
  * no attribute (RL_ISA_NEON). The int8 matvecs use the dot-product extension (vdotq_laneq_s32), compiled
  * under #pragma GCC target("arch=armv8.2-a+dotprod") (gcc 12 will not inline the intrinsics under "+dotprod"
  * alone; every CPU with dotprod is ARMv8.2 or later) and called only after a run-time check (rl_neon_has_dotprod: HWCAP_ASIMDDP on
- * Linux, hw.optional.arm.FEAT_DotProd on macOS): RL_ISA_DOTPROD. Formats without a kernel here (RL_Q5,
- * RL_Q6, RL_T2) and every matvec on a CPU without dotprod run the reference C kernels.
+ * Linux, hw.optional.arm.FEAT_DotProd on macOS): RL_ISA_DOTPROD. Every format has a dotprod matvec (RL_Q4,
+ * RL_Q4_0, RL_Q5, RL_Q6, RL_Q8, RL_T2); on a CPU without dotprod the matvecs run the reference C kernels.
  *
  * Same math as the AVX2 path: activations rounded half to even with the same amax / 127 scale (bit-exact
  * with the reference); per block acc += f * (d8 * dx), then acc += m8 * sx, so a row's result does not
@@ -94,13 +94,22 @@ static inline void store_rows(const rl_matrix *w, float *out, int g, float32x4_t
 
 #define DP_ROWS 4 /* activation rows sharing one unpacked group-block */
 
-/* RL_Q4 (has_m) and RL_Q4_0: byte 4 r + t of code vector v holds row r's code 4 v + t (low nibble) and
- * 16 + 4 v + t (high nibble); bytes 0..15 of a vector are rows 0..3, bytes 16..31 rows 4..7. */
-static inline __attribute__((always_inline)) void q4_matvec(const rl_matrix *w, const rl_qact *x, int rows,
-                                                            int ldx, float *out, int ldo, int g0, int g1,
-                                                            int has_m) {
-    const int nb = w->k / RL_QK, bytes = has_m ? RL_Q4_GROUP_BLOCK : RL_Q4_0_GROUP_BLOCK;
-    const uint8x16_t lowmask = vdupq_n_u8(0x0f);
+/* The nibble formats (repack.c): byte 4 r + t of code vector v holds row r's code 4 v + t (low nibble) and
+ * 16 + 4 v + t (high nibble); bytes 0..15 of a vector are rows 0..3, bytes 16..31 rows 4..7. RL_Q5 adds
+ * bit 4 from the plane at byte 160 (bit v of a plane byte: the low-nibble code's, bit 4 + v: the high
+ * one's), RL_Q6 bit 5 from the plane at byte 192. Codes reach 63 at most, so they are valid int8 lanes.
+ * Low-nibble codes pair with activations 0..15 (x0), high-nibble codes with 16..31 (x1). */
+enum { K_Q4_0, K_Q4, K_Q5, K_Q6 };
+
+static inline __attribute__((always_inline)) void nib_matvec(const rl_matrix *w, const rl_qact *x, int rows,
+                                                             int ldx, float *out, int ldo, int g0, int g1,
+                                                             int kind) {
+    const int nb = w->k / RL_QK;
+    const int bytes = kind == K_Q4_0 ? RL_Q4_0_GROUP_BLOCK
+                      : kind == K_Q4 ? RL_Q4_GROUP_BLOCK
+                      : kind == K_Q5 ? RL_Q5_GROUP_BLOCK
+                                     : RL_Q6_GROUP_BLOCK;
+    const uint8x16_t lowmask = vdupq_n_u8(0x0f), bit4 = vdupq_n_u8(0x10), bit5 = vdupq_n_u8(0x20);
     for (int g = g0; g < g1; g++) {
         const uint8_t *base = w->data + (size_t)g * nb * bytes;
         for (int r0 = 0; r0 < rows; r0 += DP_ROWS) {
@@ -108,32 +117,55 @@ static inline __attribute__((always_inline)) void q4_matvec(const rl_matrix *w, 
             float32x4_t alo[DP_ROWS], ahi[DP_ROWS];
             for (int r = 0; r < DP_ROWS; r++) alo[r] = ahi[r] = vdupq_n_f32(0.0f);
             for (int b = 0; b < nb; b++) {
-                const uint8_t *gb = base + (size_t)b * bytes, *codes = gb + (has_m ? 32 : 16);
+                const uint8_t *gb = base + (size_t)b * bytes, *codes = gb + (kind == K_Q4_0 ? 16 : 32);
                 int8x16_t l[4][2], hh[4][2];
-                for (int v = 0; v < 4; v++)
-                    for (int z = 0; z < 2; z++) {
+                for (int z = 0; z < 2; z++) {
+                    uint8x16_t p4 = vdupq_n_u8(0), p5 = vdupq_n_u8(0);
+                    if (kind >= K_Q5) p4 = vld1q_u8(gb + 160 + 16 * z);
+                    if (kind == K_Q6) p5 = vld1q_u8(gb + 192 + 16 * z);
+                    for (int v = 0; v < 4; v++) {
                         uint8x16_t c = vld1q_u8(codes + 32 * v + 16 * z);
-                        l[v][z] = vreinterpretq_s8_u8(vandq_u8(c, lowmask));
-                        hh[v][z] = vreinterpretq_s8_u8(vshrq_n_u8(c, 4));
+                        uint8x16_t lo = vandq_u8(c, lowmask), hi = vshrq_n_u8(c, 4);
+                        if (kind >= K_Q5) {
+                            lo = vorrq_u8(lo, vandq_u8(vshlq_u8(p4, vdupq_n_s8((int8_t)(4 - v))), bit4));
+                            hi = vorrq_u8(hi, vandq_u8(vshlq_u8(p4, vdupq_n_s8((int8_t)-v)), bit4));
+                        }
+                        if (kind == K_Q6) {
+                            lo = vorrq_u8(lo, vandq_u8(vshlq_u8(p5, vdupq_n_s8((int8_t)(5 - v))), bit5));
+                            hi = vorrq_u8(hi, vandq_u8(vshlq_u8(p5, vdupq_n_s8((int8_t)(1 - v))), bit5));
+                        }
+                        l[v][z] = vreinterpretq_s8_u8(lo), hh[v][z] = vreinterpretq_s8_u8(hi);
                     }
+                }
+                /* RL_Q4, RL_Q5: d, m; RL_Q6: dlo, dhi; RL_Q4_0: d and m = -8 d */
                 float32x4_t dlo = half4(gb), dhi = half4(gb + 8), mlo, mhi;
-                if (has_m) mlo = half4(gb + 16), mhi = half4(gb + 24);
-                else mlo = vmulq_n_f32(dlo, -8.0f), mhi = vmulq_n_f32(dhi, -8.0f);
+                if (kind == K_Q4_0) mlo = vmulq_n_f32(dlo, -8.0f), mhi = vmulq_n_f32(dhi, -8.0f);
+                else mlo = half4(gb + 16), mhi = half4(gb + 24);
                 for (int r = 0; r < rn; r++) {
                     size_t xi = (size_t)(r0 + r) * ldx + b;
                     const int8_t *xb = x->q + xi * RL_QK;
                     int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16);
-                    int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
-#define Q4_STEP(v)                                                                                             \
-    s0 = vdotq_laneq_s32(s0, l[v][0], x0, v), s0 = vdotq_laneq_s32(s0, hh[v][0], x1, v);                        \
-    s1 = vdotq_laneq_s32(s1, l[v][1], x0, v), s1 = vdotq_laneq_s32(s1, hh[v][1], x1, v);
-                    Q4_STEP(0) Q4_STEP(1) Q4_STEP(2) Q4_STEP(3)
-#undef Q4_STEP
-                    float dx = x->d[xi], sx = x->s[xi];
-                    alo[r] = vfmaq_f32(alo[r], vcvtq_f32_s32(s0), vmulq_n_f32(dlo, dx));
-                    ahi[r] = vfmaq_f32(ahi[r], vcvtq_f32_s32(s1), vmulq_n_f32(dhi, dx));
-                    alo[r] = vfmaq_f32(alo[r], mlo, vdupq_n_f32(sx));
-                    ahi[r] = vfmaq_f32(ahi[r], mhi, vdupq_n_f32(sx));
+                    int32x4_t l0 = vdupq_n_s32(0), l1 = vdupq_n_s32(0), h0 = vdupq_n_s32(0), h1 = vdupq_n_s32(0);
+#define NIB_STEP(v)                                                                                            \
+    l0 = vdotq_laneq_s32(l0, l[v][0], x0, v), h0 = vdotq_laneq_s32(h0, hh[v][0], x1, v);                        \
+    l1 = vdotq_laneq_s32(l1, l[v][1], x0, v), h1 = vdotq_laneq_s32(h1, hh[v][1], x1, v);
+                    NIB_STEP(0) NIB_STEP(1) NIB_STEP(2) NIB_STEP(3)
+#undef NIB_STEP
+                    float dx = x->d[xi];
+                    if (kind == K_Q6) { /* w = d (code - 32): the offset off the exact integer sums */
+                        int32x4_t o0 = vdupq_n_s32(32 * x->h[2 * xi]), o1 = vdupq_n_s32(32 * x->h[2 * xi + 1]);
+                        float32x4_t hlo = half4(gb + 16), hhi = half4(gb + 24);
+                        alo[r] = vfmaq_f32(alo[r], vcvtq_f32_s32(vsubq_s32(l0, o0)), vmulq_n_f32(dlo, dx));
+                        ahi[r] = vfmaq_f32(ahi[r], vcvtq_f32_s32(vsubq_s32(l1, o0)), vmulq_n_f32(dhi, dx));
+                        alo[r] = vfmaq_f32(alo[r], vcvtq_f32_s32(vsubq_s32(h0, o1)), vmulq_n_f32(hlo, dx));
+                        ahi[r] = vfmaq_f32(ahi[r], vcvtq_f32_s32(vsubq_s32(h1, o1)), vmulq_n_f32(hhi, dx));
+                    } else { /* acc += f * (d8 * dx), then acc += m8 * sx, as the AVX2 path */
+                        float sx = x->s[xi];
+                        alo[r] = vfmaq_f32(alo[r], vcvtq_f32_s32(vaddq_s32(l0, h0)), vmulq_n_f32(dlo, dx));
+                        ahi[r] = vfmaq_f32(ahi[r], vcvtq_f32_s32(vaddq_s32(l1, h1)), vmulq_n_f32(dhi, dx));
+                        alo[r] = vfmaq_f32(alo[r], mlo, vdupq_n_f32(sx));
+                        ahi[r] = vfmaq_f32(ahi[r], mhi, vdupq_n_f32(sx));
+                    }
                 }
             }
             for (int r = 0; r < rn; r++) store_rows(w, out + (size_t)(r0 + r) * ldo, g, alo[r], ahi[r]);
@@ -143,12 +175,75 @@ static inline __attribute__((always_inline)) void q4_matvec(const rl_matrix *w, 
 
 void rl_matvec_q4_dotprod(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
                           int g1) {
-    q4_matvec(w, x, rows, ldx, out, ldo, g0, g1, 1);
+    nib_matvec(w, x, rows, ldx, out, ldo, g0, g1, K_Q4);
 }
 
 void rl_matvec_q4_0_dotprod(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
                             int g1) {
-    q4_matvec(w, x, rows, ldx, out, ldo, g0, g1, 0);
+    nib_matvec(w, x, rows, ldx, out, ldo, g0, g1, K_Q4_0);
+}
+
+void rl_matvec_q5_dotprod(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                          int g1) {
+    nib_matvec(w, x, rows, ldx, out, ldo, g0, g1, K_Q5);
+}
+
+void rl_matvec_q6_dotprod(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                          int g1) {
+    nib_matvec(w, x, rows, ldx, out, ldo, g0, g1, K_Q6);
+}
+
+/* RL_T2 (w = d c - d, 2-bit codes, one d per row and 256 inputs): per 32 inputs s, vector h (rows 0..3 in
+ * bytes 0..15, rows 4..7 in 16..31) holds in bits 2 j the codes that pair with activations 16 h + 4 j..+3.
+ * As the AVX2 path: acc += f * (d8 * dx) per 32 inputs, then acc -= d8 * (sum of the 8 blocks' s_x). */
+void rl_matvec_t2_dotprod(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
+                          int g1) {
+    const int nb = w->k / RL_T2_QK, sub = RL_T2_QK / RL_QK;
+    const uint8x16_t three = vdupq_n_u8(3);
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *base = w->data + (size_t)g * nb * RL_T2_GROUP_BLOCK;
+        for (int r0 = 0; r0 < rows; r0 += DP_ROWS) {
+            int rn = rows - r0 < DP_ROWS ? rows - r0 : DP_ROWS;
+            float32x4_t alo[DP_ROWS], ahi[DP_ROWS];
+            for (int r = 0; r < DP_ROWS; r++) alo[r] = ahi[r] = vdupq_n_f32(0.0f);
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *gb = base + (size_t)b * RL_T2_GROUP_BLOCK;
+                float32x4_t dlo = half4(gb), dhi = half4(gb + 8);
+                for (int s = 0; s < sub; s++) {
+                    const uint8_t *cb = gb + 16 + 64 * s;
+                    int8x16_t c[2][4][2]; /* [h][j][rows 0..3 / 4..7] */
+                    for (int h = 0; h < 2; h++)
+                        for (int z = 0; z < 2; z++) {
+                            uint8x16_t v = vld1q_u8(cb + 32 * h + 16 * z);
+                            for (int j = 0; j < 4; j++)
+                                c[h][j][z] = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(v, vdupq_n_s8((int8_t)(-2 * j))), three));
+                        }
+                    for (int r = 0; r < rn; r++) {
+                        size_t xi = (size_t)(r0 + r) * ldx + (size_t)b * sub + s;
+                        const int8_t *xb = x->q + xi * RL_QK;
+                        int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16);
+                        int32x4_t s0 = vdupq_n_s32(0), s1 = vdupq_n_s32(0);
+#define T2_STEP(j)                                                                                             \
+    s0 = vdotq_laneq_s32(s0, c[0][j][0], x0, j), s1 = vdotq_laneq_s32(s1, c[0][j][1], x0, j);                  \
+    s0 = vdotq_laneq_s32(s0, c[1][j][0], x1, j), s1 = vdotq_laneq_s32(s1, c[1][j][1], x1, j);
+                        T2_STEP(0) T2_STEP(1) T2_STEP(2) T2_STEP(3)
+#undef T2_STEP
+                        float dx = x->d[xi];
+                        alo[r] = vfmaq_f32(alo[r], vcvtq_f32_s32(s0), vmulq_n_f32(dlo, dx));
+                        ahi[r] = vfmaq_f32(ahi[r], vcvtq_f32_s32(s1), vmulq_n_f32(dhi, dx));
+                    }
+                }
+                for (int r = 0; r < rn; r++) {
+                    const float *xs = x->s + (size_t)(r0 + r) * ldx + (size_t)b * sub;
+                    float sx = 0.0f;
+                    for (int s = 0; s < sub; s++) sx += xs[s];
+                    alo[r] = vfmsq_f32(alo[r], dlo, vdupq_n_f32(sx));
+                    ahi[r] = vfmsq_f32(ahi[r], dhi, vdupq_n_f32(sx));
+                }
+            }
+            for (int r = 0; r < rn; r++) store_rows(w, out + (size_t)(r0 + r) * ldo, g, alo[r], ahi[r]);
+        }
+    }
 }
 
 /* RL_Q8: byte 4 r + t of vector v (8 vectors) is row r's signed weight 4 v + t */

@@ -106,6 +106,9 @@ void rl_quantize_neon(const float *x, int k, int8_t *q, float *d, float *s, int3
 void rl_matvec_q4_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q4_0_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q8_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q5_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q6_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_t2_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_exp_neon(float *x, int n);
 void rl_attn_part_neon(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 
