@@ -3,8 +3,9 @@
 ctypes releases the GIL for the length of every foreign call, so a whole decode step runs without it.
 `load()` returns None when the library is missing (not built: no compiler at install time), cannot be
 loaded, or is switched off with `RIPELM_NATIVE=0`; callers then run the torch path. `RIPELM_NATIVE_ISA`
-(`ref`, `avx2`; on ARM64 `neon`, `dotprod`) caps the instruction set, for tests and for comparing paths; `RIPELM_NATIVE_SPIN_US` sets how
-long an idle pool worker spins for the next step before it sleeps (default 500).
+(`ref`, `avx2`; on ARM64 `neon`, `dotprod`) caps the instruction set, for tests and for comparing paths;
+`RIPELM_NATIVE_SPIN_US` sets how long an idle pool worker spins for the next step before it sleeps
+(default 500).
 """
 
 from __future__ import annotations
