@@ -3,8 +3,9 @@
 ctypes releases the GIL for the length of every foreign call, so a whole decode step runs without it.
 `load()` returns None when the library is missing (not built: no compiler at install time), cannot be
 loaded, or is switched off with `RIPELM_NATIVE=0`; callers then run the torch path. `RIPELM_NATIVE_ISA`
-(`ref`, `avx2`) caps the instruction set, for tests and for comparing paths; `RIPELM_NATIVE_SPIN_US` sets how
-long an idle pool worker spins for the next step before it sleeps (default 500).
+(`ref`, `avx2`; on ARM64 `neon`, `dotprod`) caps the instruction set, for tests and for comparing paths;
+`RIPELM_NATIVE_SPIN_US` sets how long an idle pool worker spins for the next step before it sleeps
+(default 500).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import importlib.machinery
 import os
 from pathlib import Path
 
-ISA_NAMES = {0: "reference C", 1: "AVX2"}
-ISA_BY_NAME = {"ref": 0, "avx2": 1}
+ISA_NAMES = {0: "reference C", 1: "AVX2", 2: "NEON", 3: "NEON dotprod"}
+ISA_BY_NAME = {"ref": 0, "avx2": 1, "neon": 2, "dotprod": 3}
 # repacked formats (kernels/native/repack.c)
 FMT_Q4, FMT_Q8, FMT_Q5, FMT_Q6, FMT_Q4_0, FMT_T2 = 1, 2, 3, 4, 5, 6
 

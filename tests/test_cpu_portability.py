@@ -7,6 +7,9 @@ picks its kernels at run time.
 - Under qemu-user (Debian's qemu-user; skipped without it): our native library's kernels on an x86-64
   CPU without AVX (qemu64: the reference path) and on a Haswell (AVX2), and the llama.cpp engine on a
   Haswell, which has AVX2 but none of the AVX-512 family.
+- Cross-compiled for ARM64 (aarch64-linux-gnu-gcc; skipped without it or qemu-aarch64): the NEON paths
+  against the reference (tests/native_neon_check.c) under qemu-aarch64 as a CPU with the dot-product
+  extension (-cpu max) and one without (-cpu cortex-a53, which must not get a dotprod instruction).
 """
 
 from __future__ import annotations
@@ -157,3 +160,46 @@ def test_llama_cpp_engine_runs_on_a_haswell(tiny_model_factory):
     r = _under_qemu("Haswell", ["-c", code, str(path)], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] in ("1", "2", "3")
+
+
+CROSS_CC, QEMU_ARM = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+NATIVE_SOURCES = ("decode_step.c", "repack.c", "kernels_ref.c", "kernels_avx2.c", "kernels_neon.c")
+
+
+@pytest.fixture(scope="module")
+def neon_check(tmp_path_factory) -> Path:
+    """tests/native_neon_check.c with the library's C files, built for ARM64 as setup.py does (no -march)."""
+    exe = tmp_path_factory.mktemp("arm64") / "native_neon_check"
+    native = REPO / "kernels" / "native"
+    flags = "-O2 -std=c11 -D_GNU_SOURCE -Wall -Werror".split()
+    sources = [Path(__file__).parent / "native_neon_check.c", *(native / f for f in NATIVE_SOURCES)]
+    cmd = [CROSS_CC, *flags, f"-I{native}", "-o", str(exe), *map(str, sources), "-lm", "-lpthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return exe
+
+
+@pytest.mark.skipif(
+    CROSS_CC is None or QEMU_ARM is None or llama_cpp_flags.platform.machine() != "x86_64",
+    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 on an x86-64 host",
+)
+@pytest.mark.parametrize(
+    "cpu,best,paths", [("max", 3, 2), ("cortex-a53", 2, 1)], ids=["arm64-dotprod", "arm64-neon-only"]
+)
+def test_neon_kernels_match_the_reference_under_qemu_aarch64(neon_check, cpu, best, paths):
+    r = subprocess.run(
+        [QEMU_ARM, "-cpu", cpu, "-L", "/usr/aarch64-linux-gnu", str(neon_check)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert r.returncode == 0 and not failed, (
+        f"{cpu}: rc {r.returncode}\n" + "\n".join(failed[:20]) + r.stderr[-2000:]
+    )
+    lines = r.stdout.splitlines()
+    # -cpu max has dotprod, a Cortex-A53 has not (a dotprod instruction there would be SIGILL, rc -4)
+    assert lines[0] == f"best isa {best}", cpu
+    assert lines[-1] == f"{paths} paths checked, 0 failures", cpu
+    matvecs = [line for line in lines if line.startswith(f"ok   isa {best} matvec")]
+    assert len(matvecs) == 21, cpu  # 7 formats x 3 batch sizes on the best path

@@ -12,7 +12,8 @@
  * first and each attends to positions <= its own, so any mix of sequences and rows works. Every row is
  * computed by the same code whatever the batch, so a sequence's output does not depend on its batch.
  *
- * The instruction set is chosen at run time (cpuid via __builtin_cpu_supports); the vector kernels are
+ * The instruction set is chosen at run time (x86-64: cpuid via __builtin_cpu_supports; ARM64: NEON is
+ * baseline, the dot-product extension is read from the OS, see kernels_neon.c); the vector kernels are
  * compiled with function target attributes, never with the build machine's -march.
  */
 #include <math.h>
@@ -58,11 +59,26 @@ static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
                                         rl_exp_avx2,
                                         rl_attn_part_avx2};
 #endif
+#if defined(__aarch64__)
+/* the int8 matvecs need dot products: without them, the reference kernels */
+static const rl_kernels KERNELS_NEON = {RL_ISA_NEON, rl_quantize_neon,
+                                        {0, rl_matvec_q4_ref, rl_matvec_q8_ref, rl_matvec_q5_ref, rl_matvec_q6_ref,
+                                         rl_matvec_q4_0_ref, rl_matvec_t2_ref},
+                                        rl_exp_neon,
+                                        rl_attn_part_neon};
+static const rl_kernels KERNELS_DOTPROD = {RL_ISA_DOTPROD, rl_quantize_neon,
+                                           {0, rl_matvec_q4_dotprod, rl_matvec_q8_dotprod, rl_matvec_q5_dotprod,
+                                            rl_matvec_q6_dotprod, rl_matvec_q4_0_dotprod, rl_matvec_t2_dotprod},
+                                           rl_exp_neon,
+                                           rl_attn_part_neon};
+#endif
 
 int rl_cpu_best_isa(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return RL_ISA_AVX2;
+#elif defined(__aarch64__)
+    return rl_neon_has_dotprod() ? RL_ISA_DOTPROD : RL_ISA_NEON;
 #endif
     return RL_ISA_REF;
 }
@@ -70,6 +86,9 @@ int rl_cpu_best_isa(void) {
 static const rl_kernels *kernels_for(int isa) {
 #if defined(__x86_64__)
     if (isa == RL_ISA_AVX2 && rl_cpu_best_isa() >= RL_ISA_AVX2) return &KERNELS_AVX2;
+#elif defined(__aarch64__)
+    if (isa == RL_ISA_DOTPROD && rl_cpu_best_isa() >= RL_ISA_DOTPROD) return &KERNELS_DOTPROD;
+    if (isa == RL_ISA_NEON || isa == RL_ISA_DOTPROD) return &KERNELS_NEON;
 #endif
     (void)isa;
     return &KERNELS_REF;
@@ -703,7 +722,8 @@ int rl_head(rl_model *m, int n_threads, int rows, const float *h, float *logits)
 
 /* ---- single kernels, for tests ------------------------------------------------------------------- */
 
-int rl_isa_available(int isa) { return isa <= rl_cpu_best_isa(); }
+/* a path this CPU runs and this build has (on ARM64, AVX2 is neither) */
+int rl_isa_available(int isa) { return kernels_for(isa)->isa == isa; }
 
 int rl_test_quantize(int isa, const float *x, int k, int8_t *q, float *d, float *s, int32_t *h) {
     const rl_kernels *K = kernels_for(isa);

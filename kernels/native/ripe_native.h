@@ -14,7 +14,8 @@ enum {
     GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_TQ1_0 = 34, GGML_TQ2_0 = 35
 };
 /* Instruction-set paths, best last. */
-enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1 };
+/* x86-64: REF, AVX2; ARM64: REF, NEON (no dot products), DOTPROD (NEON + the dot-product extension). */
+enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1, RL_ISA_NEON = 2, RL_ISA_DOTPROD = 3 };
 
 #define RL_QK 32   /* weights and activations are quantized in blocks of 32 */
 #define RL_ROWS 8  /* output rows interleaved per group in the repacked layout (repack.c) */
@@ -99,6 +100,17 @@ void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, flo
 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 void rl_exp_ref(float *x, int n);
 void rl_exp_avx2(float *x, int n);
+/* ARM64 (kernels_neon.c) */
+int rl_neon_has_dotprod(void);
+void rl_quantize_neon(const float *x, int k, int8_t *q, float *d, float *s, int32_t *h);
+void rl_matvec_q4_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q4_0_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q8_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q5_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q6_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_t2_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_exp_neon(float *x, int n);
+void rl_attn_part_neon(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 
 /* code i (0..31) of row r in an RL_Q4, RL_Q4_0, RL_Q5 or RL_Q6 group-block gb (see repack.c) */
 static inline int rl_code(int fmt, const uint8_t *gb, int r, int i) {
