@@ -14,7 +14,10 @@ setup(
     ext_modules=[
         Extension(
             "ripelm.kernels._ripe_native",
-            sources=[NATIVE + f for f in ("decode_step.c", "repack.c", "kernels_ref.c", "kernels_avx2.c", "kernels_neon.c")],
+            sources=[
+                NATIVE + f
+                for f in ("decode_step.c", "repack.c", "kernels_ref.c", "kernels_avx2.c", "kernels_neon.c")
+            ],
             depends=[NATIVE + "ripe_native.h"],
             extra_compile_args=["-O3", "-std=c11", "-D_GNU_SOURCE", "-fno-strict-aliasing"],
             libraries=["m"],
