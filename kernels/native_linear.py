@@ -2,8 +2,8 @@
 
 When the native decode step runs a model, its repacked int4/int8/ternary blocks are the one copy of the
 weights in memory: decode reads them in C, and the torch path (prefill chunks of 32 rows and more)
-dequantizes a layer's weights from them on the fly, as it did from the file before. So neither torch's
-packed int4 copy nor the model file stays resident.
+dequantizes a layer's weights from them on the fly, as it did from the file before (the embedding and the
+output head read them in C). So neither torch's packed int4 copy nor the model file stays resident.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class WeightArena:
 
     def __init__(self, chunk: int = 32 << 20):
         self.chunk = chunk
-        self._maps: list[mmap.mmap] = []
         self._buf: np.ndarray | None = None
         self._at = 0
 
@@ -49,7 +48,6 @@ class WeightArena:
                     m.madvise(mmap.MADV_HUGEPAGE)
                 except OSError:  # THP compiled out: plain pages
                     pass
-            self._maps.append(m)
             self._buf, self._at = np.frombuffer(m, dtype=np.uint8), 0
         out = self._buf[self._at : self._at + nbytes]
         self._at += -(-nbytes // 64) * 64
@@ -120,3 +118,34 @@ class RepackedEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table.rows(self.lib, tokens.cpu())
+
+
+class RepackedHead(nn.Module):
+    """The output head on the native library, for the torch path's logits (the last rows of a prefill).
+    `weights`: a runtime.native_decode.NativeWeights (its lib, isa, cfg and repacked head)."""
+
+    def __init__(self, weights) -> None:  # noqa: ANN001 - NativeWeights (runtime imports this module)
+        super().__init__()
+        self.lib, self.head = weights.lib, weights.head
+        cfg = weights.cfg
+        self.vocab = cfg.vocab_size
+        one = np.ones(1, dtype=np.float32)
+        handle = self.lib.rl_model_new(1, cfg.hidden, 1, 1, 8, cfg.ffn, 0, 0, 1e-6, 1.0, one.ctypes.data)
+        if not handle:
+            raise MemoryError("native head: out of memory")
+        self.handle = handle
+        self.lib.rl_model_set_isa(handle, weights.isa)
+        self.lib.rl_model_set_head(handle, None, self.head.fmt, self.vocab, self.head.data.ctypes.data)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.float().contiguous()
+        rows = h.shape[0]
+        logits = torch.empty(rows, (self.vocab + 7) // 8 * 8, dtype=torch.float32)  # whole 8-row groups
+        if self.lib.rl_head(self.handle, torch.get_num_threads(), rows, h.data_ptr(), logits.data_ptr()) != 0:
+            raise MemoryError("native head: out of memory for its buffers")
+        return logits[:, : self.vocab]
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", None):
+            self.lib.rl_model_free(self.handle)
+            self.handle = None

@@ -219,8 +219,7 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
     dequantize them per call, and the embedding and head rows come from them too, so nothing keeps the
     file's bytes once this returns.
     """
-    from ripelm.kernels.native_linear import RepackedEmbedding, RepackedLinear
-    from ripelm.runtime.native_decode import NativeHead
+    from ripelm.kernels.native_linear import RepackedEmbedding, RepackedHead, RepackedLinear
 
     cfg = weights.cfg
     lib = weights.lib
@@ -267,7 +266,7 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
         embed,
         layers,
         vec("output_norm.weight"),
-        NativeHead(weights),
+        RepackedHead(weights),
         dtype=dtype,
         device=device,
         rope_freq_factors=freq_factors,

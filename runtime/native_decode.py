@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from ripelm.kernels import native_lib
 from ripelm.kernels.cpu_features import cpu_has_bf16_matmul
@@ -377,34 +376,3 @@ class NativeRunner:
         if rc != 0:
             raise MemoryError("native step: out of memory refining logits")
         return logits[:, : self.vocab], h
-
-
-class NativeHead(nn.Module):
-    """The output head on the native library, for the torch path's logits (the last rows of a prefill)."""
-
-    def __init__(self, weights: NativeWeights):
-        super().__init__()
-        self.weights = weights
-        self.lib = weights.lib
-        cfg = weights.cfg
-        self.vocab = cfg.vocab_size
-        one = np.ones(1, dtype=np.float32)
-        handle = self.lib.rl_model_new(1, cfg.hidden, 1, 1, 8, cfg.ffn, 0, 0, 1e-6, 1.0, one.ctypes.data)
-        if not handle:
-            raise MemoryError("native head: out of memory")
-        self.handle = handle
-        self.lib.rl_model_set_isa(handle, weights.isa)
-        self.lib.rl_model_set_head(handle, None, weights.head.fmt, self.vocab, _ptr(weights.head.data))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.float().contiguous()
-        rows = h.shape[0]
-        logits = torch.empty(rows, _pad_rows(self.vocab), dtype=torch.float32)
-        if self.lib.rl_head(self.handle, torch.get_num_threads(), rows, h.data_ptr(), logits.data_ptr()) != 0:
-            raise MemoryError("native head: out of memory for its buffers")
-        return logits[:, : self.vocab]
-
-    def __del__(self) -> None:
-        if getattr(self, "handle", None):
-            self.lib.rl_model_free(self.handle)
-            self.handle = None

@@ -466,6 +466,29 @@ AVX2 static inline __m256 kv8(const uint16_t *p, int f16) {
     return f16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* softmax pieces of one head's scores s[0..n): m = max, l = sum exp(s - m); s becomes exp(s - m) */
+AVX2 static void softmax_part(float *s, int n, float *m, float *l) {
+    __m256 mx8 = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
+    float tmp[8], mx = -INFINITY;
+    _mm256_storeu_ps(tmp, mx8);
+    for (int z = 0; z < 8; z++) mx = tmp[z] > mx ? tmp[z] : mx;
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    __m256 vm = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+        _mm256_storeu_ps(s + i, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum8(sum8);
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    *m = mx, *l = sum;
+}
+
 #define RL_ATTN_MAX_G 16
 #define RL_ATTN_MAX_D 256
 
@@ -510,28 +533,7 @@ AVX2 static void attn_part_generic(const rl_attn_args *a, int k0, int k1, float 
             }
         }
     }
-    for (int g = 0; g < G; g++) {
-        float *s = scratch + (size_t)g * n;
-        __m256 mx8 = _mm256_set1_ps(-INFINITY);
-        int i = 0;
-        for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
-        float tmp[8], mx = -INFINITY;
-        _mm256_storeu_ps(tmp, mx8);
-        for (int z = 0; z < 8; z++) mx = tmp[z] > mx ? tmp[z] : mx;
-        for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-        __m256 vm = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
-        for (i = 0; i + 8 <= n; i += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-            _mm256_storeu_ps(s + i, e);
-            sum8 = _mm256_add_ps(sum8, e);
-        }
-        float sum = hsum8(sum8);
-        for (; i < n; i++) {
-            s[i] = expf(s[i] - mx);
-            sum += s[i];
-        }
-        m[g] = mx, l[g] = sum;
-    }
+    for (int g = 0; g < G; g++) softmax_part(scratch + (size_t)g * n, n, m + g, l + g);
     /* weighted values: accumulators stay in registers for up to four heads over 32 dims at a time */
     for (int g0 = 0; g0 < G; g0 += 4) {
         int gn = G - g0 < 4 ? G - g0 : 4;
@@ -557,29 +559,6 @@ AVX2 static void attn_part_generic(const rl_attn_args *a, int k0, int k1, float 
                 for (int i = 0; i < cn; i++) _mm256_storeu_ps(acc + (size_t)(g0 + g) * d + 8 * (c + i), ac[g][i]);
         }
     }
-}
-
-/* softmax pieces of one head's scores s[0..n): m = max, l = sum exp(s - m); s becomes exp(s - m) */
-AVX2 static void softmax_part(float *s, int n, float *m, float *l) {
-    __m256 mx8 = _mm256_set1_ps(-INFINITY);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
-    float tmp[8], mx = -INFINITY;
-    _mm256_storeu_ps(tmp, mx8);
-    for (int z = 0; z < 8; z++) mx = tmp[z] > mx ? tmp[z] : mx;
-    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-    __m256 vm = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();
-    for (i = 0; i + 8 <= n; i += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-        _mm256_storeu_ps(s + i, e);
-        sum8 = _mm256_add_ps(sum8, e);
-    }
-    float sum = hsum8(sum8);
-    for (; i < n; i++) {
-        s[i] = expf(s[i] - mx);
-        sum += s[i];
-    }
-    *m = mx, *l = sum;
 }
 
 /* weighted values of GN (1..3) heads over 32 dims (4 vectors) starting at vector c, in registers */
