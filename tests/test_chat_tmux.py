@@ -23,12 +23,19 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 RIPE = Path(sys.executable).with_name("ripe")
 
 
-def tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
+def tmux(session: str, *args: str) -> str:
+    """Run a tmux command on the server of `session` alone (`-L`): every app run gets a fresh server, so a
+    new session never meets a server that is exiting because the previous run's last session ended (its
+    "server exited unexpectedly")."""
+    return subprocess.run(["tmux", "-L", session, *args], check=True, capture_output=True, text=True).stdout
+
+
+def end_session(session: str) -> None:
+    subprocess.run(["tmux", "-L", session, "kill-server"], capture_output=True)
 
 
 def screen(session: str) -> str:
-    return tmux("capture-pane", "-p", "-t", session)
+    return tmux(session, "capture-pane", "-p", "-t", session)
 
 
 def poll(predicate, timeout: float, what: str):
@@ -46,11 +53,12 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
         pytest.skip("the ripe script is not installed next to this python")
     session = f"ripe-test-{os.getpid()}"
     cmd = f"env RIPELM_HOME={tmp_path} TERM=xterm-256color {RIPE} chat --temp 0 -n 300 --ctx 2048"
-    tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
+    tmux(session, "new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
     try:
         poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
-        pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
-        tmux("send-keys", "-t", session, "What is the capital of France? Answer in one sentence.", "Enter")
+        pid = int(tmux(session, "display-message", "-p", "-t", session, "#{pane_pid}").strip())
+        question = "What is the capital of France? Answer in one sentence."
+        tmux(session, "send-keys", "-t", session, question, "Enter")
         # the answer streams onto the screen: it grows, then the reply ends (the label loses "streaming")
         poll(lambda: "Assistant" in screen(session), 60, "the reply to start")
         db = tmp_path / "chats.db"
@@ -70,11 +78,11 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
         assert "Paris" in answer, answer
         assert "What is the capital of France?" in shown  # the prompt wraps on the screen
 
-        tmux("send-keys", "-t", session, "Write a long story about a dragon.", "Enter")
+        tmux(session, "send-keys", "-t", session, "Write a long story about a dragon.", "Enter")
         poll(lambda: any(len(t) > 40 for t in replies(PARTIAL)), 120, "the second reply to stream")
         os.kill(pid, signal.SIGKILL)
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        end_session(session)
     store = ChatStore(tmp_path / "chats.db")
     assert store.integrity() == "ok"
     (chat,) = store.chats()
@@ -104,14 +112,14 @@ def app_run(cmd: str, session: str, db: Path, question: str, kill_after: float |
     """Start the app in tmux, check it shows a reply cut off by the last kill as interrupted, send
     `question`; then SIGKILL it `kill_after` seconds later (returns the messages stored just before the
     kill), or with None let the reply finish."""
-    tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "40", cmd)
+    tmux(session, "new-session", "-d", "-s", session, "-x", "100", "-y", "40", cmd)
     try:
         poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
         last = stored_messages(db)[-1:]
         if last and last[0][1] == "assistant" and last[0][3] == PARTIAL:
             poll(lambda: "Assistant (interrupted)" in screen(session), 10, "the interrupted reply shown")
-        pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
-        tmux("send-keys", "-t", session, question, "Enter")
+        pid = int(tmux(session, "display-message", "-p", "-t", session, "#{pane_pid}").strip())
+        tmux(session, "send-keys", "-t", session, question, "Enter")
         poll(lambda: any(m[2] == question for m in stored_messages(db)), 30, "the message to be stored")
         if kill_after is None:
             poll(
@@ -123,7 +131,7 @@ def app_run(cmd: str, session: str, db: Path, question: str, kill_after: float |
         os.kill(pid, signal.SIGKILL)
         return before
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        end_session(session)
 
 
 def test_ripe_chat_killed_at_random_and_restarted(tiny_model_factory, tmp_path):
