@@ -9,7 +9,9 @@ Shapes (`SHAPES`): `llama-1b-q4_0` is Llama-3.2-1B (hidden 2048, 16 layers, 32/8
 head) in Q4_0; `qwen2.5-0.5b-q4_k_m` is Qwen2.5-0.5B (hidden 896, 24 layers, 14/2 heads, FFN 4864, Q/K/V
 biases) typed as llama.cpp's Q4_K_M makes it: rows of 896 do not split into 256-wide K-quant blocks, so
 those tensors fall back to Q5_0 (Q8_0 where Q6_K was due), ffn_down (rows of 4864) is Q4_K and every
-other layer's Q6_K, and the token table Q8_0.
+other layer's Q6_K, and the token table Q8_0. For GPUs: `llama-2-7b-q4_0` (hidden 4096, 32 layers, 32/32
+heads, FFN 11008) in Q4_0 and `llama-3.1-8b-q4_k_m` (hidden 4096, 32 layers, 32/8 heads, FFN 14336) in
+Q4_K with Q6_K for half the attn_v and ffn_down; both with a tied head over the bundled vocabulary.
 """
 
 from __future__ import annotations
@@ -60,11 +62,24 @@ def _q4_k_m(kind: str, layer: int) -> QuantType:
     return QuantType.Q8_0 if kind == "attn_v" and layer % 2 == 0 else QuantType.Q5_0
 
 
+def _llama_q4_k_m(kind: str, layer: int) -> QuantType:
+    """llama.cpp's Q4_K_M for a Llama of 32 layers: Q6_K for half the attn_v and ffn_down (its "more bits"
+    layers: the first and last quarters' every other, simplified here to the even layers), else Q4_K."""
+    if kind in ("attn_v", "ffn_down") and layer % 2 == 0:
+        return QuantType.Q6_K
+    return QuantType.Q4_K
+
+
 SHAPES = {
     "llama-1b-q4_0": Shape(
         "llama", 2048, 16, 32, 8, 8192, 8192, 500000.0, False, lambda k, i: QuantType.Q4_0
     ),
     "qwen2.5-0.5b-q4_k_m": Shape("qwen2", 896, 24, 14, 2, 4864, 32768, 1000000.0, True, _q4_k_m),
+    # the GPU benchmarks' shapes (issue: a real CUDA decode path)
+    "llama-2-7b-q4_0": Shape(
+        "llama", 4096, 32, 32, 32, 11008, 4096, 10000.0, False, lambda k, i: QuantType.Q4_0
+    ),
+    "llama-3.1-8b-q4_k_m": Shape("llama", 4096, 32, 32, 8, 14336, 8192, 500000.0, False, _llama_q4_k_m),
 }
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ripelm.kernels.paged_attention import PagedBatch
 from ripelm.runtime.block_allocator import chain_hash
+from ripelm.runtime.cuda_step import StaticDecode, graphs_enabled
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
@@ -89,6 +90,12 @@ class Engine:
         self.allocator = self.cache.allocator
         # The native CPU step runs decode steps and short prefill chunks when the model has it.
         self.native = model.native.runner(self.cache) if getattr(model, "native", None) is not None else None
+        # On CUDA, decode steps replay CUDA graphs of a static-shaped forward (captured here, at load).
+        self.static = (
+            StaticDecode(model, self.cache, context_length)
+            if self.cache.device.type == "cuda" and graphs_enabled()
+            else None
+        )
         self.scheduler = Scheduler(self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk)
         self.counters = EngineCounters(total_blocks=blocks, block_size=block_size)
         self._ids = itertools.count(1)
@@ -222,6 +229,11 @@ class Engine:
         # K/V as when it was first decoded (and its greedy continuation the same tokens).
         if self.native is not None and (self.native.takes(sum(plan.counts)) or plan.seqs[0].preemptions > 0):
             self._run_native(plan, starts, new)
+            return
+        if plan.kind == "decode" and self.static is not None and self.static.takes(len(plan.seqs)):
+            x = self.model.embed(torch.tensor([c[0] for c in new], dtype=torch.long)).float()
+            logits = self.static.forward(x, starts, [s.table.blocks for s in plan.seqs])
+            self._commit(plan, new, list(range(len(plan.seqs))), logits)
             return
         batch = PagedBatch(
             self.allocator.block_size,
