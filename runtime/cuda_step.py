@@ -22,6 +22,7 @@ the engine's general path on the CPU, with `paged_decode_torch` standing in for 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -60,6 +61,21 @@ def paged_decode_torch(
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
     return out.reshape(bsz, h, d).to(q.dtype)
+
+
+def static_decode_or_none(model: Transformer, cache, context_length: int) -> StaticDecode | None:  # noqa: ANN001
+    """The engine's CUDA decode step; if the kernels cannot be built or captured here, one line on stderr
+    and None (the engine then decodes through the eager blockwise path), never a failed load."""
+    try:
+        return StaticDecode(model, cache, context_length)
+    except Exception as exc:  # a Triton compile error, a capture error: whatever it is, decoding still works
+        cache.k[:, 0].zero_()
+        cache.v[:, 0].zero_()
+        print(
+            f"ripe: CUDA graph decode unavailable ({type(exc).__name__}: {exc}); decoding eagerly",
+            file=sys.stderr,
+        )
+        return None
 
 
 class _Attend(KVCacheLike):

@@ -19,7 +19,7 @@ import torch
 
 from ripelm.kernels.paged_attention import PagedBatch
 from ripelm.runtime.block_allocator import chain_hash
-from ripelm.runtime.cuda_step import StaticDecode, graphs_enabled
+from ripelm.runtime.cuda_step import graphs_enabled, static_decode_or_none
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
@@ -92,7 +92,7 @@ class Engine:
         self.native = model.native.runner(self.cache) if getattr(model, "native", None) is not None else None
         # On CUDA, decode steps replay CUDA graphs of a static-shaped forward (captured here, at load).
         self.static = (
-            StaticDecode(model, self.cache, context_length)
+            static_decode_or_none(model, self.cache, context_length)
             if self.cache.device.type == "cuda" and graphs_enabled()
             else None
         )
