@@ -16,9 +16,16 @@ setup(
             "ripelm.kernels._ripe_native",
             sources=[
                 NATIVE + f
-                for f in ("decode_step.c", "repack.c", "kernels_ref.c", "kernels_avx2.c", "kernels_neon.c")
+                for f in (
+                    "decode_step.c",
+                    "repack.c",
+                    "kernels_ref.c",
+                    "kernels_avx2.c",
+                    "kernels_vnni.c",
+                    "kernels_neon.c",
+                )
             ],
-            depends=[NATIVE + "ripe_native.h"],
+            depends=[NATIVE + f for f in ("ripe_native.h", "x86_helpers.h", "x86_int8_dots.inc")],
             extra_compile_args=["-O3", "-std=c11", "-D_GNU_SOURCE", "-fno-strict-aliasing"],
             libraries=["m"],
             optional=True,

@@ -3,9 +3,9 @@
 ctypes releases the GIL for the length of every foreign call, so a whole decode step runs without it.
 `load()` returns None when the library is missing (not built: no compiler at install time), cannot be
 loaded, or is switched off with `RIPELM_NATIVE=0`; callers then run the torch path. `RIPELM_NATIVE_ISA`
-(`ref`, `avx2`; on ARM64 `neon`, `dotprod`) caps the instruction set, for tests and for comparing paths;
-`RIPELM_NATIVE_SPIN_US` sets how long an idle pool worker spins for the next step before it sleeps
-(default 500).
+(`ref`, `avx2`, `avxvnni`, `avx512vnni`; on ARM64 `neon`, `dotprod`) caps the instruction set, for tests and
+for comparing paths; `RIPELM_NATIVE_SPIN_US` sets how long an idle pool worker spins for the next step
+before it sleeps (default 500).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import importlib.machinery
 import os
 from pathlib import Path
 
-ISA_NAMES = {0: "reference C", 1: "AVX2", 2: "NEON", 3: "NEON dotprod"}
-ISA_BY_NAME = {"ref": 0, "avx2": 1, "neon": 2, "dotprod": 3}
+ISA_NAMES = {0: "reference C", 1: "AVX2", 2: "NEON", 3: "NEON dotprod", 4: "AVX-VNNI", 5: "AVX512-VNNI"}
+ISA_BY_NAME = {"ref": 0, "avx2": 1, "neon": 2, "dotprod": 3, "avxvnni": 4, "avx512vnni": 5}
 # repacked formats (kernels/native/repack.c)
 FMT_Q4, FMT_Q8, FMT_Q5, FMT_Q6, FMT_Q4_0, FMT_T2 = 1, 2, 3, 4, 5, 6
 
@@ -115,8 +115,8 @@ def best_isa(lib: ctypes.CDLL) -> int:
     """The best instruction-set path this CPU runs, capped by RIPELM_NATIVE_ISA."""
     isa = lib.rl_cpu_best_isa()
     cap = os.environ.get("RIPELM_NATIVE_ISA", "").strip().lower()
-    if cap in ISA_BY_NAME:
-        isa = min(isa, ISA_BY_NAME[cap])
+    if cap in ISA_BY_NAME:  # the best path this CPU has at or below the cap (ids rank paths within an arch)
+        isa = max((i for i in available_isas(lib) if i <= min(isa, ISA_BY_NAME[cap])), default=0)
     return isa
 
 

@@ -3,12 +3,13 @@
  * and without the dot-product extension (tests/test_cpu_portability.py).
  *
  *   aarch64-linux-gnu-gcc -O2 -std=c11 -D_GNU_SOURCE -Ikernels/native tests/native_neon_check.c \
- *       kernels/native/{decode_step,repack,kernels_ref,kernels_avx2,kernels_neon}.c -lm -lpthread
+ *       kernels/native/{decode_step,repack,kernels_ref,kernels_avx2,kernels_vnni,kernels_neon}.c -lm -lpthread
  *
  * GGUF blocks are fixed pseudo-random bytes with finite fp16 scales, repacked by rl_repack. Checks:
  * quantize bit-exact; matvec within 1e-4 of the max |value| (and every row of a batch equal to that row
- * alone); exp within 1e-6 relative; attention (m, l, acc / l) within 1e-5. One line per check; exit 1 on
- * any mismatch. Prints "best isa N" first.
+ * alone; the VNNI paths equal to AVX2's); exp within 1e-6 relative; attention (m, l, acc / l) within 1e-5.
+ * One line per check; exit 1 on any mismatch. Prints "best isa N" first. Natively on x86-64 it checks every
+ * path the CPU has (AVX2, AVX-VNNI, AVX512-VNNI).
  */
 #include <math.h>
 #include <stdio.h>
@@ -107,9 +108,16 @@ static void check_matvec(int isa) {
                 rl_test_matvec(isa, fmt, packed, n, k, x + (size_t)r * k, 1, one);
                 for (int j = 0; j < n; j++) batch_err = bigger(batch_err, fabs(one[j] - out[r * ldo + j]));
             }
+            if (isa == RL_ISA_AVXVNNI || isa == RL_ISA_AVX512VNNI) { /* the AVX2 loops: the same bits */
+                float *avx2 = calloc((size_t)rows * ldo, sizeof(float));
+                rl_test_matvec(RL_ISA_AVX2, fmt, packed, n, k, x, rows, avx2);
+                for (int r = 0; r < rows; r++)
+                    for (int j = 0; j < n; j++) batch_err = bigger(batch_err, fabs(avx2[r * ldo + j] - out[r * ldo + j]));
+                free(avx2);
+            }
             char what[96];
-            snprintf(what, sizeof what, "matvec %s rows %d (max |ref| %.3g, batch diff %.3g)", FORMATS[f].name, rows,
-                     mx, batch_err);
+            snprintf(what, sizeof what, "matvec %s rows %d (max |ref| %.3g, batch/AVX2 diff %.3g)", FORMATS[f].name,
+                     rows, mx, batch_err);
             report(got == isa && mx > 0.0 && err <= 1e-4 * mx && batch_err == 0.0, what, isa, err / mx);
             free(ref), free(out);
         }
@@ -168,7 +176,7 @@ int main(void) {
     int best = rl_cpu_best_isa();
     printf("best isa %d\n", best);
     int checked = 0;
-    for (int isa = 1; isa <= 3; isa++) {
+    for (int isa = 1; isa < RL_N_ISA; isa++) {
         if (!rl_isa_available(isa)) continue;
         checked++;
         check_quantize(isa);

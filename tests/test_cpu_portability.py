@@ -163,7 +163,9 @@ def test_llama_cpp_engine_runs_on_a_haswell(tiny_model_factory):
 
 
 CROSS_CC, QEMU_ARM = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
-NATIVE_SOURCES = ("decode_step.c", "repack.c", "kernels_ref.c", "kernels_avx2.c", "kernels_neon.c")
+NATIVE_SOURCES = (
+    "decode_step.c", "repack.c", "kernels_ref.c", "kernels_avx2.c", "kernels_vnni.c", "kernels_neon.c"
+)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,17 @@ static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
                                          rl_matvec_q6_avx2, rl_matvec_q4_0_avx2, rl_matvec_t2_avx2},
                                         rl_exp_avx2,
                                         rl_attn_part_avx2};
+static const rl_kernels KERNELS_AVXVNNI = {RL_ISA_AVXVNNI, rl_quantize_avx2,
+                                           {0, rl_matvec_q4_avxvnni, rl_matvec_q8_avxvnni, rl_matvec_q5_avx2,
+                                            rl_matvec_q6_avx2, rl_matvec_q4_0_avxvnni, rl_matvec_t2_avx2},
+                                           rl_exp_avx2,
+                                           rl_attn_part_avx2};
+static const rl_kernels KERNELS_AVX512VNNI = {RL_ISA_AVX512VNNI, rl_quantize_avx2,
+                                              {0, rl_matvec_q4_avx512vnni, rl_matvec_q8_avx512vnni,
+                                               rl_matvec_q5_avx2, rl_matvec_q6_avx2, rl_matvec_q4_0_avx512vnni,
+                                               rl_matvec_t2_avx2},
+                                              rl_exp_avx2,
+                                              rl_attn_part_avx2};
 #endif
 #if defined(__aarch64__)
 /* the int8 matvecs need dot products: without them, the reference kernels */
@@ -73,10 +84,28 @@ static const rl_kernels KERNELS_DOTPROD = {RL_ISA_DOTPROD, rl_quantize_neon,
                                            rl_attn_part_neon};
 #endif
 
+#if defined(__x86_64__)
+/* whether this CPU runs an x86 path: libgcc's cpu model reports AVX-512 features only when the OS saves
+ * their state (XCR0), so an AVX512 path is never chosen where its instructions would fault */
+static int x86_supports(int isa) {
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    switch (isa) {
+    case RL_ISA_AVX2: return avx2;
+    case RL_ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+    case RL_ISA_AVX512VNNI:
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni");
+    default: return 0;
+    }
+}
+#endif
+
 int rl_cpu_best_isa(void) {
 #if defined(__x86_64__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return RL_ISA_AVX2;
+    if (x86_supports(RL_ISA_AVX512VNNI)) return RL_ISA_AVX512VNNI;
+    if (x86_supports(RL_ISA_AVXVNNI)) return RL_ISA_AVXVNNI;
+    if (x86_supports(RL_ISA_AVX2)) return RL_ISA_AVX2;
 #elif defined(__aarch64__)
     return rl_neon_has_dotprod() ? RL_ISA_DOTPROD : RL_ISA_NEON;
 #endif
@@ -85,7 +114,9 @@ int rl_cpu_best_isa(void) {
 
 static const rl_kernels *kernels_for(int isa) {
 #if defined(__x86_64__)
-    if (isa == RL_ISA_AVX2 && rl_cpu_best_isa() >= RL_ISA_AVX2) return &KERNELS_AVX2;
+    if (isa == RL_ISA_AVX512VNNI && x86_supports(isa)) return &KERNELS_AVX512VNNI;
+    if (isa == RL_ISA_AVXVNNI && x86_supports(isa)) return &KERNELS_AVXVNNI;
+    if (isa == RL_ISA_AVX2 && x86_supports(isa)) return &KERNELS_AVX2;
 #elif defined(__aarch64__)
     if (isa == RL_ISA_DOTPROD && rl_cpu_best_isa() >= RL_ISA_DOTPROD) return &KERNELS_DOTPROD;
     if (isa == RL_ISA_NEON || isa == RL_ISA_DOTPROD) return &KERNELS_NEON;

@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "ripe_native.h"
+#include "x86_helpers.h"
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -47,22 +48,9 @@ AVX2 void rl_quantize_avx2(const float *x, int k, int8_t *q, float *d, float *s,
     }
 }
 
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    __builtin_memcpy(&v, p, 4);
-    return v;
-}
-
-static inline void store_rows(const rl_matrix *w, float *out, int g, const float *vals) {
-    for (int j = 0; j < RL_ROWS; j++) {
-        int n = g * RL_ROWS + j;
-        out[n] = vals[j] + (w->bias && n < w->n ? w->bias[n] : 0.0f);
-    }
-}
-
 /* row sums of 32 codes times 32 activations, one 32-bit lane per output row: the eight maddubs partial
  * sums stay in 16 bits (16 products of at most 15 * 127 fit) until one widening per block */
-AVX2 static inline __attribute__((always_inline)) __m256i q4_dot(__m256i l0, __m256i h0, __m256i l1, __m256i h1, __m256i l2, __m256i h2, __m256i l3,
+AVX2 static inline __attribute__((always_inline)) __m256i q4_dot_avx2(__m256i l0, __m256i h0, __m256i l1, __m256i h1, __m256i l2, __m256i h2, __m256i l3,
                                    __m256i h3, const int8_t *xb) {
     __m256i s = _mm256_maddubs_epi16(l0, _mm256_set1_epi32(load_i32(xb)));
     s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h0, _mm256_set1_epi32(load_i32(xb + 16))));
@@ -75,152 +63,18 @@ AVX2 static inline __attribute__((always_inline)) __m256i q4_dot(__m256i l0, __m
     return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
-/* The Q4 kernels serve two layouts (repack.c): RL_Q4 (fp16 d[8], m[8], codes at byte 32; 160-byte blocks)
- * and RL_Q4_0 (fp16 d[8], codes at byte 16, m = -8 d computed here; 144-byte blocks). `has_m` is a
- * constant at every call, so each layout gets its own specialized copy. */
-#define Q4_INLINE AVX2 static inline __attribute__((always_inline))
-
-Q4_INLINE void q4_unpack(const uint8_t *codes, __m256i *u) {
-    const __m256i lowmask = _mm256_set1_epi8(0x0f);
-    for (int v = 0; v < 4; v++) {
-        __m256i c = _mm256_loadu_si256((const __m256i *)(codes + 32 * v));
-        u[2 * v] = _mm256_and_si256(c, lowmask);
-        u[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), lowmask);
-    }
+AVX2 static inline __attribute__((always_inline)) __m256i q8_acc_avx2(__m256i s, __m256i aw, __m256i xv) {
+    return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), _mm256_set1_epi16(1)));
 }
 
-Q4_INLINE void q4_scales(const uint8_t *gb, int has_m, __m256 *d8, __m256 *m8) {
-    *d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
-    *m8 = has_m ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16))) : _mm256_mul_ps(*d8, _mm256_set1_ps(-8.0f));
-}
+#define ISA AVX2
+#define KI AVX2 static inline __attribute__((always_inline))
+#define F(name) name##_avx2
+#include "x86_int8_dots.inc"
+#undef F
+#undef KI
+#undef ISA
 
-Q4_INLINE void q4_prefetch(const uint8_t *gb, int bytes) {
-    for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(gb + 4 * bytes + i), _MM_HINT_T0);
-}
-
-/* four activation rows against one 8-row group, accumulators in registers */
-Q4_INLINE void q4_rows4(const rl_matrix *w, const uint8_t *base, const rl_qact *x, int r0, int ldx, float *out,
-                        int ldo, int g, int has_m) {
-    const int nb = w->k / RL_QK, bytes = has_m ? RL_Q4_GROUP_BLOCK : RL_Q4_0_GROUP_BLOCK;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    const size_t xs = (size_t)ldx * RL_QK;
-    const int8_t *x0 = x->q + (size_t)r0 * xs;
-    const float *d0 = x->d + (size_t)r0 * ldx, *s0 = x->s + (size_t)r0 * ldx;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *gb = base + (size_t)b * bytes;
-        q4_prefetch(gb, bytes);
-        __m256i u[8];
-        q4_unpack(gb + (has_m ? 32 : 16), u);
-        const int8_t *xb = x0 + (size_t)b * RL_QK;
-        __m256 f0 = _mm256_cvtepi32_ps(q4_dot(u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], xb));
-        __m256 f1 = _mm256_cvtepi32_ps(q4_dot(u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], xb + xs));
-        __m256 f2 = _mm256_cvtepi32_ps(q4_dot(u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], xb + 2 * xs));
-        __m256 f3 = _mm256_cvtepi32_ps(q4_dot(u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], xb + 3 * xs));
-        __m256 d8, m8;
-        q4_scales(gb, has_m, &d8, &m8);
-        a0 = _mm256_fmadd_ps(f0, _mm256_mul_ps(d8, _mm256_set1_ps(d0[b])), a0);
-        a1 = _mm256_fmadd_ps(f1, _mm256_mul_ps(d8, _mm256_set1_ps(d0[b + ldx])), a1);
-        a2 = _mm256_fmadd_ps(f2, _mm256_mul_ps(d8, _mm256_set1_ps(d0[b + 2 * ldx])), a2);
-        a3 = _mm256_fmadd_ps(f3, _mm256_mul_ps(d8, _mm256_set1_ps(d0[b + 3 * ldx])), a3);
-        a0 = _mm256_fmadd_ps(m8, _mm256_set1_ps(s0[b]), a0);
-        a1 = _mm256_fmadd_ps(m8, _mm256_set1_ps(s0[b + ldx]), a1);
-        a2 = _mm256_fmadd_ps(m8, _mm256_set1_ps(s0[b + 2 * ldx]), a2);
-        a3 = _mm256_fmadd_ps(m8, _mm256_set1_ps(s0[b + 3 * ldx]), a3);
-    }
-    float vals[8];
-    _mm256_storeu_ps(vals, a0);
-    store_rows(w, out + (size_t)r0 * ldo, g, vals);
-    _mm256_storeu_ps(vals, a1);
-    store_rows(w, out + (size_t)(r0 + 1) * ldo, g, vals);
-    _mm256_storeu_ps(vals, a2);
-    store_rows(w, out + (size_t)(r0 + 2) * ldo, g, vals);
-    _mm256_storeu_ps(vals, a3);
-    store_rows(w, out + (size_t)(r0 + 3) * ldo, g, vals);
-}
-
-/* One 8-row group against one activation row (the decode step's usual case). Every row is computed by the
- * same sequence of float operations in q4_rows4 and here, so a row's result does not depend on its batch. */
-Q4_INLINE void q4_row1(const rl_matrix *w, const uint8_t *base, const rl_qact *x, int r, int ldx, float *out, int ldo,
-                       int g, int has_m) {
-    const int nb = w->k / RL_QK, bytes = has_m ? RL_Q4_GROUP_BLOCK : RL_Q4_0_GROUP_BLOCK;
-    __m256 acc = _mm256_setzero_ps();
-    const int8_t *xq = x->q + (size_t)r * ldx * RL_QK;
-    const float *xd = x->d + (size_t)r * ldx, *xs = x->s + (size_t)r * ldx;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *gb = base + (size_t)b * bytes;
-        q4_prefetch(gb, bytes);
-        __m256i u[8];
-        q4_unpack(gb + (has_m ? 32 : 16), u);
-        __m256 f = _mm256_cvtepi32_ps(q4_dot(u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], xq + (size_t)b * RL_QK));
-        __m256 d8, m8;
-        q4_scales(gb, has_m, &d8, &m8);
-        acc = _mm256_fmadd_ps(f, _mm256_mul_ps(d8, _mm256_set1_ps(xd[b])), acc);
-        acc = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[b]), acc);
-    }
-    float vals[8];
-    _mm256_storeu_ps(vals, acc);
-    store_rows(w, out + (size_t)r * ldo, g, vals);
-}
-
-Q4_INLINE void q4_matvec(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0, int g1,
-                         int has_m) {
-    const size_t group = (size_t)(w->k / RL_QK) * (has_m ? RL_Q4_GROUP_BLOCK : RL_Q4_0_GROUP_BLOCK);
-    for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * group;
-        int r = 0;
-        for (; r + 4 <= rows; r += 4) q4_rows4(w, base, x, r, ldx, out, ldo, g, has_m);
-        for (; r < rows; r++) q4_row1(w, base, x, r, ldx, out, ldo, g, has_m);
-    }
-}
-
-AVX2 void rl_matvec_q4_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
-                            int g1) {
-    q4_matvec(w, x, rows, ldx, out, ldo, g0, g1, 1);
-}
-
-AVX2 void rl_matvec_q4_0_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo, int g0,
-                              int g1) {
-    q4_matvec(w, x, rows, ldx, out, ldo, g0, g1, 0);
-}
-
-/* Q8_0 x Q8: products of two signed bytes go through maddubs as |w| times x with w's sign. Up to four
- * activation rows share each weight vector and its absolute value; every row sees the same operations in
- * the same order whatever its batch. */
-Q4_INLINE void q8_rows(const uint8_t *gb, const rl_qact *x, int r0, int n, int ldx, int b, __m256 *acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const size_t xs = (size_t)ldx * RL_QK;
-    const int8_t *xb = x->q + (size_t)r0 * xs + (size_t)b * RL_QK;
-    __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int v = 0; v < 8; v++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(gb + 16 + 32 * v)), aw = _mm256_abs_epi8(wv);
-        for (int r = 0; r < n; r++) {
-            __m256i xv = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + r * xs + 4 * v)), wv);
-            s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
-        }
-    }
-    __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
-    for (int r = 0; r < n; r++) {
-        float dx = x->d[(size_t)(r0 + r) * ldx + b];
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(d8, _mm256_set1_ps(dx)), acc[r]);
-    }
-}
-
-Q4_INLINE void q8_group(const rl_matrix *w, const uint8_t *base, const rl_qact *x, int r0, int n, int ldx, float *out,
-                        int ldo, int g) {
-    const int nb = w->k / RL_QK;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *gb = base + (size_t)b * RL_Q8_GROUP_BLOCK;
-        for (int i = 0; i < RL_Q8_GROUP_BLOCK; i += 64)
-            _mm_prefetch((const char *)(gb + 3 * RL_Q8_GROUP_BLOCK + i), _MM_HINT_T0);
-        q8_rows(gb, x, r0, n, ldx, b, acc);
-    }
-    for (int r = 0; r < n; r++) {
-        float vals[8];
-        _mm256_storeu_ps(vals, acc[r]);
-        store_rows(w, out + (size_t)(r0 + r) * ldo, g, vals);
-    }
-}
 
 /* RL_Q5: RL_Q4's loop with each code's fifth bit shifted in from the plane (repack.c): bit v of a plane
  * byte belongs to vector v's low-nibble code, bit 4 + v to its high-nibble code; a 16-bit shift spills
@@ -354,17 +208,6 @@ AVX2 void rl_matvec_q6_avx2(const rl_matrix *w, const rl_qact *x, int rows, int 
     }
 }
 
-/* Q8_0 x Q8: products of two signed bytes go through maddubs as |w| times x with w's sign */
-AVX2 void rl_matvec_q8_avx2(const rl_matrix *w, const rl_qact *x, int rows, int ldx, float *out, int ldo,
-                            int g0, int g1) {
-    const size_t group = (size_t)(w->k / RL_QK) * RL_Q8_GROUP_BLOCK;
-    for (int g = g0; g < g1; g++) {
-        const uint8_t *base = w->data + (size_t)g * group;
-        int r = 0;
-        for (; r + 4 <= rows; r += 4) q8_group(w, base, x, r, 4, ldx, out, ldo, g);
-        for (; r < rows; r++) q8_group(w, base, x, r, 1, ldx, out, ldo, g);
-    }
-}
 
 /* Ternary (RL_T2, w = d c - d, codes c 0..3 in 2-bit fields): per 32 inputs two vectors hold the 8 rows'
  * codes; a shift and a mask give each vector of 32 codes, which pairs with one broadcast activation

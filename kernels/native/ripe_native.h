@@ -14,8 +14,10 @@ enum {
     GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_TQ1_0 = 34, GGML_TQ2_0 = 35
 };
 /* Instruction-set paths, best last. */
-/* x86-64: REF, AVX2; ARM64: REF, NEON (no dot products), DOTPROD (NEON + the dot-product extension). */
-enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1, RL_ISA_NEON = 2, RL_ISA_DOTPROD = 3 };
+/* x86-64: REF, AVX2, AVXVNNI (AVX2 + AVX-VNNI), AVX512VNNI (AVX2 + AVX512-VNNI with AVX512VL, used at 256
+ * bits); ARM64: REF, NEON (no dot products), DOTPROD (NEON + the dot-product extension). */
+enum { RL_ISA_REF = 0, RL_ISA_AVX2 = 1, RL_ISA_NEON = 2, RL_ISA_DOTPROD = 3, RL_ISA_AVXVNNI = 4, RL_ISA_AVX512VNNI = 5 };
+#define RL_N_ISA 6
 
 #define RL_QK 32   /* weights and activations are quantized in blocks of 32 */
 #define RL_ROWS 8  /* output rows interleaved per group in the repacked layout (repack.c) */
@@ -67,6 +69,13 @@ void rl_matvec_q6_avx2(const rl_matrix *, const rl_qact *, int, int, float *, in
 void rl_matvec_q8_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_q4_0_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_matvec_t2_avx2(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+/* kernels_vnni.c: the Q4, Q4_0 and Q8_0 matvecs with vpdpbusd; the other kernels are AVX2's */
+void rl_matvec_q4_avxvnni(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q4_0_avxvnni(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q8_avxvnni(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q4_avx512vnni(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q4_0_avx512vnni(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
+void rl_matvec_q8_avx512vnni(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 /* pieces of the reference attention: KV rows (kv_f16: IEEE half, else bfloat16) to float32, dot, axpy */
 void rl_kv_to_float_ref(const uint16_t *src, float *dst, int d, int kv_f16);
 float rl_dot_ref(const float *a, const float *b, int d);
