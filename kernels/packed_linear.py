@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ripelm.kernels import triton_int4
 from ripelm.kernels.cpu_features import dense_matmul_dtype
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -79,6 +80,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         device = torch.device(device)
         packed, sz, kept = [], [], []
+        # On CUDA our Triton kernels (kernels.triton_int4) replace torch's int4 kernel when Triton is there.
+        self._triton = device.type == "cuda" and triton_int4.enabled()
         for shard in [q] if isinstance(q, Int4Codes) else q:
             n, k = shard.shape
             if shard.group_size not in INT4_GROUP_SIZES or k % shard.group_size:
@@ -86,6 +89,10 @@ class Int4Linear(nn.Module):
             if packed and (k, shard.group_size) != (self.in_features, self.group_size):
                 raise ValueError("int4 row shards differ in row length or group size")
             self.in_features, self.group_size = k, shard.group_size
+            if self._triton:  # codes two per byte, [N, K // group, 2] float16 scale and offset
+                packed.append(triton_int4.pack(shard.codes).to(device))
+                sz.append(torch.stack([shard.scale, shard.offset], dim=-1).to(torch.float16).to(device))
+                continue
             packed.append(_pack_int4(shard.codes, device))
             zero = shard.offset + 8.0 * shard.scale
             # tinygemm wants [K // group, N, 2] with scale first, zero second.
@@ -94,7 +101,9 @@ class Int4Linear(nn.Module):
                 kept.append(shard)
         self.out_features = sum(p.shape[0] for p in packed)
         self.dtype = dtype
-        self.register_buffer("scales_and_zeros", torch.cat(sz, dim=1).contiguous(), persistent=False)
+        self.register_buffer(
+            "scales_and_zeros", torch.cat(sz, dim=0 if self._triton else 1).contiguous(), persistent=False
+        )
         self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0], persistent=False)
         self.register_buffer(
             "bias", None if bias is None else bias.to(dtype=dtype, device=device), persistent=False
@@ -117,7 +126,13 @@ class Int4Linear(nn.Module):
         # attribute reads and one kernel call (module and reshape overhead is a tenth of the matmul).
         if x.dim() != 2:
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
-        if x.shape[0] >= self._dense_rows:
+        if self._triton:
+            packed, group, sz = self._args
+            if x.shape[0] <= triton_int4.MAX_ROWS:  # float32 out: no rounding to bf16 on the way
+                y = triton_int4.matmul(x, packed, sz, group)
+            else:  # prefill: the weight dequantized once, then cuBLAS
+                y = F.linear(x.to(self.dtype), triton_int4.dequantize(packed, sz, group, self.dtype))
+        elif x.shape[0] >= self._dense_rows:
             dt = self._dense_dtype
             y = F.linear(x.to(dt), self.dense_weight().to(dt)).to(self.dtype)  # type: ignore[misc]
         else:
@@ -141,10 +156,14 @@ class Int4Linear(nn.Module):
         if self._codes is None:
             raise RuntimeError("reference path needs keep_codes=True")
         q = self._codes
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K//g, 2]
         n, k = q.shape
         g = self.group_size
-        w = (q.codes.view(n, k // g, g).float() - 8.0) * sz[..., 0:1] + sz[..., 1:2]
+        codes = q.codes.view(n, k // g, g).float()
+        if self._triton:  # [N, K//g, 2] float16 scale and offset
+            sz = self.scales_and_zeros.float().cpu()
+            return (codes * sz[..., 0:1] + sz[..., 1:2]).view(n, k)
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K//g, 2]
+        w = (codes - 8.0) * sz[..., 0:1] + sz[..., 1:2]
         return w.view(n, k)
 
 
