@@ -80,7 +80,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         device = torch.device(device)
         packed, sz, kept = [], [], []
-        # On CUDA our Triton kernels (kernels.triton_int4) replace torch's int4 kernel when Triton is there.
+        # On CUDA, RIPELM_CUDA_INT4=triton swaps torch's int4 kernel for ours (kernels.triton_int4).
         self._triton = device.type == "cuda" and triton_int4.enabled()
         for shard in [q] if isinstance(q, Int4Codes) else q:
             n, k = shard.shape
@@ -89,6 +89,8 @@ class Int4Linear(nn.Module):
             if packed and (k, shard.group_size) != (self.in_features, self.group_size):
                 raise ValueError("int4 row shards differ in row length or group size")
             self.in_features, self.group_size = k, shard.group_size
+            if keep_codes:
+                kept.append(shard)
             if self._triton:  # codes two per byte, [N, K // group, 2] float16 scale and offset
                 packed.append(triton_int4.pack(shard.codes).to(device))
                 sz.append(torch.stack([shard.scale, shard.offset], dim=-1).to(torch.float16).to(device))
@@ -97,8 +99,6 @@ class Int4Linear(nn.Module):
             zero = shard.offset + 8.0 * shard.scale
             # tinygemm wants [K // group, N, 2] with scale first, zero second.
             sz.append(torch.stack([shard.scale, zero], dim=-1).transpose(0, 1).to(dtype=dtype, device=device))
-            if keep_codes:
-                kept.append(shard)
         self.out_features = sum(p.shape[0] for p in packed)
         self.dtype = dtype
         self.register_buffer(

@@ -157,11 +157,12 @@ def test_triton_int4_kernels_on_gpu():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("rows", [1, 5, 16, 40])
-def test_int4_linear_on_cuda_matches_its_reference_weight(rows):
-    """Int4Linear on CUDA (the Triton kernels: matmul up to 16 rows, dequantize + cuBLAS beyond) against
-    x @ reference_weight^T in float64."""
+def test_int4_linear_on_cuda_matches_its_reference_weight(rows, monkeypatch):
+    """Int4Linear on CUDA with RIPELM_CUDA_INT4=triton (matmul up to 16 rows, dequantize + cuBLAS beyond)
+    against x @ reference_weight^T in float64."""
     from ripelm.kernels.packed_linear import Int4Codes, Int4Linear
 
+    monkeypatch.setenv("RIPELM_CUDA_INT4", "triton")
     torch.manual_seed(rows)
     n, k, g = 96, 512, 32
     scale = torch.rand(n, k // g) * 0.02 + 0.001
