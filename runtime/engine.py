@@ -351,9 +351,11 @@ class Engine:
     def _commit(self, plan: StepPlan, new: list[list[int]], ready: list[int], logits: torch.Tensor) -> None:
         """Record the step's K/V and emit tokens. A prefill's logits are one row per ready sequence; a
         decode step's are every row of every sequence (1 + its proposed tokens), in order."""
-        for seq, chunk in zip(plan.seqs, new, strict=True):
-            self.allocator.commit(seq.table, chunk)
+        drafts = plan.drafts or [[] for _ in plan.seqs]
+        for seq, chunk, draft in zip(plan.seqs, new, drafts, strict=True):
             seq.computed_tokens += len(chunk)
+            if not draft:  # with proposals, only the accepted rows are committed (`_verify`)
+                self.allocator.commit(seq.table, chunk)
         if plan.kind == "prefill":
             self.counters.prefill_tokens += plan.counts[0]
             for j, i in enumerate(ready):
@@ -401,6 +403,9 @@ class Engine:
             q[torch.arange(k), x[0]] = 1.0
             verdict = verify_sampled(x, q.unsqueeze(0), p.unsqueeze(0), seq.sampler.generator)
         n = int(verdict.n_accepted[0])
+        # The rejected rows' K/V stay in the pool past the table's end, never read (attention stops at the
+        # sequence's length) and overwritten by its next step; their blocks never enter the prefix cache.
+        self.allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
         self.allocator.truncate(seq.table, start + 1 + n)
         spec = seq.spec
         if spec is not None:
