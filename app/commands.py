@@ -44,11 +44,16 @@ def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
     """The engine the flags ask for, with config.toml filling in what they leave out."""
     cfg = load_config()
     engine = args.engine or cfg.engine or "auto"
+    speculate = getattr(args, "speculate", None)
     if engine == "openai":
         from ripelm.runtime.openai_backend import OpenAIBackend
 
         if getattr(args, "draft", None):
             raise BackendError("--draft is for the local engines; with --engine openai the server decodes")
+        if speculate not in (None, "off"):
+            raise BackendError(
+                "--speculate is for the local engines; with --engine openai the server decodes"
+            )
         base_url = args.base_url or cfg.openai.base_url
         if not base_url:
             raise BackendError(
@@ -72,10 +77,16 @@ def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
     if getattr(args, "draft", None):
         from ripelm.draft_cli import open_from_args as open_with_draft
 
-        return open_with_draft(path, args, _notice)
+        if speculate in ("ngram", "off"):
+            raise BackendError(
+                f"--speculate {speculate} and --draft contradict each other (--speculate auto uses the draft)"
+            )
+        return open_with_draft(path, args, _notice, engine)
     if getattr(args, "draft_k", None) is not None:
         raise BadSamplingError("--draft-k needs --draft MODEL (or --draft auto)")
     kv = getattr(args, "kv_memory", None)
+    # auto: prompt lookup (a draft model in the engine is the next step); llama.cpp cannot speculate
+    lookup = speculate == "ngram" or (speculate == "auto" and engine != "llama.cpp")
     return open_backend(
         path,
         engine=engine,
@@ -84,6 +95,7 @@ def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
         threads=args.threads,
         kv_memory=parse_memory(kv) if kv else None,
         notice=_notice,
+        speculate="ngram" if lookup else "off",
     )
 
 

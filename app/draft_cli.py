@@ -1,4 +1,5 @@
-"""`--draft` and `--draft-k` on `ripe run` and `ripe chat`: open the target with its draft; draft stats."""
+"""`--draft`, `--draft-k` and `--speculate` on `ripe run` and `ripe chat`: open the target with its draft
+(or with prompt lookup in the engine); speculation stats."""
 
 from __future__ import annotations
 
@@ -13,7 +14,19 @@ if TYPE_CHECKING:  # the CLI parser imports this module: keep torch out of `ripe
     from ripelm.runtime.backend import Backend, GenerationStats
 
 
+SPECULATE_CHOICES = ("auto", "ngram", "off")
+
+
 def add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculate",
+        default=None,
+        choices=SPECULATE_CHOICES,
+        help="speculative decoding in the native engine. ngram: prompt lookup (proposes the tokens that "
+        "followed the latest earlier occurrence of the last few tokens; pays when the reply repeats the "
+        "prompt, as summaries, document answers and code edits do); off: plain decoding; auto: the draft "
+        "model with --draft, else prompt lookup (default: off, auto with --draft). Output is the same.",
+    )
     p.add_argument(
         "--draft",
         default=None,
@@ -31,7 +44,10 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def open_from_args(target: Path, args: argparse.Namespace, notice: Callable[[str], None]) -> Backend:
+def open_from_args(
+    target: Path, args: argparse.Namespace, notice: Callable[[str], None], engine: str
+) -> Backend:
+    """The target with the `--draft` model; `engine` is the one asked for (flag or config, else auto)."""
     from ripelm.runtime.draft_pairing import open_with_draft
 
     bar = ProgressBar("making a draft model")
@@ -39,7 +55,7 @@ def open_from_args(target: Path, args: argparse.Namespace, notice: Callable[[str
         return open_with_draft(
             target,
             args.draft,
-            engine=args.engine,
+            engine=engine,
             device=args.device,
             n_ctx=args.ctx,
             threads=args.threads,

@@ -34,7 +34,7 @@ WIDER_THAN_4_BIT = {
 
 @dataclass(frozen=True)
 class DraftChoice:
-    path: Path | None  # None: no draft (speculation off), see `reason`
+    path: Path | None  # None: no draft (the target alone: open_with_draft uses prompt lookup), see `reason`
     reason: str  # what was chosen and why, for the user
 
 

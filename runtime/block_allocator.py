@@ -9,7 +9,7 @@ order and how many positions are filled. Blocks are shared by reference count:
   the blocks before it), so the next chat turn only computes what is new.
 - Fork (parallel samples, regenerate) shares every block; the first write into a shared, partly filled
   block copies it (`copies` lists the (src, dst) pairs the pool must apply before the forward).
-- Truncate frees whole blocks past the new length (rolled-back drafts).
+- Truncate frees whole blocks past the new length (rolled-back drafts), reserved but unwritten ones too.
 - Freed blocks that still hold cached tokens stay findable until the pool needs them: empty blocks are
   handed out first, then cached ones in least-recently-freed order (eviction).
 """
@@ -182,8 +182,9 @@ class BlockAllocator:
         return BlockTable(list(table.blocks), table.num_tokens, list(table.hashes))
 
     def truncate(self, table: BlockTable, length: int) -> None:
-        """Keep positions < length; whole blocks past it go back to the pool."""
-        if length >= table.num_tokens:
+        """Keep positions < length; whole blocks past it go back to the pool, including blocks reserved past
+        the last written position (`truncate(table, table.num_tokens)` returns unused reservations)."""
+        if length > table.num_tokens:
             return
         bs = self.block_size
         keep = -(-length // bs)

@@ -2,7 +2,8 @@
 
 Both models run on the native engine on the same device. A draft that does not open (missing, not a valid
 GGUF, not runnable natively) or does not share the target's vocabulary is a `DraftModelError` naming the
-draft; a draft length of 0 means plain decoding.
+draft; a draft length of 0 means plain decoding. `auto` never fails for want of a draft: with none to pair
+or make, the target speculates with prompt lookup in the engine instead, and says so.
 """
 
 from __future__ import annotations
@@ -86,9 +87,16 @@ def open_with_draft(
 
     say = notice or (lambda _msg: None)
 
-    def plain() -> Backend:
+    def plain(speculate: str = "off") -> Backend:
         return open_backend(
-            target_path, engine=engine, device=device, n_ctx=n_ctx, threads=threads, notice=notice
+            target_path,
+            engine=engine,
+            device=device,
+            n_ctx=n_ctx,
+            threads=threads,
+            notice=notice,
+            speculate=speculate,
+            spec_k=draft_k,
         )
 
     if engine == "llama.cpp":
@@ -111,10 +119,11 @@ def open_with_draft(
         raise
     except RipelmError as e:
         raise DraftModelError(f"draft model: {e}") from None
+    if choice.path is None:
+        say(f"{choice.reason}; speculating with prompt lookup instead")
+        return plain("ngram")
     if draft_spec == "auto":
         say(choice.reason)
-    if choice.path is None:
-        return plain()
     return open_speculative(
         target_path, choice.path, device=device, n_ctx=n_ctx, threads=threads, policy=policy
     )

@@ -5,6 +5,21 @@ Requests are submitted from any thread (`submit`) and stream token ids back thro
 chunk of the cancelled request stops between layers) and sets an event when done. The engine owns
 the paged KV cache and the scheduler; each step it asks the scheduler for a plan, runs one forward
 over the planned tokens, samples, and emits events.
+
+Speculation is a kind of decode step, not a second engine. A request submitted with `speculate="ngram"`
+gets a proposer (prompt lookup, `runtime.proposer`); at each decode step the scheduler asks it for up to
+`spec_k` tokens and reserves their positions. The step then runs ONE target forward over every row: the
+last token of each plain sequence, and for a speculating sequence its last token followed by its proposed
+tokens, each row at its own position with the sequence's block table (the native step takes several rows
+of one sequence; on torch each row is a one-query entry of the `PagedBatch`, so it is computed exactly as a
+plain decode row is). All rows write their K/V into the paged pool. Per speculating sequence the exact rules
+of `spec_verify` accept a prefix of the proposal (greedy: while it is the target's argmax; sampling: the
+proposal is a point-mass draft, so x is accepted with probability p(x) and a rejection is followed by a
+draw from p with x removed and renormalized: the emitted token follows p), the allocator truncates the
+rejected positions away, and the accepted tokens plus the target's next token are emitted one by one
+through the same path as a sampled token, so an end-of-generation token or the token budget ends the
+sequence exactly where plain decoding would. Greedy output is therefore token for token the output without
+speculation, and sampled output has the same distribution. Stop strings are cut by the reader, as always.
 """
 
 from __future__ import annotations
@@ -24,12 +39,17 @@ from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
 from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
-from ripelm.runtime.sampling import Sampler, SamplingParams
+from ripelm.runtime.proposer import NgramProposer, Proposer
+from ripelm.runtime.sampling import Sampler, SamplingParams, filtered_probs, penalized_logits
 from ripelm.runtime.scheduler import Scheduler, StepPlan
-from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
+from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence, SpecTally
+from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
 
 DEFAULT_MAX_SEQS = 64
 DEFAULT_PREFILL_CHUNK = 512
+SPECULATE_MODES = ("off", "ngram")
+DEFAULT_SPEC_K = 4  # proposed tokens per decode step of a speculating sequence
+SPEC_MAX_ROWS = 16  # rows of a decode step that verifies proposals (the native step's batch)
 
 
 class KVPoolError(ContextOverflowError):
@@ -40,7 +60,7 @@ class KVPoolError(ContextOverflowError):
 class EngineCounters:
     steps: int = 0
     prefill_tokens: int = 0  # prompt tokens computed (cache hits excluded)
-    decode_tokens: int = 0
+    decode_tokens: int = 0  # tokens emitted by decode steps (accepted proposals included)
     preemptions: int = 0
     evictions: int = 0
     free_blocks: int = 0
@@ -49,6 +69,9 @@ class EngineCounters:
     block_size: int = 0
     running: int = 0
     waiting: int = 0
+    spec_rounds: int = 0  # (sequence, decode step) pairs that verified at least one proposed token
+    spec_proposed: int = 0  # proposed tokens verified
+    spec_accepted: int = 0  # ... and accepted
 
 
 class Engine:
@@ -96,7 +119,9 @@ class Engine:
             if self.cache.device.type == "cuda" and graphs_enabled()
             else None
         )
-        self.scheduler = Scheduler(self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(
+            self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk, max_rows=SPEC_MAX_ROWS
+        )
         self.counters = EngineCounters(total_blocks=blocks, block_size=block_size)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -110,13 +135,26 @@ class Engine:
 
     # ---- API (any thread) -----------------------------------------------------------------------
     def submit(
-        self, prompt: list[int], params: SamplingParams, *, n: int = 1, ignore_eos: bool = False
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        n: int = 1,
+        ignore_eos: bool = False,
+        speculate: str = "off",
+        spec_k: int = DEFAULT_SPEC_K,
     ) -> Request:
+        """Queue a generation. `speculate="ngram"`: decode steps verify up to `spec_k` tokens proposed by
+        prompt lookup (same output, fewer steps when the text repeats its context); "off": plain decoding."""
         params.validate()
         if not prompt:
             raise ValueError("empty prompt")
         if n < 1:
             raise ValueError("n must be >= 1")
+        if speculate not in SPECULATE_MODES:
+            raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
+        if spec_k < 0:
+            raise ValueError(f"the number of proposed tokens must be >= 0, got {spec_k}")
         if len(prompt) >= self.context_length:
             raise ContextOverflowError(
                 f"the prompt is {len(prompt)} tokens but the context window is {self.context_length}"
@@ -140,6 +178,8 @@ class Engine:
             request=req,
             forks=n - 1,
         )
+        if speculate != "off" and spec_k > 0:
+            self._speculate(seq, spec_k)
         req.sequences.append(seq)
         with self._cond:
             if self._closing:
@@ -147,6 +187,12 @@ class Engine:
             self._inbox.append(seq)
             self._cond.notify()
         return req
+
+    @staticmethod
+    def _speculate(seq: Sequence, k: int) -> None:
+        """Give `seq` a prompt-lookup proposer of its own (its index covers this sequence's tokens only)."""
+        proposer: Proposer = NgramProposer()
+        seq.proposer, seq.spec_k, seq.spec = proposer, k, SpecTally(proposer=proposer.name)
 
     def _request_cancel(self, req: Request) -> None:
         with self._cond:
@@ -223,16 +269,21 @@ class Engine:
     def _run(self, plan: StepPlan) -> None:
         dev = self.model.device
         starts = [s.table.num_tokens for s in plan.seqs]
-        new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
+        if plan.kind == "decode":  # each sequence's last token, then the tokens proposed after it
+            new = [s.tokens[p : p + 1] + d for s, p, d in zip(plan.seqs, starts, plan.drafts, strict=True)]
+        else:
+            new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
         self.cache.apply_copies()
         # Recomputing a preempted sequence goes through the native step too, so its history gets the same
         # K/V as when it was first decoded (and its greedy continuation the same tokens).
         if self.native is not None and (self.native.takes(sum(plan.counts)) or plan.seqs[0].preemptions > 0):
             self._run_native(plan, starts, new)
             return
-        if plan.kind == "decode" and self.static is not None and self.static.takes(len(plan.seqs)):
-            x = self.model.embed(torch.tensor([c[0] for c in new], dtype=torch.long)).float()
-            logits = self.static.forward(x, starts, [s.table.blocks for s in plan.seqs])
+        if plan.kind == "decode":
+            if self.static is not None and self.static.takes(sum(plan.counts)):
+                logits = self._decode_static(plan, starts, new)
+            else:
+                logits = self._decode_torch(plan, starts, new)
             self._commit(plan, new, list(range(len(plan.seqs))), logits)
             return
         batch = PagedBatch(
@@ -244,10 +295,6 @@ class Engine:
             num_blocks=self.allocator.num_blocks,
         )
         tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
-        if plan.kind == "prefill":
-            positions: torch.Tensor | int = starts[0]
-        else:
-            positions = torch.tensor(starts, dtype=torch.long, device=dev)
         ready = [
             i
             for i, (s, p, c) in enumerate(zip(plan.seqs, starts, plan.counts, strict=True))
@@ -260,9 +307,46 @@ class Engine:
         )
         # A prefill chunk (one sequence, up to a few hundred ms) stops between layers once its request is
         # cancelled, so a cancel is acknowledged within about one layer's time.
-        interrupt = plan.seqs[0].request.cancel_requested.is_set if plan.kind == "prefill" else None
-        logits = self.model(tokens, positions, self.cache.step(batch), logits_rows=rows, interrupt=interrupt)
+        interrupt = plan.seqs[0].request.cancel_requested.is_set
+        logits = self.model(tokens, starts[0], self.cache.step(batch), logits_rows=rows, interrupt=interrupt)
         self._commit(plan, new, ready, logits)
+
+    def _decode_torch(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> torch.Tensor:
+        """A decode step on torch: every row (a sequence's last token, or one of its proposed tokens) is a
+        one-query entry of the batch at its own position, so it is computed as a plain decode row is; the
+        rows of one sequence see each other's K/V, which each layer writes before it attends. Logits of all
+        rows, in order."""
+        dev = self.model.device
+        tables, ctx, positions = [], [], []
+        for seq, p, chunk in zip(plan.seqs, starts, new, strict=True):
+            for j in range(len(chunk)):
+                tables.append(seq.table.blocks)
+                positions.append(p + j)
+                ctx.append(p + j + 1)
+        batch = PagedBatch(
+            self.allocator.block_size,
+            tables,
+            [1] * len(tables),
+            ctx,
+            device=dev,
+            num_blocks=self.allocator.num_blocks,
+        )
+        tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        rows = torch.arange(len(tables), dtype=torch.long, device=dev)
+        return self.model(tokens, pos, self.cache.step(batch), logits_rows=rows)
+
+    def _decode_static(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> torch.Tensor:
+        """A decode step through the CUDA graphs: the same rows as `_decode_torch` (one query each, at its
+        own position, with its sequence's block table). Logits of all rows, in order."""
+        tokens, positions, tables = [], [], []
+        for seq, p, chunk in zip(plan.seqs, starts, new, strict=True):
+            for j, tok in enumerate(chunk):
+                tokens.append(tok)
+                positions.append(p + j)
+                tables.append(seq.table.blocks)
+        x = self.model.embed(torch.tensor(tokens, dtype=torch.long)).float()
+        return self.static.forward(x, positions, tables)  # type: ignore[union-attr]
 
     def _run_native(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> None:
         """The step on the native library: one call for all layers of all rows, the GIL released."""
@@ -273,7 +357,10 @@ class Engine:
                 tokens.append(tok)
                 positions.append(p + j)
                 tables.append(blocks)
-            if p + len(chunk) == len(seq.tokens):
+            if plan.kind == "decode":  # all rows: the proposed tokens are checked against them
+                ready.append(i)
+                logit_rows.extend(range(len(tokens) - len(chunk), len(tokens)))
+            elif p + len(chunk) == len(seq.tokens):
                 ready.append(i)
                 logit_rows.append(len(tokens) - 1)
         if not logit_rows:
@@ -285,19 +372,73 @@ class Engine:
         self._commit(plan, new, ready, logits)
 
     def _commit(self, plan: StepPlan, new: list[list[int]], ready: list[int], logits: torch.Tensor) -> None:
-        for seq, chunk in zip(plan.seqs, new, strict=True):
-            self.allocator.commit(seq.table, chunk)
+        """Record the step's K/V and emit tokens. A prefill's logits are one row per ready sequence; a
+        decode step's are every row of every sequence (1 + its proposed tokens), in order."""
+        drafts = plan.drafts or [[] for _ in plan.seqs]
+        for seq, chunk, draft in zip(plan.seqs, new, drafts, strict=True):
             seq.computed_tokens += len(chunk)
+            if not draft:  # with proposals, only the accepted rows are committed (`_verify`)
+                self.allocator.commit(seq.table, chunk)
         if plan.kind == "prefill":
             self.counters.prefill_tokens += plan.counts[0]
+            for j, i in enumerate(ready):
+                seq = plan.seqs[i]
+                row = logits[j]
+                if seq.forks:
+                    self._fork(seq, row)
+                self._sample(seq, row)
+            return
+        first = 0
+        for seq, draft in zip(plan.seqs, plan.drafts, strict=True):
+            rows = logits[first : first + 1 + len(draft)]
+            first += 1 + len(draft)
+            before = len(seq.tokens)
+            if draft:
+                self._verify(seq, draft, rows)
+            else:
+                self._sample(seq, rows[0])
+            self.counters.decode_tokens += len(seq.tokens) - before
+
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
+        """Accept a prefix of the proposed tokens by the exact rules, roll the cache back past it, and emit
+        it with the target's token that follows.
+
+        logits: [1 + k, V], row i scored after seq.tokens + draft[:i]. The target's token at each row is
+        chosen as `Sampler` chooses (same repetition penalty history, same filtering, first maximum when
+        greedy); the proposal is a point-mass draft, so `verify_sampled` accepts x with probability p(x)
+        and on rejection draws from p with x removed: each emitted token follows p exactly.
+        """
+        params = seq.params
+        k = len(draft)
+        start = len(seq.tokens) - 1  # position of the first row
+        hists = None
+        if params.repetition_penalty != 1.0:
+            tail = seq.tokens[-params.repeat_last_n :]
+            hists = [tail + draft[:i] for i in range(k + 1)]
+        z = penalized_logits(logits.cpu(), params, hists)
+        x = torch.tensor([draft], dtype=torch.long)
+        if params.greedy:
+            choice = torch.from_numpy(z.numpy().argmax(-1)).long()  # numpy's argmax, as the Sampler's
+            verdict = verify_greedy(x, choice.unsqueeze(0))
         else:
-            self.counters.decode_tokens += len(plan.seqs)
-        for j, i in enumerate(ready):
-            seq = plan.seqs[i]
-            row = logits[j]
-            if seq.forks:
-                self._fork(seq, row)
-            self._sample(seq, row)
+            p = filtered_probs(z, params)
+            q = torch.zeros(k, p.shape[-1])
+            q[torch.arange(k), x[0]] = 1.0
+            verdict = verify_sampled(x, q.unsqueeze(0), p.unsqueeze(0), seq.sampler.generator)
+        n = int(verdict.n_accepted[0])
+        # The rejected rows' K/V stay in the pool past the table's end, never read (attention stops at the
+        # sequence's length) and overwritten by its next step; their blocks never enter the prefix cache.
+        self.allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
+        self.allocator.truncate(seq.table, start + 1 + n)
+        spec = seq.spec
+        if spec is not None:
+            spec.rounds += 1
+            spec.proposed += k
+            spec.accepted += n
+        self.counters.spec_rounds += 1
+        self.counters.spec_proposed += k
+        self.counters.spec_accepted += n
+        self._emit(seq, draft[:n] + [int(verdict.next_token[0])])
 
     def _fork(self, parent: Sequence, logits: torch.Tensor) -> None:
         """Parallel samples: children share the parent's blocks (copy-on-write) and its prompt logits."""
@@ -321,6 +462,8 @@ class Engine:
                 order=parent.order,
                 cached_tokens=parent.cached_tokens,
             )
+            if parent.proposer is not None:
+                self._speculate(child, parent.spec_k)
             req.sequences.append(child)
             self.scheduler.running.append(child)
             self._sample(child, logits)
@@ -329,13 +472,23 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         if seq.generated == 0 and seq.preemptions == 0:
             seq.out.put(("cached", seq.cached_tokens))
-        tok = seq.sampler(logits, seq.tokens)
-        seq.tokens.append(tok)
-        seq.out.put(tok)
-        if tok in seq.stop_ids:
-            self._finish(seq, "stop")
-        elif seq.generated >= seq.max_new or len(seq.tokens) >= self.context_length:
-            self._finish(seq, "length")
+        self._emit(seq, [seq.sampler(logits, seq.tokens)])
+
+    def _emit(self, seq: Sequence, tokens: list[int]) -> None:
+        """Stream the tokens one target forward produced for `seq`, ending it at the first stop token or at
+        its budget (later tokens of the same forward are dropped)."""
+        if seq.spec is not None:
+            seq.spec.forwards += 1
+            seq.out.put(seq.spec.copy())  # the figures first, so a reader that stops at a token has them
+        for tok in tokens:
+            seq.tokens.append(tok)
+            seq.out.put(tok)
+            if tok in seq.stop_ids:
+                self._finish(seq, "stop")
+                return
+            if seq.generated >= seq.max_new or len(seq.tokens) >= self.context_length:
+                self._finish(seq, "length")
+                return
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         if seq.status is SeqStatus.FINISHED:
@@ -347,6 +500,7 @@ class Engine:
             computed_tokens=seq.computed_tokens,
             preemptions=seq.preemptions,
             error=error,
+            spec=seq.spec.copy() if seq.spec is not None else None,
         )
         seq.out.put(fin)
         # Samples not forked yet (the prompt never finished) end the same way.

@@ -2,7 +2,8 @@
 
 Every generation (a chat turn, a regenerate, `ripe run`) becomes a request to one shared `Engine`, so
 they share the paged KV cache: a chat turn that extends the previous one finds its prefix cached, and
-concurrent callers are batched.
+concurrent callers are batched. `speculate="ngram"` makes every request speculate with prompt lookup inside
+the engine (`Engine.submit`); its figures land in the generation's stats (drafted = proposed tokens).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 
 from ripelm.models.gguf_file import GGUFFile
 from ripelm.runtime.backend import GenerationStats
-from ripelm.runtime.engine import DEFAULT_MAX_SEQS, Engine
+from ripelm.runtime.engine import DEFAULT_MAX_SEQS, DEFAULT_SPEC_K, SPECULATE_MODES, Engine
 from ripelm.runtime.native import load_native
 from ripelm.runtime.sampling import SamplingParams
-from ripelm.runtime.sequence import Request
+from ripelm.runtime.sequence import Request, SpecTally
 from ripelm.runtime.tokenizer import Tokenizer
 
 
@@ -32,7 +33,12 @@ class EngineBackend:
         max_seqs: int = DEFAULT_MAX_SEQS,
         tokenizer: Tokenizer | None = None,
         gguf: GGUFFile | None = None,
+        speculate: str = "off",
+        spec_k: int = DEFAULT_SPEC_K,
     ):
+        if speculate not in SPECULATE_MODES:
+            raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
+        self.speculate, self.spec_k = speculate, spec_k
         load_native(
             self, model_path, device=device, n_ctx=n_ctx, tokenizer=tokenizer, reference=False, gguf=gguf
         )
@@ -55,7 +61,7 @@ class EngineBackend:
         Read its tokens with `request_ids`. ModelFileChangedError if the model file changed since it was
         loaded (models/file_guard.py)."""
         self.file_guard.check()
-        return self.engine.submit(prompt, params)
+        return self.engine.submit(prompt, params, speculate=self.speculate, spec_k=self.spec_k)
 
     def request_ids(self, req: Request, stats: GenerationStats) -> Iterator[int]:
         """The token ids of a submitted request (what `generate_ids` yields); cancels it if left early."""
@@ -64,10 +70,17 @@ class EngineBackend:
             for tok in stream:
                 if stream.cached_tokens is not None:
                     stats.cached_tokens = stream.cached_tokens
+                if stream.spec is not None:
+                    self._note_speculation(stats, stream.spec)
+                    stats.emitted_tokens += 1
                 yield tok
         finally:
             if stream.finish is None:
                 req.cancel()
+
+    def _note_speculation(self, stats: GenerationStats, spec: SpecTally) -> None:
+        stats.drafted, stats.accepted, stats.target_forwards = spec.proposed, spec.accepted, spec.forwards
+        stats.speculation = f"prompt lookup, up to {self.spec_k} tokens per step"
 
     def close(self) -> None:
         self.engine.close()

@@ -33,10 +33,16 @@ def open_backend(
     threads: int | None = None,
     kv_memory: int | None = None,
     notice: Callable[[str], None] | None = None,
+    speculate: str = "off",
+    spec_k: int | None = None,
 ) -> Backend:
-    """`kv_memory`: bytes for the native engine's paged KV pool (default: a share of free memory)."""
+    """`kv_memory`: bytes for the native engine's paged KV pool (default: a share of free memory).
+    `speculate="ngram"`: the native engine speculates with prompt lookup (up to `spec_k` tokens a step);
+    llama.cpp cannot (an error when asked for by name, a notice when `auto` picked llama.cpp)."""
     if engine not in ENGINES:
         raise BackendError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    if engine == "llama.cpp" and speculate != "off":
+        raise BackendError(f"--speculate {speculate} needs the native engine (drop --engine llama.cpp)")
     g = open_gguf(model_path)  # validated once here; the chosen engine reuses it
     if engine == "auto":
         problem = native_support_problem(g)
@@ -48,14 +54,18 @@ def open_backend(
             except BackendError as e:
                 raise UnsupportedModelError(f"{problem}; llama.cpp cannot run it either") from e
             if notice:
-                notice(f"using llama.cpp: {problem}")
+                off = "; decoding without speculation" if speculate != "off" else ""
+                notice(f"using llama.cpp: {problem}{off}")
             return backend
     if engine == "native":
         from ripelm.runtime.device import set_threads
         from ripelm.runtime.engine_backend import EngineBackend
 
         set_threads(threads)
-        return EngineBackend(model_path, device=device, n_ctx=n_ctx, kv_memory=kv_memory, gguf=g)
+        extra = {} if spec_k is None else {"spec_k": spec_k}
+        return EngineBackend(
+            model_path, device=device, n_ctx=n_ctx, kv_memory=kv_memory, gguf=g, speculate=speculate, **extra
+        )
     return _llama_cpp(model_path, g, device, n_ctx, threads)
 
 

@@ -10,12 +10,18 @@ batch), so batched greedy output is token-for-token the single-sequence output.
 Memory: a sequence is admitted only when its next chunk fits the pool (its cached prefix is shared, not
 copied). When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed (full ones stay in the prefix cache) and it is recomputed later.
+
+Speculation: a decode step may also verify proposed tokens (`Sequence.proposer`). Once every decoding
+sequence has room for its own next position, the speculating ones (oldest first) get up to `spec_k` proposed
+tokens each, within `max_rows` rows for the whole step (the native step's batch) and within the blocks
+still free: the pool is reserved for those positions too, but proposals never preempt anyone or take the
+room a plain decode row needs. The engine truncates the rejected positions away in the same step.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ripelm.runtime.block_allocator import BlockAllocator
 from ripelm.runtime.sequence import SeqStatus, Sequence
@@ -29,14 +35,18 @@ class PoolTooSmallError(RuntimeError):
 class StepPlan:
     kind: str  # "prefill" or "decode"
     seqs: list[Sequence]
-    counts: list[int]  # tokens each sequence computes in this step
+    counts: list[int]  # tokens each sequence computes in this step (a decode: 1 + its proposed tokens)
+    drafts: list[list[int]] = field(default_factory=list)  # decode: each sequence's proposed tokens
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, *, max_seqs: int, prefill_chunk: int):
+    def __init__(
+        self, allocator: BlockAllocator, *, max_seqs: int, prefill_chunk: int, max_rows: int = 16
+    ):
         self.allocator = allocator
         self.max_seqs = max_seqs
         self.prefill_chunk = prefill_chunk
+        self.max_rows = max_rows  # rows of a decode step that verifies proposals
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -129,7 +139,30 @@ class Scheduler:
         batch = [s for s in batch if s.status is SeqStatus.RUNNING]
         if not batch:
             return None
-        return StepPlan("decode", batch, [1] * len(batch))
+        drafts = self._propose(batch)
+        return StepPlan("decode", batch, [1 + len(d) for d in drafts], drafts)
+
+    def _propose(self, batch: list[Sequence]) -> list[list[int]]:
+        """Proposed tokens per sequence of a decode batch whose own next positions are reserved: within the
+        step's row budget, the sequence's token budget (the tokens a round emits never pass max_new), and
+        the free blocks (reserved here)."""
+        a = self.allocator
+        rows = self.max_rows - len(batch)
+        out: list[list[int]] = []
+        for seq in batch:
+            k = min(seq.spec_k, rows, seq.max_new - seq.generated - 1)
+            if seq.proposer is None or k <= 0:
+                out.append([])
+                continue
+            draft = seq.proposer.propose(seq.tokens, k)
+            base = seq.table.num_tokens + 1
+            while draft and a.blocks_needed(seq.table, base + len(draft)) > a.num_free:
+                draft.pop()
+            if draft:
+                a.reserve(seq.table, base + len(draft))
+            rows -= len(draft)
+            out.append(draft)
+        return out
 
     # ---- memory -----------------------------------------------------------------------------------
     def _make_room(self, seq: Sequence, new_len: int) -> bool:

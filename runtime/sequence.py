@@ -11,9 +11,10 @@ import enum
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ripelm.runtime.block_allocator import BlockTable
+from ripelm.runtime.proposer import Proposer
 from ripelm.runtime.sampling import Sampler, SamplingParams
 
 
@@ -21,6 +22,25 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class SpecTally:
+    """A speculating sequence's figures. The engine streams a copy before the tokens of each decode step and
+    hands the last one back in `Finish.spec`."""
+
+    proposer: str = ""  # "ngram"
+    proposed: int = 0  # proposed tokens the target checked
+    accepted: int = 0  # ... and accepted
+    rounds: int = 0  # decode steps that checked at least one proposed token
+    forwards: int = 0  # target forwards that produced its tokens: the prompt's last, then each decode step
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def copy(self) -> SpecTally:
+        return replace(self)
 
 
 @dataclass
@@ -32,6 +52,7 @@ class Finish:
     computed_tokens: int = 0  # tokens the model ran for this sequence (prefill + decode + recompute)
     preemptions: int = 0
     error: Exception | None = None
+    spec: SpecTally | None = None  # a speculating sequence's final figures
 
 
 @dataclass(eq=False)
@@ -52,6 +73,9 @@ class Sequence:
     computed_tokens: int = 0
     preemptions: int = 0
     forks: int = 0  # parallel samples still to fork off once the prompt's logits exist
+    proposer: Proposer | None = None  # speculation: proposes tokens at decode steps (None: plain decoding)
+    spec_k: int = 0  # most tokens proposed per decode step
+    spec: SpecTally | None = None  # set for a speculating sequence
 
     @property
     def remaining(self) -> int:
@@ -92,16 +116,22 @@ class SequenceStream:
         self.request = request
         self.finish: Finish | None = None
         self.cached_tokens: int | None = None
+        self.spec: SpecTally | None = None  # a speculating sequence's figures as of its latest tokens
 
     def __iter__(self) -> Iterator[int]:
         while self.finish is None:
             item = self._q.get()
             if isinstance(item, Finish):
                 self.finish = item
+                if item.spec is not None:
+                    self.spec = item.spec
                 if item.error is not None:
                     raise item.error
                 return
             if isinstance(item, tuple):  # ("cached", n): sent once, before the first token
                 self.cached_tokens = item[1]
+                continue
+            if isinstance(item, SpecTally):
+                self.spec = item
                 continue
             yield item

@@ -96,6 +96,22 @@ def test_truncate_frees_whole_blocks():
     a.check()
 
 
+def test_truncate_at_the_end_returns_unwritten_reservations():
+    """Speculation reserves room for proposed tokens and commits only the accepted ones."""
+    a = BlockAllocator(16, BS)
+    t = BlockTable()
+    write(a, t, list(range(6)))
+    a.reserve(t, 6 + 2 * BS)
+    assert len(t.blocks) == 4 and a.num_used == 4
+    a.commit(t, [6, 7])
+    a.truncate(t, t.num_tokens)
+    a.check()
+    assert t.num_tokens == 8 and len(t.blocks) == 2 and a.num_used == 2 and len(a.empty) == 14
+    assert a.blocks[t.blocks[1]].token_ids == [4, 5, 6, 7]
+    a.free(t)
+    a.check()
+
+
 def test_eviction_prefers_empty_blocks_then_oldest_cached():
     a = BlockAllocator(4, BS)
     t1 = BlockTable()

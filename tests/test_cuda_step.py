@@ -42,10 +42,10 @@ def _prefill(model, cache: PagedKVCache, tokens: list[int], table: list[int]) ->
 
 
 def test_static_decode_matches_the_general_path(tiny_model_factory):
-    """Three sequences (histories of 5, 20 and 37 tokens in scattered blocks) decode one token through the
-    static forward (bucket of 4: one padding row) and through the engine's general path, from identical
-    pools: logits within float32 rounding, same argmax, and the static step changed the pools only at the
-    three new slots."""
+    """Three sequences (histories of 5, 20 and 37 tokens in scattered blocks) decode through the static
+    forward (five rows: the third sequence also verifies two proposed tokens; bucket of 8, three padding
+    rows) and through the engine's general path, from identical pools: logits within float32 rounding, same
+    argmax, and the static step changed the pools only at the five new slots."""
     # the float32 model: both paths then differ only in float32 summation order
     model = _torch_model(tiny_model_factory(qtype="Q4_0", n_layers=2), "cpu", reference=True)
     cfg = model.cfg
@@ -61,17 +61,20 @@ def test_static_decode_matches_the_general_path(tiny_model_factory):
     b.k.copy_(a.k)
     b.v.copy_(a.v)
     before_k, before_v = b.k.clone(), b.v.clone()
-    new = [101, 202, 303]
-    step = PagedBatch(bs, tables, [1, 1, 1], [n + 1 for n in lengths])
-    general = model(torch.tensor(new), torch.tensor(lengths), a.step(step), logits_rows="all")
+    # one row each for the first two; the third verifies two proposed tokens too (rows at 37, 38, 39)
+    new = [101, 202, 303, 304, 305]
+    rows_pos = [5, 20, 37, 38, 39]
+    rows_tables = [tables[0], tables[1], tables[2], tables[2], tables[2]]
+    step = PagedBatch(bs, rows_tables, [1] * 5, [p + 1 for p in rows_pos])
+    general = model(torch.tensor(new), torch.tensor(rows_pos), a.step(step), logits_rows="all")
 
     static = StaticDecode(model, b, 64, graphs=False, attention=paged_decode_torch)
     x = model.embed(torch.tensor(new)).float()
-    got = static.forward(x, lengths, tables)
+    got = static.forward(x, rows_pos, rows_tables)  # bucket 8: three padding rows
     assert got.shape == general.shape
     assert (got - general).abs().max() < 1e-4, (got - general).abs().max()
     assert torch.equal(got.argmax(-1), general.argmax(-1))
-    slots = {t[n // bs] * bs + n % bs for t, n in zip(tables, lengths, strict=True)}
+    slots = {t[p // bs] * bs + p % bs for t, p in zip(rows_tables, rows_pos, strict=True)}
     changed = ((b.k != before_k) | (b.v != before_v)).flatten(1, 2).any(-1).any(-1).any(0)
     assert set(changed.nonzero().flatten().tolist()) <= slots  # padding wrote nowhere else
     for layer in range(cfg.n_layers):  # the new rows match the general path's

@@ -97,11 +97,13 @@ def test_auto_makes_a_quantized_copy_once_and_reuses_it(tiny_f32, home):
     b.close()
 
 
-def test_auto_on_a_4_bit_target_runs_without_a_draft(bundled_model_path, home):
+def test_auto_on_a_4_bit_target_falls_back_to_prompt_lookup(bundled_model_path, home):
     said: list[str] = []
     b = open_with_draft(bundled_model_path, "auto", notice=said.append)
-    assert isinstance(b, EngineBackend)  # the plain native engine
-    assert said == ["no automatic draft: the target's weights are already Q4_1"]
+    assert isinstance(b, EngineBackend) and b.speculate == "ngram"  # the engine, speculating on its own
+    assert said == [
+        "no automatic draft: the target's weights are already Q4_1; speculating with prompt lookup instead"
+    ]
     assert not (home / "drafts").exists()
     b.close()
 
@@ -160,3 +162,49 @@ def test_bench_draft_reports_the_cost_model(tiny_f32, tiny_q4, tmp_path):
         "target computes as: ",
     ):
         assert needle in p.stdout, p.stdout
+
+
+REPEATING = "Repeat exactly: " + "the quick brown fox jumps over the lazy dog. " * 2
+
+
+def test_cli_draft_auto_on_the_bundled_model_answers_with_prompt_lookup(tmp_path):
+    """The issue's report: `--draft auto` on the bundled Q4_1 model ended in "unknown engine 'None'"."""
+    args = ["run", "--temp", "0", "-n", "24", "--threads", "1", "Photosynthesis converts light energy into"]
+    p = ripe(*args[:1], "--draft", "auto", "--stats", *args[1:], home=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[0] == (
+        "ripe: no automatic draft: the target's weights are already Q4_1; "
+        "speculating with prompt lookup instead"
+    )
+    assert "drafted " in lines[-1] and "prompt lookup, up to 4 tokens per step" in lines[-1]
+    plain = ripe(*args, home=tmp_path)
+    assert plain.returncode == 0 and plain.stdout == p.stdout and p.stdout.strip()
+
+
+def test_cli_speculate_ngram_same_text_with_stop_strings_and_stats(tmp_path):
+    """The stop string falls in the repeated sentence, where proposals are accepted several at a time."""
+    args = ["run", "--temp", "0", "-n", "40", "--threads", "1", "--stop", "over the lazy", REPEATING]
+    on = ripe(*args, "--speculate", "ngram", "--stats", home=tmp_path)
+    assert on.returncode == 0, on.stderr
+    stats = on.stderr.strip().splitlines()[-1]
+    assert "engine native" in stats and "accepted " in stats and "tok per target forward" in stats, stats
+    off = ripe(*args, "--speculate", "off", "--stats", home=tmp_path)
+    assert off.returncode == 0 and off.stdout == on.stdout
+    assert on.stdout.startswith("The quick brown fox jumps") and "lazy" not in on.stdout
+    assert "drafted" not in off.stderr
+    auto = ripe(*args, "--speculate", "auto", home=tmp_path)
+    assert auto.returncode == 0 and auto.stdout == on.stdout
+
+
+def test_cli_speculate_errors(tiny_f32, tmp_path):
+    for extra, needle in [
+        (["--speculate", "off", "--draft", "auto"], "contradict"),
+        (["--speculate", "ngram", "--engine", "llama.cpp"], "needs the native engine"),
+    ]:
+        p = ripe("run", "--raw", "-n", "4", "-m", str(tiny_f32), *extra, "Hi", home=tmp_path)
+        assert p.returncode == 1, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ripe: error: ") and needle in lines[0], p.stderr
+    p = ripe("run", "-m", str(tiny_f32), "--speculate", "sometimes", "Hi", home=tmp_path)
+    assert p.returncode == 2 and "invalid choice: 'sometimes'" in p.stderr
