@@ -6,8 +6,9 @@
 #
 # Needs: an NVIDIA driver (nvidia-smi works), Python 3.11+, and for llama-cpp-python the CUDA toolkit
 # (nvcc) plus cmake and a C++ compiler; the build takes several minutes.
-# UNTESTED: written from the torch and llama-cpp-python install docs; no CUDA machine with network access
-# was available to run it.
+# This script itself is UNTESTED: written from the torch and llama-cpp-python install docs; no CUDA machine
+# with network access was available. The CUDA path of ripelm (graphs, Triton attention) was run on an
+# H200 with that machine's own torch 2.11 + Triton 3.6 (README, "On a GPU").
 #
 # Environment: PYTHON (default python3), VENV (default .venv), CUDA_TAG (torch wheel index, default
 # cu126: pick the newest your driver supports, see https://pytorch.org/get-started/locally/),
