@@ -1,5 +1,5 @@
-"""`--draft`, `--draft-k` and `--speculate` on `ripe run` and `ripe chat`: open the target with its draft
-(or with prompt lookup in the engine); speculation stats."""
+"""`--draft`, `--draft-k` and `--speculate` on `ripe run`, `ripe chat` and `ripe ask`: open the target with
+its draft (or with prompt lookup in the engine); speculation stats."""
 
 from __future__ import annotations
 

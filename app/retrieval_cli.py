@@ -20,6 +20,8 @@ def store_path() -> Path:
 
 
 def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampling_args: ArgAdder) -> None:
+    from ripelm.draft_cli import add_draft_args
+
     idx = sub.add_parser(
         "index",
         help="add files and folders to a document collection",
@@ -61,7 +63,9 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     ask.add_argument("question", help="the question; '-' reads it from standard input")
     ask.add_argument("--collection", "-c", default=DEFAULT_COLLECTION)
     ask.add_argument("--sources", type=int, default=4, help="chunks given to the model (default 4)")
+    ask.add_argument("--stats", action="store_true", help="print speed and token counts to stderr afterwards")
     model_args(ask)
+    add_draft_args(ask)
     sampling_args(ask)
 
     co = sub.add_parser(
@@ -209,7 +213,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from ripelm.commands import open_from_args, sampling_from_args
+    from ripelm.commands import format_stats, open_from_args, sampling_from_args
     from ripelm.doc_qa import CitationFilter, Source, build_messages, cited_numbers, sources_footer
     from ripelm.remote_fit import remote_reply
     from ripelm.runtime.backend import prompt_ids, stream
@@ -252,10 +256,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
             events = stream(backend, ids, params)
         filt = CitationFilter({src.number for src in sources})
         answer: list[str] = []
+        stats = None
         for ev in events:
             out = filt.feed(ev.text) if ev.text else ""
             if ev.done:
                 out += filt.flush()
+                stats = ev.stats
             if out:
                 sys.stdout.write(out)
                 sys.stdout.flush()
@@ -263,6 +269,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     sys.stdout.write("\n\n" + sources_footer(sources, cited_numbers("".join(answer))) + "\n")
+    if args.stats and stats is not None:
+        print(format_stats(stats), file=sys.stderr)
     return 0
 
 

@@ -40,6 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--kv-memory", default=None, metavar="SIZE", help="paged KV cache memory, e.g. 1G")
+    p.add_argument(
+        "--speculate",
+        default="off",
+        choices=["auto", "ngram", "off"],
+        help="speculative decoding in the native engine for every request: ngram (or auto) is prompt "
+        "lookup, adaptive, same output; off: plain decoding (default off). Usage reports accepted and "
+        "rejected proposals under completion_tokens_details.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
     p.add_argument(
         "--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)"
@@ -89,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         kv_memory=parse_memory(args.kv_memory) if args.kv_memory else None,
         notice=_notice,
+        speculate="off" if args.speculate == "off" else "ngram",
     )
     try:
         try:

@@ -182,11 +182,17 @@ def _chunk(kind: str, rid: str, model: str, created: int, text: str | None, fini
 
 
 def _usage(stats: GenerationStats) -> dict:
-    return {
+    usage: dict = {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.generated_tokens,
         "total_tokens": stats.prompt_tokens + stats.generated_tokens,
     }
+    if stats.drafted:  # speculation (`ripe serve --speculate`): OpenAI's fields for predicted tokens
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": stats.accepted,
+            "rejected_prediction_tokens": stats.drafted - stats.accepted,
+        }
+    return usage
 
 
 def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:

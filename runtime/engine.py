@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from ripelm.runtime.proposer import NgramProposer, Proposer
 from ripelm.runtime.sampling import Sampler, SamplingParams, filtered_probs, penalized_logits
 from ripelm.runtime.scheduler import Scheduler, StepPlan
 from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence, SpecTally
+from ripelm.runtime.spec_control import MAX_K, DraftPolicy, SpecController
 from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
 
 DEFAULT_MAX_SEQS = 64
@@ -143,9 +145,12 @@ class Engine:
         ignore_eos: bool = False,
         speculate: str = "off",
         spec_k: int = DEFAULT_SPEC_K,
+        spec_adaptive: bool = True,
     ) -> Request:
         """Queue a generation. `speculate="ngram"`: decode steps verify up to `spec_k` tokens proposed by
-        prompt lookup (same output, fewer steps when the text repeats its context); "off": plain decoding."""
+        prompt lookup (same output, fewer steps when the text repeats its context); "off": plain decoding.
+        `spec_adaptive`: the number proposed follows the measured step costs and acceptance, down to none
+        while proposals do not pay (`SpecController`); else always `spec_k` when there is a match."""
         params.validate()
         if not prompt:
             raise ValueError("empty prompt")
@@ -153,8 +158,8 @@ class Engine:
             raise ValueError("n must be >= 1")
         if speculate not in SPECULATE_MODES:
             raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
-        if spec_k < 0:
-            raise ValueError(f"the number of proposed tokens must be >= 0, got {spec_k}")
+        if not 0 <= spec_k <= MAX_K:
+            raise ValueError(f"the number of proposed tokens must be in 0..{MAX_K}, got {spec_k}")
         if len(prompt) >= self.context_length:
             raise ContextOverflowError(
                 f"the prompt is {len(prompt)} tokens but the context window is {self.context_length}"
@@ -179,7 +184,7 @@ class Engine:
             forks=n - 1,
         )
         if speculate != "off" and spec_k > 0:
-            self._speculate(seq, spec_k)
+            self._speculate(seq, spec_k, spec_adaptive)
         req.sequences.append(seq)
         with self._cond:
             if self._closing:
@@ -189,10 +194,17 @@ class Engine:
         return req
 
     @staticmethod
-    def _speculate(seq: Sequence, k: int) -> None:
-        """Give `seq` a prompt-lookup proposer of its own (its index covers this sequence's tokens only)."""
+    def _speculate(seq: Sequence, k: int, adaptive: bool) -> None:
+        """Give `seq` a prompt-lookup proposer of its own (its index covers this sequence's tokens only) and
+        a controller: prompt lookup costs nothing to draft, so a proposal pays when the expected accepted
+        tokens outweigh what its extra rows add to the step (`spec_control`; the step costs it learns are
+        those of the steps this sequence takes part in)."""
         proposer: Proposer = NgramProposer()
-        seq.proposer, seq.spec_k, seq.spec = proposer, k, SpecTally(proposer=proposer.name)
+        policy = DraftPolicy(k_max=k, k_init=k, min_confidence=0.0, fixed_k=None if adaptive else k)
+        ctl = SpecController(policy)
+        ctl.record_draft(0.0)
+        seq.proposer, seq.spec_k, seq.controller = proposer, k, ctl
+        seq.spec = SpecTally(proposer=proposer.name)
 
     def _request_cancel(self, req: Request) -> None:
         with self._cond:
@@ -239,7 +251,10 @@ class Engine:
         self.scheduler.failed.clear()
         if plan is not None:
             try:
+                t = time.perf_counter()
                 self._run(plan)
+                if plan.kind == "decode":
+                    self._record_costs(plan, time.perf_counter() - t)
             except ForwardInterrupted:  # its one sequence was cancelled mid-prefill: nothing was committed
                 self._take_cancels()
             except Exception as e:  # a bug, not user input: end the step's sequences, keep serving others
@@ -249,6 +264,20 @@ class Engine:
                         self._finish(seq, "error", BackendError(f"generation failed: {e}"))
         self._update_counters()
         return plan is not None
+
+    @staticmethod
+    def _record_costs(plan: StepPlan, seconds: float) -> None:
+        """Each speculating sequence's controller learns what a step with its rows cost (forward, sampling
+        and verification: all that its proposals add) and what its state now is."""
+        for seq, draft in zip(plan.seqs, plan.drafts, strict=True):
+            ctl = seq.controller
+            if ctl is None:
+                continue
+            ctl.record_verify(1 + len(draft), seconds)
+            if not draft:
+                ctl.record_round(0, 0, 1)
+            if seq.spec is not None:
+                seq.spec.state = ctl.summary()
 
     def _take_cancels(self) -> None:
         with self._cond:
@@ -430,6 +459,8 @@ class Engine:
         # sequence's length) and overwritten by its next step; their blocks never enter the prefix cache.
         self.allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
         self.allocator.truncate(seq.table, start + 1 + n)
+        if seq.controller is not None:
+            seq.controller.record_round(k, n, n + 1)
         spec = seq.spec
         if spec is not None:
             spec.rounds += 1
@@ -463,7 +494,8 @@ class Engine:
                 cached_tokens=parent.cached_tokens,
             )
             if parent.proposer is not None:
-                self._speculate(child, parent.spec_k)
+                adaptive = parent.controller is None or parent.controller.policy.fixed_k is None
+                self._speculate(child, parent.spec_k, adaptive)
             req.sequences.append(child)
             self.scheduler.running.append(child)
             self._sample(child, logits)

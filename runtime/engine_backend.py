@@ -35,10 +35,11 @@ class EngineBackend:
         gguf: GGUFFile | None = None,
         speculate: str = "off",
         spec_k: int = DEFAULT_SPEC_K,
+        spec_adaptive: bool = True,
     ):
         if speculate not in SPECULATE_MODES:
             raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
-        self.speculate, self.spec_k = speculate, spec_k
+        self.speculate, self.spec_k, self.spec_adaptive = speculate, spec_k, spec_adaptive
         load_native(
             self, model_path, device=device, n_ctx=n_ctx, tokenizer=tokenizer, reference=False, gguf=gguf
         )
@@ -61,7 +62,9 @@ class EngineBackend:
         Read its tokens with `request_ids`. ModelFileChangedError if the model file changed since it was
         loaded (models/file_guard.py)."""
         self.file_guard.check()
-        return self.engine.submit(prompt, params, speculate=self.speculate, spec_k=self.spec_k)
+        return self.engine.submit(
+            prompt, params, speculate=self.speculate, spec_k=self.spec_k, spec_adaptive=self.spec_adaptive
+        )
 
     def request_ids(self, req: Request, stats: GenerationStats) -> Iterator[int]:
         """The token ids of a submitted request (what `generate_ids` yields); cancels it if left early."""
@@ -80,7 +83,9 @@ class EngineBackend:
 
     def _note_speculation(self, stats: GenerationStats, spec: SpecTally) -> None:
         stats.drafted, stats.accepted, stats.target_forwards = spec.proposed, spec.accepted, spec.forwards
-        stats.speculation = f"prompt lookup, up to {self.spec_k} tokens per step"
+        stats.speculation = f"prompt lookup, up to {self.spec_k} tokens per step" + (
+            f" ({spec.state})" if spec.state else ""
+        )
 
     def close(self) -> None:
         self.engine.close()

@@ -150,8 +150,12 @@ class Scheduler:
         rows = self.max_rows - len(batch)
         out: list[list[int]] = []
         for seq in batch:
-            k = min(seq.spec_k, rows, seq.max_new - seq.generated - 1)
-            if seq.proposer is None or k <= 0:
+            if seq.proposer is None:
+                out.append([])
+                continue
+            want = seq.controller.next_k() if seq.controller is not None else seq.spec_k
+            k = min(want, rows, seq.max_new - seq.generated - 1)
+            if k <= 0:
                 out.append([])
                 continue
             draft = seq.proposer.propose(seq.tokens, k)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from ripelm.runtime.block_allocator import BlockTable
 from ripelm.runtime.proposer import Proposer
 from ripelm.runtime.sampling import Sampler, SamplingParams
+from ripelm.runtime.spec_control import SpecController
 
 
 class SeqStatus(enum.Enum):
@@ -34,6 +35,7 @@ class SpecTally:
     accepted: int = 0  # ... and accepted
     rounds: int = 0  # decode steps that checked at least one proposed token
     forwards: int = 0  # target forwards that produced its tokens: the prompt's last, then each decode step
+    state: str = ""  # the controller's current choice, e.g. "k=4, predicted 1.9x" or "off"
 
     @property
     def acceptance(self) -> float:
@@ -75,6 +77,7 @@ class Sequence:
     forks: int = 0  # parallel samples still to fork off once the prompt's logits exist
     proposer: Proposer | None = None  # speculation: proposes tokens at decode steps (None: plain decoding)
     spec_k: int = 0  # most tokens proposed per decode step
+    controller: SpecController | None = None  # how many to propose this step, from measured costs
     spec: SpecTally | None = None  # set for a speculating sequence
 
     @property

@@ -50,7 +50,7 @@ def generate(engine: Engine, prompts: list[list[int]], n: int, modes: list[str],
     """Submit all prompts at once (a batch), run the engine to idle; the finished streams."""
     params = SamplingParams(temperature=0, max_tokens=n)
     reqs = [
-        engine.submit(p, params, ignore_eos=True, speculate=m, **kw)
+        engine.submit(p, params, ignore_eos=True, speculate=m, **{"spec_adaptive": False, **kw})
         for p, m in zip(prompts, modes, strict=True)
     ]
     engine.run_until_idle()
@@ -104,6 +104,46 @@ def test_eight_sequences_batched_some_speculating(bundled, prompts, plain):
     engine.allocator.check()
 
 
+def test_adaptive_lookup_is_plain_decoding_and_proposes_where_it_pays(bundled, prompts, plain):
+    """The default (adaptive) controller: the same tokens as plain decoding; it times plain steps first, then
+    proposes on these self-repeating texts, and its state reaches the stats."""
+    engine = Engine(bundled.model, context_length=2048, kv_memory=32 << 20, threaded=False)
+    params = SamplingParams(temperature=0, max_tokens=40)
+    for p, want in zip(prompts, plain, strict=True):
+        req = engine.submit(p, params, ignore_eos=True, speculate="ngram")
+        engine.run_until_idle()
+        stream = req.streams[0]
+        assert list(stream) == want
+        assert stream.finish.spec.state  # "k=4, predicted 1.8x", "off", ...
+    assert engine.counters.spec_accepted > 0
+
+
+def test_the_controller_stops_proposing_what_is_never_accepted():
+    """Prompt lookup drafts for free; with every proposal rejected and a 4-row step costing 1.5 plain steps
+    the controller turns proposals off (and probes now and then); with every one accepted it proposes k."""
+    from ripelm.runtime.spec_control import DraftPolicy, SpecController
+
+    def controller(accept: bool) -> SpecController:
+        ctl = SpecController(DraftPolicy(k_max=4, k_init=4, min_confidence=0.0))
+        ctl.record_draft(0.0)
+        for _ in range(4):
+            ctl.record_verify(1, 0.010)
+            ctl.record_round(0, 0, 1)
+        for _ in range(20):
+            k = ctl.next_k()
+            if k:
+                ctl.record_verify(1 + k, 0.010 + 0.0017 * k)
+                ctl.record_round(k, k if accept else 0, (k if accept else 0) + 1)
+            else:
+                ctl.record_verify(1, 0.010)
+                ctl.record_round(0, 0, 1)
+        return ctl
+
+    bad, good = controller(False), controller(True)
+    assert bad.off and [bad.next_k() for _ in range(10)] == [0] * 10
+    assert not good.off and good.next_k() == 4
+
+
 def test_a_step_never_has_more_rows_than_the_native_batch(bundled, prompts, plain):
     engine = Engine(bundled.model, context_length=2048, kv_memory=32 << 20, threaded=False)
     rows: list[int] = []
@@ -152,7 +192,13 @@ def test_budget_and_stop_tokens_cut_exactly(bundled, prompts, plain):
         assert list(s) == plain[0][:n] and s.finish.reason == "length"
     # The rounds of an unstopped run, read from the raw event queue: each decode step's figures come
     # before its tokens. Pick a token whose first occurrence is not the last token of its round.
-    req = engine.submit(p, SamplingParams(temperature=0, max_tokens=40), ignore_eos=True, speculate="ngram")
+    req = engine.submit(
+        p,
+        SamplingParams(temperature=0, max_tokens=40),
+        ignore_eos=True,
+        speculate="ngram",
+        spec_adaptive=False,
+    )
     engine.run_until_idle()
     rounds: list[list[int]] = []
     while not isinstance(item := req.queues[0].get_nowait(), Finish):
@@ -172,7 +218,9 @@ def test_budget_and_stop_tokens_cut_exactly(bundled, prompts, plain):
     assert candidates  # the text repeats: some round accepted proposals, and one of them is new
     stop = candidates[-1]
     stopper = Engine(bundled.model, context_length=2048, kv_memory=32 << 20, eog_ids={stop}, threaded=False)
-    req = stopper.submit(p, SamplingParams(temperature=0, max_tokens=40), speculate="ngram")
+    req = stopper.submit(
+        p, SamplingParams(temperature=0, max_tokens=40), speculate="ngram", spec_adaptive=False
+    )
     stopper.run_until_idle()
     got = list(req.streams[0])
     assert got == out[: out.index(stop) + 1]
@@ -183,8 +231,12 @@ def test_budget_and_stop_tokens_cut_exactly(bundled, prompts, plain):
 def test_cancel_mid_speculation_frees_every_block(bundled, prompts):
     engine = Engine(bundled.model, context_length=2048, kv_memory=32 << 20, threaded=False)
     free0, used0 = engine.allocator.num_free, engine.allocator.num_used
-    req = engine.submit(prompts[2], SamplingParams(temperature=0, max_tokens=400), speculate="ngram", n=2)
-    other = engine.submit(prompts[3], SamplingParams(temperature=0, max_tokens=400), speculate="ngram")
+    req = engine.submit(
+        prompts[2], SamplingParams(temperature=0, max_tokens=400), speculate="ngram", spec_adaptive=False, n=2
+    )
+    other = engine.submit(
+        prompts[3], SamplingParams(temperature=0, max_tokens=400), speculate="ngram", spec_adaptive=False
+    )
     for _ in range(200):
         engine.step()
         if engine.counters.spec_accepted >= 8:
@@ -262,7 +314,11 @@ def test_sampled_tokens_follow_the_target_distribution(
             reqs = []
             for seed in range(first, first + 4):
                 p = SamplingParams(**{**vars(params), "seed": seed})
-                reqs.append(engine.submit(prompt, p, ignore_eos=True, speculate="ngram", spec_k=3))
+                reqs.append(
+                    engine.submit(
+                        prompt, p, ignore_eos=True, speculate="ngram", spec_adaptive=False, spec_k=3
+                    )
+                )
             engine.run_until_idle()
             for r in reqs:
                 toks = list(r.streams[0])[:3]

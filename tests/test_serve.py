@@ -188,3 +188,28 @@ def test_ripe_run_engine_openai_against_ripe_serve_process(tiny_path, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_speculating_server_returns_the_same_text_and_reports_its_proposals(served, tiny_path):
+    """`ripe serve --speculate ngram`: prompt lookup inside the engine (fixed k here, so the tiny model's
+    loops are proposed from the first step); the same completion as the plain server, and the usage says
+    how many proposed tokens were accepted and rejected, in OpenAI's completion_tokens_details fields."""
+    plain_server, _ = served
+    backend = EngineBackend(
+        tiny_path, device="cpu", n_ctx=1024, kv_memory=32 << 20, speculate="ngram", spec_adaptive=False
+    )
+    server = Server(backend, host="127.0.0.1", port=0, api_key=KEY, model_name="tiny:test")
+    server.start()
+    try:
+        prompt = "one two three one two three one two three one two"
+        args = dict(model="tiny:test", prompt=prompt, max_tokens=48, temperature=0)
+        want = client(plain_server).completions.create(**args)
+        got = client(server).completions.create(**args)
+        assert got.choices[0].text == want.choices[0].text
+        details = got.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > 0
+        assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
+        assert want.usage.completion_tokens_details is None
+    finally:
+        server.close()
+        backend.close()
