@@ -138,7 +138,8 @@ class SpecController:
             self._tested = fade * self._tested + accepted + rejected
             self._passed = fade * self._passed + accepted
         self.since_probe += emitted
-        self._decide()
+        if drafted:  # a plain step teaches nothing about acceptance: the choice waits for the next round
+            self._decide()
 
     @property
     def acceptance(self) -> float | None:
@@ -151,9 +152,10 @@ class SpecController:
 
     # -- the model -----------------------------------------------------------------------------------
 
-    def verify_estimate(self, m: int) -> float | None:
-        """c_v(m): measured if seen, else a least-squares line through the measured sizes."""
-        costs = self.verify_cost
+    def verify_estimate(self, m: int, costs: dict[int, float] | None = None) -> float | None:
+        """c_v(m): measured if seen, else a least-squares line through the measured sizes (`costs`: the
+        medians, when the caller has them already)."""
+        costs = self.verify_cost if costs is None else costs
         if m in costs:
             return costs[m]
         pts = sorted(costs.items())
@@ -168,8 +170,9 @@ class SpecController:
         slope = max(0.0, sum((x - mx) * (y - my) for x, y in pts) / sxx)
         return max(1e-9, my + slope * (m - mx))
 
-    def speedup(self, k: int) -> float | None:
-        c_t, c_v = self.verify_estimate(1), self.verify_estimate(k + 1)
+    def speedup(self, k: int, costs: dict[int, float] | None = None) -> float | None:
+        costs = self.verify_cost if costs is None else costs
+        c_t, c_v = self.verify_estimate(1, costs), self.verify_estimate(k + 1, costs)
         if c_t is None or c_v is None or self.draft_cost is None:
             return None
         a = self.acceptance if self.acceptance is not None else self.policy.prior_acceptance
@@ -182,8 +185,9 @@ class SpecController:
         if 1 not in self.verify_timing or self.draft_cost is None:
             return  # not enough measured yet: keep k
         best_k, best = 1, 0.0
+        costs = self.verify_cost  # the medians once, not per k: this runs every round
         for k in range(1, pol.k_max + 1):
-            s = self.speedup(k)
+            s = self.speedup(k, costs)
             if s is not None and s > best:
                 best_k, best = k, s
         # hysteresis: a noisy timing near break-even must not flip speculation on and off
