@@ -89,6 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RipelmError(f"--port must be between 0 and 65535, not {args.port}")
     api_key = args.api_key or os.environ.get("RIPELM_API_KEY") or None
     path = resolve_model(args.model)
+    # auto: prompt lookup where the native engine runs (llama.cpp, asked for by name, cannot speculate)
+    lookup = args.speculate == "ngram" or (args.speculate == "auto" and args.engine != "llama.cpp")
+    speculate = "ngram" if lookup else "off"
     backend = open_backend(
         path,
         engine=args.engine,
@@ -97,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         kv_memory=parse_memory(args.kv_memory) if args.kv_memory else None,
         notice=_notice,
-        speculate="off" if args.speculate == "off" else "ngram",
+        speculate=speculate,
     )
     try:
         try:

@@ -177,7 +177,9 @@ def test_cli_draft_auto_on_the_bundled_model_answers_with_prompt_lookup(tmp_path
         "ripe: no automatic draft: the target's weights are already Q4_1; "
         "speculating with prompt lookup instead"
     )
-    assert "drafted " in lines[-1] and "prompt lookup, up to 4 tokens per step" in lines[-1]
+    from ripelm.runtime.engine import DEFAULT_SPEC_K
+
+    assert "drafted " in lines[-1] and f"prompt lookup, up to {DEFAULT_SPEC_K} tokens per step" in lines[-1]
     plain = ripe(*args, home=tmp_path)
     assert plain.returncode == 0 and plain.stdout == p.stdout and p.stdout.strip()
 
