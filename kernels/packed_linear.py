@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ripelm.kernels import triton_int4
 from ripelm.kernels.cpu_features import dense_matmul_dtype
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -81,7 +80,12 @@ class Int4Linear(nn.Module):
         device = torch.device(device)
         packed, sz, kept = [], [], []
         # On CUDA, RIPELM_CUDA_INT4=triton swaps torch's int4 kernel for ours (kernels.triton_int4).
-        self._triton = device.type == "cuda" and triton_int4.enabled()
+        self._triton = False
+        if device.type == "cuda":  # imported here: Triton's import costs CPU-only runs time for nothing
+            from ripelm.kernels import triton_int4
+
+            self._t4 = triton_int4
+            self._triton = triton_int4.enabled()
         for shard in [q] if isinstance(q, Int4Codes) else q:
             n, k = shard.shape
             if shard.group_size not in INT4_GROUP_SIZES or k % shard.group_size:
@@ -92,7 +96,7 @@ class Int4Linear(nn.Module):
             if keep_codes:
                 kept.append(shard)
             if self._triton:  # codes two per byte, [N, K // group, 2] float16 scale and offset
-                packed.append(triton_int4.pack(shard.codes).to(device))
+                packed.append(self._t4.pack(shard.codes).to(device))
                 sz.append(torch.stack([shard.scale, shard.offset], dim=-1).to(torch.float16).to(device))
                 continue
             packed.append(_pack_int4(shard.codes, device))
@@ -128,10 +132,11 @@ class Int4Linear(nn.Module):
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         if self._triton:
             packed, group, sz = self._args
-            if x.shape[0] <= triton_int4.MAX_ROWS:  # float32 out: no rounding to bf16 on the way
-                y = triton_int4.matmul(x, packed, sz, group)
+            t4 = self._t4
+            if x.shape[0] <= t4.MAX_ROWS:  # float32 out: no rounding to bf16 on the way
+                y = t4.matmul(x, packed, sz, group)
             else:  # prefill: the weight dequantized once, then cuBLAS
-                y = F.linear(x.to(self.dtype), triton_int4.dequantize(packed, sz, group, self.dtype))
+                y = F.linear(x.to(self.dtype), t4.dequantize(packed, sz, group, self.dtype))
         elif x.shape[0] >= self._dense_rows:
             dt = self._dense_dtype
             y = F.linear(x.to(dt), self.dense_weight().to(dt)).to(self.dtype)  # type: ignore[misc]

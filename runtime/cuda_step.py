@@ -27,7 +27,6 @@ import sys
 import numpy as np
 import torch
 
-from ripelm.kernels import triton_attention
 from ripelm.kernels.rmsnorm import rms_norm
 from ripelm.runtime.model import KVCacheLike, RopeTables, Transformer
 
@@ -35,8 +34,14 @@ BUCKETS = (1, 2, 4, 8, 16)
 
 
 def graphs_enabled() -> bool:
-    """CUDA graphs for decode unless RIPELM_CUDA_GRAPHS=0 (the eager blockwise path, for comparison)."""
-    return os.environ.get("RIPELM_CUDA_GRAPHS", "1") != "0" and triton_attention.available()
+    """CUDA graphs for decode unless RIPELM_CUDA_GRAPHS=0 (the eager blockwise path, for comparison). The
+    engine asks only on CUDA: Triton is imported here, not when the module loads (it costs a CPU-only run
+    time for nothing)."""
+    if os.environ.get("RIPELM_CUDA_GRAPHS", "1") == "0":
+        return False
+    from ripelm.kernels import triton_attention
+
+    return triton_attention.available()
 
 
 def paged_decode_torch(
@@ -128,6 +133,8 @@ class StaticDecode:
         cfg = model.cfg
         model.rope_tables(0, context_length)  # grows the model's cos/sin tables to the whole window
         self.cos, self.sin = model._rope_cache  # type: ignore[misc]
+        from ripelm.kernels import triton_attention
+
         self.attention = attention or triton_attention.paged_decode_attention
         dev = model.device
         self.graphs = graphs and dev.type == "cuda"
