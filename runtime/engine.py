@@ -6,20 +6,7 @@ chunk of the cancelled request stops between layers) and sets an event when done
 the paged KV cache and the scheduler; each step it asks the scheduler for a plan, runs one forward
 over the planned tokens, samples, and emits events.
 
-Speculation is a kind of decode step, not a second engine. A request submitted with `speculate="ngram"`
-gets a proposer (prompt lookup, `runtime.proposer`); at each decode step the scheduler asks it for up to
-`spec_k` tokens and reserves their positions. The step then runs ONE target forward over every row: the
-last token of each plain sequence, and for a speculating sequence its last token followed by its proposed
-tokens, each row at its own position with the sequence's block table (the native step takes several rows
-of one sequence; on torch each row is a one-query entry of the `PagedBatch`, so it is computed exactly as a
-plain decode row is). All rows write their K/V into the paged pool. Per speculating sequence the exact rules
-of `spec_verify` accept a prefix of the proposal (greedy: while it is the target's argmax; sampling: the
-proposal is a point-mass draft, so x is accepted with probability p(x) and a rejection is followed by a
-draw from p with x removed and renormalized: the emitted token follows p), the allocator truncates the
-rejected positions away, and the accepted tokens plus the target's next token are emitted one by one
-through the same path as a sampled token, so an end-of-generation token or the token budget ends the
-sequence exactly where plain decoding would. Greedy output is therefore token for token the output without
-speculation, and sampled output has the same distribution. Stop strings are cut by the reader, as always.
+How a plan's forward runs is `runtime.step_forward`; speculation as a decode step is `runtime.engine_spec`.
 """
 
 from __future__ import annotations
@@ -33,25 +20,23 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ripelm.kernels.paged_attention import PagedBatch
+from ripelm.runtime import engine_spec
 from ripelm.runtime.block_allocator import chain_hash
 from ripelm.runtime.cuda_step import graphs_enabled, static_decode_or_none
+from ripelm.runtime.engine_spec import DEFAULT_SPEC_K, SPEC_MAX_ROWS, SPECULATE_MODES
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
 from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
-from ripelm.runtime.proposer import NgramProposer, Proposer
-from ripelm.runtime.sampling import Sampler, SamplingParams, filtered_probs, penalized_logits
+from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.scheduler import Scheduler, StepPlan
-from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence, SpecTally
-from ripelm.runtime.spec_control import MAX_K, DraftPolicy, SpecController
-from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
+from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
+from ripelm.runtime.spec_control import MAX_K
+from ripelm.runtime.step_forward import StepForward
 
 DEFAULT_MAX_SEQS = 64
 DEFAULT_PREFILL_CHUNK = 512
-SPECULATE_MODES = ("off", "ngram")
-DEFAULT_SPEC_K = 8  # most tokens proposed per decode step of a speculating sequence (the controller picks)
-SPEC_MAX_ROWS = 16  # rows of a decode step that verifies proposals (the native step's batch)
+__all__ = ["DEFAULT_SPEC_K", "SPECULATE_MODES", "SPEC_MAX_ROWS", "Engine", "EngineCounters", "KVPoolError"]
 
 
 class KVPoolError(ContextOverflowError):
@@ -121,6 +106,7 @@ class Engine:
             if self.cache.device.type == "cuda" and graphs_enabled()
             else None
         )
+        self.forward = StepForward(model, self.cache, self.native, self.static)
         self.scheduler = Scheduler(
             self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk, max_rows=SPEC_MAX_ROWS
         )
@@ -184,7 +170,7 @@ class Engine:
             forks=n - 1,
         )
         if speculate != "off" and spec_k > 0:
-            self._speculate(seq, spec_k, spec_adaptive)
+            engine_spec.start(seq, spec_k, spec_adaptive)
         req.sequences.append(seq)
         with self._cond:
             if self._closing:
@@ -192,29 +178,6 @@ class Engine:
             self._inbox.append(seq)
             self._cond.notify()
         return req
-
-    @staticmethod
-    def _speculate(seq: Sequence, k: int, adaptive: bool) -> None:
-        """Give `seq` a prompt-lookup proposer of its own (its index covers this sequence's tokens only) and
-        a controller: prompt lookup costs nothing to draft, so a proposal pays when the expected accepted
-        tokens outweigh what its extra rows add to the step (`spec_control`; the step costs it learns are
-        those of the steps this sequence takes part in)."""
-        # single-token matches were accepted too rarely to pay (ripe ask over the seeds: median 1.31x with
-        # them, 1.51x without, at k <= 4)
-        proposer: Proposer = NgramProposer(min_n=2)
-        # Cautious until measured: a first proposal of 2 at a prior acceptance of one half (open-ended chat
-        # rejects most lookups; a long all-rejected step there costs more than it risks).
-        policy = DraftPolicy(
-            k_max=k,
-            k_init=min(k, 2),
-            min_confidence=0.0,
-            prior_acceptance=0.5,
-            fixed_k=None if adaptive else k,
-        )
-        ctl = SpecController(policy)
-        ctl.record_draft(0.0)
-        seq.proposer, seq.spec_k, seq.controller = proposer, k, ctl
-        seq.spec = SpecTally(proposer=proposer.name)
 
     def _request_cancel(self, req: Request) -> None:
         with self._cond:
@@ -264,7 +227,7 @@ class Engine:
                 t = time.perf_counter()
                 self._run(plan)
                 if plan.kind == "decode":
-                    self._record_costs(plan, time.perf_counter() - t)
+                    engine_spec.record_costs(plan, time.perf_counter() - t)
             except ForwardInterrupted:  # its one sequence was cancelled mid-prefill: nothing was committed
                 self._take_cancels()
             except Exception as e:  # a bug, not user input: end the step's sequences, keep serving others
@@ -274,20 +237,6 @@ class Engine:
                         self._finish(seq, "error", BackendError(f"generation failed: {e}"))
         self._update_counters()
         return plan is not None
-
-    @staticmethod
-    def _record_costs(plan: StepPlan, seconds: float) -> None:
-        """Each speculating sequence's controller learns what a step with its rows cost (forward, sampling
-        and verification: all that its proposals add) and what its state now is."""
-        for seq, draft in zip(plan.seqs, plan.drafts, strict=True):
-            ctl = seq.controller
-            if ctl is None:
-                continue
-            ctl.record_verify(1 + len(draft), seconds)
-            if not draft:
-                ctl.record_round(0, 0, 1)
-            elif seq.spec is not None:  # the state as of the last round that proposed
-                seq.spec.state = ctl.summary()
 
     def _take_cancels(self) -> None:
         with self._cond:
@@ -306,108 +255,13 @@ class Engine:
         raise RuntimeError("engine did not go idle")
 
     def _run(self, plan: StepPlan) -> None:
-        dev = self.model.device
         starts = [s.table.num_tokens for s in plan.seqs]
         if plan.kind == "decode":  # each sequence's last token, then the tokens proposed after it
             new = [s.tokens[p : p + 1] + d for s, p, d in zip(plan.seqs, starts, plan.drafts, strict=True)]
         else:
             new = [s.tokens[p : p + c] for s, p, c in zip(plan.seqs, starts, plan.counts, strict=True)]
         self.cache.apply_copies()
-        # Recomputing a preempted sequence goes through the native step too, so its history gets the same
-        # K/V as when it was first decoded (and its greedy continuation the same tokens).
-        if self.native is not None and (self.native.takes(sum(plan.counts)) or plan.seqs[0].preemptions > 0):
-            self._run_native(plan, starts, new)
-            return
-        if plan.kind == "decode":
-            if self.static is not None and self.static.takes(sum(plan.counts)):
-                logits = self._decode_static(plan, starts, new)
-            else:
-                logits = self._decode_torch(plan, starts, new)
-            self._commit(plan, new, list(range(len(plan.seqs))), logits)
-            return
-        batch = PagedBatch(
-            self.allocator.block_size,
-            [s.table.blocks for s in plan.seqs],
-            plan.counts,
-            [p + c for p, c in zip(starts, plan.counts, strict=True)],
-            device=dev,
-            num_blocks=self.allocator.num_blocks,
-        )
-        tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
-        ready = [
-            i
-            for i, (s, p, c) in enumerate(zip(plan.seqs, starts, plan.counts, strict=True))
-            if p + c == len(s.tokens)
-        ]
-        rows = torch.tensor(
-            [batch.q_starts[i] + plan.counts[i] - 1 for i in ready] or [batch.num_rows - 1],
-            dtype=torch.long,
-            device=dev,
-        )
-        # A prefill chunk (one sequence, up to a few hundred ms) stops between layers once its request is
-        # cancelled, so a cancel is acknowledged within about one layer's time.
-        interrupt = plan.seqs[0].request.cancel_requested.is_set
-        logits = self.model(tokens, starts[0], self.cache.step(batch), logits_rows=rows, interrupt=interrupt)
-        self._commit(plan, new, ready, logits)
-
-    def _decode_torch(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> torch.Tensor:
-        """A decode step on torch: every row (a sequence's last token, or one of its proposed tokens) is a
-        one-query entry of the batch at its own position, so it is computed as a plain decode row is; the
-        rows of one sequence see each other's K/V, which each layer writes before it attends. Logits of all
-        rows, in order."""
-        dev = self.model.device
-        tables, ctx, positions = [], [], []
-        for seq, p, chunk in zip(plan.seqs, starts, new, strict=True):
-            for j in range(len(chunk)):
-                tables.append(seq.table.blocks)
-                positions.append(p + j)
-                ctx.append(p + j + 1)
-        batch = PagedBatch(
-            self.allocator.block_size,
-            tables,
-            [1] * len(tables),
-            ctx,
-            device=dev,
-            num_blocks=self.allocator.num_blocks,
-        )
-        tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        rows = torch.arange(len(tables), dtype=torch.long, device=dev)
-        return self.model(tokens, pos, self.cache.step(batch), logits_rows=rows)
-
-    def _decode_static(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> torch.Tensor:
-        """A decode step through the CUDA graphs: the same rows as `_decode_torch` (one query each, at its
-        own position, with its sequence's block table). Logits of all rows, in order."""
-        tokens, positions, tables = [], [], []
-        for seq, p, chunk in zip(plan.seqs, starts, new, strict=True):
-            for j, tok in enumerate(chunk):
-                tokens.append(tok)
-                positions.append(p + j)
-                tables.append(seq.table.blocks)
-        x = self.model.embed(torch.tensor(tokens, dtype=torch.long)).float()
-        return self.static.forward(x, positions, tables)  # type: ignore[union-attr]
-
-    def _run_native(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> None:
-        """The step on the native library: one call for all layers of all rows, the GIL released."""
-        tokens, positions, tables, logit_rows, ready = [], [], [], [], []
-        for i, (seq, p, chunk) in enumerate(zip(plan.seqs, starts, new, strict=True)):
-            blocks = seq.table.blocks
-            for j, tok in enumerate(chunk):
-                tokens.append(tok)
-                positions.append(p + j)
-                tables.append(blocks)
-            if plan.kind == "decode":  # all rows: the proposed tokens are checked against them
-                ready.append(i)
-                logit_rows.extend(range(len(tokens) - len(chunk), len(tokens)))
-            elif p + len(chunk) == len(seq.tokens):
-                ready.append(i)
-                logit_rows.append(len(tokens) - 1)
-        if not logit_rows:
-            logit_rows = [len(tokens) - 1]
-        # A long prefill chunk runs as several native steps; a cancel is acknowledged between them.
-        interrupt = plan.seqs[0].request.cancel_requested.is_set if plan.kind == "prefill" else None
-        x = self.model.embed(torch.tensor(tokens, dtype=torch.long))
-        logits, _ = self.native.forward(x, positions, tables, logit_rows, interrupt=interrupt)
+        ready, logits = self.forward.run(plan, starts, new)
         self._commit(plan, new, ready, logits)
 
     def _commit(self, plan: StepPlan, new: list[list[int]], ready: list[int], logits: torch.Tensor) -> None:
@@ -439,47 +293,25 @@ class Engine:
             self.counters.decode_tokens += len(seq.tokens) - before
 
     def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
-        """Accept a prefix of the proposed tokens by the exact rules, roll the cache back past it, and emit
-        it with the target's token that follows.
-
-        logits: [1 + k, V], row i scored after seq.tokens + draft[:i]. The target's token at each row is
-        chosen as `Sampler` chooses (same repetition penalty history, same filtering, first maximum when
-        greedy); the proposal is a point-mass draft, so `verify_sampled` accepts x with probability p(x)
-        and on rejection draws from p with x removed: each emitted token follows p exactly.
-        """
-        params = seq.params
+        """Accept a prefix of the proposed tokens by the exact rules (`engine_spec.judge`), roll the cache
+        back past it, and emit it with the target's token that follows."""
         k = len(draft)
         start = len(seq.tokens) - 1  # position of the first row
-        hists = None
-        if params.repetition_penalty != 1.0:
-            tail = seq.tokens[-params.repeat_last_n :]
-            hists = [tail + draft[:i] for i in range(k + 1)]
-        z = penalized_logits(logits.cpu(), params, hists)
-        x = torch.tensor([draft], dtype=torch.long)
-        if params.greedy:
-            choice = torch.from_numpy(z.numpy().argmax(-1)).long()  # numpy's argmax, as the Sampler's
-            verdict = verify_greedy(x, choice.unsqueeze(0))
-        else:
-            p = filtered_probs(z, params)
-            q = torch.zeros(k, p.shape[-1])
-            q[torch.arange(k), x[0]] = 1.0
-            verdict = verify_sampled(x, q.unsqueeze(0), p.unsqueeze(0), seq.sampler.generator)
-        n = int(verdict.n_accepted[0])
+        n, nxt = engine_spec.judge(seq, draft, logits)
         # The rejected rows' K/V stay in the pool past the table's end, never read (attention stops at the
         # sequence's length) and overwritten by its next step; their blocks never enter the prefix cache.
         self.allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
         self.allocator.truncate(seq.table, start + 1 + n)
         if seq.controller is not None:
             seq.controller.record_round(k, n, n + 1)
-        spec = seq.spec
-        if spec is not None:
-            spec.rounds += 1
-            spec.proposed += k
-            spec.accepted += n
+        if seq.spec is not None:
+            seq.spec.rounds += 1
+            seq.spec.proposed += k
+            seq.spec.accepted += n
         self.counters.spec_rounds += 1
         self.counters.spec_proposed += k
         self.counters.spec_accepted += n
-        self._emit(seq, draft[:n] + [int(verdict.next_token[0])])
+        self._emit(seq, draft[:n] + [nxt])
 
     def _fork(self, parent: Sequence, logits: torch.Tensor) -> None:
         """Parallel samples: children share the parent's blocks (copy-on-write) and its prompt logits."""
@@ -505,7 +337,7 @@ class Engine:
             )
             if parent.proposer is not None:
                 adaptive = parent.controller is None or parent.controller.policy.fixed_k is None
-                self._speculate(child, parent.spec_k, adaptive)
+                engine_spec.start(child, parent.spec_k, adaptive)
             req.sequences.append(child)
             self.scheduler.running.append(child)
             self._sample(child, logits)

@@ -1,0 +1,95 @@
+"""Speculation inside the engine: a kind of decode step, not a second engine.
+
+A request submitted with `speculate="ngram"` gets a proposer (prompt lookup, `runtime.proposer`) and a
+controller (`start`); at each decode step the scheduler asks the controller how many tokens to propose and the
+proposer for them, and reserves their positions. The step then runs ONE target forward over every row: the
+last token of each plain sequence, and for a speculating sequence its last token followed by its proposed
+tokens, each row at its own position with the sequence's block table (`runtime.step_forward`). All rows
+write their K/V into the paged pool. Per speculating sequence the exact rules of `spec_verify` accept a
+prefix of the proposal (`judge`; greedy: while it is the target's argmax; sampling: the proposal is a
+point-mass draft, so x is accepted with probability p(x) and a rejection is followed by a draw from p with x
+removed and renormalized: the emitted token follows p), the allocator truncates the rejected positions away,
+and the accepted tokens plus the target's next token are emitted one by one through the same path as a
+sampled token, so an end-of-generation token or the token budget ends the sequence exactly where plain
+decoding would. Greedy output is therefore token for token the output without speculation, and sampled
+output has the same distribution. Stop strings are cut by the reader, as always.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ripelm.runtime.proposer import NgramProposer, Proposer
+from ripelm.runtime.sampling import filtered_probs, penalized_logits
+from ripelm.runtime.scheduler import StepPlan
+from ripelm.runtime.sequence import Sequence, SpecTally
+from ripelm.runtime.spec_control import DraftPolicy, SpecController
+from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
+
+SPECULATE_MODES = ("off", "ngram")
+DEFAULT_SPEC_K = 8  # most tokens proposed per decode step of a speculating sequence (the controller picks)
+SPEC_MAX_ROWS = 16  # rows of a decode step that verifies proposals (the native step's batch)
+
+
+def start(seq: Sequence, k: int, adaptive: bool) -> None:
+    """Give `seq` a prompt-lookup proposer of its own (its index covers this sequence's tokens only) and a
+    controller: prompt lookup costs nothing to draft, so a proposal pays when the expected accepted tokens
+    outweigh what its extra rows add to the step (`spec_control`; the step costs it learns are those of the
+    steps this sequence takes part in). `adaptive=False` always proposes k when there is a match."""
+    # single-token matches were accepted too rarely to pay (ripe ask over the seeds: median 1.31x with
+    # them, 1.51x without, at k <= 4)
+    proposer: Proposer = NgramProposer(min_n=2)
+    # Cautious until measured: a first proposal of 2 at a prior acceptance of one half (open-ended chat
+    # rejects most lookups; a long all-rejected step there costs more than it risks).
+    policy = DraftPolicy(
+        k_max=k,
+        k_init=min(k, 2),
+        min_confidence=0.0,
+        prior_acceptance=0.5,
+        fixed_k=None if adaptive else k,
+    )
+    ctl = SpecController(policy)
+    ctl.record_draft(0.0)
+    seq.proposer, seq.spec_k, seq.controller = proposer, k, ctl
+    seq.spec = SpecTally(proposer=proposer.name)
+
+
+def record_costs(plan: StepPlan, seconds: float) -> None:
+    """Each speculating sequence's controller learns what a decode step with its rows cost (forward,
+    sampling and verification: all that its proposals add) and, after a round that proposed, its state."""
+    for seq, draft in zip(plan.seqs, plan.drafts, strict=True):
+        ctl = seq.controller
+        if ctl is None:
+            continue
+        ctl.record_verify(1 + len(draft), seconds)
+        if not draft:
+            ctl.record_round(0, 0, 1)
+        elif seq.spec is not None:
+            seq.spec.state = ctl.summary()
+
+
+def judge(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, int]:
+    """How many proposed tokens the target accepts, and its token after them.
+
+    logits: [1 + k, V], row i scored after seq.tokens + draft[:i]. The target's token at each row is chosen
+    as `Sampler` chooses (same repetition penalty history, same filtering, first maximum when greedy); the
+    proposal is a point-mass draft, so `verify_sampled` accepts x with probability p(x) and on rejection
+    draws from p with x removed: each emitted token follows p exactly.
+    """
+    params = seq.params
+    k = len(draft)
+    hists = None
+    if params.repetition_penalty != 1.0:
+        tail = seq.tokens[-params.repeat_last_n :]
+        hists = [tail + draft[:i] for i in range(k + 1)]
+    z = penalized_logits(logits.cpu(), params, hists)
+    x = torch.tensor([draft], dtype=torch.long)
+    if params.greedy:
+        choice = torch.from_numpy(z.numpy().argmax(-1)).long()  # numpy's argmax, as the Sampler's
+        verdict = verify_greedy(x, choice.unsqueeze(0))
+    else:
+        p = filtered_probs(z, params)
+        q = torch.zeros(k, p.shape[-1])
+        q[torch.arange(k), x[0]] = 1.0
+        verdict = verify_sampled(x, q.unsqueeze(0), p.unsqueeze(0), seq.sampler.generator)
+    return int(verdict.n_accepted[0]), int(verdict.next_token[0])
