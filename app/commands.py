@@ -84,8 +84,10 @@ def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
         return open_with_draft(path, args, _notice, engine)
     if getattr(args, "draft_k", None) is not None:
         raise BadSamplingError("--draft-k needs --draft MODEL (or --draft auto)")
+    if speculate == "draft":
+        raise BackendError("--speculate draft needs --draft MODEL (or --draft auto)")
     kv = getattr(args, "kv_memory", None)
-    # auto: prompt lookup (a draft model in the engine is the next step); llama.cpp cannot speculate
+    # auto without --draft: prompt lookup; llama.cpp cannot speculate
     lookup = speculate == "ngram" or (speculate == "auto" and engine != "llama.cpp")
     return open_backend(
         path,

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # the CLI parser imports this module: keep torch out of `ripe
     from ripelm.runtime.backend import Backend, GenerationStats
 
 
-SPECULATE_CHOICES = ("auto", "ngram", "off")
+SPECULATE_CHOICES = ("auto", "draft", "ngram", "off")
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
@@ -22,10 +22,11 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
         "--speculate",
         default=None,
         choices=SPECULATE_CHOICES,
-        help="speculative decoding in the native engine. ngram: prompt lookup (proposes the tokens that "
-        "followed the latest earlier occurrence of the last few tokens; pays when the reply repeats the "
-        "prompt, as summaries, document answers and code edits do); off: plain decoding; auto: the draft "
-        "model with --draft, else prompt lookup (default: off, auto with --draft). Output is the same.",
+        help="speculative decoding in the native engine. draft: the --draft model proposes (it runs in the "
+        "engine, batched with other requests); ngram: prompt lookup (proposes the tokens that followed the "
+        "latest earlier occurrence of the last few tokens; pays when the reply repeats the prompt, as "
+        "summaries, document answers and code edits do); off: plain decoding; auto: the draft model with "
+        "--draft, else prompt lookup (default: off, auto with --draft). Output is the same either way.",
     )
     p.add_argument(
         "--draft",
@@ -49,6 +50,7 @@ def open_from_args(
 ) -> Backend:
     """The target with the `--draft` model; `engine` is the one asked for (flag or config, else auto)."""
     from ripelm.runtime.draft_pairing import open_with_draft
+    from ripelm.runtime.kv_cache import parse_memory
 
     bar = ProgressBar("making a draft model")
     try:
@@ -60,6 +62,7 @@ def open_from_args(
             n_ctx=args.ctx,
             threads=args.threads,
             draft_k=args.draft_k,
+            kv_memory=parse_memory(args.kv_memory) if getattr(args, "kv_memory", None) else None,
             notice=notice,
             progress=bar,
         )

@@ -42,11 +42,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-memory", default=None, metavar="SIZE", help="paged KV cache memory, e.g. 1G")
     p.add_argument(
         "--speculate",
-        default="off",
-        choices=["auto", "ngram", "off"],
-        help="speculative decoding in the native engine for every request: ngram (or auto) is prompt "
-        "lookup, adaptive, same output; off: plain decoding (default off). Usage reports accepted and "
-        "rejected proposals under completion_tokens_details.",
+        default=None,
+        choices=["auto", "draft", "ngram", "off"],
+        help="speculative decoding in the native engine for every request: ngram is prompt lookup, draft "
+        "the --draft model (batched across requests in the engine), auto the draft with --draft else "
+        "prompt lookup; adaptive, same output; off: plain decoding (default off, auto with --draft). Usage "
+        "reports accepted and rejected proposals under completion_tokens_details.",
+    )
+    p.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="draft model for speculative decoding (name or .gguf sharing the model's vocabulary; 'auto': "
+        "the catalog's pairing, else a Q4_1 copy of the model made once)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
     p.add_argument(
@@ -89,19 +97,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RipelmError(f"--port must be between 0 and 65535, not {args.port}")
     api_key = args.api_key or os.environ.get("RIPELM_API_KEY") or None
     path = resolve_model(args.model)
-    # auto: prompt lookup where the native engine runs (llama.cpp, asked for by name, cannot speculate)
-    lookup = args.speculate == "ngram" or (args.speculate == "auto" and args.engine != "llama.cpp")
-    speculate = "ngram" if lookup else "off"
-    backend = open_backend(
-        path,
-        engine=args.engine,
-        device=args.device,
-        n_ctx=args.ctx,
-        threads=args.threads,
-        kv_memory=parse_memory(args.kv_memory) if args.kv_memory else None,
-        notice=_notice,
-        speculate=speculate,
-    )
+    kv = parse_memory(args.kv_memory) if args.kv_memory else None
+    if args.draft:
+        if args.speculate in ("ngram", "off"):
+            raise RipelmError(f"--speculate {args.speculate} and --draft contradict each other")
+        from ripelm.runtime.draft_pairing import open_with_draft
+
+        backend = open_with_draft(
+            path,
+            args.draft,
+            engine=args.engine,
+            device=args.device,
+            n_ctx=args.ctx,
+            threads=args.threads,
+            kv_memory=kv,
+            notice=_notice,
+        )
+    else:
+        if args.speculate == "draft":
+            raise RipelmError("--speculate draft needs --draft MODEL (or --draft auto)")
+        # auto: prompt lookup where the native engine runs (llama.cpp, asked for by name, cannot speculate)
+        lookup = args.speculate == "ngram" or (args.speculate == "auto" and args.engine != "llama.cpp")
+        backend = open_backend(
+            path,
+            engine=args.engine,
+            device=args.device,
+            n_ctx=args.ctx,
+            threads=args.threads,
+            kv_memory=kv,
+            notice=_notice,
+            speculate="ngram" if lookup else "off",
+        )
     try:
         try:
             server = Server(

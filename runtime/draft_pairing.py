@@ -25,14 +25,15 @@ def open_speculative(
     device: str | None = None,
     n_ctx: int | None = None,
     threads: int | None = None,
+    kv_memory: int | None = None,
     policy: DraftPolicy | None = None,
-    target: Backend | None = None,
 ) -> Backend:
-    """A `SpeculativeBackend` over the native target (opened here unless `target` is given) and the draft."""
+    """The native engine over the target with the draft model inside it (`speculate="draft"`)."""
     from ripelm.runtime.device import set_threads
+    from ripelm.runtime.engine_backend import EngineBackend
+    from ripelm.runtime.engine_spec import DEFAULT_SPEC_K
     from ripelm.runtime.engines import native_support_problem
-    from ripelm.runtime.native import NativeBackend
-    from ripelm.runtime.speculative import SpeculativeBackend, check_vocab
+    from ripelm.runtime.speculative import check_vocab
 
     policy = policy or DraftPolicy()
     policy.validate()
@@ -44,29 +45,31 @@ def open_speculative(
     if problem is not None:
         dg.close()
         raise DraftModelError(f"cannot use draft model {draft_path.name}: {problem}")
-    if target is None:
-        tg = open_gguf(target_path)
-        problem = native_support_problem(tg)
-        if problem is not None:
-            tg.close()
-            dg.close()
-            raise DraftModelError(f"speculative decoding needs the native engine for the target: {problem}")
-        try:
-            check_vocab(tg, dg)
-        except DraftModelError:
-            tg.close()
-            dg.close()
-            raise
-        set_threads(threads)
-        target = NativeBackend(target_path, device=device, n_ctx=n_ctx, gguf=tg)
-    if not isinstance(target, NativeBackend):
+    tg = open_gguf(target_path)
+    problem = native_support_problem(tg)
+    if problem is not None:
+        tg.close()
         dg.close()
-        raise DraftModelError(f"speculative decoding needs the native engine, not {target.name}")
-    # The draft keeps the target's context window; it shares the target's tokenizer (checked above).
-    draft = NativeBackend(
-        draft_path, device=device, n_ctx=target.context_length, gguf=dg, tokenizer=target.tokenizer
+        raise DraftModelError(f"speculative decoding needs the native engine for the target: {problem}")
+    try:
+        check_vocab(tg, dg)
+    except DraftModelError:
+        tg.close()
+        dg.close()
+        raise
+    set_threads(threads)
+    return EngineBackend(
+        target_path,
+        device=device,
+        n_ctx=n_ctx,
+        kv_memory=kv_memory,
+        gguf=tg,
+        speculate="draft",
+        spec_k=policy.fixed_k if policy.fixed_k is not None else DEFAULT_SPEC_K,
+        spec_adaptive=policy.fixed_k is None,
+        draft_path=draft_path,
+        draft_gguf=dg,
     )
-    return SpeculativeBackend(target, draft, policy)
 
 
 def open_with_draft(
@@ -78,6 +81,7 @@ def open_with_draft(
     n_ctx: int | None = None,
     threads: int | None = None,
     draft_k: int | None = None,
+    kv_memory: int | None = None,
     notice: Callable[[str], None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Backend:
@@ -94,6 +98,7 @@ def open_with_draft(
             device=device,
             n_ctx=n_ctx,
             threads=threads,
+            kv_memory=kv_memory,
             notice=notice,
             speculate=speculate,
             spec_k=draft_k,
@@ -125,5 +130,11 @@ def open_with_draft(
     if draft_spec == "auto":
         say(choice.reason)
     return open_speculative(
-        target_path, choice.path, device=device, n_ctx=n_ctx, threads=threads, policy=policy
+        target_path,
+        choice.path,
+        device=device,
+        n_ctx=n_ctx,
+        threads=threads,
+        kv_memory=kv_memory,
+        policy=policy,
     )

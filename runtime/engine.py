@@ -23,6 +23,7 @@ import torch
 from ripelm.runtime import engine_spec
 from ripelm.runtime.block_allocator import chain_hash
 from ripelm.runtime.cuda_step import graphs_enabled, static_decode_or_none
+from ripelm.runtime.draft_runner import DraftRunner
 from ripelm.runtime.engine_spec import DEFAULT_SPEC_K, SPEC_MAX_ROWS, SPECULATE_MODES
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
@@ -59,6 +60,9 @@ class EngineCounters:
     spec_rounds: int = 0  # (sequence, decode step) pairs that verified at least one proposed token
     spec_proposed: int = 0  # proposed tokens verified
     spec_accepted: int = 0  # ... and accepted
+    draft_free_blocks: int = 0  # the draft model's own pool (all 0 without a draft model)
+    draft_used_blocks: int = 0
+    draft_total_blocks: int = 0
 
 
 class Engine:
@@ -74,7 +78,10 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         hash_fn=chain_hash,
         threaded: bool = True,
+        draft_model: Transformer | None = None,
     ):
+        """`draft_model`: a smaller model of the same vocabulary that requests submitted with
+        `speculate="draft"` draft with, on its own paged pool of the same number of tokens."""
         cfg = model.cfg
         self.model = model
         self.context_length = context_length
@@ -107,10 +114,21 @@ class Engine:
             else None
         )
         self.forward = StepForward(model, self.cache, self.native, self.static)
+        self.drafter = None
+        if draft_model is not None:
+            self.drafter = DraftRunner(
+                draft_model, num_blocks=blocks, block_size=block_size, hash_fn=hash_fn, vocab=cfg.vocab_size
+            )
         self.scheduler = Scheduler(
-            self.allocator, max_seqs=max_seqs, prefill_chunk=prefill_chunk, max_rows=SPEC_MAX_ROWS
+            self.allocator,
+            max_seqs=max_seqs,
+            prefill_chunk=prefill_chunk,
+            max_rows=SPEC_MAX_ROWS,
+            drafter=self.drafter,
         )
-        self.counters = EngineCounters(total_blocks=blocks, block_size=block_size)
+        self.counters = EngineCounters(
+            total_blocks=blocks, block_size=block_size, draft_total_blocks=blocks if self.drafter else 0
+        )
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -134,7 +152,8 @@ class Engine:
         spec_adaptive: bool = True,
     ) -> Request:
         """Queue a generation. `speculate="ngram"`: decode steps verify up to `spec_k` tokens proposed by
-        prompt lookup (same output, fewer steps when the text repeats its context); "off": plain decoding.
+        prompt lookup (same output, fewer steps when the text repeats its context); "draft": proposed by the
+        engine's draft model, batched across sequences; "off": plain decoding.
         `spec_adaptive`: the number proposed follows the measured step costs and acceptance, down to none
         while proposals do not pay (`SpecController`); else always `spec_k` when there is a match."""
         params.validate()
@@ -144,6 +163,8 @@ class Engine:
             raise ValueError("n must be >= 1")
         if speculate not in SPECULATE_MODES:
             raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
+        if speculate == "draft" and self.drafter is None:
+            raise ValueError("speculate='draft' needs an engine made with a draft model")
         if not 0 <= spec_k <= MAX_K:
             raise ValueError(f"the number of proposed tokens must be in 0..{MAX_K}, got {spec_k}")
         if len(prompt) >= self.context_length:
@@ -170,7 +191,7 @@ class Engine:
             forks=n - 1,
         )
         if speculate != "off" and spec_k > 0:
-            engine_spec.start(seq, spec_k, spec_adaptive)
+            engine_spec.start(seq, spec_k, spec_adaptive, speculate)
         req.sequences.append(seq)
         with self._cond:
             if self._closing:
@@ -270,7 +291,7 @@ class Engine:
         drafts = plan.drafts or [[] for _ in plan.seqs]
         for seq, chunk, draft in zip(plan.seqs, new, drafts, strict=True):
             seq.computed_tokens += len(chunk)
-            if not draft:  # with proposals, only the accepted rows are committed (`_verify`)
+            if not draft:  # with proposals, only the accepted rows are committed (`engine_spec.accept`)
                 self.allocator.commit(seq.table, chunk)
         if plan.kind == "prefill":
             self.counters.prefill_tokens += plan.counts[0]
@@ -286,32 +307,11 @@ class Engine:
             rows = logits[first : first + 1 + len(draft)]
             first += 1 + len(draft)
             before = len(seq.tokens)
-            if draft:
-                self._verify(seq, draft, rows)
+            if draft:  # accept a prefix by the exact rules, roll the cache back past it, emit
+                self._emit(seq, engine_spec.accept(self.allocator, self.counters, seq, draft, rows))
             else:
                 self._sample(seq, rows[0])
             self.counters.decode_tokens += len(seq.tokens) - before
-
-    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
-        """Accept a prefix of the proposed tokens by the exact rules (`engine_spec.judge`), roll the cache
-        back past it, and emit it with the target's token that follows."""
-        k = len(draft)
-        start = len(seq.tokens) - 1  # position of the first row
-        n, nxt = engine_spec.judge(seq, draft, logits)
-        # The rejected rows' K/V stay in the pool past the table's end, never read (attention stops at the
-        # sequence's length) and overwritten by its next step; their blocks never enter the prefix cache.
-        self.allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
-        self.allocator.truncate(seq.table, start + 1 + n)
-        if seq.controller is not None:
-            seq.controller.record_round(k, n, n + 1)
-        if seq.spec is not None:
-            seq.spec.rounds += 1
-            seq.spec.proposed += k
-            seq.spec.accepted += n
-        self.counters.spec_rounds += 1
-        self.counters.spec_proposed += k
-        self.counters.spec_accepted += n
-        self._emit(seq, draft[:n] + [nxt])
 
     def _fork(self, parent: Sequence, logits: torch.Tensor) -> None:
         """Parallel samples: children share the parent's blocks (copy-on-write) and its prompt logits."""
@@ -337,7 +337,7 @@ class Engine:
             )
             if parent.proposer is not None:
                 adaptive = parent.controller is None or parent.controller.policy.fixed_k is None
-                engine_spec.start(child, parent.spec_k, adaptive)
+                engine_spec.start(child, parent.spec_k, adaptive, parent.proposer.name)
             req.sequences.append(child)
             self.scheduler.running.append(child)
             self._sample(child, logits)
@@ -393,3 +393,6 @@ class Engine:
             c.used_blocks = a.num_used
             c.running = len(s.running)
             c.waiting = len(s.waiting) + len(self._inbox)
+            if self.drafter is not None:
+                c.draft_free_blocks = self.drafter.allocator.num_free
+                c.draft_used_blocks = self.drafter.allocator.num_used

@@ -3,13 +3,16 @@
 Every generation (a chat turn, a regenerate, `ripe run`) becomes a request to one shared `Engine`, so
 they share the paged KV cache: a chat turn that extends the previous one finds its prefix cached, and
 concurrent callers are batched. `speculate="ngram"` makes every request speculate with prompt lookup inside
-the engine (`Engine.submit`); its figures land in the generation's stats (drafted = proposed tokens).
+the engine (`Engine.submit`), `speculate="draft"` with the draft model opened beside the target (`draft_path`,
+same vocabulary; it runs in the engine on its own paged pool); the figures land in the generation's stats
+(drafted = proposed tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 from ripelm.models.gguf_file import GGUFFile
 from ripelm.runtime.backend import GenerationStats
@@ -36,6 +39,8 @@ class EngineBackend:
         speculate: str = "off",
         spec_k: int = DEFAULT_SPEC_K,
         spec_adaptive: bool = True,
+        draft_path: str | Path | None = None,
+        draft_gguf: GGUFFile | None = None,
     ):
         if speculate not in SPECULATE_MODES:
             raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
@@ -43,12 +48,29 @@ class EngineBackend:
         load_native(
             self, model_path, device=device, n_ctx=n_ctx, tokenizer=tokenizer, reference=False, gguf=gguf
         )
+        self.draft = None
+        if draft_path is not None:
+            # the draft shares the target's tokenizer (checked by the caller) and context window
+            self.draft = SimpleNamespace()
+            load_native(
+                self.draft,
+                draft_path,
+                device=device,
+                n_ctx=self.context_length,
+                tokenizer=self.tokenizer,
+                reference=False,
+                gguf=draft_gguf,
+            )
+            self.name = "native+draft"
+        elif speculate == "draft":
+            raise ValueError("speculate='draft' needs a draft model (draft_path)")
         self.engine = Engine(
             self.model,
             context_length=self.context_length,
             eog_ids=self.tokenizer.eog_ids,
             kv_memory=kv_memory,
             max_seqs=max_seqs,
+            draft_model=self.draft.model if self.draft is not None else None,
         )
 
     def generate_ids(
@@ -62,6 +84,8 @@ class EngineBackend:
         Read its tokens with `request_ids`. ModelFileChangedError if the model file changed since it was
         loaded (models/file_guard.py)."""
         self.file_guard.check()
+        if self.draft is not None:
+            self.draft.file_guard.check()
         return self.engine.submit(
             prompt, params, speculate=self.speculate, spec_k=self.spec_k, spec_adaptive=self.spec_adaptive
         )
@@ -83,7 +107,8 @@ class EngineBackend:
 
     def _note_speculation(self, stats: GenerationStats, spec: SpecTally) -> None:
         stats.drafted, stats.accepted, stats.target_forwards = spec.proposed, spec.accepted, spec.forwards
-        stats.speculation = f"prompt lookup, up to {self.spec_k} tokens per step" + (
+        how = "prompt lookup" if spec.proposer == "ngram" else f"draft {self.draft.path.name}"
+        stats.speculation = f"{how}, up to {self.spec_k} tokens per step" + (
             f" ({spec.state})" if spec.state else ""
         )
 
@@ -91,3 +116,6 @@ class EngineBackend:
         self.engine.close()
         self.gguf.close()
         self.file_guard.close()
+        if self.draft is not None:
+            self.draft.gguf.close()
+            self.draft.file_guard.close()

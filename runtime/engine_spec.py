@@ -19,23 +19,36 @@ from __future__ import annotations
 
 import torch
 
-from ripelm.runtime.proposer import NgramProposer, Proposer
+from ripelm.runtime.block_allocator import BlockAllocator
+from ripelm.runtime.proposer import DraftModelProposer, NgramProposer, Proposer
 from ripelm.runtime.sampling import filtered_probs, penalized_logits
 from ripelm.runtime.scheduler import StepPlan
 from ripelm.runtime.sequence import Sequence, SpecTally
 from ripelm.runtime.spec_control import DraftPolicy, SpecController
 from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
 
-SPECULATE_MODES = ("off", "ngram")
+SPECULATE_MODES = ("off", "ngram", "draft")
 DEFAULT_SPEC_K = 8  # most tokens proposed per decode step of a speculating sequence (the controller picks)
 SPEC_MAX_ROWS = 16  # rows of a decode step that verifies proposals (the native step's batch)
 
 
-def start(seq: Sequence, k: int, adaptive: bool) -> None:
-    """Give `seq` a prompt-lookup proposer of its own (its index covers this sequence's tokens only) and a
-    controller: prompt lookup costs nothing to draft, so a proposal pays when the expected accepted tokens
+def start(seq: Sequence, k: int, adaptive: bool, mode: str = "ngram") -> None:
+    """Give `seq` a proposer and a controller. mode "ngram": prompt lookup of its own (its index covers this
+    sequence's tokens only); it costs nothing to draft, so a proposal pays when the expected accepted tokens
     outweigh what its extra rows add to the step (`spec_control`; the step costs it learns are those of the
-    steps this sequence takes part in). `adaptive=False` always proposes k when there is a match."""
+    steps this sequence takes part in). mode "draft": the engine's draft model (`runtime.draft_runner`), whose
+    measured cost per draft forward enters the same cost model. `adaptive=False` always proposes k (when
+    prompt lookup has a match)."""
+    if mode == "draft":
+        policy = DraftPolicy(
+            k_max=k,
+            k_init=min(k, 4),
+            fixed_k=None if adaptive else k,
+            min_confidence=0.1 if adaptive else 0.0,
+        )
+        seq.proposer, seq.spec_k, seq.controller = DraftModelProposer(), k, SpecController(policy)
+        seq.spec = SpecTally(proposer="draft")
+        return
     # single-token matches were accepted too rarely to pay (ripe ask over the seeds: median 1.31x with
     # them, 1.51x without, at k <= 4)
     proposer: Proposer = NgramProposer(min_n=2)
@@ -72,9 +85,11 @@ def judge(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, i
     """How many proposed tokens the target accepts, and its token after them.
 
     logits: [1 + k, V], row i scored after seq.tokens + draft[:i]. The target's token at each row is chosen
-    as `Sampler` chooses (same repetition penalty history, same filtering, first maximum when greedy); the
-    proposal is a point-mass draft, so `verify_sampled` accepts x with probability p(x) and on rejection
-    draws from p with x removed: each emitted token follows p exactly.
+    as `Sampler` chooses (same repetition penalty history, same filtering, first maximum when greedy). A draft
+    model's proposals come with the distributions q they were drawn from (`Sequence.draft_q`): x is accepted
+    with probability min(1, p(x)/q(x)), a rejection draws from normalize(max(0, p - q)). A prompt-lookup
+    proposal is a point mass: accepted with probability p(x), on rejection a draw from p with x removed.
+    Either way each emitted token follows p exactly.
     """
     params = seq.params
     k = len(draft)
@@ -89,7 +104,31 @@ def judge(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, i
         verdict = verify_greedy(x, choice.unsqueeze(0))
     else:
         p = filtered_probs(z, params)
-        q = torch.zeros(k, p.shape[-1])
-        q[torch.arange(k), x[0]] = 1.0
+        q = seq.draft_q  # the draft model's distributions; prompt lookup's proposals are point masses
+        if q is None:
+            q = torch.zeros(k, p.shape[-1])
+            q[torch.arange(k), x[0]] = 1.0
         verdict = verify_sampled(x, q.unsqueeze(0), p.unsqueeze(0), seq.sampler.generator)
     return int(verdict.n_accepted[0]), int(verdict.next_token[0])
+
+
+def accept(allocator: BlockAllocator, counters, seq: Sequence, draft: list[int], logits: torch.Tensor):  # noqa: ANN001
+    """The tokens a decode step emits for a speculating sequence: the accepted prefix of its proposal
+    (`judge`) and the target's token after it. Commits the accepted rows' K/V and truncates the rest away
+    (the rejected rows' K/V stay in the pool past the table's end, never read, overwritten by the next step;
+    their blocks never enter the prefix cache); updates the controller and the figures."""
+    k = len(draft)
+    start = len(seq.tokens) - 1  # position of the first row
+    n, nxt = judge(seq, draft, logits)
+    allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
+    allocator.truncate(seq.table, start + 1 + n)
+    if seq.controller is not None:
+        seq.controller.record_round(k, n, n + 1)
+    if seq.spec is not None:
+        seq.spec.rounds += 1
+        seq.spec.proposed += k
+        seq.spec.accepted += n
+    counters.spec_rounds += 1
+    counters.spec_proposed += k
+    counters.spec_accepted += n
+    return draft[:n] + [nxt]

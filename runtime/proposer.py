@@ -30,6 +30,17 @@ class Proposer(Protocol):
         ...
 
 
+class DraftModelProposer:
+    """The engine's draft model proposes for this sequence: batched with every other sequence that drafts,
+    by `runtime.draft_runner.DraftRunner`, so there is nothing to compute per sequence here."""
+
+    name = "draft"
+    batched = True
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        raise RuntimeError("draft-model proposals are made for the whole batch by the engine's DraftRunner")
+
+
 class NgramProposer:
     """Prompt lookup over one sequence's tokens (see the module docstring)."""
 

@@ -41,12 +41,19 @@ class StepPlan:
 
 class Scheduler:
     def __init__(
-        self, allocator: BlockAllocator, *, max_seqs: int, prefill_chunk: int, max_rows: int = 16
+        self,
+        allocator: BlockAllocator,
+        *,
+        max_seqs: int,
+        prefill_chunk: int,
+        max_rows: int = 16,
+        drafter=None,  # noqa: ANN001 - a runtime.draft_runner.DraftRunner
     ):
         self.allocator = allocator
         self.max_seqs = max_seqs
         self.prefill_chunk = prefill_chunk
         self.max_rows = max_rows  # rows of a decode step that verifies proposals
+        self.drafter = drafter  # the engine's DraftRunner, if it has a draft model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -69,7 +76,12 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.allocator.free(seq.table)
+        self._release_draft(seq)
         seq.status = SeqStatus.FINISHED
+
+    def _release_draft(self, seq: Sequence) -> None:
+        if self.drafter is not None:
+            self.drafter.release(seq)
 
     def schedule(self) -> StepPlan | None:
         decodable = any(s.remaining == 1 for s in self.running)
@@ -149,23 +161,36 @@ class Scheduler:
         a = self.allocator
         rows = self.max_rows - len(batch)
         out: list[list[int]] = []
+        batched: list[tuple[int, Sequence, int]] = []  # the draft model's, proposed together below
         for seq in batch:
             if seq.proposer is None:
                 out.append([])
                 continue
             want = seq.controller.next_k() if seq.controller is not None else seq.spec_k
             k = min(want, rows, seq.max_new - seq.generated - 1)
+            base = seq.table.num_tokens + 1
+            if k > 0 and getattr(seq.proposer, "batched", False):
+                while k and a.blocks_needed(seq.table, base + k) > a.num_free:
+                    k -= 1
+                if k and self.drafter is not None:
+                    a.reserve(seq.table, base + k)  # unused positions are truncated away after verifying
+                    rows -= k
+                    batched.append((len(out), seq, k))
+                k = 0
             if k <= 0:
                 out.append([])
                 continue
             draft = seq.proposer.propose(seq.tokens, k)
-            base = seq.table.num_tokens + 1
             while draft and a.blocks_needed(seq.table, base + len(draft)) > a.num_free:
                 draft.pop()
             if draft:
                 a.reserve(seq.table, base + len(draft))
             rows -= len(draft)
             out.append(draft)
+        if batched:
+            got = self.drafter.propose([(seq, k) for _, seq, k in batched])
+            for i, seq, _ in batched:
+                out[i] = got[seq.id]
         return out
 
     # ---- memory -----------------------------------------------------------------------------------
@@ -177,6 +202,7 @@ class Scheduler:
             if victim is seq and len(self.running) == 1:
                 self.running.remove(seq)
                 a.free(seq.table)
+                self._release_draft(seq)
                 self.failed.append((seq, PoolTooSmallError(self._too_small(seq))))
                 return False
             self._preempt(victim)
@@ -187,6 +213,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.allocator.free(seq.table)
+        self._release_draft(seq)
         seq.status = SeqStatus.WAITING
         seq.preemptions += 1
         self.preemptions += 1

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from ripelm.runtime.block_allocator import BlockTable
 from ripelm.runtime.proposer import Proposer
 from ripelm.runtime.sampling import Sampler, SamplingParams
@@ -79,6 +81,12 @@ class Sequence:
     spec_k: int = 0  # most tokens proposed per decode step
     controller: SpecController | None = None  # how many to propose this step, from measured costs
     spec: SpecTally | None = None  # set for a speculating sequence
+    # with a draft model (`runtime.draft_runner`): the draft's block table, the tokens its K/V hold, how many
+    # of those are known to equal `tokens`, and the distributions of the latest proposals (None: greedy)
+    draft_table: BlockTable = field(default_factory=BlockTable)
+    draft_ids: list[int] = field(default_factory=list)
+    draft_synced: int = 0
+    draft_q: torch.Tensor | None = None
 
     @property
     def remaining(self) -> int:

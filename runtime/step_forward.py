@@ -75,9 +75,25 @@ class StepForward:
         logits, _ = self.native.forward(x, positions, tables, logit_rows or [end - 1], interrupt=interrupt)
         return ready, logits
 
+    def rows(
+        self, tokens: list[int], positions: list[int], tables: list[list[int]], logit_rows: list[int]
+    ) -> torch.Tensor:
+        """Logits at `logit_rows` of a forward over free-standing rows (each a token at its position with its
+        block table; a sequence's rows in position order), on the native step when there is one, else as
+        one-query entries of a torch paged batch. The draft model's steps run here."""
+        if self.native is not None:
+            x = self.model.embed(torch.tensor(tokens, dtype=torch.long))
+            return self.native.forward(x, positions, tables, logit_rows)[0]
+        return self._rows_torch(tokens, positions, tables, logit_rows)
+
     def _decode_torch(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> torch.Tensor:
-        dev = self.model.device
         tokens, positions, tables = step_rows(plan, starts, new)
+        return self._rows_torch(tokens, positions, tables, list(range(len(tokens))))
+
+    def _rows_torch(
+        self, tokens: list[int], positions: list[int], tables: list[list[int]], logit_rows: list[int]
+    ) -> torch.Tensor:
+        dev = self.model.device
         allocator = self.cache.allocator
         batch = PagedBatch(
             allocator.block_size,
@@ -87,7 +103,7 @@ class StepForward:
             device=dev,
             num_blocks=allocator.num_blocks,
         )
-        rows = torch.arange(len(tables), dtype=torch.long, device=dev)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
         t = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return self.model(t, pos, self.cache.step(batch), logits_rows=rows)

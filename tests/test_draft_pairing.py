@@ -15,7 +15,7 @@ from ripelm.models.gguf_file import open_gguf
 from ripelm.runtime.draft_pairing import open_speculative, open_with_draft
 from ripelm.runtime.engine_backend import EngineBackend
 from ripelm.runtime.errors import BadSamplingError, DraftModelError
-from ripelm.runtime.speculative import SpeculativeBackend, check_vocab
+from ripelm.runtime.speculative import check_vocab
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,9 @@ def test_draft_length_zero_and_negative(tiny_f32, tiny_q4):
 
 def test_explicit_draft_opens_a_speculative_backend(tiny_f32, tiny_q4):
     b = open_with_draft(tiny_f32, str(tiny_q4), draft_k=3)
-    assert isinstance(b, SpeculativeBackend)
-    assert b.controller.policy.fixed_k == 3 and b.tokenizer is b.target.tokenizer
+    assert isinstance(b, EngineBackend) and b.engine.drafter is not None  # the draft inside the engine
+    assert (b.speculate, b.spec_k, b.spec_adaptive) == ("draft", 3, False)
+    assert b.name == "native+draft" and b.draft.tokenizer is b.tokenizer
     b.close()
 
 
@@ -93,7 +94,7 @@ def test_auto_makes_a_quantized_copy_once_and_reuses_it(tiny_f32, home):
     assert second.path == first.path and "cached" in second.reason
     assert first.path.stat().st_mtime_ns == mtime
     b = open_with_draft(tiny_f32, "auto")
-    assert isinstance(b, SpeculativeBackend)
+    assert isinstance(b, EngineBackend) and b.speculate == "draft" and b.draft.path == first.path
     b.close()
 
 
