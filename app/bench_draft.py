@@ -1,8 +1,8 @@
 """`ripe bench --draft MODEL`: the speculative decoding cost model against measurement, medians of fresh runs.
 
-Reports the target's and the draft's decode cost per token, the cost of one target pass over k + 1
-positions, the acceptance rate, the speedup those figures predict, and the speedup measured by decoding
-with and without the draft (plus what the adaptive controller achieves).
+Per proposer (the draft model, prompt lookup), in the one engine: the cost of a draft forward and of a decode
+step of k + 1 rows, the acceptance rate, the speedup those figures predict, and the speedup measured by
+decoding with and without it (plus what the adaptive controller achieves).
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ import sys
 
 from ripelm.models.errors import RipelmError
 
-ROWS = [  # key, label, format
-    ("target_ms", "target decode, ms/token", "{:.2f}"),
-    ("draft_ms", "draft decode, ms/token", "{:.2f}"),
-    ("verify_ms", "target pass over k+1 tokens, ms", "{:.2f}"),
-    ("acceptance", "acceptance rate (accepted/drafted)", "{:.1%}"),
+ROWS = [  # key (per proposer), label, format
+    ("draft_ms", "draft forward, ms", "{:.2f}"),
+    ("verify_ms", "decode step of k+1 rows, ms", "{:.2f}"),
+    ("proposing_share", "steps that proposed", "{:.0%}"),
+    ("acceptance", "acceptance rate (accepted/proposed)", "{:.1%}"),
     ("token_acceptance", "per-token acceptance (model)", "{:.1%}"),
-    ("expected_tokens", "tokens per target pass (model)", "{:.2f}"),
-    ("tokens_per_pass", "tokens per target pass (measured)", "{:.2f}"),
+    ("expected_tokens", "tokens per proposing step (model)", "{:.2f}"),
+    ("tokens_per_pass", "tokens per target forward", "{:.2f}"),
     ("predicted", "predicted speedup", "{:.2f}x"),
     ("measured", "measured speedup", "{:.2f}x"),
-    ("target_tok_s", "target alone, tok/s", "{:.1f}"),
-    ("spec_tok_s", "target + draft, tok/s", "{:.1f}"),
+    ("spec_tok_s", "tok/s", "{:.1f}"),
     ("adaptive_measured", "adaptive k: measured speedup", "{:.2f}x"),
 ]
+PROPOSERS = (("draft", "draft model"), ("ngram", "prompt lookup"))
 
 
 def add_bench_draft_args(bench: argparse.ArgumentParser) -> None:
@@ -106,20 +106,29 @@ def cmd_bench_draft(args: argparse.Namespace) -> int:
         r = run_once(str(target), str(choice.path), args)
         runs.append(r)
         print(
-            f"  run {i + 1}/{args.runs}: target {r['target_ms']:.1f} ms, draft {r['draft_ms']:.1f} ms, "
-            f"verify {r['verify_ms']:.1f} ms, acceptance {r['acceptance']:.0%}, "
-            f"predicted {r['predicted']:.2f}x, measured {r['measured']:.2f}x, "
-            f"adaptive {r['adaptive_measured']:.2f}x",
+            f"  run {i + 1}/{args.runs}: target {r['target_ms']:.1f} ms/token; "
+            + "; ".join(
+                f"{label} acceptance {r[f'{key}_acceptance']:.0%}, predicted {r[f'{key}_predicted']:.2f}x, "
+                f"measured {r[f'{key}_measured']:.2f}x, adaptive {r[f'{key}_adaptive_measured']:.2f}x"
+                for key, label in PROPOSERS
+            ),
             file=sys.stderr,
         )
-    print(f"{'metric (median)':<36}{'value':>10}")
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    print(f"target alone: {med('target_ms'):.2f} ms/token, {med('target_tok_s'):.1f} tok/s (median)")
+    print(f"{'metric (median)':<38}" + "".join(f"{label:>15}" for _, label in PROPOSERS))
     for key, label, fmt in ROWS:
-        print(f"{label:<36}{fmt.format(statistics.median(r[key] for r in runs)):>10}")
+        print(f"{label:<38}" + "".join(f"{fmt.format(med(f'{p}_{key}')):>15}" for p, _ in PROPOSERS))
+    print(
+        f"{'measured / predicted':<38}"
+        + "".join(f"{med(f'{p}_measured') / med(f'{p}_predicted'):>15.2f}" for p, _ in PROPOSERS)
+    )
     last = runs[-1]
-    pred = statistics.median(r["predicted"] for r in runs)
-    meas = statistics.median(r["measured"] for r in runs)
-    print(f"measured / predicted: {meas / pred:.2f}")
     print(f"target computes as: {last['target_compute']} (device {last['device']})")
     print(f"draft computes as:  {last['draft_compute']}")
-    print(f"adaptive controller (last run): {last['adaptive_state']}")
+    for p, label in PROPOSERS:
+        print(f"adaptive controller, {label} (last run): {last[f'{p}_adaptive_state']}")
     return 0

@@ -1,25 +1,25 @@
-"""One `ripe bench --draft` run in its own process: the cost-model figures and the measured speedup.
+"""One `ripe bench --draft` run in its own process: per proposer, the cost-model figures and the speedup.
 
-Measures on one prompt the target's and the draft's decode cost per token and the cost of one target pass
-over k + 1 positions, then decodes (greedy, or sampling at --temp) with the target alone, with target +
-draft (fixed k, no early stop, so the cost model's assumptions hold) and with the adaptive controller.
-Prints one JSON line.
+One engine holds the target and its draft model, as `ripe run --draft` opens it. On one prompt it decodes
+(greedy, or sampling at --temp) plainly, then with each proposer (the draft model, prompt lookup) at a
+fixed k without early stops (so the cost model's assumptions hold), then with the adaptive controller.
+The costs are the engine's own measurements (`SpecController`: a draft forward, a decode step of 1 and of
+k + 1 rows); the predicted speedup follows from them and the acceptance (`spec_control`). Prints a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
-from ripelm.runtime.backend import GenerationStats
 from ripelm.runtime.bench_worker import prompt_tokens
 from ripelm.runtime.sampling import SamplingParams
-from ripelm.runtime.spec_control import DraftPolicy, expected_tokens, predicted_speedup
+from ripelm.runtime.spec_control import expected_tokens
 
 
 def story_prompt(b, n: int) -> list[int]:
@@ -29,50 +29,6 @@ def story_prompt(b, n: int) -> list[int]:
     request = f"Here is the start of a story:\n\n{body}\n\nWrite what happens next, in your own words."
     text = b.template.render([{"role": "user", "content": request}], add_generation_prompt=True)
     return b.tokenizer.encode(text, add_bos=False)
-
-
-def _sync(b) -> None:
-    if b.torch_device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def decode_cost(b, prompt: list[int], n: int) -> float:
-    """Seconds per token of plain greedy decoding (one forward per token)."""
-    logits, _ = b.prefill(prompt)
-    tok, pos = int(logits.argmax()), len(prompt)
-    _sync(b)
-    t = time.perf_counter()
-    for _ in range(n):
-        tok = int(b.forward([tok], pos)[-1].argmax())
-        pos += 1
-    return (time.perf_counter() - t) / n
-
-
-def verify_cost(b, prompt: list[int], m: int, reps: int = 15) -> float:
-    """Median seconds of one pass over m new positions after `prompt` (all m rows of logits)."""
-    b.prefill(prompt)
-    n = len(prompt)
-    times = []
-    for _ in range(reps + 2):
-        b.cache.truncate(n)
-        del b.cached_tokens[n:]
-        t = time.perf_counter()
-        float(b.forward(prompt[-m:], n, logits_rows="all")[-1, 0])
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[2:])  # the first calls of a new shape set up kernels
-
-
-def timed_generation(backend, prompt: list[int], n: int, temp: float = 0.0) -> tuple[float, GenerationStats]:
-    """Seconds per token after the first, generating n tokens through `generate_ids` (greedy at temp 0)."""
-    stats = GenerationStats()
-    gen = backend.generate_ids(prompt, SamplingParams(temperature=temp, max_tokens=n, seed=0), stats)
-    next(gen)  # prefill and first token: not decode
-    t = time.perf_counter()
-    for _ in range(n - 1):
-        next(gen)
-    dt = time.perf_counter() - t
-    gen.close()
-    return dt / (n - 1), stats
 
 
 def compute_kinds(model) -> str:
@@ -86,7 +42,60 @@ def compute_kinds(model) -> str:
         dtype = getattr(m, "dtype", None) or m.inner.dtype
         key = f"{kind} {str(dtype).replace('torch.', '')}"
         counts[key] = counts.get(key, 0) + 1
-    return " + ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    torch_part = " + ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    if getattr(model, "native", None) is not None:  # decode steps on the native CPU step
+        return "native step (int8 dot products)" + (f"; prefill also {torch_part}" if torch_part else "")
+    return torch_part
+
+
+def timed_request(engine, prompt: list[int], n: int, temp: float, speculate: str, **kw) -> tuple[float, Any]:
+    """Seconds per token after the first of one request through the engine, and its sequence."""
+    params = SamplingParams(temperature=temp, max_tokens=n, seed=0)
+    req = engine.submit(prompt, params, ignore_eos=True, speculate=speculate, **kw)
+    stream = iter(req.streams[0])
+    next(stream)  # prefill and first token: not decode
+    t = time.perf_counter()
+    got = sum(1 for _ in stream)
+    dt = time.perf_counter() - t
+    return dt / max(got, 1), req.sequences[0]
+
+
+def proposer_figures(
+    engine, prompt: list[int], n: int, temp: float, mode: str, k: int, plain_s: float
+) -> dict:  # noqa: E501
+    """One proposer at fixed k (no early stop), then adaptive: the engine's own cost measurements, the
+    acceptance, the speedup the cost model predicts from them and the one measured against plain decoding."""
+    timed_request(engine, prompt[:16], 2 * k + 2, temp, mode, spec_k=k, spec_adaptive=False)  # warm-up
+    spec_s, seq = timed_request(engine, prompt, n, temp, mode, spec_k=k, spec_adaptive=False)
+    ctl, tally = seq.controller, seq.spec
+    rows = {m: t.value for m, t in ctl.verify_timing.items() if t.samples}
+    c_t = plain_s  # end to end, as the measured speedup is
+    c_v = rows.get(k + 1, max(rows.values()))
+    c_d = ctl.draft_timing.value if ctl.draft_timing.samples else 0.0
+    tested = ctl.accepted + ctl.rejections
+    alpha = ctl.accepted / tested if tested else 0.0  # per-token acceptance probability (cost model)
+    # prompt lookup proposes only where it finds a match: the other steps are plain ones
+    share = tally.rounds / max(tally.forwards - 1, 1)
+    per_pass = share * expected_tokens(alpha, k) + (1 - share)
+    cost = share * (k * c_d + c_v) + (1 - share) * c_t
+    predicted = per_pass * c_t / cost if cost else 1.0
+    timed_request(engine, prompt, n, temp, mode, spec_k=k)  # adaptive: first run measures and settles
+    ada_s, ada = timed_request(engine, prompt, n, temp, mode, spec_k=k)
+    return {
+        "draft_ms": c_d * 1000,
+        "verify_ms": c_v * 1000,
+        "acceptance": tally.acceptance,
+        "token_acceptance": alpha,
+        "proposing_share": share,
+        "expected_tokens": expected_tokens(alpha, k),
+        "tokens_per_pass": n / max(tally.forwards, 1),
+        "predicted": predicted,
+        "measured": plain_s / spec_s,
+        "spec_tok_s": 1.0 / spec_s,
+        "adaptive_measured": plain_s / ada_s,
+        "adaptive_state": ada.spec.state if ada.spec is not None else "",
+        "adaptive_acceptance": ada.spec.acceptance if ada.spec is not None else 0.0,
+    }
 
 
 def run(
@@ -98,48 +107,32 @@ def run(
     device: str | None,
     temp: float = 0.0,
 ) -> dict:
-    from ripelm.runtime.native import NativeBackend
-    from ripelm.runtime.speculative import SpeculativeBackend
+    """Plain decoding, then each proposer (the draft model, prompt lookup), all in one engine (as `ripe
+    run --draft` opens it), requests one at a time."""
+    from ripelm.runtime.engine_backend import EngineBackend
 
-    target = NativeBackend(target_path, device=device, n_ctx=n_prompt + n_gen + 64)
-    draft = NativeBackend(draft_path, device=device, n_ctx=n_prompt + n_gen + 64, tokenizer=target.tokenizer)
-    prompt = story_prompt(target, n_prompt)
-    for b in (target, draft):  # warm up the shapes decoding uses
-        decode_cost(b, prompt[:16], 4)
-    c_t = decode_cost(target, prompt, n_gen)
-    c_d = decode_cost(draft, prompt, n_gen)
-    c_v = verify_cost(target, prompt, k + 1)
-    plain_s, _ = timed_generation(target, prompt, n_gen, temp)
-    fixed = SpeculativeBackend(target, draft, DraftPolicy(fixed_k=k, min_confidence=0.0), owns_models=False)
-    timed_generation(fixed, prompt[:16], 2 * k + 2)  # warm-up of the verify shapes
-    before = (fixed.controller.accepted, fixed.controller.rejections)
-    spec_s, st = timed_generation(fixed, prompt, n_gen, temp)
-    passed = fixed.controller.accepted - before[0]
-    tested = passed + fixed.controller.rejections - before[1]
-    alpha = passed / tested if tested else 0.0  # per-token acceptance probability (cost model)
-    adaptive = SpeculativeBackend(target, draft, DraftPolicy(), owns_models=False)
-    timed_generation(adaptive, prompt, n_gen, temp)  # first run: the controller measures and settles
-    ada_s, ast = timed_generation(adaptive, prompt, n_gen, temp)
-    return {
-        "device": str(target.device),
-        "target_compute": compute_kinds(target.model),
-        "draft_compute": compute_kinds(draft.model),
-        "k": k,
-        "target_ms": c_t * 1000,
-        "draft_ms": c_d * 1000,
-        "verify_ms": c_v * 1000,
-        "acceptance": st.acceptance_rate,
-        "token_acceptance": alpha,
-        "expected_tokens": expected_tokens(alpha, k),
-        "tokens_per_pass": st.tokens_per_target_forward,
-        "predicted": predicted_speedup(alpha, k, c_t, c_d, c_v),
-        "measured": plain_s / spec_s,
-        "target_tok_s": 1.0 / plain_s,
-        "spec_tok_s": 1.0 / spec_s,
-        "adaptive_measured": plain_s / ada_s,
-        "adaptive_state": ast.speculation,
-        "adaptive_acceptance": ast.acceptance_rate,
-    }
+    b = EngineBackend(
+        target_path, device=device, n_ctx=n_prompt + n_gen + 64, draft_path=draft_path, speculate="draft"
+    )
+    try:
+        prompt = story_prompt(b, n_prompt)
+        engine = b.engine
+        timed_request(engine, prompt[:16], 8, temp, "off")  # warm-up of the decode shapes
+        plain_s, _ = timed_request(engine, prompt, n_gen, temp, "off")
+        out = {
+            "device": str(b.device),
+            "target_compute": compute_kinds(b.model),
+            "draft_compute": compute_kinds(b.draft.model),
+            "k": k,
+            "target_ms": plain_s * 1000,
+            "target_tok_s": 1.0 / plain_s,
+        }
+        for mode in ("draft", "ngram"):
+            figures = proposer_figures(engine, prompt, n_gen, temp, mode, k, plain_s)
+            out.update({f"{mode}_{key}": v for key, v in figures.items()})
+        return out
+    finally:
+        b.close()
 
 
 def main(argv: list[str] | None = None) -> int:
