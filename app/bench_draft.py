@@ -71,8 +71,8 @@ def cmd_bench_draft(args: argparse.Namespace) -> int:
     from ripelm.models.gguf_file import open_gguf
     from ripelm.models.store import resolve_model
     from ripelm.progress import ProgressBar
+    from ripelm.runtime.draft_pairing import check_vocab
     from ripelm.runtime.errors import DraftModelError
-    from ripelm.runtime.speculative import check_vocab
 
     if args.runs < 1 or args.gen_tokens < 2 or args.prompt_tokens < 1 or args.threads < 1:
         raise RipelmError("--runs, --prompt-tokens and --threads must be positive, --gen-tokens at least 2")

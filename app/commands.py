@@ -131,7 +131,7 @@ def _events(
 ) -> Iterator[TokenEvent]:
     """Local engines get the rendered chat template as token ids; a server engine (`takes_messages`)
     gets the messages and applies the template itself. `raw` is a plain completion prompt."""
-    if getattr(backend, "takes_messages", False):
+    if backend.caps.takes_messages:
         remote: Any = backend
         if raw is not None:
             return remote.stream_text(raw, params)

@@ -33,6 +33,7 @@ class _Tracked:
         self._backend = backend
         self._gen = generation
         self.name = backend.name
+        self.caps = backend.caps
         self.tokenizer = backend.tokenizer
         self.template = backend.template
         self.context_length = backend.context_length
@@ -41,7 +42,7 @@ class _Tracked:
     def generate_ids(
         self, prompt: list[int], params: SamplingParams, stats: GenerationStats
     ) -> Iterator[int]:
-        if not hasattr(self._backend, "submit"):
+        if not self._backend.caps.cancel:
             yield from self._backend.generate_ids(prompt, params, stats)
             return
         req = self._backend.submit(prompt, params)

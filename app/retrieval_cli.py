@@ -240,7 +240,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     ]
     backend = open_from_args(args)
     try:
-        if getattr(backend, "takes_messages", False):  # a server engine: it owns template and tokenizer
+        if backend.caps.takes_messages:  # a server engine: it owns template and tokenizer
             events = remote_reply(backend, build_messages(question, sources), params)
         else:
             while True:  # drop the weakest sources until the prompt leaves room for the answer

@@ -108,7 +108,7 @@ class Api:
         self.embeddings = embeddings
         self.created = int(time.time())
         # The engine batches concurrent requests; other backends (llama.cpp) take one at a time.
-        self.lock = None if hasattr(backend, "engine") else threading.Lock()
+        self.lock = None if backend.caps.batched else threading.Lock()
 
     def models(self) -> dict:
         # OpenAI's listing has no model type; `kind` (an extra field clients ignore) lets a chat client

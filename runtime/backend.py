@@ -54,8 +54,19 @@ class TokenEvent:
     stats: GenerationStats | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared by each backend (callers read these, never probe attributes)."""
+
+    batched: bool = False  # concurrent generations run together (callers need no lock)
+    cancel: bool = False  # submit() / request_ids(): a request can be cancelled from another thread mid-step
+    kv_stats: bool = False  # kv_blocks(): (used, total) blocks of its paged KV pools, a draft's included
+    takes_messages: bool = False  # a server engine: takes chat messages, owns template, tokenizer and context
+
+
 class Backend(Protocol):
     name: str
+    caps: Capabilities
     tokenizer: Tokenizer
     template: ChatTemplate
     context_length: int

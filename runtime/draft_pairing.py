@@ -12,10 +12,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ripelm.models.errors import RipelmError
-from ripelm.models.gguf_file import open_gguf
+from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import Backend
 from ripelm.runtime.errors import DraftModelError
 from ripelm.runtime.spec_control import DraftPolicy
+
+
+def check_vocab(target: GGUFFile, draft: GGUFFile) -> None:
+    """DraftModelError unless the draft's tokenizer vocabulary is the target's, token for token."""
+    tt = target.get("tokenizer.ggml.tokens")
+    dt = draft.get("tokenizer.ggml.tokens")
+    if not isinstance(tt, list) or not isinstance(dt, list):
+        raise DraftModelError("cannot pair a draft: the target or the draft has no tokenizer vocabulary")
+    if len(tt) != len(dt):
+        raise DraftModelError(
+            f"the draft's vocabulary has {len(dt)} tokens but the target's has {len(tt)}: "
+            "a draft must share the target's tokenizer"
+        )
+    if tt != dt:
+        i = next(i for i, (a, b) in enumerate(zip(tt, dt, strict=True)) if a != b)
+        raise DraftModelError(
+            f"the draft's vocabulary differs from the target's (token {i}: {dt[i]!r} vs {tt[i]!r}): "
+            "a draft must share the target's tokenizer"
+        )
 
 
 def open_speculative(
@@ -33,7 +52,6 @@ def open_speculative(
     from ripelm.runtime.engine_backend import EngineBackend
     from ripelm.runtime.engine_spec import DEFAULT_SPEC_K
     from ripelm.runtime.engines import native_support_problem
-    from ripelm.runtime.speculative import check_vocab
 
     policy = policy or DraftPolicy()
     policy.validate()

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ripelm.models.gguf_file import GGUFFile
-from ripelm.runtime.backend import GenerationStats
+from ripelm.runtime.backend import Capabilities, GenerationStats
 from ripelm.runtime.engine import DEFAULT_MAX_SEQS, DEFAULT_SPEC_K, SPECULATE_MODES, Engine
 from ripelm.runtime.native import load_native
 from ripelm.runtime.sampling import SamplingParams
@@ -25,6 +25,7 @@ from ripelm.runtime.tokenizer import Tokenizer
 
 class EngineBackend:
     name = "native"
+    caps = Capabilities(batched=True, cancel=True, kv_stats=True)
 
     def __init__(
         self,
@@ -111,6 +112,11 @@ class EngineBackend:
         stats.speculation = f"{how}, up to {self.spec_k} tokens per step" + (
             f" ({spec.state})" if spec.state else ""
         )
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(used, total) KV blocks as of the last step: the target's pool and the draft's."""
+        c = self.engine.snapshot()
+        return c.used_blocks + c.draft_used_blocks, c.total_blocks + c.draft_total_blocks
 
     def close(self) -> None:
         self.engine.close()

@@ -18,7 +18,7 @@ import numpy as np
 from ripelm.models.errors import ModelFileChangedError
 from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFileGuard, changed_message
 from ripelm.models.gguf_file import GGUFFile, open_gguf
-from ripelm.runtime.backend import GenerationStats, common_prefix
+from ripelm.runtime.backend import Capabilities, GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.errors import BackendError
 from ripelm.runtime.sampling import SamplingParams
@@ -31,6 +31,7 @@ def default_threads() -> int:
 
 class LlamaCppBackend:
     name = "llama.cpp"
+    caps = Capabilities()
     device = "cpu"
 
     def __init__(

@@ -13,7 +13,7 @@ import torch
 
 from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFileGuard
 from ripelm.models.gguf_file import GGUFFile, open_gguf
-from ripelm.runtime.backend import GenerationStats, common_prefix
+from ripelm.runtime.backend import Capabilities, GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device, release_free_memory
 from ripelm.runtime.errors import ContextOverflowError
@@ -79,6 +79,7 @@ def _state_now(path: Path) -> FileState:
 
 class NativeBackend:
     name = "native"
+    caps = Capabilities()
 
     def __init__(
         self,

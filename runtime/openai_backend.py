@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ripelm.runtime.backend import GenerationStats, TokenEvent
+from ripelm.runtime.backend import Capabilities, GenerationStats, TokenEvent
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
 
@@ -41,7 +41,7 @@ def normalize_base_url(url: str) -> str:
 
 class OpenAIBackend:
     name = "openai"
-    takes_messages = True
+    caps = Capabilities(takes_messages=True)
 
     def __init__(
         self,

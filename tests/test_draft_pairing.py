@@ -12,10 +12,9 @@ from small_vocab import small_vocab_source
 
 from ripelm.models.drafts import auto_draft, auto_draft_path
 from ripelm.models.gguf_file import open_gguf
-from ripelm.runtime.draft_pairing import open_speculative, open_with_draft
+from ripelm.runtime.draft_pairing import check_vocab, open_speculative, open_with_draft
 from ripelm.runtime.engine_backend import EngineBackend
 from ripelm.runtime.errors import BadSamplingError, DraftModelError
-from ripelm.runtime.speculative import check_vocab
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from small_vocab import open_native, reset, small_vocab_source
+from speculative_reference import SpeculativeBackend
 from test_spec_verify import chi_square_p_value
 
 from ripelm.models.quantize import quantize_model
@@ -17,7 +18,6 @@ from ripelm.runtime.backend import GenerationStats, stream
 from ripelm.runtime.native import NativeBackend
 from ripelm.runtime.sampling import SamplingParams, token_probs
 from ripelm.runtime.spec_control import DraftPolicy
-from ripelm.runtime.speculative import SpeculativeBackend
 from ripelm.runtime.tokenizer import Tokenizer
 
 ALPHA = 0.001  # significance of the distribution tests (fixed seeds: the outcome is deterministic)

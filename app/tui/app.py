@@ -129,11 +129,10 @@ class RipeApp(ChatActions, App[None]):
         bar.show(**numbers, kv_used=kv[0] if kv else None, kv_total=kv[1] if kv else None)
 
     def _kv(self) -> tuple[int, int] | None:
-        engine = getattr(self.pool.current(), "engine", None)
-        if engine is None or not hasattr(engine, "snapshot"):
+        backend = self.pool.current()
+        if backend is None or not backend.caps.kv_stats:
             return None
-        snap = engine.snapshot()
-        return snap.used_blocks, snap.total_blocks
+        return backend.kv_blocks()
 
     # ---- chats ------------------------------------------------------------------------------------
     def refresh_chat_list(self) -> None:

@@ -53,7 +53,7 @@ def render_status(n: StatusNumbers) -> str:
 
 def is_remote(backend: Any) -> bool:
     """A server engine: it takes chat messages, and owns the tokenizer, template and context window."""
-    return bool(getattr(backend, "takes_messages", False))
+    return backend.caps.takes_messages
 
 
 def backend_numbers(backend: Any, model: str) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Speculative decoding for one sequence: a draft model proposes tokens, the target verifies them in one pass.
 
-`SpeculativeBackend` drives two `NativeBackend`s (target and draft) through their public API (`prefill`,
-`forward`, `cache.truncate` + `cached_tokens` for rollback) and is itself a `Backend`, so the shared
-`stream()` pipeline (stop strings, budgets, stats) runs on it unchanged.
+A reference for tests (the product speculates inside the engine: `runtime.engine_spec`,
+`runtime.draft_runner`). `SpeculativeBackend` drives two `NativeBackend`s (target and draft) through
+their public API (`prefill`, `forward`, `cache.truncate` + `cached_tokens` for rollback) and is itself a
+`Backend`, so the shared `stream()` pipeline (stop strings, budgets, stats) runs on it unchanged.
 
 Invariant between rounds, with `seq` the prompt plus every emitted token: the target's cache holds
 seq[:-1] (the last token is pending), the draft's cache holds a prefix of seq. A round feeds the draft
@@ -19,34 +20,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ripelm.runtime.backend import GenerationStats
-from ripelm.runtime.errors import DraftModelError
+from ripelm.runtime.backend import Capabilities, GenerationStats
+from ripelm.runtime.draft_pairing import check_vocab
 from ripelm.runtime.sampling import SamplingParams, penalized_logits, token_probs
 from ripelm.runtime.spec_control import DraftPolicy, SpecController
 from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
 
 if TYPE_CHECKING:
-    from ripelm.models.gguf_file import GGUFFile
     from ripelm.runtime.native import NativeBackend
-
-
-def check_vocab(target: GGUFFile, draft: GGUFFile) -> None:
-    """DraftModelError unless the draft's tokenizer vocabulary is the target's, token for token."""
-    tt = target.get("tokenizer.ggml.tokens")
-    dt = draft.get("tokenizer.ggml.tokens")
-    if not isinstance(tt, list) or not isinstance(dt, list):
-        raise DraftModelError("cannot pair a draft: the target or the draft has no tokenizer vocabulary")
-    if len(tt) != len(dt):
-        raise DraftModelError(
-            f"the draft's vocabulary has {len(dt)} tokens but the target's has {len(tt)}: "
-            "a draft must share the target's tokenizer"
-        )
-    if tt != dt:
-        i = next(i for i, (a, b) in enumerate(zip(tt, dt, strict=True)) if a != b)
-        raise DraftModelError(
-            f"the draft's vocabulary differs from the target's (token {i}: {dt[i]!r} vs {tt[i]!r}): "
-            "a draft must share the target's tokenizer"
-        )
 
 
 def _hold(backend: NativeBackend, tokens: list[int]) -> int:
@@ -69,6 +50,7 @@ class SpeculativeBackend:
     """A target `NativeBackend` sped up by a draft `NativeBackend` of the same vocabulary."""
 
     name = "native+draft"
+    caps = Capabilities()
 
     def __init__(
         self,
