@@ -106,8 +106,8 @@ class Int4Linear(nn.Module):
             if keep_codes:
                 kept.append(shard)
             if t4 is not None:
-                w = t4.prepare(shard.codes, shard.scale, shard.offset, shard.group_size)
-                q4.append((w.words.to(device), w.scale.to(device), w.offset.to(device), w.pk))
+                w = t4.prepare(shard.codes.to(device), shard.scale, shard.offset, shard.group_size)
+                q4.append((w.words, w.scale, w.offset, w.pk))
             if t4 is not None and t4.enabled():
                 continue
             packed.append(_pack_int4(shard.codes, device))

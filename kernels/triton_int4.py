@@ -100,7 +100,7 @@ def pack(codes: torch.Tensor, pk: int) -> torch.Tensor:
     n, k = codes.shape
     sb = pk // 8
     c = codes.to(torch.int64).view(n, k // pk, 8, sb)  # (n, tile, i, r): input tile*pk + i*sb + r
-    w = torch.zeros(n, k // pk, sb, dtype=torch.int64)
+    w = torch.zeros(n, k // pk, sb, dtype=torch.int64, device=codes.device)
     for i in range(8):
         w |= c[:, :, i, :] << (4 * i)
     w = torch.where(w >= 1 << 31, w - (1 << 32), w)  # two's complement int32
@@ -108,14 +108,15 @@ def pack(codes: torch.Tensor, pk: int) -> torch.Tensor:
 
 
 def prepare(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> Q4Weight:
-    """The layout above from codes [N, K] and float scale/offset [N, K // group] (on the CPU)."""
+    """The layout above from codes [N, K] and float scale/offset [N, K // group], on the codes' device
+    (pass them on the GPU: packing a 7B model there takes a moment, on the CPU many seconds)."""
     pk = tile_for(codes.shape[1], group)
     if pk is None:
         raise ValueError(f"a row of {codes.shape[1]} in groups of {group} does not fit the Triton layout")
     return Q4Weight(
         pack(codes, pk),
-        scale.to(torch.float16).t().contiguous(),
-        offset.to(torch.float16).t().contiguous(),
+        scale.to(codes.device, torch.float16).t().contiguous(),
+        offset.to(codes.device, torch.float16).t().contiguous(),
         group,
         pk,
     )
