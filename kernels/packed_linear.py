@@ -188,7 +188,7 @@ class Int4Linear(nn.Module):
         if self._triton:  # float16 scale and offset [K // g, N]
             scale, offset = self.q4_scale.float().t().cpu(), self.q4_offset.float().t().cpu()
             return (codes * scale[..., None] + offset[..., None]).view(n, k)
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K//g, 2]
+        sz = self.scales_and_zeros.float().cpu().transpose(0, 1)  # [N, K//g, 2]
         w = (codes - 8.0) * sz[..., 0:1] + sz[..., 1:2]
         return w.view(n, k)
 

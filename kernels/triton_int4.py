@@ -23,7 +23,7 @@ Split-K (when there are too few column tiles to fill the GPU) writes float32 par
 that one torch sum adds: deterministic, no atomics.
 
 Configurations (path, BLOCK_N, warps, splits) are tuned once per (one row or more, N, K) on the GPU at
-first use (`triton.testing.do_bench` over a handful of candidates, outside graph capture; off with
+first use (median of 15 timed runs with a cold L2 per candidate, outside graph capture; off with
 RIPELM_CUDA_INT4_TUNE=0, then the heuristic below). RIPELM_CUDA_INT4_LOG=1 prints each choice with its
 time and bandwidth to stderr.
 
@@ -258,6 +258,20 @@ def _launch(x: torch.Tensor, w: Q4Weight, cfg: Config) -> torch.Tensor:
     return y[0] if splits == 1 else y.sum(0)
 
 
+def _time(fn, flush: torch.Tensor, reps: int = 15) -> float:  # noqa: ANN001 - a kernel launch
+    """Median GPU milliseconds of fn with a cold L2 (the flush queued first, so the launch overhead hides
+    behind it and the events time the kernel alone)."""
+    fn()  # compiles
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in ev:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in ev)[reps // 2]
+
+
 def _tune(x: torch.Tensor, w: Q4Weight, key: tuple) -> Config:
     sms = _sms(x.device)
     rows = x.shape[0]
@@ -267,12 +281,11 @@ def _tune(x: torch.Tensor, w: Q4Weight, key: tuple) -> Config:
         or torch.cuda.is_current_stream_capturing()
     ):
         return heuristic(rows, w, sms)
-    from triton.testing import do_bench
-
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=x.device)  # 256 MB: more than any L2
     best, best_t = heuristic(rows, w, sms), float("inf")
     for cfg in _candidates(rows, w, sms):
         try:
-            t = do_bench(lambda c=cfg: _launch(x, w, c), warmup=2, rep=8)
+            t = _time(lambda c=cfg: _launch(x, w, c), flush)
         except Exception as exc:  # a configuration that does not compile here is skipped
             print(f"ripe: int4 config {cfg} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
@@ -281,7 +294,8 @@ def _tune(x: torch.Tensor, w: Q4Weight, key: tuple) -> Config:
     if os.environ.get("RIPELM_CUDA_INT4_LOG") == "1":
         nbytes = w.words.numel() * 4 + w.scale.numel() * 4
         print(
-            f"ripe: int4 rows={key[0]} N={w.n} K={w.k} -> {best} {best_t * 1e3:.1f} us "
+            f"ripe: int4 rows={'1' if key[0] == 1 else '2-16'} N={w.n} K={w.k} -> {best} "
+            f"{best_t * 1e3:.1f} us "
             f"{nbytes / best_t / 1e6:.0f} GB/s",
             file=sys.stderr,
         )
