@@ -6,7 +6,9 @@ paged attention kernel (kernels.triton_attention).
 - With Triton installed and no GPU: the kernel under Triton's interpreter against the reference.
 - On a CUDA GPU (`-m gpu`; skipped without one): the kernel against the reference; the graphs against the
   CPU torch path on the bundled model (the CPU's greedy choice wherever it is not a near-tie, teacher-forced
-  KL below 2e-3); a row's logits in a batch of eight against the same row alone.
+  KL below 2e-3); a row's logits in a batch of eight against the same row alone; the same greedy/KL check on
+  a tiny random Q4_0 model in both RIPELM_CUDA_INT4 modes (runs where the bundled model is not installed:
+  the tokenizer comes from $RIPELM_TEST_VOCAB_GGUF).
 """
 
 from __future__ import annotations
