@@ -74,48 +74,66 @@ class Int4Linear(nn.Module):
         device: torch.device | str = "cpu",
         keep_codes: bool = False,
         dense_weight: Callable[[], torch.Tensor] | None = None,
+        triton_layout: bool | None = None,
     ):
-        """`q` is the whole weight, or its consecutive row shards (packed one at a time to bound memory)."""
+        """`q` is the whole weight, or its consecutive row shards (packed one at a time to bound memory).
+        `triton_layout`: hold the weight in kernels.triton_int4's layout too (default: on CUDA when Triton
+        is installed; True elsewhere only for tests under Triton's interpreter)."""
         super().__init__()
         device = torch.device(device)
-        packed, sz, kept = [], [], []
-        # On CUDA, RIPELM_CUDA_INT4=triton swaps torch's int4 kernel for ours (kernels.triton_int4).
-        self._triton = False
-        if device.type == "cuda":  # imported here: Triton's import costs CPU-only runs time for nothing
+        packed, sz, kept, q4 = [], [], [], []
+        shards = [q] if isinstance(q, Int4Codes) else q
+        # On CUDA (with Triton) the weight is also held in kernels.triton_int4's layout: prefill (more
+        # than 16 rows) dequantizes it for cuBLAS, and RIPELM_CUDA_INT4=triton decodes through it instead
+        # of torch's int4 kernel (tinygemm), which then is not packed at all.
+        t4 = None
+        if device.type == "cuda" if triton_layout is None else triton_layout:  # imported here: Triton's
+            # import costs CPU-only runs time for nothing
             from ripelm.kernels import triton_int4
 
-            self._t4 = triton_int4
-            self._triton = triton_int4.enabled()
-        for shard in [q] if isinstance(q, Int4Codes) else q:
+            t4 = triton_int4 if triton_int4.available() else None
+        self._triton = False
+        for shard in shards:
             n, k = shard.shape
             if shard.group_size not in INT4_GROUP_SIZES or k % shard.group_size:
                 raise ValueError(f"int4 group size {shard.group_size} does not fit a row of {k}")
-            if packed and (k, shard.group_size) != (self.in_features, self.group_size):
+            if (packed or q4) and (k, shard.group_size) != (self.in_features, self.group_size):
                 raise ValueError("int4 row shards differ in row length or group size")
             self.in_features, self.group_size = k, shard.group_size
+            if t4 is not None and t4.tile_for(k, shard.group_size) is None:
+                t4 = None  # this row length does not fit the Triton layout (decided at the first shard:
+                # every shard has the same row length and group)
             if keep_codes:
                 kept.append(shard)
-            if self._triton:  # codes two per byte, [N, K // group, 2] float16 scale and offset
-                packed.append(self._t4.pack(shard.codes).to(device))
-                sz.append(torch.stack([shard.scale, shard.offset], dim=-1).to(torch.float16).to(device))
+            if t4 is not None:
+                w = t4.prepare(shard.codes.to(device), shard.scale, shard.offset, shard.group_size)
+                q4.append((w.words, w.scale, w.offset, w.pk))
+            if t4 is not None and t4.enabled():
                 continue
             packed.append(_pack_int4(shard.codes, device))
             zero = shard.offset + 8.0 * shard.scale
             # tinygemm wants [K // group, N, 2] with scale first, zero second.
             sz.append(torch.stack([shard.scale, zero], dim=-1).transpose(0, 1).to(dtype=dtype, device=device))
-        self.out_features = sum(p.shape[0] for p in packed)
+        self._t4 = t4
+        self._triton = t4 is not None and t4.enabled()
+        self._pk = q4[0][3] if q4 else 0
+        cat = (lambda ts: torch.cat(ts, dim=1).contiguous()) if len(q4) > 1 else (lambda ts: ts[0])
+        for name, i in (("q4_words", 0), ("q4_scale", 1), ("q4_offset", 2)):
+            self.register_buffer(name, cat([w[i] for w in q4]) if q4 else None, persistent=False)
+        self.out_features = sum(w[0].shape[1] for w in q4) if q4 else sum(p.shape[0] for p in packed)
         self.dtype = dtype
         self.register_buffer(
-            "scales_and_zeros", torch.cat(sz, dim=0 if self._triton else 1).contiguous(), persistent=False
+            "scales_and_zeros", torch.cat(sz, dim=1).contiguous() if sz else None, persistent=False
         )
-        self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0], persistent=False)
+        packed_all = (torch.cat(packed) if len(packed) > 1 else packed[0]) if packed else None
+        self.register_buffer("packed", packed_all, persistent=False)
         self.register_buffer(
             "bias", None if bias is None else bias.to(dtype=dtype, device=device), persistent=False
         )
         self._codes = (kept[0] if len(kept) == 1 else Int4Codes.cat(kept)) if keep_codes else None
         # For many rows at once (prefill) a dense bf16 matmul beats the int4 kernel by ~10x on CPU (AMX,
         # AVX512-BF16); `dense_weight` rebuilds the float weight on demand, so nothing extra stays resident.
-        self.dense_weight = dense_weight if device.type == "cpu" else None
+        self.dense_weight = dense_weight if device.type == "cpu" and t4 is None else None
         self._dense_rows = DENSE_MIN_ROWS if self.dense_weight is not None else 1 << 62
         self._dense_dtype = dense_matmul_dtype(dtype)
         self._cache_args()
@@ -130,13 +148,11 @@ class Int4Linear(nn.Module):
         # attribute reads and one kernel call (module and reshape overhead is a tenth of the matmul).
         if x.dim() != 2:
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
-        if self._triton:
-            packed, group, sz = self._args
-            t4 = self._t4
-            if x.shape[0] <= t4.MAX_ROWS:  # float32 out: no rounding to bf16 on the way
-                y = t4.matmul(x, packed, sz, group)
-            else:  # prefill: the weight dequantized once, then cuBLAS
-                y = F.linear(x.to(self.dtype), t4.dequantize(packed, sz, group, self.dtype))
+        q4 = self._q4
+        if q4 is not None and x.shape[0] > self._t4.MAX_ROWS:  # prefill: the weight dequantized, cuBLAS
+            y = x.to(self.dtype) @ self._t4.dequantize_t(q4, self.dtype)
+        elif self._triton:  # float32 out: no rounding to bf16 on the way
+            y = self._t4.matmul(x, q4)
         elif x.shape[0] >= self._dense_rows:
             dt = self._dense_dtype
             y = F.linear(x.to(dt), self.dense_weight().to(dt)).to(self.dtype)  # type: ignore[misc]
@@ -150,6 +166,11 @@ class Int4Linear(nn.Module):
         """Plain attributes for the buffers forward reads (module buffer lookups cost ~0.6 us each)."""
         self._args = (self.packed, self.group_size, self.scales_and_zeros)
         self._bias = self.bias
+        self._q4 = None
+        if self.q4_words is not None:
+            self._q4 = self._t4.Q4Weight(
+                self.q4_words, self.q4_scale, self.q4_offset, self.group_size, self._pk
+            )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         out = super()._apply(fn, recurse)
@@ -164,10 +185,10 @@ class Int4Linear(nn.Module):
         n, k = q.shape
         g = self.group_size
         codes = q.codes.view(n, k // g, g).float()
-        if self._triton:  # [N, K//g, 2] float16 scale and offset
-            sz = self.scales_and_zeros.float().cpu()
-            return (codes * sz[..., 0:1] + sz[..., 1:2]).view(n, k)
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K//g, 2]
+        if self._triton:  # float16 scale and offset [K // g, N]
+            scale, offset = self.q4_scale.float().t().cpu(), self.q4_offset.float().t().cpu()
+            return (codes * scale[..., None] + offset[..., None]).view(n, k)
+        sz = self.scales_and_zeros.float().cpu().transpose(0, 1)  # [N, K//g, 2]
         w = (codes - 8.0) * sz[..., 0:1] + sz[..., 1:2]
         return w.view(n, k)
 
