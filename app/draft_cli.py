@@ -65,6 +65,7 @@ def open_from_args(
             kv_memory=parse_memory(args.kv_memory) if getattr(args, "kv_memory", None) else None,
             notice=notice,
             progress=bar,
+            speculate=args.speculate or "auto",
         )
     finally:
         bar.close()

@@ -112,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             kv_memory=kv,
             notice=_notice,
+            speculate=args.speculate or "auto",
         )
     else:
         if args.speculate == "draft":

@@ -46,8 +46,10 @@ def open_speculative(
     threads: int | None = None,
     kv_memory: int | None = None,
     policy: DraftPolicy | None = None,
+    speculate: str = "auto",
 ) -> Backend:
-    """The native engine over the target with the draft model inside it (`speculate="draft"`)."""
+    """The native engine over the target with the draft model inside it. `speculate="draft"`: every
+    sequence drafts with it; "auto": per sequence and step, the draft model or prompt lookup."""
     from ripelm.runtime.device import set_threads
     from ripelm.runtime.engine_backend import EngineBackend
     from ripelm.runtime.engine_spec import DEFAULT_SPEC_K
@@ -82,7 +84,7 @@ def open_speculative(
         n_ctx=n_ctx,
         kv_memory=kv_memory,
         gguf=tg,
-        speculate="draft",
+        speculate=speculate,
         spec_k=policy.fixed_k if policy.fixed_k is not None else DEFAULT_SPEC_K,
         spec_adaptive=policy.fixed_k is None,
         draft_path=draft_path,
@@ -102,6 +104,7 @@ def open_with_draft(
     kv_memory: int | None = None,
     notice: Callable[[str], None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    speculate: str = "auto",
 ) -> Backend:
     """What `--draft` opens: the target with its draft, or the target alone where `auto` finds no draft."""
     from ripelm.models.drafts import resolve_draft
@@ -155,4 +158,5 @@ def open_with_draft(
         threads=threads,
         kv_memory=kv_memory,
         policy=policy,
+        speculate=speculate,
     )

@@ -163,6 +163,8 @@ class Engine:
             raise ValueError("n must be >= 1")
         if speculate not in SPECULATE_MODES:
             raise ValueError(f"unknown speculation '{speculate}' (choose from {', '.join(SPECULATE_MODES)})")
+        if speculate == "auto" and self.drafter is None:
+            speculate = "ngram"  # no draft model: prompt lookup alone
         if speculate == "draft" and self.drafter is None:
             raise ValueError("speculate='draft' needs an engine made with a draft model")
         if not 0 <= spec_k <= MAX_K:

@@ -65,6 +65,8 @@ class EngineBackend:
             self.name = "native+draft"
         elif speculate == "draft":
             raise ValueError("speculate='draft' needs a draft model (draft_path)")
+        elif speculate == "auto":
+            self.speculate = "ngram"  # no draft model: prompt lookup alone
         self.engine = Engine(
             self.model,
             context_length=self.context_length,
@@ -108,7 +110,9 @@ class EngineBackend:
 
     def _note_speculation(self, stats: GenerationStats, spec: SpecTally) -> None:
         stats.drafted, stats.accepted, stats.target_forwards = spec.proposed, spec.accepted, spec.forwards
-        how = "prompt lookup" if spec.proposer == "ngram" else f"draft {self.draft.path.name}"
+        how = {"ngram": "prompt lookup", "draft": f"draft {self.draft.path.name}"}.get(
+            spec.proposer, f"draft {self.draft.path.name} or prompt lookup"
+        )
         stats.speculation = f"{how}, up to {self.spec_k} tokens per step" + (
             f" ({spec.state})" if spec.state else ""
         )

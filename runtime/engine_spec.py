@@ -17,17 +17,21 @@ output has the same distribution. Stop strings are cut by the reader, as always.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ripelm.runtime.block_allocator import BlockAllocator
 from ripelm.runtime.proposer import DraftModelProposer, NgramProposer, Proposer
 from ripelm.runtime.sampling import filtered_probs, penalized_logits
-from ripelm.runtime.scheduler import StepPlan
 from ripelm.runtime.sequence import Sequence, SpecTally
 from ripelm.runtime.spec_control import DraftPolicy, SpecController
 from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
 
-SPECULATE_MODES = ("off", "ngram", "draft")
+if TYPE_CHECKING:
+    from ripelm.runtime.scheduler import StepPlan
+
+SPECULATE_MODES = ("off", "ngram", "draft", "auto")
 DEFAULT_SPEC_K = 8  # most tokens proposed per decode step of a speculating sequence (the controller picks)
 SPEC_MAX_ROWS = 16  # rows of a decode step that verifies proposals (the native step's batch)
 
@@ -38,7 +42,15 @@ def start(seq: Sequence, k: int, adaptive: bool, mode: str = "ngram") -> None:
     outweigh what its extra rows add to the step (`spec_control`; the step costs it learns are those of the
     steps this sequence takes part in). mode "draft": the engine's draft model (`runtime.draft_runner`), whose
     measured cost per draft forward enters the same cost model. `adaptive=False` always proposes k (when
-    prompt lookup has a match)."""
+    prompt lookup has a match). mode "auto": both, the draft model and prompt lookup, each with its own
+    controller; every step `choose` picks one (`Sequence.alternatives`)."""
+    if mode == "auto":
+        start(seq, k, adaptive, "draft")
+        draft = (seq.proposer, seq.controller)
+        start(seq, k, adaptive, "ngram")
+        seq.alternatives = [draft, (seq.proposer, seq.controller)]
+        seq.spec = SpecTally(proposer="draft+ngram")
+        return
     if mode == "draft":
         policy = DraftPolicy(
             k_max=k,
@@ -67,18 +79,35 @@ def start(seq: Sequence, k: int, adaptive: bool, mode: str = "ngram") -> None:
     seq.spec = SpecTally(proposer=proposer.name)
 
 
+def choose(seq: Sequence) -> None:
+    """With both proposers (mode "auto"): prompt lookup where it has a match and is predicted to pay at
+    least as well as the draft model (it costs no draft forwards), else the draft model."""
+    if seq.alternatives is None:
+        return
+    (draft, draft_ctl), (lookup, lookup_ctl) = seq.alternatives
+    use_lookup = False
+    if not lookup_ctl.off and lookup.propose(seq.tokens, 1):
+        ours, theirs = lookup_ctl.speedup(lookup_ctl.k), draft_ctl.speedup(draft_ctl.k)
+        use_lookup = draft_ctl.off or theirs is None or (ours is not None and ours >= theirs)
+    seq.proposer, seq.controller = (lookup, lookup_ctl) if use_lookup else (draft, draft_ctl)
+
+
 def record_costs(plan: StepPlan, seconds: float) -> None:
     """Each speculating sequence's controller learns what a decode step with its rows cost (forward,
-    sampling and verification: all that its proposals add) and, after a round that proposed, its state."""
+    sampling and verification: all that its proposals add) and, after a round that proposed, its state.
+    With both proposers, the one not chosen learns the step's cost too (a step of m rows costs the same
+    whoever proposed them)."""
     for seq, draft in zip(plan.seqs, plan.drafts, strict=True):
         ctl = seq.controller
         if ctl is None:
             continue
-        ctl.record_verify(1 + len(draft), seconds)
+        for c in [c for _, c in seq.alternatives or []] or [ctl]:
+            c.record_verify(1 + len(draft), seconds)
         if not draft:
-            ctl.record_round(0, 0, 1)
+            for c in [c for _, c in seq.alternatives or []] or [ctl]:
+                c.record_round(0, 0, 1)
         elif seq.spec is not None:
-            seq.spec.state = ctl.summary()
+            seq.spec.state = f"{seq.proposer.name} {ctl.summary()}" if seq.alternatives else ctl.summary()
 
 
 def judge(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, int]:

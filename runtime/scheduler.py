@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ripelm.runtime import engine_spec
 from ripelm.runtime.block_allocator import BlockAllocator
 from ripelm.runtime.sequence import SeqStatus, Sequence
 
@@ -166,6 +167,8 @@ class Scheduler:
             if seq.proposer is None:
                 out.append([])
                 continue
+            if seq.alternatives is not None:
+                engine_spec.choose(seq)
             want = seq.controller.next_k() if seq.controller is not None else seq.spec_k
             k = min(want, rows, seq.max_new - seq.generated - 1)
             base = seq.table.num_tokens + 1

@@ -83,6 +83,7 @@ class Sequence:
     spec: SpecTally | None = None  # set for a speculating sequence
     # with a draft model (`runtime.draft_runner`): the draft's block table, the tokens its K/V hold, how many
     # of those are known to equal `tokens`, and the distributions of the latest proposals (None: greedy)
+    alternatives: list | None = None  # speculate="auto": [(proposer, controller)] of each kind, see choose
     draft_table: BlockTable = field(default_factory=BlockTable)
     draft_ids: list[int] = field(default_factory=list)
     draft_synced: int = 0

@@ -79,7 +79,7 @@ def test_draft_length_zero_and_negative(tiny_f32, tiny_q4):
 def test_explicit_draft_opens_a_speculative_backend(tiny_f32, tiny_q4):
     b = open_with_draft(tiny_f32, str(tiny_q4), draft_k=3)
     assert isinstance(b, EngineBackend) and b.engine.drafter is not None  # the draft inside the engine
-    assert (b.speculate, b.spec_k, b.spec_adaptive) == ("draft", 3, False)
+    assert (b.speculate, b.spec_k, b.spec_adaptive) == ("auto", 3, False)  # the draft or prompt lookup
     assert b.name == "native+draft" and b.draft.tokenizer is b.tokenizer
     b.close()
 
@@ -93,7 +93,7 @@ def test_auto_makes_a_quantized_copy_once_and_reuses_it(tiny_f32, home):
     assert second.path == first.path and "cached" in second.reason
     assert first.path.stat().st_mtime_ns == mtime
     b = open_with_draft(tiny_f32, "auto")
-    assert isinstance(b, EngineBackend) and b.speculate == "draft" and b.draft.path == first.path
+    assert isinstance(b, EngineBackend) and b.speculate == "auto" and b.draft.path == first.path
     b.close()
 
 

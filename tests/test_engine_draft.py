@@ -14,6 +14,7 @@ from small_vocab import open_native, small_vocab_source
 from test_spec_verify import chi_square_p_value
 from test_speculative import exact_marginals
 
+from ripelm.runtime import engine_spec
 from ripelm.runtime.engine import Engine
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.tokenizer import Tokenizer
@@ -97,6 +98,39 @@ def test_eight_sequences_batched_some_drafting(pair, tokenizer):
         assert (s.finish.spec is None) == (m == "off")
         if m == "draft":
             assert s.finish.spec.accepted > 0
+    assert engine.allocator.num_used == 0 and engine.drafter.allocator.num_used == 0
+
+
+REPEATING = [
+    "The cat sat on the mat. The dog sat on the log. The cat sat on the mat. The dog sat on the",
+    "one two three four five one two three four five one two three",
+    "List: apple, banana, cherry. Again the list: apple, banana,",
+]
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["k4", "adaptive"])
+def test_auto_picks_draft_or_lookup_per_step_and_keeps_the_output(pair, tokenizer, adaptive):
+    """Both proposers per sequence: prompt lookup where it has a match (texts that repeat themselves),
+    the draft model elsewhere; alone and batched, the output is the target's own."""
+    prompts = [tokenizer.encode(t, add_bos=False) for t in REPEATING] + prompts_for(tokenizer, 3, seed=4)
+    engine = engine_for(pair)
+    want = [list(s) for p in prompts for s in run(engine, [p], ["off"], 40)]
+    used: dict[str, int] = {}
+    choose = engine_spec.choose
+
+    def counted(seq):
+        choose(seq)
+        used[seq.proposer.name] = used.get(seq.proposer.name, 0) + 1
+
+    engine_spec.choose = counted
+    try:
+        streams = run(engine, prompts, ["auto"] * len(prompts), 40, spec_k=4, spec_adaptive=adaptive)
+    finally:
+        engine_spec.choose = choose
+    assert [list(s) for s in streams] == want
+    assert all(s.finish.spec.proposer == "draft+ngram" for s in streams)
+    assert used.get("draft", 0) > 0 and used.get("ngram", 0) > 0, used
+    assert engine.counters.spec_accepted > 0
     assert engine.allocator.num_used == 0 and engine.drafter.allocator.num_used == 0
 
 
