@@ -110,9 +110,9 @@ class EngineBackend:
 
     def _note_speculation(self, stats: GenerationStats, spec: SpecTally) -> None:
         stats.drafted, stats.accepted, stats.target_forwards = spec.proposed, spec.accepted, spec.forwards
-        how = {"ngram": "prompt lookup", "draft": f"draft {self.draft.path.name}"}.get(
-            spec.proposer, f"draft {self.draft.path.name} or prompt lookup"
-        )
+        how = "prompt lookup"
+        if spec.proposer != "ngram":
+            how = f"draft {self.draft.path.name}" + (" or prompt lookup" if spec.proposer != "draft" else "")
         stats.speculation = f"{how}, up to {self.spec_k} tokens per step" + (
             f" ({spec.state})" if spec.state else ""
         )
