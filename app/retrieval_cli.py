@@ -25,8 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     idx = sub.add_parser(
         "index",
         help="add files and folders to a document collection",
-        description="Index .txt .md .rst .html .pdf and source files into a collection. Re-running only "
-        "re-embeds files whose content changed and drops files that were deleted.",
+        description="Index .txt .md .rst .html .pdf .docx .epub and source files into a collection. "
+        "Re-running only re-embeds files whose content changed and drops files that were deleted.",
     )
     idx.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
     idx.add_argument(
