@@ -51,7 +51,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     be.add_argument("--code-dim", type=int, default=None, help="int8 code prefix length (default 64)")
     be.add_argument("--queries", type=int, default=200)
-    be.add_argument("--shortlist", default="500,1000,2000,4000", help="shortlist sizes to try")
+    be.add_argument(
+        "--shortlist",
+        default="1000,2000,3000",
+        help="shortlist sizes to try (search uses 1000 to 333k, then 0.3%%)",
+    )
     be.add_argument("--tree-files", type=int, default=1000)
     be.add_argument("--skip", default="", help="comma-separated parts to skip: speed,scale,tree")
     be.add_argument("--embedder", default=None)

@@ -178,3 +178,21 @@ def test_float16_rerank_reads_the_chosen_rows():
         q = rng.standard_normal(dim).astype(np.float32)
         want = full[rows].astype(np.float64) @ q.astype(np.float64)
         np.testing.assert_allclose(f16_dots(full, rows, q), want, rtol=1e-4, atol=1e-2)
+
+
+def test_scale_bench_reports_recall_latency_bandwidth_and_memory():
+    from ripelm.runtime.retrieval.scale_bench import memory_bandwidth, run_scale
+
+    real = spectrum_vectors(600, seed=2)
+    results = run_scale(real[:500], real[500:520], n=25_000, shortlists=(1000, 3000), n_queries=30)
+    assert [r.shortlist for r in results] == [1000, 3000]
+    for r in results:
+        assert r.n == 25_000 and r.prefix_dim == 64 and r.queries == 30
+        assert r.index_mb == pytest.approx(25_000 * (64 + 8) / 1e6)  # int8 codes + ids
+        assert r.full_mb == pytest.approx(25_000 * DIM * 2 / 1e6)  # float16
+        assert (
+            r.exact_ms > 0 and r.shortlist_ms > 0 and r.speedup == pytest.approx(r.exact_ms / r.shortlist_ms)
+        )
+        assert r.exact_gbps == pytest.approx(25_000 * DIM * 4 / (r.exact_ms / 1e3) / 1e9)
+    assert results[0].recall_at_10 >= 0.95 and results[1].recall_at_10 >= results[0].recall_at_10 - 0.01
+    assert memory_bandwidth(mb=64, repeats=2) > 0.1

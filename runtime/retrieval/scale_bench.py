@@ -73,7 +73,7 @@ def run_scale(
     *,
     n: int = 100_000,
     prefix_dim: int | None = None,
-    shortlists: tuple[int, ...] = (500, 1000, 2000, 4000),
+    shortlists: tuple[int, ...] = (1000, 2000, 3000),
     n_queries: int = 200,
     pca: bool = True,
     seed: int = 0,
