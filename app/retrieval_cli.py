@@ -131,6 +131,7 @@ class _Bar:
 def cmd_index(args: argparse.Namespace) -> int:
     from ripelm.runtime.retrieval.errors import EmbedderMismatchError, RetrievalError
     from ripelm.runtime.retrieval.indexer import Indexer
+    from ripelm.runtime.retrieval.search import prepare_vectors
     from ripelm.runtime.retrieval.store import Store
 
     if args.chunk_size < 100 or not 0 <= args.overlap <= args.chunk_size // 2:
@@ -171,6 +172,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             finally:
                 bar.close()
             _print_report(args.collection, report)
+            prepare_vectors(st, st.get_collection(c.name))
             if args.watch:
                 _watch(st, c, emb, args.paths)
     finally:

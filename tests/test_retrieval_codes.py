@@ -4,6 +4,9 @@ the SQLite store (built on first search, rebuilt when missing, damaged or stale)
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -141,6 +144,12 @@ def test_vector_file_is_built_reused_and_rebuilt_when_stale(tmp_path):
     path.write_bytes(b"garbage" * 100)
     assert len(open_vectors(st, c, "int8", 64).ids) == 290
     assert not list(tmp_path.glob("*.tmp"))  # no temporary files left behind
+    # a build killed mid-way leaves its temporary file: the next build sweeps it once it is old
+    killed = tmp_path / f"{path.name}.abc123.tmp"
+    killed.write_bytes(b"half a file")
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
+    path.unlink()
+    assert len(open_vectors(st, c, "int8", 64).ids) == 290 and not killed.exists()
     st.remove_collection("v")
     assert not path.exists()
     st.close()

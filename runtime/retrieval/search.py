@@ -60,6 +60,12 @@ def fts_query(text: str, max_terms: int = 32) -> str:
     return " OR ".join(f'"{w}"' for w in seen[:max_terms])
 
 
+def prepare_vectors(store: Store, collection: Collection):
+    """The collection's memory-mapped vector file, (re)built now if stale: `ripe index` calls it so that
+    the first search after indexing does not pay for the build."""
+    return open_vectors(store, collection, "int8", min(collection.dim, CODE_DIM))
+
+
 class Searcher:
     def __init__(self, store: Store, collection: Collection, embedder: Embedder | None):
         self.store = store
@@ -76,7 +82,7 @@ class Searcher:
     def index(self) -> DenseIndex:
         if self._index is None:
             c = self.collection
-            vf = open_vectors(self.store, c, "int8", min(c.dim, CODE_DIM))
+            vf = prepare_vectors(self.store, c)
             rot = None if c.matryoshka else c.rotation
             self._index = DenseIndex(
                 vf.ids, vf.full, rot, None if rot is None else c.rotation_mean, codes=vf.codes

@@ -145,8 +145,22 @@ def _fill(store: Store, c: Collection, n: int, ids: np.ndarray, full: np.ndarray
     return at
 
 
+def _sweep(path: Path, older_than: float = 600.0) -> None:
+    """Remove temporary files of builds that were killed (a live build is minutes old at most)."""
+    import time
+
+    for tmp in path.parent.glob(path.name + ".*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
 def build(store: Store, c: Collection, kind: str, d: int, path: Path | None) -> VectorFile:
     """Read the collection's vectors from SQLite (one read transaction) and write the file (or memory)."""
+    if path is not None:
+        _sweep(path)
     with store.db.conn:  # a consistent snapshot: the stamp and the rows come from the same state
         store.db.execute("BEGIN")
         want = stamp(store, c, kind, d)
