@@ -152,6 +152,10 @@ def test_vector_file_is_built_reused_and_rebuilt_when_stale(tmp_path):
     assert len(open_vectors(st, c, "int8", 64).ids) == 290 and not killed.exists()
     st.remove_collection("v")
     assert not path.exists()
+    empty = new(st, "e")
+    assert len(open_vectors(st, empty, "int8", 64).ids) == 0 and sidecar_path(st, empty).exists()
+    assert len(open_vectors(st, empty, "int8", 64).full) == 0  # read back from the file
+    assert Searcher(st, empty, None).search("q", q=np.ones(DIM, np.float32) / DIM**0.5, mode="dense") == []
     st.close()
 
 

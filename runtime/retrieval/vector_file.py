@@ -161,8 +161,11 @@ def build(store: Store, c: Collection, kind: str, d: int, path: Path | None) -> 
     """Read the collection's vectors from SQLite (one read transaction) and write the file (or memory)."""
     if path is not None:
         _sweep(path)
-    with store.db.conn:  # a consistent snapshot: the stamp and the rows come from the same state
-        store.db.execute("BEGIN")
+    conn = store.db.conn
+    own = not conn.in_transaction  # a consistent snapshot: the stamp and the rows from the same state
+    if own:
+        conn.execute("BEGIN")
+    try:
         want = stamp(store, c, kind, d)
         n, dim = want["rows"], c.dim
         ids_off, codes_off, full_off, end = _layout(n, dim, kind, d)
@@ -181,6 +184,9 @@ def build(store: Store, c: Collection, kind: str, d: int, path: Path | None) -> 
         else:
             ids, full = np.zeros(n, np.int64), np.zeros((n, dim), np.float16)
         n = _fill(store, c, n, ids, full)
+    finally:
+        if own:
+            conn.commit()  # ends the read transaction (nothing was written)
     mean = c.rotation_mean if (c.rotation_mean is not None and not c.matryoshka) else None
     if mean is None:
         acc = np.zeros(dim, np.float64)
