@@ -23,6 +23,7 @@ setup(
                     "kernels_avx2.c",
                     "kernels_vnni.c",
                     "kernels_neon.c",
+                    "shortlist.c",
                 )
             ],
             depends=[NATIVE + f for f in ("ripe_native.h", "x86_helpers.h", "x86_int8_dots.inc")],

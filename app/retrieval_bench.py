@@ -32,7 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "retrieval-bench",
         help="measure indexing speed, Matryoshka search at scale, and re-index times",
         description="Indexing chunks/s on DOCS (median of --runs), shortlist+rerank vs exact search on "
-        "--vectors sampled vectors, and first / unchanged / one-file-edited index times of a "
+        "--vectors sampled vectors (recall@10, median latencies, memory bandwidth use, index memory), "
+        "and first / unchanged / one-file-edited index times of a "
         "--tree-files file tree.",
     )
     be.add_argument("--docs", type=Path, required=True, help="real documents to embed (e.g. shared/seeds)")
@@ -45,9 +46,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     be.add_argument("--stats-chunks", type=int, default=1500, help="real chunks for the statistics")
     be.add_argument("--runs", type=int, default=3)
-    be.add_argument("--vectors", type=int, default=100_000)
+    be.add_argument(
+        "--vectors", default="100000,1000000", help="sampled store sizes, comma-separated (default: 100k,1M)"
+    )
+    be.add_argument("--code-dim", type=int, default=None, help="int8 code prefix length (default 64)")
     be.add_argument("--queries", type=int, default=200)
-    be.add_argument("--shortlist", default="200,500,1000,2000", help="shortlist sizes to try")
+    be.add_argument(
+        "--shortlist",
+        default="1000,2000,3000",
+        help="shortlist sizes to try (search uses 1000 to 333k, then 0.3%%)",
+    )
     be.add_argument("--tree-files", type=int, default=1000)
     be.add_argument("--skip", default="", help="comma-separated parts to skip: speed,scale,tree")
     be.add_argument("--embedder", default=None)
@@ -195,7 +203,7 @@ def _tree(root: Path, n_files: int, docs: Path) -> None:
 def cmd_retrieval_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ripelm.runtime.retrieval.scale_bench import run_scale
+    from ripelm.runtime.retrieval.scale_bench import memory_bandwidth, run_scale
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     emb = _open_embedder(args.embedder)
@@ -243,17 +251,21 @@ def cmd_retrieval_bench(args: argparse.Namespace) -> int:
                 queries = emb.embed(qs, query=True)
             blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
             print(f"BLAS threads: {blas} (set OPENBLAS_NUM_THREADS=1 on a busy machine)", file=out)
+            bw = memory_bandwidth()
+            print(f"memory bandwidth: {bw:.1f} GB/s (one-thread copy, read + write)", file=out)
             sizes = tuple(int(x) for x in args.shortlist.split(","))
-            for pca in (True, False):
+            for n in (int(x) for x in str(args.vectors).split(",")):
                 for r in run_scale(
-                    real, queries, n=args.vectors, shortlists=sizes, n_queries=args.queries, pca=pca
+                    real, queries, n=n, shortlists=sizes, n_queries=args.queries, prefix_dim=args.code_dim
                 ):
                     print(
-                        f"{r.n} vectors x {r.dim}-d, {'PCA' if r.pca else 'raw'} {r.prefix_dim}-d "
-                        f"shortlist of "
-                        f"{r.shortlist} -> full rerank, {r.queries} queries: recall@10 {r.recall_at_10:.4f}, "
+                        f"{r.n} vectors x {r.dim}-d: int8 {r.prefix_dim}-d PCA code shortlist of "
+                        f"{r.shortlist} -> float16 full rerank, {r.queries} queries: "
+                        f"recall@10 {r.recall_at_10:.4f}, "
                         f"median exact {r.exact_ms:.2f} ms vs shortlist {r.shortlist_ms:.2f} ms "
-                        f"({r.speedup:.1f}x)",
+                        f"({r.speedup:.1f}x); exact reads {r.exact_gbps:.1f} GB/s = "
+                        f"{100 * r.exact_gbps / bw:.0f}% of bandwidth; shortlist index {r.index_mb:.1f} MB "
+                        f"(+ {r.full_mb:.0f} MB float16 full vectors, memory-mapped)",
                         file=out,
                     )
             print(file=out)

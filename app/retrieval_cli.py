@@ -25,8 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     idx = sub.add_parser(
         "index",
         help="add files and folders to a document collection",
-        description="Index .txt .md .rst .html .pdf and source files into a collection. Re-running only "
-        "re-embeds files whose content changed and drops files that were deleted.",
+        description="Index .txt .md .rst .html .pdf .docx .epub and source files into a collection. "
+        "Re-running only re-embeds files whose content changed and drops files that were deleted.",
     )
     idx.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
     idx.add_argument(
@@ -39,6 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     idx.add_argument("--overlap", type=int, default=120, help="characters shared by neighbours (default 120)")
     idx.add_argument("--rebuild", action="store_true", help="drop the collection's vectors and re-embed all")
     idx.add_argument("--workers", type=int, default=None, help="embedding workers (default: one per core)")
+    idx.add_argument(
+        "--watch",
+        action="store_true",
+        help="after indexing, keep watching the paths and re-index files as they are added, changed or "
+        "deleted (Ctrl-C stops)",
+    )
 
     se = sub.add_parser("search", help="find the chunks that best match a query")
     se.add_argument("query")
@@ -125,6 +131,7 @@ class _Bar:
 def cmd_index(args: argparse.Namespace) -> int:
     from ripelm.runtime.retrieval.errors import EmbedderMismatchError, RetrievalError
     from ripelm.runtime.retrieval.indexer import Indexer
+    from ripelm.runtime.retrieval.search import prepare_vectors
     from ripelm.runtime.retrieval.store import Store
 
     if args.chunk_size < 100 or not 0 <= args.overlap <= args.chunk_size // 2:
@@ -164,21 +171,67 @@ def cmd_index(args: argparse.Namespace) -> int:
                 report = Indexer(st, c, emb, progress=bar).run(args.paths)
             finally:
                 bar.close()
+            _print_report(args.collection, report)
+            prepare_vectors(st, st.get_collection(c.name))
+            if args.watch:
+                _watch(st, c, emb, args.paths)
     finally:
         emb.close()
+    return 0
+
+
+def _print_report(name: str, report) -> None:
     rate = report.chunks_added / report.embed_seconds if report.embed_seconds > 0 else 0.0
     print(
-        f"collection '{args.collection}': {report.files} files, {report.indexed} indexed, "
+        f"collection '{name}': {report.files} files, {report.indexed} indexed, "
         f"{report.unchanged} unchanged, {report.removed} removed, {len(report.skipped)} skipped; "
         f"{report.chunks_added} chunks embedded ({rate:.1f} chunks/s), {report.chunks_total} in total; "
-        f"{report.seconds:.1f} s"
+        f"{report.seconds:.1f} s",
+        flush=True,
     )
     for path, reason in report.skipped[:20]:
         print(f"  skipped {path}: {reason}")
     if len(report.skipped) > 20:
         counts = Counter(r for _, r in report.skipped[20:])
         print("  ... and " + ", ".join(f"{n} more ({r})" for r, n in counts.most_common()))
-    return 0
+    sys.stdout.flush()
+
+
+def _watch(st, c, emb, paths: list[Path]) -> None:
+    """Re-index ``paths`` whenever files under them change, until Ctrl-C."""
+    import threading
+
+    from ripelm.runtime.retrieval.indexer import Indexer
+    from ripelm.runtime.retrieval.watch import FolderWatch
+
+    watch = FolderWatch(paths)
+    stop = threading.Event()
+    seen_skips: set[tuple[str, str]] = set()
+
+    def reindex() -> None:
+        report = Indexer(st, st.get_collection(c.name), emb).run(paths)
+        fresh = [s for s in report.skipped if s not in seen_skips]
+        seen_skips.update(report.skipped)
+        if report.indexed or report.removed or fresh:
+            when = time.strftime("%H:%M:%S")
+            print(
+                f"{when} {report.indexed} indexed, {report.removed} removed, {len(fresh)} skipped; "
+                f"{report.chunks_total} chunks in total",
+                flush=True,
+            )
+            for path, reason in fresh[:20]:
+                print(f"  skipped {path}: {reason}", flush=True)
+
+    watch.start()
+    how = "polling: the OS refused more file watches" if watch.polling else "Ctrl-C stops"
+    print(f"watching {len(paths)} path(s) for changes ({how})", flush=True)
+    try:
+        reindex()  # what changed while the first pass ran
+        watch.run(reindex, stop)
+    except KeyboardInterrupt:
+        stop.set()
+        watch.stop()
+        print("stopped watching", flush=True)
 
 
 def _searcher(st, name: str):

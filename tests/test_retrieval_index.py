@@ -216,3 +216,39 @@ def test_sigkill_mid_run_leaves_a_consistent_store(tmp_path, home):
     con = sqlite3.connect(db)
     assert con.execute("SELECT rotation_chunks FROM collections").fetchone()[0] == 160  # refitted
     con.close()
+
+
+def test_pipelined_batches_store_each_chunk_with_its_own_vector(tmp_path, embedder, monkeypatch):
+    """Embedding runs on its own thread, split across workers by length: every stored vector is still
+    the one of its own chunk, across many batches of unequal texts."""
+    from ripelm.runtime.retrieval import indexer
+    from ripelm.runtime.retrieval.chunking import Chunk
+    from ripelm.runtime.retrieval.embedder import balanced_parts
+    from ripelm.runtime.retrieval.indexer import embed_text
+
+    monkeypatch.setattr(indexer, "EMBED_BATCH", 12)  # many batches from a small tree
+
+    parts = balanced_parts([900, 10, 10, 10, 10, 500, 400], 2)
+    assert sorted(i for p in parts for i in p) == list(range(7))
+    assert {5, 6} <= set(next(p for p in parts if 0 not in p))  # the two middling ones against the long one
+    root = tmp_path / "tree"
+    for i in range(30):  # more than two batches; lengths from 1 line to several chunks
+        topic = TOPICS[i % len(TOPICS)]
+        (root / f"f{i:03d}.md").parent.mkdir(parents=True, exist_ok=True)
+        body = "\n\n".join(
+            f"Part {j} of file {i}: {topic}, detail {j}. " * (1 + i % 4) for j in range(1 + i % 9)
+        )
+        (root / f"f{i:03d}.md").write_text(f"# File {i}\n\n{body}\n")
+    with Store(tmp_path / "p.db") as st:
+        c = new_collection(st, embedder)
+        rep = Indexer(st, c, embedder).run([root])
+        assert rep.indexed == 30 and rep.chunks_added > 3 * 12
+        ids, vecs = st.vectors(c)
+        rows = st.chunks_by_id(ids.tolist())
+        sample = list(range(0, len(ids), max(1, len(ids) // 40)))
+        texts = [
+            embed_text(Chunk(rows[int(ids[k])].text, 0, 0, None, rows[int(ids[k])].heading)) for k in sample
+        ]
+        want = embedder.embed(texts)
+        got = vecs[sample].astype(np.float32)
+        assert np.min(np.sum(want * got, axis=1)) > 0.999  # float16 storage; a mix-up would be far off

@@ -84,6 +84,18 @@ def read_info(path: Path, name: str | None = None) -> EmbedderInfo:
     )
 
 
+def balanced_parts(lengths: list[int], n: int) -> list[list[int]]:
+    """Indexes split into ``n`` parts of about equal total length (longest first, each to the lightest
+    part): a batch ends when its slowest worker does, so equal counts of unequal texts leave a core idle."""
+    parts: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = load.index(min(load))
+        parts[k].append(i)
+        load[k] += lengths[i] + 16  # a fixed cost per text as well
+    return [sorted(p) for p in parts]
+
+
 def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
@@ -174,7 +186,7 @@ class Embedder:
         if self._pool is None or len(texts) < 2 * n:
             out, count = self._embed_on(0, texts)
         else:
-            parts = [list(range(i, len(texts), n)) for i in range(n)]
+            parts = balanced_parts([len(t) for t in texts], n)
             futures = [
                 self._pool.submit(self._embed_on, i, [texts[j] for j in idx]) for i, idx in enumerate(parts)
             ]

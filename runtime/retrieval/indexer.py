@@ -3,7 +3,10 @@
 A file whose size and mtime match the stored row is not even read; one whose bytes hash the same is only
 re-stamped; a changed one is re-chunked, re-embedded and replaced in one transaction; stored documents
 under the indexed paths that are gone from disk are removed. Embedding is batched across documents (so
-small files still keep every worker busy) but each document is written in its own transaction. For an
+small files still keep every worker busy) but each document is written in its own transaction.
+Embedding runs in a background thread, one batch at a time, while this thread reads and chunks the next
+files and writes the batch before (llama.cpp releases the GIL): the embedder, which is nearly all the
+work, never waits for SQLite or the file system, and at most two batches are held in memory. For an
 embedder that is not Matryoshka-trained, the collection's PCA rotation is refitted when its chunk count
 changed (also after a killed run, whose rotation would be stale).
 """
@@ -14,6 +17,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +46,7 @@ IGNORED_DIRS = {
     ".idea",
     ".vscode",
 }
-EMBED_BATCH = 32  # chunks gathered (from one or more documents) before an embedding call
+EMBED_BATCH = 64  # chunks gathered (from one or more documents) before an embedding call
 
 
 @dataclass
@@ -144,20 +148,28 @@ class Indexer:
         known = self.store.documents(self.collection)
         seen: set[str] = set()
         pending: list[_Pending] = []
-        for n, f in enumerate(files, start=1):
-            key = str(f)
-            seen.add(key)
-            t = time.perf_counter()
-            item = self._prepare(f, known.get(key), report)
-            report.read_seconds += time.perf_counter() - t
-            if item is not None:
-                pending.append(item)
-                if sum(len(p.chunks) for p in pending) >= EMBED_BATCH:
-                    self._flush(pending, report)
-                    pending = []
-            if self.progress:
-                self.progress(Progress(n, len(files), key, report.chunks_added))
-        self._flush(pending, report)
+        inflight: tuple[list[_Pending], Future] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="index-embed") as pool:
+            for n, f in enumerate(files, start=1):
+                key = str(f)
+                seen.add(key)
+                t = time.perf_counter()
+                item = self._prepare(f, known.get(key), report)
+                report.read_seconds += time.perf_counter() - t
+                if item is not None:
+                    pending.append(item)
+                    if sum(len(p.chunks) for p in pending) >= EMBED_BATCH:
+                        # queue this batch behind the one embedding now, then write that one
+                        nxt = (pending, pool.submit(self._embed, pending))
+                        if inflight is not None:
+                            self._write(*inflight, report)
+                        inflight, pending = nxt, []
+                if self.progress:
+                    self.progress(Progress(n, len(files), key, report.chunks_added))
+            last = (pending, pool.submit(self._embed, pending)) if pending else None
+            for batch in (inflight, last):
+                if batch is not None:
+                    self._write(*batch, report)
         t = time.perf_counter()
         for key in known:
             if key not in seen and _under(key, roots):
@@ -198,16 +210,21 @@ class Indexer:
             return None
         return _Pending(f, digest, st.st_size, st.st_mtime, loaded.kind, chunks)
 
-    def _flush(self, pending: list[_Pending], report: IndexReport) -> None:
-        if not pending:
-            return
+    def _embed(self, pending: list[_Pending]):
+        """(vectors, wall seconds, CPU seconds, tokens) of a batch; runs on the embedding thread."""
         texts = [embed_text(c) for p in pending for c in p.chunks]
         t, cpu = time.perf_counter(), time.process_time()
         before = self.embedder.tokens_embedded
         vectors = self.embedder.embed(texts)
-        report.tokens += self.embedder.tokens_embedded - before
-        report.embed_seconds += time.perf_counter() - t
-        report.embed_cpu_seconds += time.process_time() - cpu
+        tokens = self.embedder.tokens_embedded - before
+        return vectors, time.perf_counter() - t, time.process_time() - cpu, tokens
+
+    def _write(self, pending: list[_Pending], fut: Future, report: IndexReport) -> None:
+        """Wait for a batch's vectors and write its documents, one transaction each."""
+        vectors, secs, cpu, tokens = fut.result()
+        report.tokens += tokens
+        report.embed_seconds += secs
+        report.embed_cpu_seconds += cpu
         t = time.perf_counter()
         at = 0
         for p in pending:

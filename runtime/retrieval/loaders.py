@@ -2,7 +2,8 @@
 
 A block is a paragraph (text between blank lines), a heading, or an HTML block element. Plain text,
 Markdown, reStructuredText and source code keep their own line numbers; HTML blocks carry the source
-lines they came from; PDF blocks carry their page (parsed in a sandboxed subprocess, see pdf_pages).
+lines they came from; PDF blocks carry their page (parsed in a sandboxed subprocess, see pdf_pages);
+Word and EPUB files are read by book_loaders.
 Anything we cannot or should not read raises :class:`SkipFile` with a short reason, and indexing goes on.
 """
 
@@ -74,7 +75,8 @@ CODE_SUFFIXES = {
     ".nim",
     ".tex",
 }
-SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | CODE_SUFFIXES | {".pdf"}
+BOOK_SUFFIXES = {".docx": "docx", ".epub": "epub"}  # zip containers, see book_loaders
+SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | CODE_SUFFIXES | {".pdf"} | set(BOOK_SUFFIXES)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Block:
 @dataclass
 class LoadedFile:
     path: Path
-    kind: str  # text, markdown, rst, html, pdf, code
+    kind: str  # text, markdown, rst, html, pdf, code, docx, epub
     blocks: list[Block]
 
 
@@ -106,6 +108,8 @@ def kind_of(path: Path) -> str | None:
         return "html"
     if s == ".pdf":
         return "pdf"
+    if s in BOOK_SUFFIXES:
+        return BOOK_SUFFIXES[s]
     if s in CODE_SUFFIXES:
         return "code"
     return None
@@ -133,6 +137,10 @@ def load(path: Path, data: bytes | None = None) -> LoadedFile:
         from ripelm.runtime.retrieval.pdf_pages import pdf_blocks
 
         return LoadedFile(path, kind, pdf_blocks(path, data))
+    if kind in ("docx", "epub"):
+        from ripelm.runtime.retrieval.book_loaders import docx_blocks, epub_blocks
+
+        return LoadedFile(path, kind, (docx_blocks if kind == "docx" else epub_blocks)(data))
     text = decode_text(data)
     if kind == "html":
         blocks = html_blocks(text)
@@ -147,7 +155,7 @@ def read_bytes(path: Path, kind: str | None = None) -> bytes:
     The file is opened non-blocking and checked with fstat on that descriptor: a FIFO named notes.txt
     would otherwise block the open (or read) forever, and a device (a symlink to /dev/zero) never ends.
     """
-    limit = MAX_PDF_BYTES if (kind or kind_of(path)) == "pdf" else MAX_TEXT_BYTES
+    limit = MAX_PDF_BYTES if (kind or kind_of(path)) in ("pdf", "docx", "epub") else MAX_TEXT_BYTES
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:

@@ -2,7 +2,8 @@
 
 Hybrid (the default) takes the Matryoshka shortlist reranked at full dimension and the FTS5 BM25 top
 hits, scores every candidate of either list at full dimension, and fuses the two signals (see fusion).
-The dense index is read from SQLite once per Searcher and kept in memory.
+The dense index is the collection's memory-mapped vector file (vector_file: quantized prefix codes and
+float16 full vectors, rebuilt from SQLite when stale), opened once per Searcher.
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ripelm.runtime.retrieval.dense_index import DenseIndex, shortlist_dim, shortlist_size
+from ripelm.runtime.retrieval.dense_index import (
+    CODE_DIM,
+    EXACT_MAX,
+    DenseIndex,
+    code_plan,
+    shortlist_dim,
+    shortlist_size,
+)
 from ripelm.runtime.retrieval.embedder import Embedder
 from ripelm.runtime.retrieval.errors import EmbedderMismatchError, RetrievalError
 from ripelm.runtime.retrieval.fusion import FusionParams, fuse
 from ripelm.runtime.retrieval.store import ChunkRow, Collection, Store
+from ripelm.runtime.retrieval.vector_file import open_vectors
 
 MODES = ("hybrid", "matryoshka", "dense", "bm25")
 FUSION_DEPTH = 50  # candidates taken from each side before fusing
@@ -51,6 +60,12 @@ def fts_query(text: str, max_terms: int = 32) -> str:
     return " OR ".join(f'"{w}"' for w in seen[:max_terms])
 
 
+def prepare_vectors(store: Store, collection: Collection):
+    """The collection's memory-mapped vector file, (re)built now if stale: `ripe index` calls it so that
+    the first search after indexing does not pay for the build."""
+    return open_vectors(store, collection, "int8", min(collection.dim, CODE_DIM))
+
+
 class Searcher:
     def __init__(self, store: Store, collection: Collection, embedder: Embedder | None):
         self.store = store
@@ -66,11 +81,11 @@ class Searcher:
     @property
     def index(self) -> DenseIndex:
         if self._index is None:
-            ids, vecs = self.store.vectors(self.collection)
             c = self.collection
+            vf = prepare_vectors(self.store, c)
             rot = None if c.matryoshka else c.rotation
             self._index = DenseIndex(
-                ids, vecs.astype(np.float32), rot, None if rot is None else c.rotation_mean
+                vf.ids, vf.full, rot, None if rot is None else c.rotation_mean, codes=vf.codes
             )
         return self._index
 
@@ -111,9 +126,13 @@ class Searcher:
         if mode == "dense":
             ids, scores = idx.exact(qv, top_k)
             return self._hits([(int(i), float(s), float(s), None) for i, s in zip(ids, scores, strict=True)])
-        d = dim or shortlist_dim(len(idx), idx.dim)
         depth = top_k if mode == "matryoshka" else max(top_k, FUSION_DEPTH)
-        ids, scores = idx.search(qv, depth, d=d, k=shortlist or shortlist_size(len(idx), depth))
+        if dim is None and idx.codes is not None and len(idx) > EXACT_MAX:  # int8 codes at scale
+            k = shortlist or code_plan(len(idx), idx.dim, depth)[1]
+            ids, scores = idx.search(qv, depth, k=k)
+        else:
+            d = dim or shortlist_dim(len(idx), idx.dim)
+            ids, scores = idx.search(qv, depth, d=d, k=shortlist or shortlist_size(len(idx), depth))
         if mode == "matryoshka":
             return self._hits([(int(i), float(s), float(s), None) for i, s in zip(ids, scores, strict=True)])
         dense = {int(i): float(s) for i, s in zip(ids, scores, strict=True)}

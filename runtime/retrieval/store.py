@@ -218,6 +218,8 @@ class Store:
             self.db.execute("DELETE FROM chunks WHERE collection_id = ?", [c.id])
             self.db.execute("DELETE FROM documents WHERE collection_id = ?", [c.id])
             self.db.execute("DELETE FROM collections WHERE id = ?", [c.id])
+        # the collection's memory-mapped vector file (vector_file): a cache of what was just deleted
+        self.path.with_name(f"{self.path.name}.c{c.id}.vec").unlink(missing_ok=True)
 
     def set_rotation(
         self, c: Collection, rotation: np.ndarray | None, mean: np.ndarray | None, n: int
