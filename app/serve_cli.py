@@ -18,9 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model at /v1/chat/completions, /v1/completions and /v1/models (streaming "
         "with server-sent events), and an embedding model at /v1/embeddings (with `dimensions`). "
+        "Ollama's API is served beside it (/api/chat, /api/generate, /api/tags, /api/show, /api/ps, "
+        "/api/embed, /api/pull, /api/delete, /api/copy), for clients such as oterm and Open WebUI. "
         "Concurrent requests are batched by the native engine. Listens on "
         "127.0.0.1 unless --host says otherwise.",
-        epilog="Example:\n  ripe serve --port 8080\n  curl http://127.0.0.1:8080/v1/models",
+        epilog="Examples:\n  ripe serve --port 8080\n  curl http://127.0.0.1:8080/v1/models\n"
+        "  ripe serve --ollama\n  curl http://127.0.0.1:11434/api/tags",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -50,7 +53,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
     p.add_argument(
-        "--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)"
+        "--port",
+        type=int,
+        default=None,
+        help="port to listen on (default 8080, or 11434 with --ollama; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--ollama",
+        action="store_true",
+        help="listen on Ollama's port, 11434, by default (Ollama's API at /api/* is served either way)",
     )
     p.add_argument(
         "--embedder",
@@ -85,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ripelm.runtime.kv_cache import parse_memory
     from ripelm.server import Server
 
+    if args.port is None:
+        args.port = 11434 if args.ollama else 8080
     if not 0 <= args.port <= 65535:
         raise RipelmError(f"--port must be between 0 and 65535, not {args.port}")
     api_key = args.api_key or os.environ.get("RIPELM_API_KEY") or None
@@ -111,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 api_key=api_key,
                 model_name=args.model or DEFAULT_MODEL_NAME,
                 embeddings=None if args.no_embeddings else EmbeddingsApi(args.embedder),
+                model_path=path,
             )
         except OSError as e:
             raise RipelmError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
@@ -102,9 +103,12 @@ def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingPar
 class Api:
     """The endpoints' logic, independent of the HTTP plumbing."""
 
-    def __init__(self, backend: Backend, model_name: str, embeddings: EmbeddingsApi | None = None):
+    def __init__(
+        self, backend: Backend, model_name: str, embeddings: EmbeddingsApi | None = None, model_path=None
+    ):
         self.backend = backend
         self.model_name = model_name
+        self.model_path: Path | None = model_path  # the served GGUF (Ollama's /api/show and /api/ps)
         self.embeddings = embeddings
         self.created = int(time.time())
         # The engine batches concurrent requests; other backends (llama.cpp) take one at a time.
@@ -196,7 +200,11 @@ def _usage(stats: GenerationStats) -> dict:
 
 
 def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    from ripelm.ollama_api import OllamaRoutes  # Ollama's API (/api/*) beside OpenAI's: ollama_api.py
+    from ripelm.ollama_http import OllamaHandlerMixin
+
+    class Handler(OllamaHandlerMixin, BaseHTTPRequestHandler):
+        ollama_routes = OllamaRoutes(api)
         protocol_version = "HTTP/1.1"
         server_version = "ripe"
         timeout = SOCKET_TIMEOUT
@@ -224,6 +232,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             return hmac.compare_digest(given, f"Bearer {api_key}".encode())  # no timing side channel
 
         def do_GET(self) -> None:
+            if self._ollama("GET"):
+                return
             if not self._authorized():
                 return self._error(ApiError(401, "invalid or missing API key", "authentication_error"))
             if self.path.rstrip("/") == "/v1/models":
@@ -233,6 +243,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             self._error(ApiError(404, f"no endpoint {self.path}", "not_found_error"))
 
         def do_POST(self) -> None:
+            if self._ollama("POST"):
+                return
             try:
                 if not self._authorized():
                     raise ApiError(401, "invalid or missing API key", "authentication_error")
@@ -359,8 +371,9 @@ class Server:
         api_key: str | None,
         model_name: str,
         embeddings: EmbeddingsApi | None = None,
+        model_path: Path | None = None,
     ):
-        self.api = Api(backend, model_name, embeddings)
+        self.api = Api(backend, model_name, embeddings, model_path)
         self.httpd = _HTTPServer((host, port), make_handler(self.api, api_key))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
