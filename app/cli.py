@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ripelm.serve_cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from ripelm.server_cli import add_parsers as add_server_parsers
+
+    add_server_parsers(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -213,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.serve_cli import cmd_serve
 
             return cmd_serve(args)
+        if args.command in ("ps", "stop"):
+            from ripelm import server_cli
+
+            return server_cli.cmd_ps(args) if args.command == "ps" else server_cli.cmd_stop(args)
         if args.command == "bench" and args.draft:
             from ripelm.bench_draft import cmd_bench_draft
 

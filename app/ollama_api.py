@@ -19,13 +19,15 @@ asking a model without one to think is a 400.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from ripelm import ollama_models as om
+from ripelm.model_pool import UNSET, Loaded, ModelPool, PoolFullError
 from ripelm.models.errors import RipelmError
 from ripelm.ollama_http import read_body, send_json, send_ndjson, send_text
 from ripelm.ollama_params import (
@@ -37,7 +39,7 @@ from ripelm.ollama_params import (
     sampling_from_options,
     timings,
 )
-from ripelm.runtime.backend import GenerationStats, prompt_ids
+from ripelm.runtime.backend import GenerationStats, prompt_ids, stream
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.server import Api, ApiError, request_error
 
@@ -52,6 +54,10 @@ class OllamaRoutes:
 
     def __init__(self, api: Api):
         self.api = api
+
+    @property
+    def pool(self) -> ModelPool:
+        return self.api.pool  # type: ignore[attr-defined]
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -83,51 +89,44 @@ class OllamaRoutes:
             send_json(h, e.status, {"error": str(e)})
         except om.NotFound as e:
             send_json(h, 404, {"error": str(e)})
+        except PoolFullError as e:
+            send_json(h, 503, {"error": str(e)})
         except RipelmError as e:
             err = request_error(e)
             send_json(h, err.status, {"error": str(err)})
 
     # ---- models --------------------------------------------------------------------------------
 
-    def _served(self, body: dict[str, Any], key: str = "model") -> str:
-        name = body.get(key) or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, f"'{key}' is required")
-        from ripelm.models.store import _canonical
-
-        if _canonical(name) != _canonical(self.api.model_name) and name != self.api.model_name:
-            raise om.NotFound(f'model "{name}" not found (this server runs {self.api.model_name})')
-        return self.api.model_name
-
     def version(self) -> dict[str, Any]:
         return {"version": OLLAMA_VERSION}
 
     def tags(self) -> dict[str, Any]:
-        path = self.api.model_path
-        return om.tags([(self.api.model_name, path)] if path is not None else [])
+        return om.tags([(m.name, m.path) for m in self.pool.loaded() if m.path is not None])
 
     def show(self, body: dict[str, Any]) -> dict[str, Any]:
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "'model' is required")
-        if name == self.api.model_name and self.api.model_path is not None:
-            return om.show(name, self.api.model_path)
+        name = self._model_name(body)
+        for m in self.pool.loaded():
+            if m.name == name and m.path is not None:
+                return om.show(name, m.path)
         return om.show(name)
 
     def ps(self) -> dict[str, Any]:
-        path = self.api.model_path
-        backend = self.api.backend
-        entry: dict[str, Any] = {
-            "name": self.api.model_name,
-            "model": self.api.model_name,
-            "size": path.stat().st_size if path is not None else 0,
-            "digest": om.file_digest(path) if path is not None else "",
-            "details": om.model_info(path)["details"] if path is not None else {"format": "gguf"},
-            "expires_at": FOREVER,
-            "context_length": backend.context_length,
-        }
-        entry["size_vram"] = entry["size"] if backend.device not in ("cpu", "") else 0
-        return {"models": [entry]}
+        out = []
+        for m in self.pool.loaded():
+            info = om.model_info(m.path) if m.path is not None else None
+            until = m.expires_at()
+            entry: dict[str, Any] = {
+                "name": m.name,
+                "model": m.name,
+                "size": m.size,
+                "digest": om.file_digest(m.path) if m.path is not None else "",
+                "details": info["details"] if info else {"format": "gguf"},
+                "expires_at": FOREVER if until is None else om.rfc3339(until),
+                "context_length": m.backend.context_length,
+            }
+            entry["size_vram"] = m.size if m.backend.device not in ("cpu", "") else 0
+            out.append(entry)
+        return {"models": out}
 
     def delete(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("model") or body.get("name")
@@ -156,28 +155,36 @@ class OllamaRoutes:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def _check_common(self, body: dict[str, Any]) -> None:
+    def _model_name(self, body: dict[str, Any]) -> str:
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "'model' is required")
+        return name
+
+    def _common(self, body: dict[str, Any]) -> Any:
+        """Checks shared by chat and generate; returns the request's keep-alive (or UNSET)."""
         fmt = body.get("format")
         if fmt not in (None, ""):
             raise ApiError(400, "'format' is not supported yet (structured output)")
-        if body.get("keep_alive") is not None:
-            parse_keep_alive(body["keep_alive"])
         if body.get("tools"):
             raise ApiError(400, "'tools' is not supported yet")
+        keep = body.get("keep_alive")
+        return UNSET if keep is None else parse_keep_alive(keep)
 
-    def _think(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    @staticmethod
+    def _think(body: dict[str, Any], m: Loaded) -> tuple[dict[str, Any], bool]:
         """Template variables for `think`, and whether the output is to be split into thinking."""
         think = body.get("think")
-        can = om.thinks(self.api.backend.template.source)
+        can = om.thinks(m.backend.template.source)
         if think in (None, False, ""):
             return ({"enable_thinking": False} if think is False and can else {}), can and think is None
         if not can:
-            raise ApiError(400, f"'think': {self.api.model_name} does not support thinking")
+            raise ApiError(400, f"'think': {m.name} does not support thinking")
         return {"enable_thinking": True}, True
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        model = self._served(body)
-        self._check_common(body)
+        name = self._model_name(body)
+        keep = self._common(body)
         messages = body.get("messages") or []
         if not isinstance(messages, list):
             raise ApiError(400, "'messages' must be a list")
@@ -191,94 +198,112 @@ class OllamaRoutes:
             if not isinstance(content, str):
                 raise ApiError(400, "'messages.content' must be a string")
             clean.append({"role": m["role"], "content": content})
-        if not clean:  # Ollama: an empty chat loads the model
-            return {**self._stamp(model), "message": {"role": "assistant", "content": ""}, "done": True,
-                    "done_reason": "load"}  # fmt: skip
-        params = sampling_from_options(body.get("options"), self.api.backend.context_length)
-        variables, split = self._think(body)
-        text = self.api.backend.template.render(clean, add_generation_prompt=True, **variables)
-        ids = prompt_ids(self.api.backend, text, add_bos=False)
-        lines = self._generate_lines(model, ids, params, split, chat=True)
+        if not clean:  # Ollama: an empty chat loads the model (or, with keep_alive 0, unloads it)
+            return self._load_or_unload(name, keep, chat=True)
+
+        def build(m: Loaded) -> tuple[list[int], dict[str, Any], bool]:
+            variables, split = self._think(body, m)
+            text = m.backend.template.render(clean, add_generation_prompt=True, **variables)
+            return prompt_ids(m.backend, text, add_bos=False), {}, split
+
+        lines = self._run(name, keep, body.get("options"), build, chat=True)
         return lines if body.get("stream", True) else collect(lines, chat=True)
 
     def generate(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        model = self._served(body)
-        self._check_common(body)
+        name = self._model_name(body)
+        keep = self._common(body)
         for key in ("images", "suffix", "template"):
             if body.get(key):
                 raise ApiError(400, f"'{key}' is not supported")
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string")
-        if not prompt:  # Ollama: an empty prompt loads (or with keep_alive 0, unloads) the model
-            unload = body.get("keep_alive") is not None and parse_keep_alive(body["keep_alive"]) == 0
-            return {**self._stamp(model), "response": "", "done": True,
-                    "done_reason": "unload" if unload else "load"}  # fmt: skip
-        params = sampling_from_options(body.get("options"), self.api.backend.context_length)
+        if not prompt:  # Ollama: an empty prompt loads the model (or, with keep_alive 0, unloads it)
+            return self._load_or_unload(name, keep, chat=False)
         context = body.get("context") or []
         if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
             raise ApiError(400, "'context' must be a list of token ids")
-        variables, split = self._think(body)
-        if body.get("raw"):
-            ids = prompt_ids(self.api.backend, prompt)
-        else:
-            system = body.get("system")
-            msgs = ([{"role": "system", "content": system}] if isinstance(system, str) and system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            text = self.api.backend.template.render(msgs, add_generation_prompt=True, **variables)
-            ids = prompt_ids(self.api.backend, text, add_bos=False)
-        lines = self._generate_lines(model, list(context) + ids, params, split, chat=False)
+        system = body.get("system")
+
+        def build(m: Loaded) -> tuple[list[int], dict[str, Any], bool]:
+            variables, split = self._think(body, m)
+            if body.get("raw"):
+                return list(context) + prompt_ids(m.backend, prompt), {"context": True}, split
+            msgs = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+            msgs.append({"role": "user", "content": prompt})
+            text = m.backend.template.render(msgs, add_generation_prompt=True, **variables)
+            return list(context) + prompt_ids(m.backend, text, add_bos=False), {"context": True}, split
+
+        lines = self._run(name, keep, body.get("options"), build, chat=False)
         return lines if body.get("stream", True) else collect(lines, chat=False)
 
-    def _stamp(self, model: str) -> dict[str, Any]:
-        return {"model": model, "created_at": om.rfc3339()}
+    def _load_or_unload(self, name: str, keep: Any, *, chat: bool) -> dict[str, Any]:
+        canonical, _ = self.pool.resolve(name)
+        if keep == 0:
+            self.pool.unload(canonical)
+            reason = "unload"
+        else:
+            self.pool.load(canonical, keep)
+            reason = "load"
+        out = {"model": canonical, "created_at": om.rfc3339(), "done": True, "done_reason": reason}
+        out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+        return out
 
-    def _generate_lines(
-        self, model: str, ids: list[int], params: SamplingParams, split: bool, *, chat: bool
-    ) -> Iterator[dict[str, Any]]:
-        started = time.perf_counter()
+    def _run(self, name: str, keep: Any, options: Any, build: Callable, *, chat: bool) -> Iterator[dict]:
+        """The generation's lines. Nothing happens until the first line is asked for: the model is held
+        from then until the generator ends (or is closed: the client left), so a stream never started
+        holds nothing."""
+        self.pool.resolve(name)  # an unknown model is a 404 now, before any stream
+        with self.pool.use(name, keep) as m:
+            started = time.perf_counter()
+            params = sampling_from_options(options, m.backend.context_length)
+            ids, extra, split = build(m)
+            yield from self._lines(m, ids, params, split, chat, started, bool(extra.get("context")))
+
+    def _lines(
+        self, m: Loaded, ids: list[int], params: SamplingParams, split: bool, chat: bool, started: float,
+        with_context: bool,
+    ) -> Iterator[dict[str, Any]]:  # fmt: skip
         cancel = threading.Event()
         splitter = ThinkSplitter() if split else None
         generated: list[int] = []
 
         def line(thinking: str, content: str) -> dict[str, Any]:
-            out = {**self._stamp(model), "done": False}
-            if chat:
-                out["message"] = {"role": "assistant", "content": content}
-                if thinking:
-                    out["message"]["thinking"] = thinking
-            else:
-                out["response"] = content
-                if thinking:
-                    out["thinking"] = thinking
+            out: dict[str, Any] = {"model": m.name, "created_at": om.rfc3339(), "done": False}
+            key = "content" if chat else "response"
+            part = {"role": "assistant", key: content} if chat else {key: content}
+            if thinking:
+                part["thinking"] = thinking
+            out.update({"message": part} if chat else part)
             return out
 
-        events = self.api.events(ids, params, cancel)
-        try:
-            for ev in events:
-                if ev.token_id is not None:
-                    generated.append(ev.token_id)
-                if ev.text:
-                    thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
-                    if thinking or content:
-                        yield line(thinking, content)
-                if ev.done:
-                    if splitter is not None:
-                        thinking, content = splitter.flush()
+        lock = m.lock or contextlib.nullcontext()
+        with lock:
+            events = stream(m.backend, ids, params, cancel)
+            try:
+                for ev in events:
+                    if ev.token_id is not None:
+                        generated.append(ev.token_id)
+                    if ev.text:
+                        thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
                         if thinking or content:
                             yield line(thinking, content)
-                    last = line("", "")
-                    last["done"] = True
-                    last.update(timings(ev.stats or GenerationStats(), started))
-                    if not chat:
-                        last["context"] = ids + generated
-                    yield last
-        except GeneratorExit:
-            cancel.set()  # the client went away: stop generating and free its blocks
-            raise
-        finally:
-            events.close()  # type: ignore[attr-defined]
+                    if ev.done:
+                        if splitter is not None:
+                            thinking, content = splitter.flush()
+                            if thinking or content:
+                                yield line(thinking, content)
+                        last = line("", "")
+                        last["done"] = True
+                        last.update(timings(ev.stats or GenerationStats(), started))
+                        if with_context:
+                            last["context"] = ids + generated
+                        yield last
+            except GeneratorExit:
+                cancel.set()  # the client went away: stop generating and free its blocks
+                raise
+            finally:
+                events.close()  # type: ignore[attr-defined]
 
     # ---- embeddings ----------------------------------------------------------------------------
 

@@ -70,6 +70,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="embedding model for /v1/embeddings: a name (`ripe collections embedders` lists them), a file "
         "in the store or a .gguf path (default: the bundled all-minilm:l6-v2, loaded on first use)",
     )
+    p.add_argument(
+        "--keep-alive",
+        default="5m",
+        metavar="DURATION",
+        help="how long a model loaded on demand (another model of the store, asked for by name) stays "
+        "loaded when idle, e.g. 30s, 5m, 1h, -1 for ever (default 5m; a request's keep_alive overrides it). "
+        "The model served at start stays until `ripe stop`.",
+    )
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory for loaded models' weights, e.g. 8G: idle models are unloaded, oldest first, to make "
+        "room (default: three quarters of the memory available at start)",
+    )
     p.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     p.add_argument(
         "--api-key",
@@ -86,6 +101,31 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _served_name(spec: str) -> str:
+    """The name a model is served under: its store name (`smollm2` -> `smollm2:135m`), else what was given."""
+    from ripelm.ollama_models import NotFound, find
+
+    try:
+        return find(spec)[0]
+    except (NotFound, RipelmError):
+        return spec
+
+
+def _resolver(name: str):
+    """A name asked for by a client -> (store name, file); a .gguf path serves as itself."""
+    from pathlib import Path
+
+    from ripelm.ollama_models import NotFound, find
+
+    try:
+        found, path, _ = find(name)
+        return found, path
+    except NotFound:
+        if name.endswith(".gguf") and Path(name).expanduser().is_file():
+            return name, Path(name).expanduser()
+        raise
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,16 +145,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # auto: prompt lookup where the native engine runs (llama.cpp, asked for by name, cannot speculate)
     lookup = args.speculate == "ngram" or (args.speculate == "auto" and args.engine != "llama.cpp")
     speculate = "ngram" if lookup else "off"
-    backend = open_backend(
-        path,
-        engine=args.engine,
-        device=args.device,
-        n_ctx=args.ctx,
-        threads=args.threads,
-        kv_memory=parse_memory(args.kv_memory) if args.kv_memory else None,
-        notice=_notice,
-        speculate=speculate,
-    )
+    from ripelm.model_pool import ModelPool, PooledBackend
+    from ripelm.ollama_params import parse_keep_alive
+
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive)
+    except Exception as e:
+        raise RipelmError(f"--keep-alive: {e}") from e
+    budget = parse_memory(args.memory_budget) if args.memory_budget else None
+    if budget is None:
+        import psutil
+
+        budget = int(psutil.virtual_memory().available * 0.75)
+
+    def opener(model_path):
+        return open_backend(
+            model_path,
+            engine=args.engine,
+            device=args.device,
+            n_ctx=args.ctx,
+            threads=args.threads,
+            kv_memory=parse_memory(args.kv_memory) if args.kv_memory else None,
+            notice=_notice,
+            speculate=speculate,
+        )
+
+    name = _served_name(args.model or DEFAULT_MODEL_NAME)
+    pool = ModelPool(opener, resolve=_resolver, budget=budget, default_keep_alive=keep_alive)
+    pool.load(name, None)  # the model named at start: loaded now, kept until `ripe stop`
+    backend = PooledBackend(pool, name)
     try:
         try:
             server = Server(
@@ -122,9 +181,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 api_key=api_key,
-                model_name=args.model or DEFAULT_MODEL_NAME,
+                model_name=name,
                 embeddings=None if args.no_embeddings else EmbeddingsApi(args.embedder),
                 model_path=path,
+                pool=pool,
             )
         except OSError as e:
             raise RipelmError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e

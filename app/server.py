@@ -372,8 +372,12 @@ class Server:
         model_name: str,
         embeddings: EmbeddingsApi | None = None,
         model_path: Path | None = None,
+        pool: Any = None,
     ):
+        from ripelm.model_pool import ModelPool  # every model the Ollama routes serve, by name
+
         self.api = Api(backend, model_name, embeddings, model_path)
+        self.api.pool = pool or ModelPool.fixed(backend, model_name, model_path)  # type: ignore[attr-defined]
         self.httpd = _HTTPServer((host, port), make_handler(self.api, api_key))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -389,5 +393,6 @@ class Server:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.api.pool.close()  # type: ignore[attr-defined]
         if self.api.embeddings is not None:
             self.api.embeddings.close()
