@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ripelm.server_cli import add_parsers as add_server_parsers
 
     add_server_parsers(sub)
+    from ripelm.show_cli import add_parsers as add_show_parsers
+
+    add_show_parsers(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -216,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.serve_cli import cmd_serve
 
             return cmd_serve(args)
+        if args.command in ("show", "cp"):
+            from ripelm import show_cli
+
+            return show_cli.cmd_show(args) if args.command == "show" else show_cli.cmd_cp(args)
         if args.command in ("ps", "stop"):
             from ripelm import server_cli
 

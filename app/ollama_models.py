@@ -203,11 +203,11 @@ def pull_progress(name: str) -> Iterator[dict[str, Any]]:
     """Ollama's pull progress lines for a catalog name: "pulling manifest", then byte counts while it
     downloads, then "verifying sha256 digest", "writing manifest", "success". The download runs on a
     worker thread (the same `pull` as `ripe pull`: verified, resumable, atomic); an error raises here."""
-    from ripelm.models.catalog import lookup
+    from ripelm.models.hf_pull import entry_for
     from ripelm.models.pull import pull
     from ripelm.models.store import model_store, user_catalog_path
 
-    entry = lookup(name, user_catalog_path())
+    entry = entry_for(name, user_catalog_path())
     if entry is None:
         raise NotFound(f"'{name}' is not in the catalog (`ripe models --catalog` lists what can be pulled)")
     yield {"status": "pulling manifest"}

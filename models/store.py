@@ -124,6 +124,8 @@ def resolve_model(spec: str | None) -> Path:
         known = lookup(spec, user_catalog_path())
     except ModelNotFoundError:
         known = None
+    if known is not None and known.bundled:  # a bare family name of the bundled model (`smollm2`)
+        return resolve_model(known.name)
     if known is not None:
         raise ModelNotFoundError(f"'{known.name}' is not downloaded yet: run `ripe pull {known.name}`")
     names = ", ".join(m.name for m in list_models()) or "none"
