@@ -44,6 +44,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="API key for --engine openai (default: $RIPELM_OPENAI_API_KEY, $OPENAI_API_KEY or config.toml)",
     )
     p.add_argument(
+        "--no-server",
+        action="store_true",
+        help="load the model in this process even when a local `ripe serve` could answer (the default "
+        "uses one that runs on 127.0.0.1:11434 or :8080 with the same model store; $RIPELM_NO_SERVER=1 too)",
+    )
+    p.add_argument(
         "--device",
         default=None,
         choices=["auto", "cpu", "cuda", "mps"],
@@ -204,6 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.command == "run":
+            from ripelm.server_client import run_via_server
+
+            if args.prompt == "-":
+                args.prompt = sys.stdin.read()
+            if args.prompt.strip():
+                done = run_via_server(args, args.prompt)  # a warm local server: no torch, no load
+                if done is not None:
+                    return done
             from ripelm.commands import cmd_run
 
             return cmd_run(args)

@@ -98,7 +98,10 @@ class OllamaRoutes:
     # ---- models --------------------------------------------------------------------------------
 
     def version(self) -> dict[str, Any]:
-        return {"version": OLLAMA_VERSION}
+        from ripelm.server_client import store_id
+
+        # `ripelm.store`: lets `ripe run` on this machine tell a ripe server on its own store (server_client)
+        return {"version": OLLAMA_VERSION, "ripelm": {"store": store_id()}}
 
     def tags(self) -> dict[str, Any]:
         return om.tags([(m.name, m.path) for m in self.pool.loaded() if m.path is not None])
