@@ -128,7 +128,18 @@ def find(name: str) -> tuple[str, Path, str]:
     from ripelm.models.store import _canonical, list_models
 
     want = _canonical(name)
-    for m in list_models():
+    models = list_models()
+    if ":" not in name:  # a bare family name (`smollm2`) means the catalog's one size of it, if pulled
+        from ripelm.models.catalog import lookup
+        from ripelm.models.store import user_catalog_path
+
+        try:
+            known = lookup(name, user_catalog_path())
+        except RipelmError:
+            known = None
+        if known is not None and not any(m.name == want for m in models):
+            want = known.name
+    for m in models:
         if want in (m.name, _canonical(m.name)) or name == m.name:
             digest = m.digest or (_bundled_digest() if m.source == "bundled" else "")
             return m.name, m.path, file_digest(m.path, digest)
