@@ -69,6 +69,7 @@ class ModelPool:
         self.opener, self.resolver = opener, resolve
         self.budget, self.default_keep_alive = budget, default_keep_alive
         self.models: dict[str, Loaded] = {}
+        self.apis: dict[str, Any] = {}  # the OpenAI routes' Api per model (see api_for)
         self._cv = threading.Condition()
         self._load_lock = threading.Lock()
         self._closed = threading.Event()
@@ -224,3 +225,28 @@ class PooledBackend:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def api_for(api: Any, name: Any) -> Any:
+    """The OpenAI routes' `Api` for the model a request names: another model of the store is served through
+    the pool (loaded on demand, with the default keep-alive); no name, the served model's name, or a name
+    the store does not know (clients that send "gpt-4o") keep the model the server was started with."""
+    from ripelm.server import Api
+
+    pool: ModelPool | None = getattr(api, "pool", None)
+    if pool is None or not isinstance(name, str) or not name or name == api.model_name:
+        return api
+    try:
+        canonical, path = pool.resolve(name)
+    except RipelmError:
+        return api
+    if canonical == api.model_name:
+        return api
+    with pool._cv:
+        cached = pool.apis.get(canonical)
+    if cached is None:
+        cached = Api(PooledBackend(pool, canonical), canonical, api.embeddings, path)
+        cached.pool = pool  # type: ignore[attr-defined]
+        with pool._cv:
+            pool.apis[canonical] = cached
+    return cached

@@ -200,6 +200,7 @@ def _usage(stats: GenerationStats) -> dict:
 
 
 def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
+    from ripelm.model_pool import api_for
     from ripelm.ollama_api import OllamaRoutes  # Ollama's API (/api/*) beside OpenAI's: ollama_api.py
     from ripelm.ollama_http import OllamaHandlerMixin
 
@@ -262,18 +263,20 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                     raise ApiError(400, "the body must be a JSON object")
                 if path == "/v1/embeddings":
                     return self._send_json(200, api.embed(body))
-                ids, params, streaming = api.prepare(path, body)
+                target = api_for(api, body.get("model"))  # another model of the store: model_pool.py
+                ids, params, streaming = target.prepare(path, body)
             except ApiError as e:
                 return self._error(e)
             except RipelmError as e:  # prompt too long, empty...
                 return self._error(request_error(e))
             kind = "chat" if path.endswith("chat/completions") else "text"
             if streaming:
-                self._stream(kind, ids, params, bool((body.get("stream_options") or {}).get("include_usage")))
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                self._stream(kind, ids, params, usage, target)
             else:
-                self._complete(kind, ids, params)
+                self._complete(kind, ids, params, target)
 
-        def _complete(self, kind: str, ids: list[int], params: SamplingParams) -> None:
+        def _complete(self, kind: str, ids: list[int], params: SamplingParams, api: Api = api) -> None:
             parts, stats = [], GenerationStats()
             try:
                 for ev in api.events(ids, params, threading.Event()):
@@ -301,7 +304,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 },
             )
 
-        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool) -> None:
+        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool, api=api) -> None:
             rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
             self.send_response(200)
@@ -375,7 +378,6 @@ class Server:
         pool: Any = None,
     ):
         from ripelm.model_pool import ModelPool  # every model the Ollama routes serve, by name
-
         self.api = Api(backend, model_name, embeddings, model_path)
         self.api.pool = pool or ModelPool.fixed(backend, model_name, model_path)  # type: ignore[attr-defined]
         self.httpd = _HTTPServer((host, port), make_handler(self.api, api_key))

@@ -116,3 +116,21 @@ def test_an_idle_model_makes_room_within_the_memory_budget(home):
 def test_ps_without_a_server_says_so(home):
     out = ripe(home, "ps", "--server", "http://127.0.0.1:9")
     assert out.returncode == 1 and "no ripe serve is running at http://127.0.0.1:9" in out.stderr
+
+
+def test_the_openai_routes_serve_a_store_model_by_name(home):
+    openai = pytest.importorskip("openai")
+    with ripe_serve("tiny:test", home, "--ctx", "512") as (url, _):
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        args = {"messages": MSG, "temperature": 0, "max_tokens": 4}
+        smol = c.chat.completions.create(model="smollm2:135m", **args)
+        assert smol.model == "smollm2:135m" and smol.choices[0].message.content
+        assert loaded(ollama.Client(host=url.removesuffix("/v1"))) == ["smollm2:135m", "tiny:test"]
+        streamed = "".join(
+            ch.choices[0].delta.content or ""
+            for ch in c.chat.completions.create(model="smollm2:135m", stream=True, **args)
+            if ch.choices
+        )
+        assert streamed == smol.choices[0].message.content  # the same model, greedy
+        # a name the store does not know (clients that send their own) keeps the model served at start
+        assert c.chat.completions.create(model="gpt-4o", **args).model == "tiny:test"
