@@ -10,7 +10,7 @@ not have the model, the embedded engine runs as before.
 
 `ripe run` streams from `/api/chat` with the standard library's http.client and never imports torch (the
 first token of a warm server arrives before torch could even be imported); chat and ask use the server's
-OpenAI API through `OpenAIBackend`.
+OpenAI API through `OpenAIBackend` when its store has their model.
 """
 
 from __future__ import annotations
@@ -156,13 +156,13 @@ def openai_backend_via_server(args: argparse.Namespace):
     if base is None:
         return None
     name = model_name(args)
-    try:
-        conn, r = _request(base, "GET", "/v1/models")
-        ids = [m.get("id") for m in json.loads(r.read()).get("data", [])] if r.status == 200 else []
+    try:  # the server serves every model of its store by name (loading it if need be)
+        conn, r = _request(base, "POST", "/api/show", {"model": name})
+        r.read()
         conn.close()
-    except (OSError, ValueError):
+    except OSError:
         return None
-    if name not in ids:  # the OpenAI routes serve the model the server was started with
+    if r.status != 200:
         return None
     from ripelm.runtime.openai_backend import OpenAIBackend
 
