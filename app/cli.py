@@ -44,6 +44,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="API key for --engine openai (default: $RIPELM_OPENAI_API_KEY, $OPENAI_API_KEY or config.toml)",
     )
     p.add_argument(
+        "--no-server",
+        action="store_true",
+        help="load the model in this process even when a local `ripe serve` could answer (the default "
+        "uses one that runs on 127.0.0.1:11434 or :8080 with the same model store; $RIPELM_NO_SERVER=1 too)",
+    )
+    p.add_argument(
         "--device",
         default=None,
         choices=["auto", "cpu", "cuda", "mps"],
@@ -130,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ripelm.serve_cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from ripelm.server_cli import add_parsers as add_server_parsers
+
+    add_server_parsers(sub)
+    from ripelm.show_cli import add_parsers as add_show_parsers
+
+    add_show_parsers(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -198,6 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.command == "run":
+            from ripelm.server_client import run_via_server
+
+            if args.prompt == "-":
+                args.prompt = sys.stdin.read()
+            if args.prompt.strip():
+                done = run_via_server(args, args.prompt)  # a warm local server: no torch, no load
+                if done is not None:
+                    return done
             from ripelm.commands import cmd_run
 
             return cmd_run(args)
@@ -213,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ripelm.serve_cli import cmd_serve
 
             return cmd_serve(args)
+        if args.command in ("show", "cp"):
+            from ripelm import show_cli
+
+            return show_cli.cmd_show(args) if args.command == "show" else show_cli.cmd_cp(args)
+        if args.command in ("ps", "stop"):
+            from ripelm import server_cli
+
+            return server_cli.cmd_ps(args) if args.command == "ps" else server_cli.cmd_stop(args)
         if args.command == "bench" and args.draft:
             from ripelm.bench_draft import cmd_bench_draft
 

@@ -42,6 +42,11 @@ def _notice(msg: str) -> None:
 
 def open_from_args(args: argparse.Namespace) -> Backend | OpenAIBackend:
     """The engine the flags ask for, with config.toml filling in what they leave out."""
+    from ripelm.server_client import openai_backend_via_server
+
+    via_server = openai_backend_via_server(args)  # a local `ripe serve` with the model loaded
+    if via_server is not None:
+        return via_server
     cfg = load_config()
     engine = args.engine or cfg.engine or "auto"
     speculate = getattr(args, "speculate", None)
@@ -161,7 +166,7 @@ def _reply(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # (cli.main has read it already)
     if not prompt.strip():
         raise EmptyPromptError("the prompt is empty")
     params = sampling_from_args(args)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ripelm.models.blobstore import human_size
-from ripelm.models.catalog import all_entries, lookup, normalize_name
+from ripelm.models.catalog import all_entries, normalize_name
 from ripelm.models.errors import ModelNotFoundError
 from ripelm.models.store import (
     BUNDLED_NAME,
@@ -26,15 +26,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "pull",
         help="download a model by name from the Hugging Face Hub",
         formatter_class=fmt,
-        description="Download a model from the catalog (see `ripe models --catalog`) into the local store.\n"
-        "The file's sha256 is checked before it enters the store; an interrupted download is\n"
-        "resumed by running the same command again.",
+        description="Download a model from the catalog (see `ripe models --catalog`), or any GGUF on the\n"
+        "Hugging Face Hub as hf.co/USER/REPO[:QUANT] (without :QUANT, Q4_K_M or the closest),\n"
+        "into the local store. The file's sha256 is checked before it enters the store; an\n"
+        "interrupted download is resumed by running the same command again.",
         epilog="Examples:\n  ripe pull qwen2.5:0.5b\n"
+        "  ripe pull hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M\n"
         "  HF_ENDPOINT=https://my-mirror.example ripe pull llama3.2:1b\n\n"
         f"Your own entries go in {user_catalog_path()} (see `ripe models --catalog`).\n"
         "Environment: HF_ENDPOINT (another hub or mirror), HF_TOKEN (gated repos).",
     )
-    pull.add_argument("name", help="catalog name, e.g. qwen2.5:0.5b")
+    pull.add_argument("name", help="catalog name, e.g. qwen2.5:0.5b, or hf.co/USER/REPO[:QUANT]")
     pull.add_argument(
         "--retries", type=int, default=2, metavar="N", help="resume a dropped connection N times (default 2)"
     )
@@ -81,9 +83,10 @@ def _say(msg: str) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from ripelm.models.hf_pull import entry_for
     from ripelm.models.pull import pull
 
-    entry = lookup(args.name, user_catalog_path())
+    entry = entry_for(args.name, user_catalog_path())
     if entry is None:
         names = ", ".join(e.name for e in all_entries(user_catalog_path()))
         raise ModelNotFoundError(f"'{args.name}' is not in the catalog (known: {names})")

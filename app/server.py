@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
@@ -102,9 +103,12 @@ def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingPar
 class Api:
     """The endpoints' logic, independent of the HTTP plumbing."""
 
-    def __init__(self, backend: Backend, model_name: str, embeddings: EmbeddingsApi | None = None):
+    def __init__(
+        self, backend: Backend, model_name: str, embeddings: EmbeddingsApi | None = None, model_path=None
+    ):
         self.backend = backend
         self.model_name = model_name
+        self.model_path: Path | None = model_path  # the served GGUF (Ollama's /api/show and /api/ps)
         self.embeddings = embeddings
         self.created = int(time.time())
         # The engine batches concurrent requests; other backends (llama.cpp) take one at a time.
@@ -196,7 +200,12 @@ def _usage(stats: GenerationStats) -> dict:
 
 
 def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    from ripelm.model_pool import api_for
+    from ripelm.ollama_api import OllamaRoutes  # Ollama's API (/api/*) beside OpenAI's: ollama_api.py
+    from ripelm.ollama_http import OllamaHandlerMixin
+
+    class Handler(OllamaHandlerMixin, BaseHTTPRequestHandler):
+        ollama_routes = OllamaRoutes(api)
         protocol_version = "HTTP/1.1"
         server_version = "ripe"
         timeout = SOCKET_TIMEOUT
@@ -224,6 +233,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             return hmac.compare_digest(given, f"Bearer {api_key}".encode())  # no timing side channel
 
         def do_GET(self) -> None:
+            if self._ollama("GET"):
+                return
             if not self._authorized():
                 return self._error(ApiError(401, "invalid or missing API key", "authentication_error"))
             if self.path.rstrip("/") == "/v1/models":
@@ -233,6 +244,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             self._error(ApiError(404, f"no endpoint {self.path}", "not_found_error"))
 
         def do_POST(self) -> None:
+            if self._ollama("POST"):
+                return
             try:
                 if not self._authorized():
                     raise ApiError(401, "invalid or missing API key", "authentication_error")
@@ -250,18 +263,20 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                     raise ApiError(400, "the body must be a JSON object")
                 if path == "/v1/embeddings":
                     return self._send_json(200, api.embed(body))
-                ids, params, streaming = api.prepare(path, body)
+                target = api_for(api, body.get("model"))  # another model of the store: model_pool.py
+                ids, params, streaming = target.prepare(path, body)
             except ApiError as e:
                 return self._error(e)
             except RipelmError as e:  # prompt too long, empty...
                 return self._error(request_error(e))
             kind = "chat" if path.endswith("chat/completions") else "text"
             if streaming:
-                self._stream(kind, ids, params, bool((body.get("stream_options") or {}).get("include_usage")))
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                self._stream(kind, ids, params, usage, target)
             else:
-                self._complete(kind, ids, params)
+                self._complete(kind, ids, params, target)
 
-        def _complete(self, kind: str, ids: list[int], params: SamplingParams) -> None:
+        def _complete(self, kind: str, ids: list[int], params: SamplingParams, api: Api = api) -> None:
             parts, stats = [], GenerationStats()
             try:
                 for ev in api.events(ids, params, threading.Event()):
@@ -289,7 +304,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 },
             )
 
-        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool) -> None:
+        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool, api=api) -> None:
             rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
             self.send_response(200)
@@ -359,8 +374,12 @@ class Server:
         api_key: str | None,
         model_name: str,
         embeddings: EmbeddingsApi | None = None,
+        model_path: Path | None = None,
+        pool: Any = None,
     ):
-        self.api = Api(backend, model_name, embeddings)
+        from ripelm.model_pool import ModelPool  # every model the Ollama routes serve, by name
+        self.api = Api(backend, model_name, embeddings, model_path)
+        self.api.pool = pool or ModelPool.fixed(backend, model_name, model_path)  # type: ignore[attr-defined]
         self.httpd = _HTTPServer((host, port), make_handler(self.api, api_key))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -376,5 +395,6 @@ class Server:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.api.pool.close()  # type: ignore[attr-defined]
         if self.api.embeddings is not None:
             self.api.embeddings.close()

@@ -109,12 +109,18 @@ def fetch_to_part(
     progress: bool | None = None,
     auth_headers: dict[str, str] | None = None,
     notice: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int | None], None] | None = None,
 ) -> str:
-    """Download `remote` into `part` (continuing what is there) and return the sha256 of the whole file."""
+    """Download `remote` into `part` (continuing what is there) and return the sha256 of the whole file.
+    `on_progress(bytes in the part, total or None)` is called as bytes arrive (the server's streamed
+    /api/pull progress)."""
     attempt = 0
     while True:
         try:
-            return _fetch_once(remote, part, label=label, progress=progress, auth_headers=auth_headers)
+            return _fetch_once(
+                remote, part, label=label, progress=progress, auth_headers=auth_headers,
+                on_progress=on_progress,
+            )  # fmt: skip
         except _Interrupted as e:
             have = part.stat().st_size if part.exists() else 0
             if attempt >= retries:
@@ -135,6 +141,7 @@ def _fetch_once(
     label: str,
     progress: bool | None,
     auth_headers: dict[str, str] | None,
+    on_progress: Callable[[int, int | None], None] | None = None,
 ) -> str:
     offset = part.stat().st_size if part.exists() else 0
     if remote.size is not None and offset > remote.size:
@@ -175,7 +182,7 @@ def _fetch_once(
                     expected = offset + int(r.headers["Content-Length"])
                     remote.size = expected
                     _check_space(part.parent, expected - offset, label)
-                got = _stream_body(r, part, offset, h, expected, label, progress)
+                got = _stream_body(r, part, offset, h, expected, label, progress, on_progress)
     except httpx2.TransportError as e:
         raise _Interrupted(_reason(e)) from e
     if expected is not None and got < expected:
@@ -191,6 +198,7 @@ def _stream_body(
     expected: int | None,
     label: str,
     progress: bool | None,
+    on_progress: Callable[[int, int | None], None] | None = None,
 ) -> int:
     from tqdm import tqdm
 
@@ -223,6 +231,8 @@ def _stream_body(
             h.update(chunk)
             got += len(chunk)
             bar.update(len(chunk))
+            if on_progress is not None:
+                on_progress(got, expected)
         try:
             f.flush()
         except OSError as e:

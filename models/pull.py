@@ -45,6 +45,7 @@ def pull(
     retries: int = 2,
     progress: bool | None = None,
     notice: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int | None], None] | None = None,
 ) -> PullResult:
     if entry.bundled:
         return PullResult(None, 0, "bundled")
@@ -85,6 +86,7 @@ def pull(
         progress=progress,
         auth_headers=_auth_headers(),
         notice=notice,
+        on_progress=on_progress,
     )
     size = part.stat().st_size
     if got != want:

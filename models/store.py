@@ -124,9 +124,32 @@ def resolve_model(spec: str | None) -> Path:
         known = lookup(spec, user_catalog_path())
     except ModelNotFoundError:
         known = None
+    if known is not None and known.bundled:  # a bare family name of the bundled model (`smollm2`)
+        return resolve_model(known.name)
     if known is not None:
         raise ModelNotFoundError(f"'{known.name}' is not downloaded yet: run `ripe pull {known.name}`")
     names = ", ".join(m.name for m in list_models()) or "none"
     raise ModelNotFoundError(
         f"unknown model '{spec}' (available: {names}; `ripe models --catalog` lists more to pull)"
     )
+
+
+def copy_model(src: str, dst: str) -> str:
+    """`ripe cp` / Ollama's /api/copy: a new name for a model. A store entry's copy shares its blob (no
+    bytes are copied); the bundled model or a loose .gguf is imported into the store under the new name.
+    Returns the destination's canonical name; an existing destination name is replaced (as Ollama does)."""
+    from ripelm.models.blobstore import ManifestEntry
+    from ripelm.models.gguf_file import open_gguf
+
+    target = normalize_name(dst)
+    store = model_store()
+    entry = store.get(_canonical(src))
+    if entry is not None:
+        store.path_of(entry)  # the blob must be there
+        store.add(ManifestEntry(target, entry.digest, entry.size, entry.source, entry.origin, entry.added))
+        return target
+    path = resolve_model(src)
+    if store.get(target) is not None:
+        store.remove(target)
+    store.import_file(path, target, validate=lambda p: open_gguf(p).close())
+    return target

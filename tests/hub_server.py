@@ -6,6 +6,10 @@ CDN are):
 * the "hub" answers ``HEAD/GET /{repo}/resolve/{revision}/{file}`` with a 302 to the CDN and the
   headers huggingface_hub reads (``X-Repo-Commit``, ``X-Linked-Etag`` = the LFS sha256,
   ``X-Linked-Size``), or 404;
+* the "hub" also answers the model API, ``GET /api/models/{repo}[/revision/{rev}]`` (with ``?blobs=true``:
+  each file's size and LFS sha256), as huggingface_hub's ``model_info`` reads it; a repo in
+  ``HubFiles.private`` answers 401 (RepoNotFound) and one in ``HubFiles.gated`` 403 (GatedRepo), on the
+  API and on resolve;
 * the "CDN" serves the bytes, honouring ``Range: bytes=N-`` with 206 / Content-Range.
 
 Faults are switched on per test through `HubFiles.faults`: serve other bytes than advertised
@@ -19,6 +23,7 @@ for the missing bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +59,8 @@ class HubFiles:
     holding: threading.Event = field(default_factory=threading.Event)  # set once a hold has begun
     truncated: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    private: set[str] = field(default_factory=set)  # repos that need a token the client does not have
+    gated: set[str] = field(default_factory=set)  # repos whose conditions the client has not accepted
 
     def sha256(self, repo: str, name: str) -> str:
         return hashlib.sha256(self.files[(repo, name)]).hexdigest()
@@ -97,9 +104,51 @@ def _make_hub_handler(state: HubFiles, cdn_url: str) -> type[BaseHTTPRequestHand
         def log_message(self, *args: object) -> None:  # keep pytest output clean
             pass
 
+        def _refused(self, repo: str) -> bool:
+            if repo in state.private:
+                self._error(401, "RepoNotFound")
+            elif repo in state.gated:
+                self._error(403, "GatedRepo", "Access to model is restricted: you must accept its conditions")
+            else:
+                return False
+            return True
+
+        def _model_api(self, parts: list[str]) -> None:
+            # api/models/{owner}/{repo}[/revision/{rev}]
+            repo = f"{parts[2]}/{parts[3]}" if len(parts) >= 4 else ""
+            if self._refused(repo):
+                return
+            names = sorted(n for (r, n) in state.files if r == repo)
+            if not names:
+                return self._not_found("RepoNotFound")
+            siblings = []
+            for n in names:
+                data = state.files[(repo, n)]
+                lfs = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+                siblings.append({"rfilename": n, "size": len(data), "blobId": "0" * 40, "lfs": lfs})
+            body = json.dumps(
+                {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": COMMIT,
+                    "private": False,
+                    "gated": False,
+                    "siblings": siblings,
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def _resolve(self) -> None:
             state.requests.append(Request(self.command, self.path, self.headers.get("Range")))
             parts = unquote(self.path.split("?", 1)[0]).lstrip("/").split("/")
+            if parts[:2] == ["api", "models"] and self.command == "GET":
+                return self._model_api(parts)
+            if len(parts) >= 2 and self._refused(f"{parts[0]}/{parts[1]}"):
+                return
             # {owner}/{repo}/resolve/{revision}/{file}
             if len(parts) != 5 or parts[2] != "resolve":
                 return self._not_found("RepoNotFound")
@@ -119,8 +168,13 @@ def _make_hub_handler(state: HubFiles, cdn_url: str) -> type[BaseHTTPRequestHand
             self.end_headers()
 
         def _not_found(self, code: str) -> None:
-            self.send_response(404)
+            self._error(404, code)
+
+        def _error(self, status: int, code: str, message: str = "") -> None:
+            self.send_response(status)
             self.send_header("X-Error-Code", code)
+            if message:
+                self.send_header("X-Error-Message", message)
             self.send_header("Content-Length", "0")
             self.end_headers()
 

@@ -32,15 +32,23 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def ripe_serve(model: Path | str | None, home: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`ripe serve --port 0` (no embeddings) on MODEL, or on the bundled model (served as smollm2:135m) for
-    None; yields its /v1 URL (read from the line it prints once it listens) and the process."""
+def ripe_serve(
+    model: Path | str | None,
+    home: Path,
+    *extra: str,
+    embeddings: bool = False,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`ripe serve --port 0` (no embeddings unless asked) on MODEL, or on the bundled model (served as
+    smollm2:135m) for None; yields its /v1 URL (read from the line it prints once it listens) and the
+    process. `env` adds environment variables."""
     model_args = ["--model", str(model)] if model is not None else []
+    no_emb = [] if embeddings else ["--no-embeddings"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ripelm.cli", "serve", *model_args, "--port", "0", "--no-embeddings", *extra],
+        [sys.executable, "-m", "ripelm.cli", "serve", *model_args, "--port", "0", *no_emb, *extra],
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, RIPELM_HOME=str(home)),
+        env=dict(os.environ, RIPELM_HOME=str(home), **(env or {})),
     )
     try:
         assert proc.stderr is not None
