@@ -63,6 +63,7 @@ def run_app(args: argparse.Namespace) -> int:
             system=args.system,
             model_choices=choices,
             keymap=cfg.keys,
+            enter_sends=cfg.enter_sends,
             default_model=default_model,
         )
         app.run()

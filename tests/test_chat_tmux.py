@@ -57,8 +57,10 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     try:
         poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
         pid = int(tmux(session, "display-message", "-p", "-t", session, "#{pane_pid}").strip())
-        question = "What is the capital of France? Answer in one sentence."
-        tmux(session, "send-keys", "-t", session, question, "Enter")
+        # a two-line message: Ctrl+J starts the second line, Enter sends both
+        question = "What is the capital of France?\nAnswer in one sentence."
+        first_line, second_line = question.split("\n")
+        tmux(session, "send-keys", "-t", session, first_line, "C-j", second_line, "Enter")
         # the answer streams onto the screen: it grows, then the reply ends (the label loses "streaming")
         poll(lambda: "Assistant" in screen(session), 60, "the reply to start")
         db = tmp_path / "chats.db"
@@ -88,6 +90,7 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     (chat,) = store.chats()
     msgs = store.messages(chat.id)
     assert [m.role for m in msgs[:3]] == ["user", "assistant", "user"]
+    assert msgs[0].content == question  # both lines, as typed
     assert msgs[1].content == answer and msgs[2].content == "Write a long story about a dragon."
     assert len(msgs) == 3 or (msgs[3].state == PARTIAL and len(msgs[3].content) > 40)
     store.close()

@@ -18,7 +18,6 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input
 
 from ripelm.chat_docs import retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
@@ -33,6 +32,7 @@ from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import TextPrompt
 from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import DELTA_INTERVAL_S, ReplyDelta, ReplyDone, ReplySources, next_delta_interval
+from ripelm.tui.prompt_area import PromptArea
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
 
@@ -82,6 +82,7 @@ class RipeApp(ChatActions, App[None]):
         keymap: dict[str, str] | None = None,
         export_dir: Path | None = None,
         default_model: str = "default",
+        enter_sends: bool = True,
     ):
         super().__init__()
         self.store = store
@@ -92,6 +93,7 @@ class RipeApp(ChatActions, App[None]):
         self.export_dir = export_dir or Path.cwd()
         self.default_model = default_model  # what the status bar calls the model of a chat that names none
         self._keymap_config = keymap or {}
+        self.enter_sends = enter_sends  # False: Enter starts a new line and Ctrl+J sends ([chat] in config)
         self.chat: Chat | None = None
         self.reply: ActiveReply | None = None
         self.replies_started = 0
@@ -106,7 +108,10 @@ class RipeApp(ChatActions, App[None]):
             yield ChatList()
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
-                yield Input(placeholder="Message · Enter sends · Esc stops · Ctrl+P commands", id="prompt")
+                keys = "Enter sends · Ctrl+J newline" if self.enter_sends else "Ctrl+J sends · Enter newline"
+                yield PromptArea(
+                    enter_sends=self.enter_sends, placeholder=f"Message · {keys} · Esc stops", id="prompt"
+                )
         yield StatusBar()
 
     async def on_mount(self) -> None:
@@ -116,7 +121,7 @@ class RipeApp(ChatActions, App[None]):
         chat = chats[0] if chats else self.store.new_chat(DEFAULT_TITLE, system=self.system)
         await self.open_chat(chat.id)
         self._show_backend()
-        self.query_one("#prompt", Input).focus()
+        self.query_one("#prompt", PromptArea).focus()
 
     def _show_backend(self) -> None:
         b = self.pool.current()
@@ -168,26 +173,24 @@ class RipeApp(ChatActions, App[None]):
 
     async def on_chat_list_selected(self, event: ChatList.Selected) -> None:
         await self.open_chat(event.chat_id)
-        self.query_one("#prompt", Input).focus()
+        self.query_one("#prompt", PromptArea).focus()
 
     async def action_new_chat(self) -> None:
         chat = self.store.new_chat(
             DEFAULT_TITLE, system=self.system, model=self.chat.model if self.chat else None
         )
         await self.open_chat(chat.id)
-        self.query_one("#prompt", Input).focus()
+        self.query_one("#prompt", PromptArea).focus()
 
     # ---- sending and streaming ----------------------------------------------------------------------
-    async def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id != "prompt":
-            return
+    async def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
         text = event.value.strip()
         if not text or self.chat is None:
             return
         if self.reply is not None:
             self.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
-        event.input.value = ""
+        event.area.value = ""
         if self.chat.title == DEFAULT_TITLE:
             self.store.rename_chat(self.chat.id, text[:40])
             self.chat = self.store.chat(self.chat.id)
