@@ -47,7 +47,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def run_app(args: argparse.Namespace) -> int:
     from ripelm.chat_store import ChatStore
     from ripelm.commands import sampling_from_args
-    from ripelm.config import load_config
+    from ripelm.config import config_path, load_config
     from ripelm.tui.app import RipeApp
 
     cfg = load_config()
@@ -64,6 +64,8 @@ def run_app(args: argparse.Namespace) -> int:
             model_choices=choices,
             keymap=cfg.keys,
             enter_sends=cfg.enter_sends,
+            theme=cfg.theme,
+            config_path=cfg.path or config_path(),
             default_model=default_model,
         )
         app.run()

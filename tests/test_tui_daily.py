@@ -8,6 +8,8 @@ import asyncio
 import pytest
 from test_tui_app import SIZE, make_app
 from textual import events
+from textual.widgets import Collapsible, Static
+from textual.widgets._collapsible import CollapsibleTitle
 from tui_helpers import idle, wait_until
 
 from ripelm.config import load_config
@@ -63,5 +65,64 @@ def test_enter_makes_a_new_line_when_configured(backend, db_path, tmp_path):
             await pilot.press("ctrl+j")
             await wait_until(pilot, lambda: app.replies_started == 1 and idle(app), what="the reply")
             assert app.store.messages(app.chat.id)[0].content == "first\nsecond"
+
+    run(go())
+
+
+def test_theme_is_saved_to_config_and_used_at_the_next_start(backend, db_path, tmp_path):
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text('model = "smollm2:135m"  # my model\n\n[keys]\nregenerate = "ctrl+g"\n')
+
+    async def pick() -> None:
+        app = make_app(backend, db_path, config_path=cfg_path, theme=load_config(cfg_path).theme)
+        async with app.run_test(size=SIZE) as pilot:
+            app.theme = "nord"  # what the palette's theme picker sets
+            await pilot.pause()
+
+    async def restart() -> None:
+        cfg = load_config(cfg_path)
+        app = make_app(backend, db_path, config_path=cfg_path, theme=cfg.theme)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert app.theme == "nord"
+
+    run(pick())
+    text = cfg_path.read_text()
+    assert "# my model" in text and 'regenerate = "ctrl+g"' in text  # the user's file is kept as written
+    assert load_config(cfg_path).theme == "nord"
+    run(restart())
+
+
+def test_thinking_is_a_collapsed_block_apart_from_the_answer(backend, db_path):
+    async def go() -> None:
+        app = make_app(backend, db_path)
+        chat = app.store.new_chat("reasoning")
+        app.store.add_message(chat.id, "user", "2+2?")
+        reply = "<think>\nTwo plus two: count up.\n</think>\n\nIt is **4**."
+        app.store.add_message(chat.id, "assistant", reply)
+        async with app.run_test(size=SIZE) as pilot:
+            await app.open_chat(chat.id)
+            await pilot.pause()
+            view = app.query(MessageView)[-1]
+            block = view.query_one(Collapsible)
+            assert block.collapsed and block.title == "thinking"
+            assert view.answer == "It is **4**." and "count up" not in view.query_one(".answer").source
+            assert "Two plus two" in str(view.query_one(".thinking-text", Static).content)
+
+            # while a reply streams: the tag split over deltas, the reasoning into the block, then the answer
+            live = MessageView("assistant", "", state="streaming")
+            await app.query_one("#conversation").mount(live)
+            await live.append("<thi")
+            assert not live.query(Collapsible) and live.answer == ""
+            await live.append("nk>step one")
+            assert live.query_one(Collapsible).collapsed and live.answer == ""
+            await live.append(" step two</think>The ans")
+            await live.append("wer")
+            await live.end_stream()
+            await pilot.pause()
+            assert str(live.query_one(".thinking-text", Static).content) == "step one step two"
+            assert live.answer == "The answer" and live.query_one(".answer").source == "The answer"
+            await pilot.click(live.query_one(CollapsibleTitle))
+            assert not live.query_one(Collapsible).collapsed  # expands on a click (or Enter)
 
     run(go())

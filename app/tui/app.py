@@ -27,9 +27,9 @@ from ripelm.doc_qa import CitationFilter
 from ripelm.generation import Generation, RemoteGeneration
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.backends import BackendPool
+from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
-from ripelm.tui.dialogs import TextPrompt
 from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import DELTA_INTERVAL_S, ReplyDelta, ReplyDone, ReplySources, next_delta_interval
 from ripelm.tui.prompt_area import PromptArea
@@ -53,7 +53,7 @@ class ActiveReply:
     remote: bool = False  # from a server engine: no token counts while it streams
 
 
-class RipeApp(ChatActions, App[None]):
+class RipeApp(Branching, ChatActions, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -83,6 +83,8 @@ class RipeApp(ChatActions, App[None]):
         export_dir: Path | None = None,
         default_model: str = "default",
         enter_sends: bool = True,
+        theme: str | None = None,
+        config_path: Path | None = None,
     ):
         super().__init__()
         self.store = store
@@ -94,6 +96,10 @@ class RipeApp(ChatActions, App[None]):
         self.default_model = default_model  # what the status bar calls the model of a chat that names none
         self._keymap_config = keymap or {}
         self.enter_sends = enter_sends  # False: Enter starts a new line and Ctrl+J sends ([chat] in config)
+        self.config_path = config_path  # a theme picked is saved there ([chat] theme)
+        self._saved_theme = theme
+        if theme in self.available_themes:
+            self.theme = theme
         self.chat: Chat | None = None
         self.reply: ActiveReply | None = None
         self.replies_started = 0
@@ -359,36 +365,6 @@ class RipeApp(ChatActions, App[None]):
                 )
 
         threading.Thread(target=wait_ack, name="ripelm-cancel-ack", daemon=True).start()
-
-    async def action_regenerate(self) -> None:
-        """Replace the last reply with a new one from the same prompt (its K/V come from the prefix cache)."""
-        if self.chat is None or self.reply is not None:
-            return
-        msgs = self.store.messages(self.chat.id)
-        if not msgs or msgs[-1].role != "assistant":
-            return
-        views = list(self.query(MessageView))
-        if views and views[-1].message_id == msgs[-1].id:
-            await views[-1].remove()
-        await self.start_reply(replace_from=msgs[-1].id)
-
-    def action_edit_last(self) -> None:
-        """Edit the last message you sent and send it again (what followed it is replaced)."""
-        if self.chat is None or self.reply is not None:
-            return
-        users = [m for m in self.store.messages(self.chat.id) if m.role == "user"]
-        if not users:
-            return
-        last, chat_id = users[-1], self.chat.id
-
-        async def done(text: str | None) -> None:
-            if text and text.strip():
-                msg = self.store.add_message(chat_id, "user", text.strip(), replace_from=last.id)
-                await self.open_chat(chat_id)
-                assert msg.id
-                await self.start_reply()
-
-        self.push_screen(TextPrompt("Edit and resend", last.content), done)
 
     def on_unmount(self) -> None:
         """Quitting mid-reply stops the engine and keeps the text so far, as a stopped reply."""

@@ -19,6 +19,7 @@ from textual.widgets import Input
 from ripelm.chat_docs import collection_names, index_folder
 from ripelm.chat_export import chat_markdown, code_blocks, export_filename
 from ripelm.chat_turns import format_sampling, parse_sampling
+from ripelm.config import save_chat_setting
 from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
@@ -37,6 +38,18 @@ class ChatActions:
     export_dir: Path
     defaults: Any  # the command line's SamplingParams
     index_reports: list[Any]  # what each indexing run from the app did
+    config_path: Path | None
+    _saved_theme: str | None
+
+    def watch_theme(self, theme: str) -> None:
+        """A theme picked in the palette is saved to config.toml for the next start."""
+        if self.config_path is None or theme == self._saved_theme:
+            return
+        self._saved_theme = theme
+        try:
+            save_chat_setting("theme", theme, self.config_path)
+        except RipelmError as e:
+            self.notify(str(e), severity="warning")
 
     def action_rename_chat(self) -> None:
         if self.chat is None:

@@ -1,10 +1,14 @@
-"""One message in the conversation: a role label over Markdown, which can grow while a reply streams."""
+"""One message in the conversation: a role label over Markdown, which can grow while a reply streams.
+
+A reply that opens with `<think>` (reasoning models: Qwen3, DeepSeek-R1 …) shows its reasoning in a
+collapsed "thinking" block (Textual's Collapsible) above the answer, while it streams too.
+"""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label, Markdown, OptionList
+from textual.widgets import Collapsible, Label, Markdown, OptionList, Static
 from textual.widgets._markdown import MarkdownStream
 from textual.widgets.option_list import Option
 
@@ -12,6 +16,21 @@ from ripelm.chat_store.records import CANCELLED, ERROR, PARTIAL
 from ripelm.doc_qa import cited_numbers
 
 _NOTES = {CANCELLED: "stopped", PARTIAL: "interrupted", ERROR: "failed"}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a reply: the reasoning is what a leading `<think>` opens, up to `</think>`
+    (all the rest while it is still open); None without one. A reply that so far is only the start of
+    `<think>` shows nothing yet (the tag may still be coming)."""
+    head = text.lstrip()
+    if not head.startswith(THINK_OPEN):
+        return (None, "") if head and THINK_OPEN.startswith(head) else (None, text)
+    body = head[len(THINK_OPEN) :]
+    end = body.find(THINK_CLOSE)
+    if end < 0:
+        return body.strip(), ""
+    return body[:end].strip(), body[end + len(THINK_CLOSE) :].lstrip()
 
 
 class MessageView(Vertical):
@@ -31,10 +50,14 @@ class MessageView(Vertical):
         self.message_id = message_id
         self.sources = sources or []
         self._stream: MarkdownStream | None = None
+        thinking, self._answer = split_thinking(content) if role == "assistant" else (None, content)
+        self._thinking = thinking
 
     def compose(self) -> ComposeResult:
         yield Label(self._label(), classes="role")
-        yield Markdown(self.content)
+        if self._thinking is not None:
+            yield self._thinking_block()
+        yield Markdown(self._answer, classes="answer")
         if self.sources and self.state != "streaming":
             yield self._source_list()
 
@@ -68,12 +91,38 @@ class MessageView(Vertical):
         self.state = state
         self.query_one(".role", Label).update(self._label())
 
+    def _thinking_block(self) -> Collapsible:
+        return Collapsible(
+            Static(self._thinking or "", classes="thinking-text", markup=False),
+            title="thinking",
+            collapsed=True,
+            classes="thinking",
+        )
+
+    @property
+    def answer(self) -> str:
+        """The reply without its reasoning."""
+        return self._answer
+
     async def append(self, text: str) -> None:
         """Add streamed text; Markdown re-renders incrementally (fragments coalesce when it falls behind)."""
         self.content += text
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self.query_one(Markdown))
-        await self._stream.write(text)
+        thinking, answer = split_thinking(self.content) if self.role == "assistant" else (None, self.content)
+        answer_view = self.query_one(".answer", Markdown)
+        if thinking is not None:
+            if self._thinking is None:
+                await self.mount(self._thinking_block(), before=answer_view)
+            elif thinking != self._thinking:
+                self.query_one(".thinking-text", Static).update(thinking)
+            self._thinking = thinking
+        if not answer.startswith(self._answer):  # what was shown was the start of a <think> after all
+            await self.end_stream()
+            await answer_view.update(answer)
+        elif len(answer) > len(self._answer):
+            if self._stream is None:
+                self._stream = Markdown.get_stream(answer_view)
+            await self._stream.write(answer[len(self._answer) :])
+        self._answer = answer
 
     async def end_stream(self) -> None:
         if self._stream is not None:
