@@ -126,3 +126,48 @@ def test_thinking_is_a_collapsed_block_apart_from_the_answer(backend, db_path):
             assert not live.query_one(Collapsible).collapsed  # expands on a click (or Enter)
 
     run(go())
+
+
+THREE_BLOCKS = """Three ways:
+
+```python
+print("one")
+```
+
+Or in the shell:
+
+```bash
+echo two
+```
+
+And finally:
+
+```
+three
+```
+"""
+
+
+def test_copy_the_second_of_three_code_blocks_and_any_message(backend, db_path):
+    async def go() -> None:
+        app = make_app(backend, db_path)
+        chat = app.store.new_chat("code")
+        app.store.add_message(chat.id, "user", "Show me three ways")
+        app.store.add_message(chat.id, "assistant", THREE_BLOCKS)
+        app.store.add_message(chat.id, "user", "thanks")
+        app.store.add_message(chat.id, "assistant", "You're welcome.")
+        async with app.run_test(size=SIZE) as pilot:
+            await app.open_chat(chat.id)
+            await pilot.press("ctrl+up")  # select the last message, then up twice: the three-block reply
+            await pilot.press("up", "up")
+            assert app.focused is app.query(MessageView)[1]
+            await pilot.press("2")
+            assert app.clipboard == 'echo two\n'
+            await pilot.press("up", "c")  # the first message, whole
+            assert app.clipboard == "Show me three ways"
+            await pilot.press("down", "down", "down", "down")  # past the last message: the box again
+            assert app.focused is app.query_one("#prompt")
+            await pilot.press(*"hi")
+            assert app.query_one("#prompt").value == "hi"
+
+    run(go())

@@ -66,6 +66,7 @@ class RipeApp(Branching, ChatActions, App[None]):
         Binding("f2", "rename_chat", "Rename", id="rename_chat"),
         Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply"),
         Binding("f4", "copy_code", "Copy code", id="copy_code"),
+        Binding("ctrl+up", "select_message", "Select message", id="select_message"),
         Binding("ctrl+s", "export_chat", "Export", id="export_chat"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
         Binding("f6", "search_chats", "Search", id="search_chats"),

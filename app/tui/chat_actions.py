@@ -23,6 +23,7 @@ from ripelm.config import save_chat_setting
 from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
+from ripelm.tui.message_view import MessageView
 from ripelm.tui.status_bar import StatusBar, is_remote
 
 DEFAULT_TITLE = "New chat"
@@ -211,6 +212,12 @@ class ChatActions:
         replies = [m for m in self.store.messages(self.chat.id) if m.role == "assistant" and m.content]
         return replies[-1].content if replies else None
 
+    def action_select_message(self) -> None:
+        """Select the last message (then Up/Down, `c` copies it, 1-9 a code block)."""
+        views = list(self.query(MessageView))
+        if views:
+            views[-1].focus()
+
     def action_copy_reply(self) -> None:
         text = self._last_reply()
         if text:
@@ -258,6 +265,9 @@ class ChatActions:
             "Sampling settings", "Temperature, top-p, max tokens … for this chat", self.action_set_sampling
         )
         yield SystemCommand("System prompt", "Set this chat's system prompt", self.action_set_system)
+        yield SystemCommand(
+            "Select message", "Then c copies it, 1-9 its code blocks, Up/Down", self.action_select_message
+        )
         yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply)
         yield SystemCommand("Copy code", "Copy the last code block of the last reply", self.action_copy_code)
         yield SystemCommand("Export chat", "Save this chat as a Markdown file", self.action_export_chat)

@@ -1,5 +1,8 @@
 """One message in the conversation: a role label over Markdown, which can grow while a reply streams.
 
+A message can be selected (Ctrl+Up from the message box, a click, then Up/Down to move): `c` copies it,
+`1` … `9` copy its first … ninth code block (OSC 52, through Textual's `copy_to_clipboard`).
+
 A reply that opens with `<think>` (reasoning models: Qwen3, DeepSeek-R1 …) shows its reasoning in a
 collapsed "thinking" block (Textual's Collapsible) above the answer, while it streams too.
 """
@@ -7,11 +10,13 @@ collapsed "thinking" block (Textual's Collapsible) above the answer, while it st
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Collapsible, Label, Markdown, OptionList, Static
 from textual.widgets._markdown import MarkdownStream
 from textual.widgets.option_list import Option
 
+from ripelm.chat_export import code_blocks
 from ripelm.chat_store.records import CANCELLED, ERROR, PARTIAL
 from ripelm.doc_qa import cited_numbers
 
@@ -33,7 +38,14 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     return body[:end].strip(), body[end + len(THINK_CLOSE) :].lstrip()
 
 
-class MessageView(Vertical):
+class MessageView(Vertical, can_focus=True):
+    BINDINGS = [
+        Binding("c", "copy_message", "Copy message"),
+        Binding("up", "select(-1)", "Previous", show=False),
+        Binding("down", "select(1)", "Next", show=False),
+        *[Binding(str(n), f"copy_block({n})", f"Copy code block {n}", show=False) for n in range(1, 10)],
+    ]
+
     def __init__(
         self,
         role: str,
@@ -98,6 +110,27 @@ class MessageView(Vertical):
             collapsed=True,
             classes="thinking",
         )
+
+    def action_copy_message(self) -> None:
+        self.app.copy_to_clipboard(self.answer)
+        self.app.notify("copied the message")
+
+    def action_copy_block(self, n: int) -> None:
+        blocks = code_blocks(self.answer)
+        if n > len(blocks):
+            self.app.notify(f"this message has {len(blocks) or 'no'} code block{'s' * (len(blocks) != 1)}")
+            return
+        self.app.copy_to_clipboard(blocks[n - 1])
+        self.app.notify(f"copied code block {n} of {len(blocks)}")
+
+    def action_select(self, step: int) -> None:
+        """Up/Down: the previous or next message; past the last one, back to the message box."""
+        views = list(self.app.query(MessageView))
+        i = views.index(self) + step
+        if i >= len(views):
+            self.app.query_one("#prompt").focus()
+        elif i >= 0:
+            views[i].focus()
 
     @property
     def answer(self) -> str:
