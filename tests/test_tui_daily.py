@@ -171,3 +171,27 @@ def test_copy_the_second_of_three_code_blocks_and_any_message(backend, db_path):
             assert app.query_one("#prompt").value == "hi"
 
     run(go())
+
+
+def test_search_finds_a_word_from_an_old_chat_and_opens_it(backend, db_path):
+    async def go() -> None:
+        app = make_app(backend, db_path)
+        old = app.store.new_chat("Trip ideas")
+        app.store.add_message(old.id, "user", "Where should I go in autumn?")
+        target = app.store.add_message(old.id, "assistant", "Kyoto is lovely then: maples and temples.")
+        app.store.add_message(old.id, "user", "And in spring?")
+        for i in range(3):
+            c = app.store.new_chat(f"chat {i}")
+            app.store.add_message(c.id, "user", f"unrelated question {i}")
+        async with app.run_test(size=SIZE) as pilot:
+            assert app.chat.id != old.id
+            await pilot.press("ctrl+f", *"maple")
+            await wait_until(pilot, lambda: app.screen.query("#search-results").first().option_count == 1)
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.chat.id == old.id, what="the old chat to open")
+            await wait_until(pilot, lambda: isinstance(app.focused, MessageView), what="the message selected")
+            assert app.focused.message_id == target.id and "maples" in app.focused.content
+            await pilot.press("c")
+            assert app.clipboard == target.content
+
+    run(go())

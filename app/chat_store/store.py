@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from ripelm.chat_store.records import DONE, PARTIAL, STATES, Chat, Message
+from ripelm.chat_store.records import DONE, MATCH_END, MATCH_START, PARTIAL, STATES, Chat, Message, SearchHit
 from ripelm.chat_store.upgrades import SCHEMA_VERSION, schema_version, upgrade
 from ripelm.models.errors import RipelmError
 from ripelm.models.store import data_dir
@@ -220,6 +220,26 @@ class ChatStore:
         """Drop a message and everything after it in its chat (regenerate, edit and resend)."""
         with self.db.atomic():
             self.db.execute("DELETE FROM messages WHERE chat_id = ? AND id >= ?", [chat_id, message_id])
+
+    def search(self, text: str, limit: int = 50) -> list[SearchHit]:
+        """Messages of every chat containing all the words of `text` (the last one as a prefix, so results
+        come while typing), best match first (FTS5's bm25), each with its chat's title and a snippet.
+        The words are quoted, so no text the user types is FTS5 syntax or an error."""
+        words = [w.replace('"', '""') for w in text.split()]
+        if not words:
+            return []
+        query = " ".join(f'"{w}"' for w in words) + "*"
+        rows = self.db.query(
+            "SELECT m.id, m.chat_id, m.role, c.title, "
+            "snippet(messages_fts, 0, ?, ?, '…', 12) AS snippet "
+            "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid JOIN chats c ON c.id = m.chat_id "
+            "WHERE messages_fts MATCH ? ORDER BY bm25(messages_fts), m.id DESC LIMIT ?",
+            [MATCH_START, MATCH_END, query, limit],
+        )
+        return [
+            SearchHit(r["id"], r["chat_id"], r["title"], r["role"], " ".join(r["snippet"].split()))
+            for r in rows
+        ]
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -64,12 +64,13 @@ class RipeApp(Branching, ChatActions, App[None]):
         Binding("f3", "edit_last", "Edit last", id="edit_last"),
         Binding("ctrl+o", "pick_model", "Model", id="pick_model"),
         Binding("f2", "rename_chat", "Rename", id="rename_chat"),
-        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply", priority=True),  # over redo
         Binding("f4", "copy_code", "Copy code", id="copy_code"),
         Binding("ctrl+up", "select_message", "Select message", id="select_message"),
         Binding("ctrl+s", "export_chat", "Export", id="export_chat"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
         Binding("f6", "search_chats", "Search", id="search_chats"),
+        Binding("ctrl+f", "search_messages", "Search messages", id="search_messages"),
     ]
 
     def __init__(

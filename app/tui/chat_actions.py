@@ -18,12 +18,14 @@ from textual.widgets import Input
 
 from ripelm.chat_docs import collection_names, index_folder
 from ripelm.chat_export import chat_markdown, code_blocks, export_filename
+from ripelm.chat_store.records import SearchHit
 from ripelm.chat_turns import format_sampling, parse_sampling
 from ripelm.config import save_chat_setting
 from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
 from ripelm.tui.message_view import MessageView
+from ripelm.tui.search_screen import MessageSearch
 from ripelm.tui.status_bar import StatusBar, is_remote
 
 DEFAULT_TITLE = "New chat"
@@ -81,6 +83,23 @@ class ChatActions:
         chat_list = self.query_one(ChatList)
         chat_list.remove_class("hidden")
         chat_list.query_one("#chat-search", Input).focus()
+
+    def action_search_messages(self) -> None:
+        """Search every message of every chat; Enter opens the chat at the message found."""
+        self.push_screen(MessageSearch(self.store), self._open_hit)
+
+    async def _open_hit(self, hit: SearchHit | None) -> None:
+        if hit is None:
+            return
+        await self.open_chat(hit.chat_id)
+        await self.show_message(hit.message_id)
+
+    async def show_message(self, message_id: int) -> None:
+        """Select the message with this id in the open chat (scrolled into view)."""
+        for view in self.query(MessageView):
+            if view.message_id == message_id:
+                view.focus()
+                return
 
     def action_pick_model(self) -> None:
         if self.chat is None or not self.model_choices:
@@ -246,6 +265,9 @@ class ChatActions:
         yield SystemCommand("Rename chat", "Give this chat a new title", self.action_rename_chat)
         yield SystemCommand("Delete chat", "Delete this chat and its messages", self.action_delete_chat)
         yield SystemCommand("Search chats", "Find a chat by title", self.action_search_chats)
+        yield SystemCommand(
+            "Search messages", "Find words in every message of every chat", self.action_search_messages
+        )
         yield SystemCommand("Regenerate", "Replace the last reply with a new one", self.action_regenerate)
         yield SystemCommand(
             "Edit and resend", "Edit your last message and send it again", self.action_edit_last
