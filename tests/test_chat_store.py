@@ -94,27 +94,36 @@ def test_only_streaming_checkpoints_commit_without_a_flush(store):
     assert store.message(r.id).content == "Hello there."
 
 
-def test_edit_and_regenerate_replace_messages_in_one_transaction(store):
-    """Edit-and-resend and regenerate drop the old messages and add the new one in a single COMMIT, so a
-    crash between the two can never leave the chat with the old turn gone and nothing in its place."""
+def test_edit_and_regenerate_keep_the_old_version_as_a_branch(store, tmp_path):
+    """Edit-and-resend and regenerate add a sibling of the replaced message in one COMMIT (the insert and
+    the chat's new leaf together); the old version and what followed it stay, and switching restores it."""
     c = store.new_chat()
     q = store.add_message(c.id, "user", "first question")
     a = store.add_message(c.id, "assistant", "first answer")
+    q2 = store.add_message(c.id, "user", "follow-up")
+    a2 = store.add_message(c.id, "assistant", "follow-up answer")
     statements: list[str] = []
     store.db.conn.set_trace_callback(lambda sql: statements.append(sql.split()[0].upper()))
     edited = store.add_message(c.id, "user", "better question", replace_from=q.id)
-    again = store.start_reply(c.id, replace_from=edited.id + 1)  # nothing after the edit yet: nothing dropped
-    regen = store.start_reply(c.id, replace_from=again.id)
     store.db.conn.set_trace_callback(None)
-    writes = [s for s in statements if s in ("BEGIN", "DELETE", "INSERT", "COMMIT")]
-    # the search index's triggers report their statement again: one entry per statement run
-    writes = [s for i, s in enumerate(writes) if i == 0 or s != writes[i - 1]]
-    assert writes == ["BEGIN", "DELETE", "INSERT", "COMMIT"] * 3
-    assert [(m.id, m.role, m.content) for m in store.messages(c.id)] == [
-        (edited.id, "user", "better question"),
-        (regen.id, "assistant", ""),
-    ]
-    assert "first answer" not in {m.content for m in store.messages(c.id)} and a.content == "first answer"
+    writes = [s for s in statements if s in ("BEGIN", "DELETE", "INSERT", "UPDATE", "COMMIT")]
+    writes = [s for i, s in enumerate(writes) if i == 0 or s != writes[i - 1]]  # triggers repeat theirs
+    assert writes == ["BEGIN", "INSERT", "UPDATE", "COMMIT"]
+    regen = store.start_reply(c.id)
+    store.save_reply(regen.id, "better answer", state=DONE)
+    again = store.start_reply(c.id, replace_from=regen.id)  # regenerate on the new branch
+    assert [m.id for m in store.messages(c.id)] == [edited.id, again.id]
+    assert store.versions(c.id) == {edited.id: [q.id, edited.id], again.id: [regen.id, again.id]}
+
+    # back to the first version of the question: its whole branch returns
+    assert [m.id for m in store.switch_to(q.id)] == [q.id, a.id, q2.id, a2.id]
+    store.close()
+    reopened = ChatStore(tmp_path / "chats.db")  # the branch shown survives a restart
+    assert [m.content for m in reopened.messages(c.id)][:2] == ["first question", "first answer"]
+    assert [m.id for m in reopened.switch_to(edited.id)] == [edited.id, again.id]  # newest version below
+    with pytest.raises(ChatStoreError):
+        reopened.add_message(c.id, "user", "x", replace_from=10_000)
+    reopened.close()
 
 
 def test_forward_migration_keeps_data(tmp_path):

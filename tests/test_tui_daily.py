@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tui_app import SIZE, make_app
+from test_tui_app import SIZE, make_app, views
 from textual import events
 from textual.widgets import Collapsible, Static
 from textual.widgets._collapsible import CollapsibleTitle
@@ -195,3 +195,59 @@ def test_search_finds_a_word_from_an_old_chat_and_opens_it(backend, db_path):
             assert app.clipboard == target.content
 
     run(go())
+
+
+def labels(app) -> list[str]:
+    return [str(v.query_one(".role").content) for v in app.query(MessageView)]
+
+
+def test_branches_edit_a_middle_message_switch_restart_and_regenerate_from_the_cache(backend, db_path):
+    async def first() -> tuple[int, list[tuple[str, str]]]:
+        app = make_app(backend, db_path)
+        async with app.run_test(size=SIZE) as pilot:
+            for text in ("one", "two", "three"):
+                await pilot.press(*text, "enter")
+                await wait_until(pilot, lambda: idle(app) and app.query(MessageView)[-1].role == "assistant")
+            original = views(app)
+            assert [r for r, _ in original] == ["user", "assistant"] * 3
+            await pilot.press("ctrl+up", "up", "up", "up")  # the middle message you sent
+            assert app.focused.content == "two"
+            await pilot.press("e")
+            box = app.query_one("#prompt")
+            assert box.value == "two" and app.focused is box
+            await pilot.press("end", *" (edited)", "enter")
+            await wait_until(pilot, lambda: app.replies_started == 4 and idle(app), what="the edited branch")
+            assert [c for _, c in views(app)][:3] == ["one", original[1][1], "two (edited)"]
+            assert len(views(app)) == 4 and labels(app)[2] == "You  ‹ 2/2 ›"
+            return app.chat.id, original
+
+    async def second(chat: int, original: list[tuple[str, str]]) -> None:
+        app = make_app(backend, db_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert app.chat.id == chat and [c for _, c in views(app)][2] == "two (edited)"  # survived
+            edited = views(app)
+            await pilot.press("ctrl+up", "up")  # the edited message
+            await pilot.press("less_than_sign")
+            await wait_until(pilot, lambda: len(views(app)) == 6, what="the first branch")
+            assert views(app) == original and labels(app)[2] == "You  ‹ 1/2 ›"
+            assert app.focused.content == "two"  # the version switched to stays selected
+            await pilot.press("greater_than_sign")
+            await wait_until(pilot, lambda: len(views(app)) == 4, what="the edited branch again")
+            assert views(app) == edited
+
+            # regenerate the reply on this branch: its prompt's full K/V blocks come from the prefix cache
+            engine = backend.engine
+            before = engine.counters.prefill_tokens
+            await pilot.press("down", "r")
+            await wait_until(pilot, lambda: app.replies_started == 1 and idle(app), what="regenerate")
+            computed = engine.counters.prefill_tokens - before
+            reply = app.store.messages(chat)[-1]
+            prompt, cached = reply.stats["prompt_tokens"], reply.stats["cached_tokens"]
+            print(f"regenerate on a branch: {prompt} prompt tokens, {cached} cached, {computed} computed")
+            assert computed == prompt - cached and 0 < computed <= engine.counters.block_size
+            assert cached >= prompt - engine.counters.block_size
+            assert labels(app)[3].endswith("‹ 3/3 ›") or labels(app)[3].endswith("‹ 2/2 ›")
+
+    chat, original = asyncio.run(first())
+    asyncio.run(second(chat, original))

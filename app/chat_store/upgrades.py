@@ -121,11 +121,27 @@ def _v4_message_search(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
 
 
+def _v5_branches(conn: sqlite3.Connection) -> None:
+    """Branches: a chat's messages form a tree. Each message names the one it follows (`parent_id`; NULL:
+    the first), so an edited message or a regenerated reply is a sibling of the version it replaces and
+    both are kept; `chats.leaf_id` is the last message of the branch shown. A chat from before this
+    migration is one branch: each message follows the one before it."""
+    conn.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER")
+    conn.execute(
+        "UPDATE messages SET parent_id = (SELECT max(p.id) FROM messages p "
+        "WHERE p.chat_id = messages.chat_id AND p.id < messages.id)"
+    )
+    conn.execute("ALTER TABLE chats ADD COLUMN leaf_id INTEGER")
+    conn.execute("UPDATE chats SET leaf_id = (SELECT max(id) FROM messages WHERE chat_id = chats.id)")
+    conn.execute("CREATE INDEX messages_by_parent ON messages(parent_id)")
+
+
 UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
     _v1_chats_and_messages,
     _v2_sources,
     _v3_ids_never_reused,
     _v4_message_search,
+    _v5_branches,
 ]
 SCHEMA_VERSION = len(UPGRADES)
 

@@ -69,7 +69,7 @@ class RipeApp(Branching, ChatActions, App[None]):
         Binding("ctrl+up", "select_message", "Select message", id="select_message"),
         Binding("ctrl+s", "export_chat", "Export", id="export_chat"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
-        Binding("f6", "search_chats", "Search", id="search_chats"),
+        Binding("f6", "search_chats", "Search", id="search_chats", priority=True),  # over select line
         Binding("ctrl+f", "search_messages", "Search messages", id="search_messages"),
     ]
 
@@ -162,13 +162,18 @@ class RipeApp(Branching, ChatActions, App[None]):
         self.chat = self.store.chat(chat_id)
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
+        versions = self.store.versions(chat_id)
         views = [
             MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources)
             for m in self.store.messages(chat_id)
         ]
         streaming = self.reply is not None and self.reply.chat_id == chat_id and bool(views)
         if streaming:  # the reply still streaming here: show what it has so far, then keep streaming into it
-            views[-1] = MessageView("assistant", self.reply.recorder.content, state="streaming")
+            views[-1] = MessageView(
+                "assistant", self.reply.recorder.content, state="streaming", message_id=views[-1].message_id
+            )
+        for view in views:
+            view.versions = versions.get(view.message_id, [])
         await conv.mount_all(views)
         if streaming and self.reply is not None and self.reply.chat_id == chat_id:
             view = views[-1]
@@ -199,6 +204,9 @@ class RipeApp(Branching, ChatActions, App[None]):
             self.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
         event.area.value = ""
+        if self.editing is not None:
+            await self.send_edit(text)
+            return
         if self.chat.title == DEFAULT_TITLE:
             self.store.rename_chat(self.chat.id, text[:40])
             self.chat = self.store.chat(self.chat.id)
@@ -209,7 +217,7 @@ class RipeApp(Branching, ChatActions, App[None]):
 
     async def start_reply(self, replace_from: int | None = None) -> None:
         """Generate the next assistant message of the current chat from its stored history (all of it, or
-        what comes before message `replace_from`, which the new reply replaces in one transaction)."""
+        what comes before message `replace_from`: the new reply is its new version, the old one kept)."""
         assert self.chat is not None
         chat = self.chat
         params = sampling_for(chat, self.defaults)
@@ -218,12 +226,15 @@ class RipeApp(Branching, ChatActions, App[None]):
             msgs = [m for m in msgs if m.id < replace_from]
         turns = history(chat, msgs)
         self.replies_started += 1
-        view = MessageView("assistant", "", state="streaming")
         recorder = ReplyRecorder.start(self.store, chat.id, replace_from=replace_from)
-        self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, view)
-        conv = self.query_one("#conversation", VerticalScroll)
-        await conv.mount(view)
-        conv.scroll_end(animate=False)
+        self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, None)
+        if replace_from is None:
+            self.reply.view = view = MessageView("assistant", "", state="streaming")
+            conv = self.query_one("#conversation", VerticalScroll)
+            await conv.mount(view)
+            conv.scroll_end(animate=False)
+        else:  # a new version: the branch is shown again, ending in it (open_chat streams into it)
+            await self.open_chat(chat.id)
         self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
 
     @work(thread=True, exclusive=False, group="generation")
@@ -347,6 +358,8 @@ class RipeApp(Branching, ChatActions, App[None]):
         self._show_backend()
 
     def action_cancel(self) -> None:
+        if self.reply is None and self.stop_editing():
+            return
         reply = self.reply
         if reply is None or reply.cancel_pressed is not None:
             return

@@ -1,7 +1,9 @@
 """One message in the conversation: a role label over Markdown, which can grow while a reply streams.
 
 A message can be selected (Ctrl+Up from the message box, a click, then Up/Down to move): `c` copies it,
-`1` … `9` copy its first … ninth code block (OSC 52, through Textual's `copy_to_clipboard`).
+`1` … `9` copy its first … ninth code block (OSC 52, through Textual's `copy_to_clipboard`); `e` edits a
+message you sent and `r` regenerates a reply, each kept as a new version beside the old; `<` `>` switch
+between a message's versions (the label shows `‹ 2/3 ›`).
 
 A reply that opens with `<think>` (reasoning models: Qwen3, DeepSeek-R1 …) shows its reasoning in a
 collapsed "thinking" block (Textual's Collapsible) above the answer, while it streams too.
@@ -41,6 +43,10 @@ def split_thinking(text: str) -> tuple[str | None, str]:
 class MessageView(Vertical, can_focus=True):
     BINDINGS = [
         Binding("c", "copy_message", "Copy message"),
+        Binding("less_than_sign,left", "version(-1)", "Previous version"),
+        Binding("greater_than_sign,right", "version(1)", "Next version"),
+        Binding("e", "edit", "Edit"),
+        Binding("r", "regenerate", "Regenerate"),
         Binding("up", "select(-1)", "Previous", show=False),
         Binding("down", "select(1)", "Next", show=False),
         *[Binding(str(n), f"copy_block({n})", f"Copy code block {n}", show=False) for n in range(1, 10)],
@@ -54,6 +60,7 @@ class MessageView(Vertical, can_focus=True):
         state: str = "done",
         message_id: int | None = None,
         sources: list[dict] | None = None,
+        versions: list[int] | None = None,
     ):
         super().__init__(classes=f"message {role}")
         self.role = role
@@ -61,6 +68,7 @@ class MessageView(Vertical, can_focus=True):
         self.state = state
         self.message_id = message_id
         self.sources = sources or []
+        self.versions = versions or []  # the ids of this message's versions, when it has more than one
         self._stream: MarkdownStream | None = None
         thinking, self._answer = split_thinking(content) if role == "assistant" else (None, content)
         self._thinking = thinking
@@ -97,7 +105,10 @@ class MessageView(Vertical, can_focus=True):
             self.role, self.role
         )
         note = _NOTES.get(self.state)
-        return f"{name} ({note})" if note and self.role == "assistant" else name
+        label = f"{name} ({note})" if note and self.role == "assistant" else name
+        if self.message_id in self.versions:
+            label += f"  ‹ {self.versions.index(self.message_id) + 1}/{len(self.versions)} ›"
+        return label
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -122,6 +133,18 @@ class MessageView(Vertical, can_focus=True):
             return
         self.app.copy_to_clipboard(blocks[n - 1])
         self.app.notify(f"copied code block {n} of {len(blocks)}")
+
+    async def action_version(self, step: int) -> None:
+        if self.message_id is not None:
+            await self.app.switch_version(self.message_id, step)  # type: ignore[attr-defined]
+
+    def action_edit(self) -> None:
+        if self.message_id is not None:
+            self.app.edit_message(self.message_id)  # type: ignore[attr-defined]
+
+    async def action_regenerate(self) -> None:
+        if self.message_id is not None:
+            await self.app.regenerate_message(self.message_id)  # type: ignore[attr-defined]
 
     def action_select(self, step: int) -> None:
         """Up/Down: the previous or next message; past the last one, back to the message box."""
