@@ -46,7 +46,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def run_app(args: argparse.Namespace) -> int:
     from ripelm.chat_store import ChatStore
-    from ripelm.commands import sampling_from_args
+    from ripelm.chat_turns import sampling_from_args
     from ripelm.config import config_path, load_config
     from ripelm.tui.app import RipeApp
 
@@ -80,11 +80,12 @@ def open_pool(args: argparse.Namespace, cfg: Any) -> tuple[BackendPool, list[tup
     """The app's backends as the flags and config.toml ask, the model picker's choices and the default
     model's name. The default backend opens now, before the screen takes over, so a bad flag or a server
     that cannot be reached is one error line. With `--engine openai` the models are the server's."""
-    from ripelm.commands import open_from_args
-    from ripelm.models.store import BUNDLED_NAME, list_models
+    from ripelm.models.store import BUNDLED_NAME, list_models, resolve_model
     from ripelm.tui.backends import BackendPool, ServerModels
 
     if (args.engine or cfg.engine) == "openai":
+        from ripelm.commands import open_from_args
+
         servers = ServerModels(
             lambda model: open_from_args(argparse.Namespace(**{**vars(args), "model": model or args.model}))
         )
@@ -93,10 +94,12 @@ def open_pool(args: argparse.Namespace, cfg: Any) -> tuple[BackendPool, list[tup
         return pool, servers.choices(backend.base_url), backend.model
 
     def opener(model: str | None, draft: str | None):
+        from ripelm.commands import open_from_args  # the engines (torch): in the app's loading thread
+
         chosen = {"model": model or args.model, "draft": draft or args.draft}
         return open_from_args(argparse.Namespace(**{**vars(args), **chosen}))
 
-    pool = BackendPool(opener)
-    pool.get(None, None)
+    resolve_model(args.model or cfg.model)  # a model that is not there: one error line, before the app
+    pool = BackendPool(opener)  # the model loads in the background once the app shows (RipeApp.on_mount)
     choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
     return pool, choices, args.model or cfg.model or BUNDLED_NAME

@@ -6,6 +6,7 @@ killed mid-reply). Nothing here knows about the screen.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,23 @@ from ripelm.runtime.errors import BadSamplingError
 from ripelm.runtime.sampling import SamplingParams
 
 CHECKPOINT_S = 0.25  # how often a streaming reply is written to the database
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags of `ripe run`, `chat`, `ask` (here, away from the engines, so `ripe chat` reads
+    them without importing torch before its window shows)."""
+    p = SamplingParams(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=list(args.stop),
+    )
+    p.validate()
+    return p
 
 
 def sampling_for(chat: Chat, defaults: SamplingParams) -> SamplingParams:

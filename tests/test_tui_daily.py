@@ -4,6 +4,7 @@ messages (Enter sends, Ctrl+J a new line, or the reverse by config; a paste kept
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from test_tui_app import SIZE, make_app, views
@@ -12,7 +13,12 @@ from textual.widgets import Collapsible, Static
 from textual.widgets._collapsible import CollapsibleTitle
 from tui_helpers import idle, wait_until
 
+from ripelm.chat_store import ChatStore
 from ripelm.config import load_config
+from ripelm.runtime.engine_backend import EngineBackend
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.tui.app import RipeApp
+from ripelm.tui.backends import BackendPool
 from ripelm.tui.message_view import MessageView
 
 
@@ -251,3 +257,33 @@ def test_branches_edit_a_middle_message_switch_restart_and_regenerate_from_the_c
 
     chat, original = asyncio.run(first())
     asyncio.run(second(chat, original))
+
+
+def test_the_box_takes_input_while_the_model_loads_in_the_background(tiny_model_factory, db_path):
+    """The app starts with no model open and loads it on a worker thread; typing and sending work at once
+    (the load is held back here until the message is typed, so the order is certain)."""
+    path = tiny_model_factory(qtype="Q4_0", n_layers=2)
+    typed = threading.Event()
+    opened: list[EngineBackend] = []
+
+    def opener(model, draft):
+        assert typed.wait(60)
+        opened.append(EngineBackend(path, device="cpu", n_ctx=1024, kv_memory=32 << 20))
+        return opened[-1]
+
+    async def go() -> None:
+        app = RipeApp(ChatStore(db_path), BackendPool(opener), SamplingParams(temperature=0, max_tokens=8))
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press(*"early bird", "enter")
+            assert app.pool.current() is None and "loading" in str(app.query_one("#status").render())
+            assert app.store.messages(app.chat.id)[0].content == "early bird"  # stored before the model
+            typed.set()
+            await wait_until(pilot, lambda: idle(app) and app.replies_started == 1, what="the reply")
+            assert app.store.messages(app.chat.id)[-1].state == "done" and len(opened) == 1
+            assert "loading" not in str(app.query_one("#status").render())
+
+    try:
+        run(go())
+    finally:
+        for b in opened:
+            b.close()

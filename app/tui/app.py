@@ -130,6 +130,8 @@ class RipeApp(Branching, ChatActions, App[None]):
         await self.open_chat(chat.id)
         self._show_backend()
         self.query_one("#prompt", PromptArea).focus()
+        if self.pool.current() is None:  # the model loads while the app already takes input
+            self.load_model(chat.model, chat.draft)
 
     def _show_backend(self) -> None:
         b = self.pool.current()

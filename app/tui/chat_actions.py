@@ -25,6 +25,7 @@ from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
 from ripelm.tui.message_view import MessageView
+from ripelm.tui.messages import BackendReady
 from ripelm.tui.search_screen import MessageSearch
 from ripelm.tui.status_bar import StatusBar, is_remote
 
@@ -53,6 +54,24 @@ class ChatActions:
             save_chat_setting("theme", theme, self.config_path)
         except RipelmError as e:
             self.notify(str(e), severity="warning")
+
+    @work(thread=True, group="load")
+    def load_model(self, model: str | None, draft: str | None) -> None:
+        """Open the chat's model in the background: the app takes input meanwhile, and a message sent
+        before the model is ready waits for it (BackendPool.get holds a lock)."""
+        try:
+            self.pool.get(model, draft)
+        except Exception as e:  # a model that cannot load: shown in the app, which goes on
+            self.post_message(BackendReady(model, error=str(e) or type(e).__name__))
+            return
+        self.post_message(BackendReady(model))
+
+    def on_backend_ready(self, event: BackendReady) -> None:
+        if event.error:
+            self.notify(event.error, title="the model did not load", severity="error")
+            self.query_one(StatusBar).show(engine="not loaded", notice=event.error[:80])
+        else:
+            self._show_backend()
 
     def action_rename_chat(self) -> None:
         if self.chat is None:
