@@ -89,17 +89,21 @@ class Prompt:
     fitted: Fitted
 
 
+def render(backend: Any, msgs: list[dict[str, str]]) -> str:
+    return backend.template.render(msgs, add_generation_prompt=True)
+
+
+def count_tokens(backend: Any, msgs: list[dict[str, str]]) -> int:
+    """The rendered prompt's length in the backend's tokens."""
+    return len(backend.tokenizer.encode(render(backend, msgs), add_bos=False))
+
+
 def build_prompt(backend: Any, messages: list[dict[str, str]], params: SamplingParams) -> Prompt:
     """The chat template rendered over as much recent history as fits the context window."""
-
-    def render(msgs: list[dict[str, str]]) -> str:
-        return backend.template.render(msgs, add_generation_prompt=True)
-
-    def count(msgs: list[dict[str, str]]) -> int:
-        return len(backend.tokenizer.encode(render(msgs), add_bos=False))
-
-    fitted = fit_conversation(messages, count, backend.context_length, params.max_tokens)
-    return Prompt(prompt_ids(backend, render(fitted.messages), add_bos=False), fitted)
+    fitted = fit_conversation(
+        messages, lambda m: count_tokens(backend, m), backend.context_length, params.max_tokens
+    )
+    return Prompt(prompt_ids(backend, render(backend, fitted.messages), add_bos=False), fitted)
 
 
 def stats_record(s: GenerationStats) -> dict[str, Any]:

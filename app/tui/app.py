@@ -19,10 +19,10 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 
-from ripelm.chat_docs import retrieve, source_records, with_sources
+from ripelm.chat_docs import fit_sources, retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
-from ripelm.chat_turns import ReplyRecorder, build_prompt, history, sampling_for
+from ripelm.chat_turns import ReplyRecorder, build_prompt, count_tokens, history, sampling_for
 from ripelm.doc_qa import CitationFilter
 from ripelm.generation import Generation, RemoteGeneration
 from ripelm.runtime.sampling import SamplingParams
@@ -251,15 +251,23 @@ class RipeApp(Branching, ChatActions, App[None]):
     ) -> None:
         citations: CitationFilter | None = None
         try:
+            if self.pool.current() is None or (model, draft) != self.pool.key:
+                self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
+            backend = self.pool.get(model, draft)
             if collection:
                 sources = retrieve(collection, turns[-1]["content"])
+                if sources and not is_remote(backend):  # a server fits its own window
+                    found = len(sources)
+                    sources = fit_sources(
+                        turns[-1]["content"], sources, lambda m: count_tokens(backend, m),
+                        backend.context_length, params.max_tokens,
+                    )  # fmt: skip
+                    if len(sources) < found:
+                        self.call_from_thread(self.passages_trimmed, found - len(sources), found)
                 if sources:
                     turns = with_sources(turns, sources)
                     citations = CitationFilter({s.number for s in sources})
                     self.post_message(ReplySources(reply.id, source_records(sources)))
-            if self.pool.current() is None or (model, draft) != self.pool.key:
-                self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
-            backend = self.pool.get(model, draft)
             gen: Generation | RemoteGeneration
             if is_remote(backend):
                 reply.remote = True
@@ -299,11 +307,6 @@ class RipeApp(Branching, ChatActions, App[None]):
                     pending, posted = "", now
         except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
             self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
-
-    def _trimmed(self, dropped: int) -> None:
-        self.trim_notices += 1
-        self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
-        self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
 
     async def on_reply_delta(self, event: ReplyDelta) -> None:
         reply = self.reply

@@ -43,6 +43,7 @@ class ChatActions:
     defaults: Any  # the command line's SamplingParams
     index_reports: list[Any]  # what each indexing run from the app did
     config_path: Path | None
+    passage_notices: int = 0  # times retrieved passages were trimmed to fit the context
     _saved_theme: str | None
 
     def watch_theme(self, theme: str) -> None:
@@ -72,6 +73,17 @@ class ChatActions:
             self.query_one(StatusBar).show(engine="not loaded", notice=event.error[:80])
         else:
             self._show_backend()
+
+    def _trimmed(self, dropped: int) -> None:
+        self.trim_notices += 1
+        self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
+        self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
+
+    def passages_trimmed(self, left_out: int, found: int) -> None:
+        self.passage_notices += 1
+        note = f"{left_out} of {found} retrieved passages left out to fit the context"
+        self.query_one(StatusBar).show(notice=note)
+        self.notify(f"{note}: the answer uses the {found - left_out} most relevant")
 
     def action_rename_chat(self) -> None:
         if self.chat is None:
