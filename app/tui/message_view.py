@@ -26,6 +26,20 @@ _NOTES = {CANCELLED: "stopped", PARTIAL: "interrupted", ERROR: "failed"}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
+def hard_breaks(text: str) -> str:
+    """A message you typed as Markdown that keeps its line breaks (each line ends in a hard break, code
+    blocks as they are): Markdown would join the lines of a multi-line message into one paragraph."""
+    lines, fenced = text.split("\n"), False
+    out = []
+    for i, line in enumerate(lines):
+        fence = line.lstrip().startswith(("```", "~~~"))
+        fenced = fenced != fence
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        breaks = not fenced and not fence and line.strip() and nxt.strip()
+        out.append(line + "\\" if breaks and not nxt.lstrip().startswith(("```", "~~~")) else line)
+    return "\n".join(out)
+
+
 def split_thinking(text: str) -> tuple[str | None, str]:
     """(reasoning, answer) of a reply: the reasoning is what a leading `<think>` opens, up to `</think>`
     (all the rest while it is still open); None without one. A reply that so far is only the start of
@@ -71,13 +85,14 @@ class MessageView(Vertical, can_focus=True):
         self.versions = versions or []  # the ids of this message's versions, when it has more than one
         self._stream: MarkdownStream | None = None
         thinking, self._answer = split_thinking(content) if role == "assistant" else (None, content)
+        self._shown = hard_breaks(content) if role == "user" else self._answer
         self._thinking = thinking
 
     def compose(self) -> ComposeResult:
         yield Label(self._label(), classes="role")
         if self._thinking is not None:
             yield self._thinking_block()
-        yield Markdown(self._answer, classes="answer")
+        yield Markdown(self._shown, classes="answer")
         if self.sources and self.state != "streaming":
             yield self._source_list()
 
