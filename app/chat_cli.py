@@ -20,9 +20,11 @@ def add_parser(sub: argparse._SubParsersAction, *, model_args: ArgAdder, samplin
         "chat",
         help="talk to a model in the terminal",
         description="A keyboard-first chat app: chats saved in a sidebar, replies streamed as Markdown. "
-        "Enter sends, Esc stops a reply, Ctrl+R regenerates, F3 edits and resends your last message, "
-        "Ctrl+N starts a chat, Ctrl+P lists every command, Ctrl+Q quits. Keys can be changed under [keys] "
-        "in config.toml. Without a terminal (or with --plain) it is a line-based chat: /exit or Ctrl-D "
+        "Enter sends (Ctrl+J: a new line), Esc stops a reply, Ctrl+R regenerates, F3 edits your last "
+        "message (both keep the old version as a branch), Ctrl+Up selects a message (c copies it, 1-9 a code "
+        "block, < > switch versions), Ctrl+F searches all messages, Ctrl+N starts a chat, Ctrl+P lists "
+        "every command, Ctrl+Q quits. Keys can be changed under [keys] in config.toml. Without a terminal "
+        "(or with --plain) it is a line-based chat: /exit or Ctrl-D "
         "leaves.",
     )
     chat.add_argument("--system", default=None, help="system prompt for new chats")
