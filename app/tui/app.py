@@ -161,6 +161,8 @@ class RipeApp(Branching, ChatActions, App[None]):
         if self.reply is not None and self.reply.view is not None:
             leaving, self.reply.view = self.reply.view, None  # deltas from now on only go to the store
             await leaving.end_stream()
+        if self.chat is None or self.chat.id != chat_id:
+            self.editing = None  # an edit belongs to its chat
         self.chat = self.store.chat(chat_id)
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
