@@ -23,6 +23,11 @@ def total(xs: list[int]) -> int:
 
 It returns **0** for an empty list."""
 
+async def steady_cursor(pilot) -> None:
+    """The message box's cursor does not blink here, so a picture never depends on the blink's phase."""
+    pilot.app.query_one("#prompt").cursor_blink = False
+
+
 MODELS = [
     ("smollm2:135m", "smollm2:135m  (bundled, 92 MB)"),
     ("qwen2.5:0.5b", "qwen2.5:0.5b  (pull, 398 MB)"),
@@ -42,15 +47,15 @@ def app(backend, tmp_path, monkeypatch) -> RipeApp:
 
 
 def test_main_screen(snap_compare, app):
-    assert snap_compare(app, terminal_size=(80, 24))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=steady_cursor)
 
 
 def test_command_palette(snap_compare, app):
-    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+p", *"regen"])
+    assert snap_compare(app, terminal_size=(80, 24), run_before=steady_cursor, press=["ctrl+p", *"regen"])
 
 
 def test_model_picker(snap_compare, app):
-    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+o"])
+    assert snap_compare(app, terminal_size=(80, 24), run_before=steady_cursor, press=["ctrl+o"])
 
 
 @pytest.fixture
@@ -72,12 +77,13 @@ def branched_app(backend, tmp_path, monkeypatch) -> RipeApp:
 
 
 def test_message_search(snap_compare, app):
-    assert snap_compare(app, terminal_size=(80, 24), press=["ctrl+f", *"numbers"])
+    assert snap_compare(app, terminal_size=(80, 24), run_before=steady_cursor, press=["ctrl+f", *"numbers"])
 
 
 def test_thinking_block_and_versions(snap_compare, branched_app):
-    assert snap_compare(branched_app, terminal_size=(80, 24))
+    assert snap_compare(branched_app, terminal_size=(80, 24), run_before=steady_cursor)
 
 
 def test_selected_message(snap_compare, branched_app):
-    assert snap_compare(branched_app, terminal_size=(80, 24), press=["ctrl+up", "up"])
+    press = ["ctrl+up", "up"]
+    assert snap_compare(branched_app, terminal_size=(80, 24), run_before=steady_cursor, press=press)
