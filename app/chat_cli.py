@@ -20,9 +20,11 @@ def add_parser(sub: argparse._SubParsersAction, *, model_args: ArgAdder, samplin
         "chat",
         help="talk to a model in the terminal",
         description="A keyboard-first chat app: chats saved in a sidebar, replies streamed as Markdown. "
-        "Enter sends, Esc stops a reply, Ctrl+R regenerates, F3 edits and resends your last message, "
-        "Ctrl+N starts a chat, Ctrl+P lists every command, Ctrl+Q quits. Keys can be changed under [keys] "
-        "in config.toml. Without a terminal (or with --plain) it is a line-based chat: /exit or Ctrl-D "
+        "Enter sends (Ctrl+J: a new line), Esc stops a reply, Ctrl+R regenerates, F3 edits your last "
+        "message (both keep the old version as a branch), Ctrl+Up selects a message (c copies it, 1-9 a code "
+        "block, < > switch versions), Ctrl+F searches all messages, Ctrl+N starts a chat, Ctrl+P lists "
+        "every command, Ctrl+Q quits. Keys can be changed under [keys] in config.toml. Without a terminal "
+        "(or with --plain) it is a line-based chat: /exit or Ctrl-D "
         "leaves.",
     )
     chat.add_argument("--system", default=None, help="system prompt for new chats")
@@ -46,8 +48,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def run_app(args: argparse.Namespace) -> int:
     from ripelm.chat_store import ChatStore
-    from ripelm.commands import sampling_from_args
-    from ripelm.config import load_config
+    from ripelm.chat_turns import sampling_from_args
+    from ripelm.config import config_path, load_config
     from ripelm.tui.app import RipeApp
 
     cfg = load_config()
@@ -63,6 +65,9 @@ def run_app(args: argparse.Namespace) -> int:
             system=args.system,
             model_choices=choices,
             keymap=cfg.keys,
+            enter_sends=cfg.enter_sends,
+            theme=cfg.theme,
+            config_path=cfg.path or config_path(),
             default_model=default_model,
         )
         app.run()
@@ -77,11 +82,12 @@ def open_pool(args: argparse.Namespace, cfg: Any) -> tuple[BackendPool, list[tup
     """The app's backends as the flags and config.toml ask, the model picker's choices and the default
     model's name. The default backend opens now, before the screen takes over, so a bad flag or a server
     that cannot be reached is one error line. With `--engine openai` the models are the server's."""
-    from ripelm.commands import open_from_args
-    from ripelm.models.store import BUNDLED_NAME, list_models
+    from ripelm.models.store import BUNDLED_NAME, list_models, resolve_model
     from ripelm.tui.backends import BackendPool, ServerModels
 
     if (args.engine or cfg.engine) == "openai":
+        from ripelm.commands import open_from_args
+
         servers = ServerModels(
             lambda model: open_from_args(argparse.Namespace(**{**vars(args), "model": model or args.model}))
         )
@@ -90,10 +96,12 @@ def open_pool(args: argparse.Namespace, cfg: Any) -> tuple[BackendPool, list[tup
         return pool, servers.choices(backend.base_url), backend.model
 
     def opener(model: str | None, draft: str | None):
+        from ripelm.commands import open_from_args  # the engines (torch): in the app's loading thread
+
         chosen = {"model": model or args.model, "draft": draft or args.draft}
         return open_from_args(argparse.Namespace(**{**vars(args), **chosen}))
 
-    pool = BackendPool(opener)
-    pool.get(None, None)
+    resolve_model(args.model or cfg.model)  # a model that is not there: one error line, before the app
+    pool = BackendPool(opener)  # the model loads in the background once the app shows (RipeApp.on_mount)
     choices = [(m.name, f"{m.name}  ({m.source}, {m.size / 1e6:.0f} MB)") for m in list_models(cfg.model)]
     return pool, choices, args.model or cfg.model or BUNDLED_NAME

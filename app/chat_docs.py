@@ -91,5 +91,19 @@ def with_sources(turns: list[dict[str, str]], sources: list[Source]) -> list[dic
     return [system, *earlier, ask]
 
 
+def fit_sources(
+    question: str, sources: list[Source], count_tokens: Callable[[list[dict[str, str]]], int],
+    context_length: int, reply_room: int,
+) -> list[Source]:  # fmt: skip
+    """As many of the passages (best first) as fit the context window with the question and the room kept
+    for the reply (as `fit_conversation` keeps it); the least relevant go first. Earlier turns of the
+    chat are left out before any passage (`build_prompt`, after this)."""
+    limit = context_length - min(max(1, reply_room), context_length // 2)
+    kept = list(sources)
+    while kept and count_tokens(list(build_messages(question, kept))) > limit:
+        kept.pop()
+    return kept
+
+
 def source_records(sources: list[Source]) -> list[dict[str, Any]]:
     return [asdict(s) for s in sources]

@@ -6,6 +6,7 @@ killed mid-reply). Nothing here knows about the screen.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,23 @@ from ripelm.runtime.errors import BadSamplingError
 from ripelm.runtime.sampling import SamplingParams
 
 CHECKPOINT_S = 0.25  # how often a streaming reply is written to the database
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags of `ripe run`, `chat`, `ask` (here, away from the engines, so `ripe chat` reads
+    them without importing torch before its window shows)."""
+    p = SamplingParams(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=list(args.stop),
+    )
+    p.validate()
+    return p
 
 
 def sampling_for(chat: Chat, defaults: SamplingParams) -> SamplingParams:
@@ -71,17 +89,21 @@ class Prompt:
     fitted: Fitted
 
 
+def render(backend: Any, msgs: list[dict[str, str]]) -> str:
+    return backend.template.render(msgs, add_generation_prompt=True)
+
+
+def count_tokens(backend: Any, msgs: list[dict[str, str]]) -> int:
+    """The rendered prompt's length in the backend's tokens."""
+    return len(backend.tokenizer.encode(render(backend, msgs), add_bos=False))
+
+
 def build_prompt(backend: Any, messages: list[dict[str, str]], params: SamplingParams) -> Prompt:
     """The chat template rendered over as much recent history as fits the context window."""
-
-    def render(msgs: list[dict[str, str]]) -> str:
-        return backend.template.render(msgs, add_generation_prompt=True)
-
-    def count(msgs: list[dict[str, str]]) -> int:
-        return len(backend.tokenizer.encode(render(msgs), add_bos=False))
-
-    fitted = fit_conversation(messages, count, backend.context_length, params.max_tokens)
-    return Prompt(prompt_ids(backend, render(fitted.messages), add_bos=False), fitted)
+    fitted = fit_conversation(
+        messages, lambda m: count_tokens(backend, m), backend.context_length, params.max_tokens
+    )
+    return Prompt(prompt_ids(backend, render(backend, fitted.messages), add_bos=False), fitted)
 
 
 def stats_record(s: GenerationStats) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ripelm.chat_turns import sampling_from_args
 from ripelm.config import load_config
 from ripelm.models.store import resolve_model
 from ripelm.remote_fit import remote_reply
@@ -19,21 +20,6 @@ from ripelm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from ripelm.runtime.openai_backend import OpenAIBackend
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    p = SamplingParams(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        stop=list(args.stop),
-    )
-    p.validate()
-    return p
 
 
 def _notice(msg: str) -> None:

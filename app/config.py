@@ -11,9 +11,14 @@ Everything in it is optional; a command-line flag always wins over the file::
     model = "my-model"            # the server's model id (default: the first one it lists)
     sampling_extras = true        # send top_k / min_p / repeat penalty (false for servers that reject them)
 
+    [chat]                        # `ripe chat`
+    enter_sends = true            # false: Enter starts a new line, Ctrl+J (or Shift+Enter) sends
+    theme = "nord"                # the app's theme (the app saves the one picked with Ctrl+P > Theme)
+
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
-    export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats
+    export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats, search_messages,
+                                  #   select_message
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Config:
     engine: str | None = None
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     keys: dict[str, str] = field(default_factory=dict)  # chat app binding id -> key(s)
+    enter_sends: bool = True  # [chat]: Enter sends the message (else Ctrl+J does)
+    theme: str | None = None  # [chat]: the chat app's theme
     path: Path | None = None
 
 
@@ -86,11 +93,41 @@ def load_config(path: Path | None = None) -> Config:
         model=_take(section, "model", str, w),
         sampling_extras=True if extras is None else extras,
     )
+    chat = data.pop("chat", {})
+    if not isinstance(chat, dict):
+        raise ConfigError(f"{where}: [chat] must be a table")
+    enter_sends = _take(chat, "enter_sends", bool, f"{where} [chat]")
+    cfg.enter_sends = True if enter_sends is None else enter_sends
+    cfg.theme = _take(chat, "theme", str, f"{where} [chat]")
     keys = data.pop("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')
     cfg.keys = dict(keys)
-    unknown = [*data, *(f"openai.{k}" for k in section)]
+    unknown = [*data, *(f"openai.{k}" for k in section), *(f"chat.{k}" for k in chat)]
     if unknown:
         raise ConfigError(f"{where}: unknown settings: {', '.join(unknown)}")
     return cfg
+
+
+def save_chat_setting(key: str, value: Any, path: Path | None = None) -> None:
+    """Set `key` under `[chat]` in config.toml (the app's theme), keeping the rest of the file as the user
+    wrote it, comments included (tomlkit). Written to a temporary file and renamed over the old one, so a
+    crash leaves either file whole."""
+    import os
+
+    import tomlkit
+
+    path = path or config_path()
+    try:
+        doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.is_file() else tomlkit.document()
+        table = doc.get("chat")
+        if table is None:
+            table = tomlkit.table()
+            doc["chat"] = table
+        table[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, tomlkit.exceptions.TOMLKitError) as e:
+        raise ConfigError(f"cannot save {key} to {path}: {e}") from e

@@ -11,13 +11,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.errors import ContextOverflowError, EmptyPromptError
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.stopping import StopStrings
 from ripelm.runtime.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:  # Jinja loads with a backend's template, not with the chat app's window
+    from ripelm.runtime.chat_template import ChatTemplate
 
 
 @dataclass

@@ -7,8 +7,10 @@ the tempered distribution, then a draw. Temperature 0 is greedy (argmax) and ign
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the chat app shows its window before torch loads
+    import torch
 
 
 @dataclass
@@ -48,6 +50,8 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: f
     """CTRL-style penalty on tokens seen recently: divide positive logits, multiply negative ones."""
     if penalty == 1.0 or not recent:
         return logits
+    import torch
+
     ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
     picked = logits[ids]
     logits = logits.clone()
@@ -57,6 +61,8 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: f
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a draw is made from: softmax(logits / T) restricted by top-k, top-p and min-p."""
+    import torch
+
     logits = logits.float() / max(p.temperature, 1e-6)
     vocab = logits.shape[-1]
     k = p.top_k if 0 < p.top_k < vocab else vocab
@@ -84,6 +90,8 @@ def penalized_logits(
     n = params.repeat_last_n
     if logits.dim() == 1:
         return apply_repetition_penalty(logits, histories[0][-n:], params.repetition_penalty)
+    import torch
+
     return torch.stack(
         [
             apply_repetition_penalty(row, h[-n:], params.repetition_penalty)
@@ -102,6 +110,8 @@ def token_probs(
     """
     logits = penalized_logits(logits, params, histories)
     if params.greedy:
+        import torch
+
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return filtered_probs(logits, params)
 
@@ -110,6 +120,8 @@ class Sampler:
     """Picks next tokens for one sequence; holds its own seeded generator so runs are reproducible."""
 
     def __init__(self, params: SamplingParams):
+        import torch
+
         params.validate()
         self.params = params
         self.generator = torch.Generator()
@@ -124,4 +136,6 @@ class Sampler:
             # numpy's argmax (first maximum, like torch's) takes ~3 us on a 49k vocabulary, torch's ~70 us
             return int(logits.float().numpy().argmax())
         probs = filtered_probs(logits, self.params)
+        import torch
+
         return int(torch.multinomial(probs, 1, generator=self.generator))

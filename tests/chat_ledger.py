@@ -75,9 +75,6 @@ def _message(chat_id: int, role: str, content: str, state: str, sources: Any) ->
 def apply(state: ChatState, op: str, a: dict[str, Any], new_id: int | None) -> ChatState:
     """`state` after the ChatStore write `op` with bound arguments `a` (`new_id`: the row it inserted)."""
     s = copy.deepcopy(state)
-    if op in ("add_message", "start_reply") and a["replace_from"] is not None:  # one transaction
-        s.messages = {i: m for i, m in s.messages.items()
-                      if not (m["chat_id"] == a["chat_id"] and i >= a["replace_from"])}  # fmt: skip
     if op == "new_chat":
         s.chats[new_id] = {"model": None, "draft": None, "system": None, "params": {}, "collection": None}
         s.chats[new_id].update({k: a[k] for k in _CHAT_FIELDS if k in a})

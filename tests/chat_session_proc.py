@@ -80,7 +80,10 @@ class Session:
         self.rng = rng
         chats = store.chats()
         self.chat = chats[0] if chats else store.new_chat(DEFAULT_TITLE)  # what the app opens on start
-        interrupted = [m.id for m in store.messages(self.chat.id) if m.state == PARTIAL]
+        rows = store.db.execute(  # on every branch: a regenerated reply keeps the interrupted one beside it
+            "SELECT id FROM messages WHERE chat_id = ? AND state = ? ORDER BY id", [self.chat.id, PARTIAL]
+        )
+        interrupted = [r[0] for r in rows.fetchall()]
         report("resume", chat=self.chat.id, interrupted=interrupted, chats=len(chats))
 
     def text(self, lo: int, hi: int) -> str:

@@ -94,25 +94,36 @@ def test_only_streaming_checkpoints_commit_without_a_flush(store):
     assert store.message(r.id).content == "Hello there."
 
 
-def test_edit_and_regenerate_replace_messages_in_one_transaction(store):
-    """Edit-and-resend and regenerate drop the old messages and add the new one in a single COMMIT, so a
-    crash between the two can never leave the chat with the old turn gone and nothing in its place."""
+def test_edit_and_regenerate_keep_the_old_version_as_a_branch(store, tmp_path):
+    """Edit-and-resend and regenerate add a sibling of the replaced message in one COMMIT (the insert and
+    the chat's new leaf together); the old version and what followed it stay, and switching restores it."""
     c = store.new_chat()
     q = store.add_message(c.id, "user", "first question")
     a = store.add_message(c.id, "assistant", "first answer")
+    q2 = store.add_message(c.id, "user", "follow-up")
+    a2 = store.add_message(c.id, "assistant", "follow-up answer")
     statements: list[str] = []
     store.db.conn.set_trace_callback(lambda sql: statements.append(sql.split()[0].upper()))
     edited = store.add_message(c.id, "user", "better question", replace_from=q.id)
-    again = store.start_reply(c.id, replace_from=edited.id + 1)  # nothing after the edit yet: nothing dropped
-    regen = store.start_reply(c.id, replace_from=again.id)
     store.db.conn.set_trace_callback(None)
-    writes = [s for s in statements if s in ("BEGIN", "DELETE", "INSERT", "COMMIT")]
-    assert writes == ["BEGIN", "DELETE", "INSERT", "COMMIT"] * 3
-    assert [(m.id, m.role, m.content) for m in store.messages(c.id)] == [
-        (edited.id, "user", "better question"),
-        (regen.id, "assistant", ""),
-    ]
-    assert "first answer" not in {m.content for m in store.messages(c.id)} and a.content == "first answer"
+    writes = [s for s in statements if s in ("BEGIN", "DELETE", "INSERT", "UPDATE", "COMMIT")]
+    writes = [s for i, s in enumerate(writes) if i == 0 or s != writes[i - 1]]  # triggers repeat theirs
+    assert writes == ["BEGIN", "INSERT", "UPDATE", "COMMIT"]
+    regen = store.start_reply(c.id)
+    store.save_reply(regen.id, "better answer", state=DONE)
+    again = store.start_reply(c.id, replace_from=regen.id)  # regenerate on the new branch
+    assert [m.id for m in store.messages(c.id)] == [edited.id, again.id]
+    assert store.versions(c.id) == {edited.id: [q.id, edited.id], again.id: [regen.id, again.id]}
+
+    # back to the first version of the question: its whole branch returns
+    assert [m.id for m in store.switch_to(q.id)] == [q.id, a.id, q2.id, a2.id]
+    store.close()
+    reopened = ChatStore(tmp_path / "chats.db")  # the branch shown survives a restart
+    assert [m.content for m in reopened.messages(c.id)][:2] == ["first question", "first answer"]
+    assert [m.id for m in reopened.switch_to(edited.id)] == [edited.id, again.id]  # newest version below
+    with pytest.raises(ChatStoreError):
+        reopened.add_message(c.id, "user", "x", replace_from=10_000)
+    reopened.close()
 
 
 def test_forward_migration_keeps_data(tmp_path):
@@ -226,3 +237,30 @@ def test_newer_schema_refused(tmp_path):
     conn.close()
     with pytest.raises(ChatStoreError, match="newer"):
         ChatStore(path)
+
+
+def test_search_all_messages_full_text(tmp_path):
+    db = tmp_path / "chats.db"
+    conn = sqlite_utils.Database(db)
+    upgrade(conn, to=3)  # a database from before the search index
+    conn.execute("INSERT INTO chats (title, created, updated) VALUES ('Old trip', 1, 1)")
+    conn.execute(
+        "INSERT INTO messages (chat_id, role, content, created) "
+        "VALUES (1, 'user', 'Kyoto temples in autumn?', 1)"
+    )
+    conn.close()
+    store = ChatStore(db)  # migrates: the old message is indexed
+    other = store.new_chat("Cooking")
+    store.add_message(other.id, "user", "How long do I boil an egg?")
+    reply = store.start_reply(other.id)
+    store.save_reply(reply.id, "About nine minutes for a hard-boiled egg.", state=DONE)
+
+    (hit,) = store.search("kyoto")
+    assert (hit.chat_id, hit.chat_title, hit.role) == (1, "Old trip", "user")
+    assert "\x02Kyoto\x03" in hit.snippet
+    assert {h.chat_id for h in store.search("egg")} == {other.id}
+    assert [h.message_id for h in store.search("nine min")] == [reply.id]  # a streaming reply, by prefix
+    assert store.search('boil" OR "x') == [] and store.search("AND (") == []  # typed text is never syntax
+    store.delete_chat(other.id)
+    assert store.search("egg") == [] and store.integrity() == "ok"
+    store.close()

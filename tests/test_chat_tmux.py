@@ -57,8 +57,10 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     try:
         poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
         pid = int(tmux(session, "display-message", "-p", "-t", session, "#{pane_pid}").strip())
-        question = "What is the capital of France? Answer in one sentence."
-        tmux(session, "send-keys", "-t", session, question, "Enter")
+        # a two-line message: Ctrl+J starts the second line, Enter sends both
+        question = "What is the capital of France?\nAnswer in one sentence."
+        first_line, second_line = question.split("\n")
+        tmux(session, "send-keys", "-t", session, first_line, "C-j", second_line, "Enter")
         # the answer streams onto the screen: it grows, then the reply ends (the label loses "streaming")
         poll(lambda: "Assistant" in screen(session), 60, "the reply to start")
         db = tmp_path / "chats.db"
@@ -88,6 +90,7 @@ def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
     (chat,) = store.chats()
     msgs = store.messages(chat.id)
     assert [m.role for m in msgs[:3]] == ["user", "assistant", "user"]
+    assert msgs[0].content == question  # both lines, as typed
     assert msgs[1].content == answer and msgs[2].content == "Write a long story about a dragon."
     assert len(msgs) == 3 or (msgs[3].state == PARTIAL and len(msgs[3].content) > 40)
     store.close()
@@ -161,3 +164,26 @@ def test_ripe_chat_killed_at_random_and_restarted(tiny_model_factory, tmp_path):
     app_run(cmd, f"ripe-kill-{os.getpid()}-last", db, "question number 3", None)
     users = [m[2] for m in stored_messages(db) if m[1] == "user"]
     assert users == [f"question number {i}" for i in range(4)]
+
+
+def test_ripe_chat_takes_input_within_1s_while_the_model_loads(bundled_model_path, tmp_path):
+    """Launch to a usable message box on the bundled model: the box shows (and takes typing) before the
+    model has loaded, which goes on in the background; a message sent meanwhile is answered once it has."""
+    if not RIPE.is_file():
+        pytest.skip("the ripe script is not installed next to this python")
+    session = f"ripe-ready-{os.getpid()}"
+    cmd = f"env RIPELM_HOME={tmp_path} TERM=xterm-256color {RIPE} chat --temp 0 -n 8 --ctx 1024"
+    started = time.monotonic()
+    tmux(session, "new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
+    try:
+        poll(lambda: "Enter sends" in screen(session), 60, "the message box")
+        ready_s = time.monotonic() - started
+        loading = "loading" in screen(session)
+        tmux(session, "send-keys", "-t", session, "Say hi", "Enter")
+        poll(lambda: "Say hi" in screen(session), 10, "the typed text")
+        print(f"launch to the message box: {ready_s * 1000:.0f} ms (model still loading: {loading})")
+        db = tmp_path / "chats.db"
+        poll(lambda: any(m[1:4:2] == ("assistant", DONE) for m in stored_messages(db)), 120, "the reply")
+    finally:
+        end_session(session)
+    assert ready_s < 1.0

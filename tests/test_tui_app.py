@@ -203,8 +203,8 @@ def test_edit_resend_trim_copy_export_and_palette(backend, db_path, tmp_path):
             await send(pilot, app, "first try")
             await wait_until(pilot, lambda: idle(app))
             chat = app.chat.id
-            await pilot.press("f3")
-            edit = app.screen.query_one("#dialog-input")
+            await pilot.press("f3")  # the last message you sent, into the box
+            edit = app.query_one("#prompt")
             assert edit.value == "first try"
             edit.value = "second try"
             await pilot.press("enter")

@@ -9,6 +9,7 @@ import asyncio
 from retrieval_helpers import make_home, ripe
 from tui_helpers import idle, wait_until
 
+from ripelm.chat_docs import SOURCES
 from ripelm.chat_store import ChatStore
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.app import RipeApp
@@ -98,5 +99,35 @@ def test_index_a_folder_from_the_app(backend, tmp_path, monkeypatch):
             assert report.indexed == 2 and report.chunks_total >= 2
             assert app.chat.collection == "manual"
             assert "manual: 2 files indexed" in str(app.query_one("#status").render())
+
+    asyncio.run(go())
+
+
+def test_retrieved_passages_trimmed_to_the_context_with_a_notice(backend, tmp_path, monkeypatch):
+    """Passages that do not all fit the window (1k tokens here, half kept for the reply) are cut from the
+    least relevant; the answer is made from those that fit and the user is told how many were left out."""
+    home = make_home(tmp_path / "home")
+    (tmp_path / "docs").mkdir()
+    for i in range(6):
+        body = f"Section {i} about the paged KV cache and its blocks. " * 14
+        (tmp_path / "docs" / f"part{i}.md").write_text(body + "\n")
+    p = ripe("index", str(tmp_path / "docs"), "--collection", "big", home=home)
+    assert p.returncode == 0, p.stderr
+    monkeypatch.setenv("RIPELM_HOME", str(home))
+
+    async def go() -> None:
+        store = ChatStore(home / "chats.db")
+        chat = store.new_chat("docs", collection="big")
+        pool = BackendPool(lambda model, draft: backend, initial=backend)
+        app = RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=512))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await app.open_chat(chat.id)
+            app.query_one("#prompt").value = "How does the paged KV cache use blocks?"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.replies_started == 1 and idle(app), what="the answer")
+            reply = app.store.messages(chat.id)[-1]
+            assert reply.state == "done" and app.passage_notices == 1
+            assert 1 <= len(reply.sources) < SOURCES
+            assert "retrieved passages left out" in str(app.query_one("#status").render())
 
     asyncio.run(go())

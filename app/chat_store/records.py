@@ -13,6 +13,7 @@ PARTIAL = "partial"
 CANCELLED = "cancelled"
 ERROR = "error"
 STATES = (DONE, PARTIAL, CANCELLED, ERROR)
+MATCH_START, MATCH_END = "\x02", "\x03"  # around the matched words in a SearchHit's snippet
 
 
 @dataclass
@@ -38,3 +39,15 @@ class Message:
     created: float = 0.0
     stats: dict[str, Any] | None = None  # generation numbers of an assistant reply
     sources: list[dict[str, Any]] | None = None  # cited passages of a document Q&A answer
+
+
+@dataclass
+class SearchHit:
+    """A message found by `ChatStore.search`: where it is, and a snippet with the matches between
+    MATCH_START and MATCH_END."""
+
+    message_id: int
+    chat_id: int
+    chat_title: str
+    role: str
+    snippet: str

@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from ripelm.chat_store.records import DONE, PARTIAL, STATES, Chat, Message
+from ripelm.chat_store.records import DONE, MATCH_END, MATCH_START, PARTIAL, STATES, Chat, Message, SearchHit
 from ripelm.chat_store.upgrades import SCHEMA_VERSION, schema_version, upgrade
 from ripelm.models.errors import RipelmError
 from ripelm.models.store import data_dir
@@ -143,7 +143,14 @@ class ChatStore:
 
     # ---- messages ---------------------------------------------------------------------------------
     def messages(self, chat_id: int) -> list[Message]:
-        rows = self.db.query("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", [chat_id])
+        """The branch shown: the messages from the chat's first to its leaf, each following the one before."""
+        rows = self.db.query(
+            "WITH RECURSIVE path(id) AS (SELECT leaf_id FROM chats WHERE id = ? "
+            "UNION ALL SELECT m.parent_id FROM messages m JOIN path ON m.id = path.id "
+            "WHERE m.parent_id IS NOT NULL) "
+            "SELECT messages.* FROM messages JOIN path ON messages.id = path.id ORDER BY messages.id",
+            [chat_id],
+        )
         return [_message(r) for r in rows]
 
     def add_message(
@@ -156,23 +163,68 @@ class ChatStore:
         sources: list[dict[str, Any]] | None = None,
         replace_from: int | None = None,
     ) -> Message:
-        """Append a message; with `replace_from`, that message and everything after it in the chat are
-        dropped in the same transaction (edit and resend, regenerate), so a crash leaves either the old
-        messages or the new one, never neither."""
+        """Append a message to the branch shown. With `replace_from`, the message is a new version of that
+        one (edit, regenerate): a sibling following what it followed, shown from now on; the old version
+        and what came after it stay, as another branch (`versions`, `switch_to`). One transaction."""
         if state not in STATES:
             raise ValueError(f"unknown message state {state!r}")
         now = time.time()
         with self.db.atomic():
             if replace_from is not None:
-                self.db.execute("DELETE FROM messages WHERE chat_id = ? AND id >= ?", [chat_id, replace_from])
+                row = self.db.execute(
+                    "SELECT parent_id FROM messages WHERE id = ? AND chat_id = ?", [replace_from, chat_id]
+                ).fetchone()
+                if row is None:
+                    raise ChatStoreError(f"no message {replace_from} in chat {chat_id}")
+            else:
+                row = self.db.execute("SELECT leaf_id FROM chats WHERE id = ?", [chat_id]).fetchone()
             self.db.execute(
-                "INSERT INTO messages (chat_id, role, content, state, created, sources) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [chat_id, role, content, state, now, json.dumps(sources) if sources else None],
+                "INSERT INTO messages (chat_id, role, content, state, created, sources, parent_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    chat_id,
+                    role,
+                    content,
+                    state,
+                    now,
+                    json.dumps(sources) if sources else None,
+                    row[0] if row else None,
+                ],
             )
             msg_id = self.db.execute("SELECT last_insert_rowid()").fetchone()[0]
-            self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", [now, chat_id])
+            self.db.execute("UPDATE chats SET updated = ?, leaf_id = ? WHERE id = ?", [now, msg_id, chat_id])
         return self.message(msg_id)
+
+    def versions(self, chat_id: int) -> dict[int, list[int]]:
+        """For each message of the branch shown that has other versions: the ids of all its versions (the
+        messages following the same one, with the same role), oldest first."""
+        shown = self.messages(chat_id)
+        rows = self.db.execute("SELECT id, parent_id, role FROM messages WHERE chat_id = ?", [chat_id])
+        groups: dict[tuple[Any, str], list[int]] = {}
+        for mid, parent, role in rows.fetchall():
+            groups.setdefault((parent, role), []).append(mid)
+        ids_shown = [m.id for m in shown]
+        parents = dict(zip(ids_shown, [None, *ids_shown[:-1]], strict=False))  # each follows the one before
+        out = {}
+        for m in shown:
+            ids = sorted(groups.get((parents[m.id], m.role), []))
+            if len(ids) > 1:
+                out[m.id] = ids
+        return out
+
+    def switch_to(self, message_id: int) -> list[Message]:
+        """Show the branch through this message: it and, below it, the newest version at each turn.
+        Returns the branch now shown."""
+        msg = self.message(message_id)
+        leaf = message_id
+        while True:
+            row = self.db.execute("SELECT max(id) FROM messages WHERE parent_id = ?", [leaf]).fetchone()
+            if row[0] is None:
+                break
+            leaf = row[0]
+        with self.db.atomic():
+            self.db.execute("UPDATE chats SET leaf_id = ? WHERE id = ?", [leaf, msg.chat_id])
+        return self.messages(msg.chat_id)
 
     def message(self, message_id: int) -> Message:
         rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [message_id]))
@@ -217,9 +269,31 @@ class ChatStore:
             self.db.execute("UPDATE messages SET content = ? WHERE id = ?", [content, message_id])
 
     def delete_messages_from(self, chat_id: int, message_id: int) -> None:
-        """Drop a message and everything after it in its chat (regenerate, edit and resend)."""
+        """Drop a message and everything stored after it in its chat; what it followed is shown."""
         with self.db.atomic():
+            parent = self.db.execute("SELECT parent_id FROM messages WHERE id = ?", [message_id]).fetchone()
             self.db.execute("DELETE FROM messages WHERE chat_id = ? AND id >= ?", [chat_id, message_id])
+            self.db.execute("UPDATE chats SET leaf_id = ? WHERE id = ?", [parent and parent[0], chat_id])
+
+    def search(self, text: str, limit: int = 50) -> list[SearchHit]:
+        """Messages of every chat containing all the words of `text` (the last one as a prefix, so results
+        come while typing), best match first (FTS5's bm25), each with its chat's title and a snippet.
+        The words are quoted, so no text the user types is FTS5 syntax or an error."""
+        words = [w.replace('"', '""') for w in text.split()]
+        if not words:
+            return []
+        query = " ".join(f'"{w}"' for w in words) + "*"
+        rows = self.db.query(
+            "SELECT m.id, m.chat_id, m.role, c.title, "
+            "snippet(messages_fts, 0, ?, ?, '…', 12) AS snippet "
+            "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid JOIN chats c ON c.id = m.chat_id "
+            "WHERE messages_fts MATCH ? ORDER BY bm25(messages_fts), m.id DESC LIMIT ?",
+            [MATCH_START, MATCH_END, query, limit],
+        )
+        return [
+            SearchHit(r["id"], r["chat_id"], r["title"], r["role"], " ".join(r["snippet"].split()))
+            for r in rows
+        ]
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

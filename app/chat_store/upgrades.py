@@ -97,10 +97,51 @@ def _v3_ids_never_reused(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX chats_by_updated ON chats(updated)")
 
 
+def _v4_message_search(conn: sqlite3.Connection) -> None:
+    """Full-text search over every message (SQLite's FTS5), an external-content index over `messages` kept
+    in step by triggers, so a message is findable as soon as it is stored (a streaming reply at each
+    checkpoint). Messages stored before this migration are indexed by the rebuild."""
+    conn.execute(
+        "CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='id', "
+        "tokenize='unicode61 remove_diacritics 2')"
+    )
+    conn.execute(
+        "CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN "
+        "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END"
+    )
+    conn.execute(
+        "CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN "
+        "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content); END"
+    )
+    conn.execute(
+        "CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN "
+        "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content); "
+        "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END"
+    )
+    conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
+
+
+def _v5_branches(conn: sqlite3.Connection) -> None:
+    """Branches: a chat's messages form a tree. Each message names the one it follows (`parent_id`; NULL:
+    the first), so an edited message or a regenerated reply is a sibling of the version it replaces and
+    both are kept; `chats.leaf_id` is the last message of the branch shown. A chat from before this
+    migration is one branch: each message follows the one before it."""
+    conn.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER")
+    conn.execute(
+        "UPDATE messages SET parent_id = (SELECT max(p.id) FROM messages p "
+        "WHERE p.chat_id = messages.chat_id AND p.id < messages.id)"
+    )
+    conn.execute("ALTER TABLE chats ADD COLUMN leaf_id INTEGER")
+    conn.execute("UPDATE chats SET leaf_id = (SELECT max(id) FROM messages WHERE chat_id = chats.id)")
+    conn.execute("CREATE INDEX messages_by_parent ON messages(parent_id)")
+
+
 UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
     _v1_chats_and_messages,
     _v2_sources,
     _v3_ids_never_reused,
+    _v4_message_search,
+    _v5_branches,
 ]
 SCHEMA_VERSION = len(UPGRADES)
 

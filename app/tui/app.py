@@ -18,21 +18,21 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input
 
-from ripelm.chat_docs import retrieve, source_records, with_sources
+from ripelm.chat_docs import fit_sources, retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
-from ripelm.chat_turns import ReplyRecorder, build_prompt, history, sampling_for
+from ripelm.chat_turns import ReplyRecorder, build_prompt, count_tokens, history, sampling_for
 from ripelm.doc_qa import CitationFilter
 from ripelm.generation import Generation, RemoteGeneration
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tui.backends import BackendPool
+from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
-from ripelm.tui.dialogs import TextPrompt
 from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import DELTA_INTERVAL_S, ReplyDelta, ReplyDone, ReplySources, next_delta_interval
+from ripelm.tui.prompt_area import PromptArea
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
 
@@ -53,7 +53,7 @@ class ActiveReply:
     remote: bool = False  # from a server engine: no token counts while it streams
 
 
-class RipeApp(ChatActions, App[None]):
+class RipeApp(Branching, ChatActions, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -64,11 +64,13 @@ class RipeApp(ChatActions, App[None]):
         Binding("f3", "edit_last", "Edit last", id="edit_last"),
         Binding("ctrl+o", "pick_model", "Model", id="pick_model"),
         Binding("f2", "rename_chat", "Rename", id="rename_chat"),
-        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply", priority=True),  # over redo
         Binding("f4", "copy_code", "Copy code", id="copy_code"),
+        Binding("ctrl+up", "select_message", "Select message", id="select_message"),
         Binding("ctrl+s", "export_chat", "Export", id="export_chat"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
-        Binding("f6", "search_chats", "Search", id="search_chats"),
+        Binding("f6", "search_chats", "Search", id="search_chats", priority=True),  # over select line
+        Binding("ctrl+f", "search_messages", "Search messages", id="search_messages"),
     ]
 
     def __init__(
@@ -82,6 +84,9 @@ class RipeApp(ChatActions, App[None]):
         keymap: dict[str, str] | None = None,
         export_dir: Path | None = None,
         default_model: str = "default",
+        enter_sends: bool = True,
+        theme: str | None = None,
+        config_path: Path | None = None,
     ):
         super().__init__()
         self.store = store
@@ -92,6 +97,11 @@ class RipeApp(ChatActions, App[None]):
         self.export_dir = export_dir or Path.cwd()
         self.default_model = default_model  # what the status bar calls the model of a chat that names none
         self._keymap_config = keymap or {}
+        self.enter_sends = enter_sends  # False: Enter starts a new line and Ctrl+J sends ([chat] in config)
+        self.config_path = config_path  # a theme picked is saved there ([chat] theme)
+        self._saved_theme = theme
+        if theme in self.available_themes:
+            self.theme = theme
         self.chat: Chat | None = None
         self.reply: ActiveReply | None = None
         self.replies_started = 0
@@ -106,7 +116,10 @@ class RipeApp(ChatActions, App[None]):
             yield ChatList()
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
-                yield Input(placeholder="Message · Enter sends · Esc stops · Ctrl+P commands", id="prompt")
+                keys = "Enter sends · Ctrl+J newline" if self.enter_sends else "Ctrl+J sends · Enter newline"
+                yield PromptArea(
+                    enter_sends=self.enter_sends, placeholder=f"Message · {keys} · Esc stops", id="prompt"
+                )
         yield StatusBar()
 
     async def on_mount(self) -> None:
@@ -116,7 +129,9 @@ class RipeApp(ChatActions, App[None]):
         chat = chats[0] if chats else self.store.new_chat(DEFAULT_TITLE, system=self.system)
         await self.open_chat(chat.id)
         self._show_backend()
-        self.query_one("#prompt", Input).focus()
+        self.query_one("#prompt", PromptArea).focus()
+        if self.pool.current() is None:  # the model loads while the app already takes input
+            self.load_model(chat.model, chat.draft)
 
     def _show_backend(self) -> None:
         b = self.pool.current()
@@ -145,16 +160,23 @@ class RipeApp(ChatActions, App[None]):
         if self.reply is not None and self.reply.view is not None:
             leaving, self.reply.view = self.reply.view, None  # deltas from now on only go to the store
             await leaving.end_stream()
+        if self.chat is None or self.chat.id != chat_id:
+            self.editing = None  # an edit belongs to its chat
         self.chat = self.store.chat(chat_id)
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
+        versions = self.store.versions(chat_id)
         views = [
             MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources)
             for m in self.store.messages(chat_id)
         ]
         streaming = self.reply is not None and self.reply.chat_id == chat_id and bool(views)
         if streaming:  # the reply still streaming here: show what it has so far, then keep streaming into it
-            views[-1] = MessageView("assistant", self.reply.recorder.content, state="streaming")
+            views[-1] = MessageView(
+                "assistant", self.reply.recorder.content, state="streaming", message_id=views[-1].message_id
+            )
+        for view in views:
+            view.versions = versions.get(view.message_id, [])
         await conv.mount_all(views)
         if streaming and self.reply is not None and self.reply.chat_id == chat_id:
             view = views[-1]
@@ -167,26 +189,27 @@ class RipeApp(ChatActions, App[None]):
 
     async def on_chat_list_selected(self, event: ChatList.Selected) -> None:
         await self.open_chat(event.chat_id)
-        self.query_one("#prompt", Input).focus()
+        self.query_one("#prompt", PromptArea).focus()
 
     async def action_new_chat(self) -> None:
         chat = self.store.new_chat(
             DEFAULT_TITLE, system=self.system, model=self.chat.model if self.chat else None
         )
         await self.open_chat(chat.id)
-        self.query_one("#prompt", Input).focus()
+        self.query_one("#prompt", PromptArea).focus()
 
     # ---- sending and streaming ----------------------------------------------------------------------
-    async def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id != "prompt":
-            return
+    async def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
         text = event.value.strip()
         if not text or self.chat is None:
             return
         if self.reply is not None:
             self.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
-        event.input.value = ""
+        event.area.value = ""
+        if self.editing is not None:
+            await self.send_edit(text)
+            return
         if self.chat.title == DEFAULT_TITLE:
             self.store.rename_chat(self.chat.id, text[:40])
             self.chat = self.store.chat(self.chat.id)
@@ -197,7 +220,7 @@ class RipeApp(ChatActions, App[None]):
 
     async def start_reply(self, replace_from: int | None = None) -> None:
         """Generate the next assistant message of the current chat from its stored history (all of it, or
-        what comes before message `replace_from`, which the new reply replaces in one transaction)."""
+        what comes before message `replace_from`: the new reply is its new version, the old one kept)."""
         assert self.chat is not None
         chat = self.chat
         params = sampling_for(chat, self.defaults)
@@ -206,12 +229,15 @@ class RipeApp(ChatActions, App[None]):
             msgs = [m for m in msgs if m.id < replace_from]
         turns = history(chat, msgs)
         self.replies_started += 1
-        view = MessageView("assistant", "", state="streaming")
         recorder = ReplyRecorder.start(self.store, chat.id, replace_from=replace_from)
-        self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, view)
-        conv = self.query_one("#conversation", VerticalScroll)
-        await conv.mount(view)
-        conv.scroll_end(animate=False)
+        self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, None)
+        if replace_from is None:
+            self.reply.view = view = MessageView("assistant", "", state="streaming")
+            conv = self.query_one("#conversation", VerticalScroll)
+            await conv.mount(view)
+            conv.scroll_end(animate=False)
+        else:  # a new version: the branch is shown again, ending in it (open_chat streams into it)
+            await self.open_chat(chat.id)
         self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
 
     @work(thread=True, exclusive=False, group="generation")
@@ -226,15 +252,23 @@ class RipeApp(ChatActions, App[None]):
     ) -> None:
         citations: CitationFilter | None = None
         try:
+            if self.pool.current() is None or (model, draft) != self.pool.key:
+                self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
+            backend = self.pool.get(model, draft)
             if collection:
                 sources = retrieve(collection, turns[-1]["content"])
+                if sources and not is_remote(backend):  # a server fits its own window
+                    found = len(sources)
+                    sources = fit_sources(
+                        turns[-1]["content"], sources, lambda m: count_tokens(backend, m),
+                        backend.context_length, params.max_tokens,
+                    )  # fmt: skip
+                    if len(sources) < found:
+                        self.call_from_thread(self.passages_trimmed, found - len(sources), found)
                 if sources:
                     turns = with_sources(turns, sources)
                     citations = CitationFilter({s.number for s in sources})
                     self.post_message(ReplySources(reply.id, source_records(sources)))
-            if self.pool.current() is None or (model, draft) != self.pool.key:
-                self.call_from_thread(self.query_one(StatusBar).show, engine="loading…")
-            backend = self.pool.get(model, draft)
             gen: Generation | RemoteGeneration
             if is_remote(backend):
                 reply.remote = True
@@ -274,11 +308,6 @@ class RipeApp(ChatActions, App[None]):
                     pending, posted = "", now
         except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
             self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
-
-    def _trimmed(self, dropped: int) -> None:
-        self.trim_notices += 1
-        self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
-        self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
 
     async def on_reply_delta(self, event: ReplyDelta) -> None:
         reply = self.reply
@@ -335,6 +364,8 @@ class RipeApp(ChatActions, App[None]):
         self._show_backend()
 
     def action_cancel(self) -> None:
+        if self.reply is None and self.stop_editing():
+            return
         reply = self.reply
         if reply is None or reply.cancel_pressed is not None:
             return
@@ -355,36 +386,6 @@ class RipeApp(ChatActions, App[None]):
                 )
 
         threading.Thread(target=wait_ack, name="ripelm-cancel-ack", daemon=True).start()
-
-    async def action_regenerate(self) -> None:
-        """Replace the last reply with a new one from the same prompt (its K/V come from the prefix cache)."""
-        if self.chat is None or self.reply is not None:
-            return
-        msgs = self.store.messages(self.chat.id)
-        if not msgs or msgs[-1].role != "assistant":
-            return
-        views = list(self.query(MessageView))
-        if views and views[-1].message_id == msgs[-1].id:
-            await views[-1].remove()
-        await self.start_reply(replace_from=msgs[-1].id)
-
-    def action_edit_last(self) -> None:
-        """Edit the last message you sent and send it again (what followed it is replaced)."""
-        if self.chat is None or self.reply is not None:
-            return
-        users = [m for m in self.store.messages(self.chat.id) if m.role == "user"]
-        if not users:
-            return
-        last, chat_id = users[-1], self.chat.id
-
-        async def done(text: str | None) -> None:
-            if text and text.strip():
-                msg = self.store.add_message(chat_id, "user", text.strip(), replace_from=last.id)
-                await self.open_chat(chat_id)
-                assert msg.id
-                await self.start_reply()
-
-        self.push_screen(TextPrompt("Edit and resend", last.content), done)
 
     def on_unmount(self) -> None:
         """Quitting mid-reply stops the engine and keeps the text so far, as a stopped reply."""

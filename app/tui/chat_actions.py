@@ -18,10 +18,15 @@ from textual.widgets import Input
 
 from ripelm.chat_docs import collection_names, index_folder
 from ripelm.chat_export import chat_markdown, code_blocks, export_filename
+from ripelm.chat_store.records import SearchHit
 from ripelm.chat_turns import format_sampling, parse_sampling
+from ripelm.config import save_chat_setting
 from ripelm.models.errors import RipelmError
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.dialogs import Picker, TextPrompt
+from ripelm.tui.message_view import MessageView
+from ripelm.tui.messages import BackendReady
+from ripelm.tui.search_screen import MessageSearch
 from ripelm.tui.status_bar import StatusBar, is_remote
 
 DEFAULT_TITLE = "New chat"
@@ -37,6 +42,48 @@ class ChatActions:
     export_dir: Path
     defaults: Any  # the command line's SamplingParams
     index_reports: list[Any]  # what each indexing run from the app did
+    config_path: Path | None
+    passage_notices: int = 0  # times retrieved passages were trimmed to fit the context
+    _saved_theme: str | None
+
+    def watch_theme(self, theme: str) -> None:
+        """A theme picked in the palette is saved to config.toml for the next start."""
+        if self.config_path is None or theme == self._saved_theme:
+            return
+        self._saved_theme = theme
+        try:
+            save_chat_setting("theme", theme, self.config_path)
+        except RipelmError as e:
+            self.notify(str(e), severity="warning")
+
+    @work(thread=True, group="load")
+    def load_model(self, model: str | None, draft: str | None) -> None:
+        """Open the chat's model in the background: the app takes input meanwhile, and a message sent
+        before the model is ready waits for it (BackendPool.get holds a lock)."""
+        try:
+            self.pool.get(model, draft)
+        except Exception as e:  # a model that cannot load: shown in the app, which goes on
+            self.post_message(BackendReady(model, error=str(e) or type(e).__name__))
+            return
+        self.post_message(BackendReady(model))
+
+    def on_backend_ready(self, event: BackendReady) -> None:
+        if event.error:
+            self.notify(event.error, title="the model did not load", severity="error")
+            self.query_one(StatusBar).show(engine="not loaded", notice=event.error[:80])
+        else:
+            self._show_backend()
+
+    def _trimmed(self, dropped: int) -> None:
+        self.trim_notices += 1
+        self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
+        self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
+
+    def passages_trimmed(self, left_out: int, found: int) -> None:
+        self.passage_notices += 1
+        note = f"{left_out} of {found} retrieved passages left out to fit the context"
+        self.query_one(StatusBar).show(notice=note)
+        self.notify(f"{note}: the answer uses the {found - left_out} most relevant")
 
     def action_rename_chat(self) -> None:
         if self.chat is None:
@@ -67,6 +114,23 @@ class ChatActions:
         chat_list = self.query_one(ChatList)
         chat_list.remove_class("hidden")
         chat_list.query_one("#chat-search", Input).focus()
+
+    def action_search_messages(self) -> None:
+        """Search every message of every chat; Enter opens the chat at the message found."""
+        self.push_screen(MessageSearch(self.store), self._open_hit)
+
+    async def _open_hit(self, hit: SearchHit | None) -> None:
+        if hit is None:
+            return
+        await self.open_chat(hit.chat_id)
+        await self.show_message(hit.message_id)
+
+    async def show_message(self, message_id: int) -> None:
+        """Select the message with this id in the open chat (scrolled into view)."""
+        for view in self.query(MessageView):
+            if view.message_id == message_id:
+                view.focus()
+                return
 
     def action_pick_model(self) -> None:
         if self.chat is None or not self.model_choices:
@@ -198,6 +262,12 @@ class ChatActions:
         replies = [m for m in self.store.messages(self.chat.id) if m.role == "assistant" and m.content]
         return replies[-1].content if replies else None
 
+    def action_select_message(self) -> None:
+        """Select the last message (then Up/Down, `c` copies it, 1-9 a code block)."""
+        views = list(self.query(MessageView))
+        if views:
+            views[-1].focus()
+
     def action_copy_reply(self) -> None:
         text = self._last_reply()
         if text:
@@ -226,6 +296,9 @@ class ChatActions:
         yield SystemCommand("Rename chat", "Give this chat a new title", self.action_rename_chat)
         yield SystemCommand("Delete chat", "Delete this chat and its messages", self.action_delete_chat)
         yield SystemCommand("Search chats", "Find a chat by title", self.action_search_chats)
+        yield SystemCommand(
+            "Search messages", "Find words in every message of every chat", self.action_search_messages
+        )
         yield SystemCommand("Regenerate", "Replace the last reply with a new one", self.action_regenerate)
         yield SystemCommand(
             "Edit and resend", "Edit your last message and send it again", self.action_edit_last
@@ -245,6 +318,9 @@ class ChatActions:
             "Sampling settings", "Temperature, top-p, max tokens … for this chat", self.action_set_sampling
         )
         yield SystemCommand("System prompt", "Set this chat's system prompt", self.action_set_system)
+        yield SystemCommand(
+            "Select message", "Then c copies it, 1-9 its code blocks, Up/Down", self.action_select_message
+        )
         yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply)
         yield SystemCommand("Copy code", "Copy the last code block of the last reply", self.action_copy_code)
         yield SystemCommand("Export chat", "Save this chat as a Markdown file", self.action_export_chat)
