@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from openai_servers import ripe_serve
 
-OTERM = os.environ.get("RIPELM_OTERM") or shutil.which("oterm")
+_LOCAL = Path(__file__).resolve().parent.parent / ".venv-oterm" / "bin" / "oterm"  # install_test_tools.sh
+OTERM = os.environ.get("RIPELM_OTERM") or (str(_LOCAL) if _LOCAL.is_file() else shutil.which("oterm"))
 pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
     pytest.mark.skipif(
