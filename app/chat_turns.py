@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ripelm.chat_store import Chat, ChatStore, Message
@@ -33,9 +34,25 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         seed=args.seed,
         max_tokens=args.max_tokens,
         stop=list(args.stop),
+        grammar=grammar_from_args(args),
     )
     p.validate()
     return p
+
+
+def grammar_from_args(args: argparse.Namespace) -> tuple[str, str] | None:
+    """`ripe run --format json` / `--json-schema FILE` as a SamplingParams grammar."""
+    from ripelm.models.errors import RipelmError
+
+    if getattr(args, "format", None) == "json":
+        return ("json_object", "")
+    path = getattr(args, "json_schema", None)
+    if path is None:
+        return None
+    try:
+        return ("json_schema", Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RipelmError(f"cannot read the JSON schema {path}: {e.strerror or e}") from None
 
 
 def sampling_for(chat: Chat, defaults: SamplingParams) -> SamplingParams:

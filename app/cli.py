@@ -124,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     add_draft_args(run)
     _add_sampling_args(run)
+    out = run.add_mutually_exclusive_group()
+    out.add_argument(
+        "--format",
+        choices=["json"],
+        default=None,
+        help="structured output: json makes the answer one JSON object (grammar-constrained sampling)",
+    )
+    out.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="structured output: the answer is JSON valid against the JSON schema in FILE "
+        "(grammar-constrained sampling, so even a small model emits valid JSON)",
+    )
 
     from ripelm.chat_cli import add_parser as add_chat_parser
 

@@ -15,7 +15,6 @@ import itertools
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 
 import psutil
 import torch
@@ -24,8 +23,10 @@ from ripelm.runtime import engine_spec
 from ripelm.runtime.block_allocator import chain_hash
 from ripelm.runtime.cuda_step import graphs_enabled, static_decode_or_none
 from ripelm.runtime.draft_runner import DraftRunner
+from ripelm.runtime.engine_counters import EngineCounters
 from ripelm.runtime.engine_spec import DEFAULT_SPEC_K, SPEC_MAX_ROWS, SPECULATE_MODES
 from ripelm.runtime.errors import BackendError, ContextOverflowError
+from ripelm.runtime.grammar import Constraint
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
 from ripelm.runtime.model import ForwardInterrupted, Transformer
 from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
@@ -42,27 +43,6 @@ __all__ = ["DEFAULT_SPEC_K", "SPECULATE_MODES", "SPEC_MAX_ROWS", "Engine", "Engi
 
 class KVPoolError(ContextOverflowError):
     """A sequence cannot fit the KV pool even on its own."""
-
-
-@dataclass
-class EngineCounters:
-    steps: int = 0
-    prefill_tokens: int = 0  # prompt tokens computed (cache hits excluded)
-    decode_tokens: int = 0  # tokens emitted by decode steps (accepted proposals included)
-    preemptions: int = 0
-    evictions: int = 0
-    free_blocks: int = 0
-    used_blocks: int = 0
-    total_blocks: int = 0
-    block_size: int = 0
-    running: int = 0
-    waiting: int = 0
-    spec_rounds: int = 0  # (sequence, decode step) pairs that verified at least one proposed token
-    spec_proposed: int = 0  # proposed tokens verified
-    spec_accepted: int = 0  # ... and accepted
-    draft_free_blocks: int = 0  # the draft model's own pool (all 0 without a draft model)
-    draft_used_blocks: int = 0
-    draft_total_blocks: int = 0
 
 
 class Engine:
@@ -150,6 +130,7 @@ class Engine:
         speculate: str = "off",
         spec_k: int = DEFAULT_SPEC_K,
         spec_adaptive: bool = True,
+        constraint: Constraint | None = None,
     ) -> Request:
         """Queue a generation. `speculate="ngram"`: decode steps verify up to `spec_k` tokens proposed by
         prompt lookup (same output, fewer steps when the text repeats its context); "draft": proposed by the
@@ -192,7 +173,8 @@ class Engine:
             request=req,
             forks=n - 1,
         )
-        if speculate != "off" and spec_k > 0:
+        seq.constraint = constraint
+        if speculate != "off" and spec_k > 0 and constraint is None:  # (masked proposals: not yet)
             engine_spec.start(seq, spec_k, spec_adaptive, speculate)
         req.sequences.append(seq)
         with self._cond:
@@ -336,6 +318,7 @@ class Engine:
                 status=SeqStatus.RUNNING,
                 order=parent.order,
                 cached_tokens=parent.cached_tokens,
+                constraint=parent.constraint.copy() if parent.constraint is not None else None,
             )
             if parent.proposer is not None:
                 adaptive = parent.controller is None or parent.controller.policy.fixed_k is None
@@ -348,7 +331,9 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         if seq.generated == 0 and seq.preemptions == 0:
             seq.out.put(("cached", seq.cached_tokens))
-        self._emit(seq, [seq.sampler(logits, seq.tokens)])
+        c = seq.constraint  # structured output: sampled among the tokens the grammar allows
+        tok = seq.sampler(logits, seq.tokens) if c is None else c.sample(seq.sampler, logits, seq.tokens)
+        self._emit(seq, [tok])
 
     def _emit(self, seq: Sequence, tokens: list[int]) -> None:
         """Stream the tokens one target forward produced for `seq`, ending it at the first stop token or at

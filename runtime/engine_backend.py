@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from ripelm.models.gguf_file import GGUFFile
 from ripelm.runtime.backend import Capabilities, GenerationStats
 from ripelm.runtime.engine import DEFAULT_MAX_SEQS, DEFAULT_SPEC_K, SPECULATE_MODES, Engine
+from ripelm.runtime.grammar import Constraint
 from ripelm.runtime.native import load_native
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.sequence import Request, SpecTally
@@ -89,8 +90,14 @@ class EngineBackend:
         self.file_guard.check()
         if self.draft is not None:
             self.draft.file_guard.check()
+        constraint = Constraint(self.tokenizer, params.grammar) if params.grammar is not None else None
         return self.engine.submit(
-            prompt, params, speculate=self.speculate, spec_k=self.spec_k, spec_adaptive=self.spec_adaptive
+            prompt,
+            params,
+            speculate=self.speculate,
+            spec_k=self.spec_k,
+            spec_adaptive=self.spec_adaptive,
+            constraint=constraint,
         )
 
     def request_ids(self, req: Request, stats: GenerationStats) -> Iterator[int]:

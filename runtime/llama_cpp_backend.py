@@ -20,7 +20,7 @@ from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFil
 from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.backend import Capabilities, GenerationStats, common_prefix
 from ripelm.runtime.chat_template import ChatTemplate
-from ripelm.runtime.errors import BackendError
+from ripelm.runtime.errors import BackendError, BadSamplingError
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.tokenizer import Tokenizer, quiet_llama_logs
 
@@ -102,6 +102,7 @@ class LlamaCppBackend:
         stats.cached_tokens = common_prefix(list(llm._input_ids), prompt)
         if params.seed is not None:
             llm.set_seed(params.seed)
+        grammar = llama_grammar(params.grammar) if params.grammar is not None else None
         yield from llm.generate(
             prompt,
             top_k=params.top_k,
@@ -110,6 +111,7 @@ class LlamaCppBackend:
             temp=params.temperature,
             repeat_penalty=params.repetition_penalty,
             reset=False,
+            grammar=grammar,
         )
 
     def teacher_forced_logits(self, tokens: list[int]) -> np.ndarray:
@@ -121,3 +123,21 @@ class LlamaCppBackend:
     def close(self) -> None:
         self.llm.close()
         self.file_guard.close()
+
+
+def llama_grammar(grammar: tuple[str, str]):  # noqa: ANN201 - a llama_cpp.LlamaGrammar
+    """Structured output through llama.cpp's own grammar sampler (GBNF): JSON objects, JSON schemas (llama.cpp
+    converts them to GBNF) and GBNF itself; regex and Lark grammars are the native engine's (llguidance)."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    kind, text = grammar
+    try:
+        if kind == "json_object":
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        if kind == "json_schema":
+            return LlamaGrammar.from_json_schema(text, verbose=False)
+        if kind == "gbnf":
+            return LlamaGrammar.from_string(text, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise BadSamplingError(f"llama.cpp cannot use this {kind.replace('_', ' ')} grammar: {e}") from None
+    raise BackendError(f"a {kind} grammar needs the native engine (llama.cpp takes JSON schemas and GBNF)")

@@ -24,6 +24,9 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
+    # structured output: (kind, text), kind one of runtime.grammar.GRAMMAR_KINDS ("json_schema" with the
+    # schema as JSON text, "json_object", "regex", "lark", "gbnf"); None: free text
+    grammar: tuple[str, str] | None = None
 
     def validate(self) -> None:
         from ripelm.runtime.errors import BadSamplingError
@@ -40,6 +43,10 @@ class SamplingParams:
             raise BadSamplingError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
         if self.max_tokens < 1:
             raise BadSamplingError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if self.grammar is not None:
+            from ripelm.runtime.grammar import validate_grammar
+
+            validate_grammar(self.grammar)
 
     @property
     def greedy(self) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ripelm.runtime.block_allocator import BlockTable
+from ripelm.runtime.grammar import Constraint
 from ripelm.runtime.proposer import Proposer
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.spec_control import SpecController
@@ -83,6 +84,7 @@ class Sequence:
     spec: SpecTally | None = None  # set for a speculating sequence
     # with a draft model (`runtime.draft_runner`): the draft's block table, the tokens its K/V hold, how many
     # of those are known to equal `tokens`, and the distributions of the latest proposals (None: greedy)
+    constraint: Constraint | None = None  # structured output: the grammar's token mask (runtime.grammar)
     alternatives: list | None = None  # speculate="auto": [(proposer, controller)] of each kind, see choose
     draft_table: BlockTable = field(default_factory=BlockTable)
     draft_ids: list[int] = field(default_factory=list)
