@@ -191,6 +191,8 @@ def load_transformer(
                 w_down=linear([mat(p + "ffn_down.weight")], None),
                 q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
                 k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+                post_attn_norm=vec(p + "post_attention_norm.weight") if cfg.post_norms else None,
+                post_ffn_norm=vec(p + "post_ffw_norm.weight") if cfg.post_norms else None,
             )
         )
     embed_m = mat("token_embd.weight")
