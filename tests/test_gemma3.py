@@ -111,3 +111,31 @@ def test_tiny_gemma3_as_close_to_exact_as_llama_cpp(tiny_model_factory, qtype):
     assert a_theirs >= 0.9 and kl_theirs < 0.05
     assert kl_ours <= max(1.5 * kl_theirs, 1e-3)
     assert a_ours >= a_theirs - 0.03
+
+
+def _greedy(backend, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
+    out: list[int] = []
+    for tok in backend.generate_ids(prompt, SamplingParams(temperature=0.0, max_tokens=n), GenerationStats()):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_tiny_gemma3_paged_engine_past_the_window(tiny_model_factory, qtype):
+    # The batched engine (paged cache) and the single-sequence backend continue a prompt longer than the
+    # window identically: F32 runs both on torch (paged vs contiguous window attention), Q8_0 on the
+    # native step (the engine's pool vs the backend's own).
+    from ripelm.runtime.engine_backend import EngineBackend
+
+    path = tiny_model_factory(arch="gemma3", qtype=qtype, n_layers=6, hidden=256, n_heads=4, n_kv_heads=1)
+    single = NativeBackend(path, device="cpu", n_ctx=512)
+    prompt = single.tokenizer.encode(Path(__file__).with_name("data").joinpath("english.txt").read_text())
+    prompt = prompt[: 2 * GEMMA3_WINDOW + 7]
+    want = _greedy(single, prompt, 3 * GEMMA3_WINDOW)
+    single.close()
+    engine = EngineBackend(path, device="cpu", n_ctx=512, kv_memory=16 << 20)
+    got = _greedy(engine, prompt, 3 * GEMMA3_WINDOW)
+    engine.close()
+    assert got == want
