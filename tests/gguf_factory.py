@@ -325,6 +325,7 @@ def _write_gguf(
     norm_eps: float,
     vocab_from: Path,
     tensor_types: dict[str, str] | None = None,
+    sliding_window: int = GEMMA3_WINDOW,
 ) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_type("model")
@@ -340,7 +341,7 @@ def _write_gguf(
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(norm_eps)
     if arch == "gemma3":
-        writer.add_sliding_window(GEMMA3_WINDOW)
+        writer.add_sliding_window(sliding_window)
     writer.add_rope_freq_base(rope_theta)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(vocab)
@@ -411,6 +412,7 @@ def build_tiny_model(
     norm_eps: float = 1e-5,
     vocab_from: str | os.PathLike[str] | None = None,
     tensor_types: tuple[tuple[str, str], ...] = (),
+    sliding_window: int = GEMMA3_WINDOW,
 ) -> Path:
     """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
 
@@ -445,7 +447,7 @@ def build_tiny_model(
     meta: dict[str, Any] = dict(
         arch=arch, name=f"tiny-{arch}-{qtype}", n_layers=n_layers, hidden=hidden, ffn=ffn, n_heads=n_heads,
         n_kv_heads=n_kv_heads, head_dim=head_dim, vocab=vocab, context_length=context_length,
-        rope_theta=rope_theta, norm_eps=norm_eps, vocab_from=vocab_path,
+        rope_theta=rope_theta, norm_eps=norm_eps, vocab_from=vocab_path, sliding_window=sliding_window,
     )  # fmt: skip
 
     path.parent.mkdir(parents=True, exist_ok=True)

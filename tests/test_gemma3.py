@@ -122,6 +122,31 @@ def _greedy(backend, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
     return out
 
 
+def test_tiny_gemma3_window_of_512_is_llama_cpps(tiny_model_factory):
+    # The real model's window (512) and RoPE base (1e6) over 700 positions: llama.cpp's logits equal our
+    # exact forward's, and a window one shorter or longer would not.
+    from test_vs_llama_cpp import ENGLISH, _argmax_kl
+
+    from ripelm.runtime.llama_cpp_backend import LlamaCppBackend
+
+    path = tiny_model_factory(
+        arch="gemma3", qtype="F32", n_layers=6, hidden=256, n_heads=4, n_kv_heads=1, rope_theta=1e6,
+        sliding_window=512,
+    )  # fmt: skip
+    llama = LlamaCppBackend(path, n_ctx=1024, n_threads=1, logits_all=True)
+    tokens = llama.tokenizer.encode(ENGLISH, add_bos=False)[:700]
+    theirs = torch.from_numpy(llama.teacher_forced_logits(tokens)).float()[512:]
+    llama.close()
+    exact = NativeBackend(path, device="cpu", n_ctx=1024, tokenizer=llama.tokenizer, reference=True)
+    agree, kl = _argmax_kl(exact.teacher_forced_logits(tokens)[512:], theirs)
+    assert agree >= 0.99 and kl < 1e-4, (agree, kl)
+    for layer in exact.model.layers:
+        if layer.window:
+            layer.window = 511
+    agree, kl = _argmax_kl(exact.teacher_forced_logits(tokens)[512:], theirs)
+    assert kl > 1e-3, kl
+
+
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_tiny_gemma3_paged_engine_past_the_window(tiny_model_factory, qtype):
     # The batched engine (paged cache) and the single-sequence backend continue a prompt longer than the
