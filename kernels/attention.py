@@ -96,6 +96,30 @@ def attention(
     return out[0].transpose(0, 1)
 
 
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, window: int, length: int | None = None
+) -> torch.Tensor:
+    """`attention` for a sliding-window layer: the query at position p sees keys p - window + 1 .. p (as
+    llama.cpp masks them: key p0 is hidden from query p1 when p1 - p0 >= window). k, v [KV, S, D] hold
+    positions 0..S-1 as in `attention`; keys before the first window are never read."""
+    t = q.shape[0]
+    s = k.shape[1] if length is None else length
+    if q_start + t <= window:  # no query is far enough along for the window to hide anything
+        return attention(q, k, v, q_start, length=s)
+    lo = max(0, q_start - window + 1)  # the first key any of these queries sees
+    k, v = k[:, lo:s], v[:, lo:s]
+    if t == 1:
+        return attention(q, k, v, q_start - lo, length=s - lo)
+    qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]
+    kpos = torch.arange(lo, s, device=q.device)[None, :]
+    mask = (kpos <= qpos) & (qpos - kpos < window)
+    gqa = q.shape[1] != k.shape[0]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, enable_gqa=gqa
+    )
+    return out[0].transpose(0, 1)
+
+
 def causal_mask(t: int, s: int, q_start: int, device: torch.device) -> torch.Tensor:
     """Boolean [T, S] mask, True where query i (at position q_start + i) may see key j."""
     qpos = torch.arange(q_start, q_start + t, device=device)[:, None]

@@ -75,6 +75,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (fmt, data) of wo, gate, up, down)
     lib.rl_model_set_layer.argtypes = [_vp, _i, _vp, _vp, _vp, _vp, *[_i, _vp] * 3, _vp, *[_i, _vp] * 4]
     lib.rl_model_set_layer.restype = None
+    if hasattr(lib, "rl_model_set_extras"):  # Gemma 3 (a library built before it lacks these)
+        lib.rl_model_set_extras.argtypes = [_vp, _i, _vp]
+        lib.rl_model_set_extras.restype = _i
+        lib.rl_model_set_layer_extras.argtypes = [_vp, _i, _vp, _vp, _i]
+        lib.rl_model_set_layer_extras.restype = None
     lib.rl_model_set_head.argtypes = [_vp, _vp, _i, _i, _vp]
     lib.rl_model_set_head.restype = None
     lib.rl_model_set_kv.argtypes = [_vp, _vp, _vp, ctypes.c_int64, _i, _i]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ripelm.kernels.attention import DECODE_PAD, attention, decode_attention, decode_mask
+from ripelm.kernels.attention import DECODE_PAD, attention, decode_attention, decode_mask, window_attention
 
 
 @dataclass
@@ -152,6 +152,29 @@ def paged_attention(
         if k.dtype != q.dtype:  # an f16 pool (the native decode step's) under bf16 prefill
             k, v = k.to(q.dtype), v.to(q.dtype)
         out[start : start + n_q] = attention(q[start : start + n_q], k, v, n_k - n_q)
+    return out
+
+
+def paged_window_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: PagedBatch, window: int
+) -> torch.Tensor:
+    """`paged_attention` for a sliding-window layer (see `window_attention`): each sequence reads only the
+    blocks its window covers, so blocks that fell out of it may already be freed (their table entries are
+    never read)."""
+    bs = batch.block_size
+    out = torch.empty_like(q)
+    for start, n_q, n_k, table in zip(
+        batch.q_starts, batch.q_lens, batch.ctx_lens, batch.block_tables, strict=True
+    ):
+        lo = max(0, n_k - n_q - window + 1)  # first key position any of its queries sees
+        pos = torch.arange(lo, n_k)
+        blocks = torch.tensor(table[lo // bs : -(-n_k // bs)], dtype=torch.long)
+        slots = (blocks[(pos // bs) - lo // bs] * bs + pos % bs).to(q.device)
+        k, v = gather_kv(k_pool, v_pool, slots)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        # keys start at position lo: shift the query positions by as much
+        out[start : start + n_q] = window_attention(q[start : start + n_q], k, v, n_k - n_q - lo, window)
     return out
 
 

@@ -1,6 +1,7 @@
 """Architecture configs: turn a validated GGUFFile's metadata into a ModelConfig the engine can build from.
 
-This module owns which architectures ripelm runs (llama-style decoders: llama, mistral, qwen2, qwen3) and
+This module owns which architectures ripelm runs (llama-style decoders: llama, mistral, qwen2, qwen3, and
+gemma3 with its extra norms, GeGLU and interleaved sliding-window layers) and
 checks that every tensor the engine will need is present with the shape the config implies. Which ggml
 tensor types the engine can compute with is decided elsewhere (see `unsupported_tensor_types`).
 """
@@ -18,7 +19,11 @@ from ripelm.models.gguf_file import GGUFFile
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig", "config_from_gguf", "required_tensor_shapes"]
 
 # "mistral" is accepted only because it shares llama's tensor layout; the shape check enforces that.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+# llama.cpp builds Gemma 3 with every 6th layer global (full attention) and the rest sliding-window, whose
+# RoPE base is 10000 and unscaled; the file stores neither, so they are the architecture's constants.
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_SWA_ROPE_BASE = 10000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,21 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     chat_template: str | None = None
+    # gemma3: the embedding is multiplied by embed_scale; post_norms adds RMSNorms on the attention and FFN
+    # outputs (post_attention_norm / post_ffw_norm) before the residual add; ffn_act "gelu" is GeGLU with
+    # tanh GELU. swa_layers[i] says layer i attends only to the last sliding_window positions (llama.cpp:
+    # key p0 is seen from query p1 when p1 - p0 < sliding_window), rotating with rope_theta_swa unscaled.
+    # attn_scale, when set, replaces 1/sqrt(head_dim) as the query scale (Gemma 3 27B).
+    embed_scale: float = 1.0
+    post_norms: bool = False
+    ffn_act: str = "silu"
+    sliding_window: int | None = None
+    swa_layers: tuple[bool, ...] = ()
+    rope_theta_swa: float | None = None
+    attn_scale: float | None = None
+
+    def is_swa(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
 
     @property
     def q_dim(self) -> int:
@@ -167,6 +187,27 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if chat_template is not None and not isinstance(chat_template, str):
         raise ModelFormatError(f"tokenizer.chat_template must be a string, got {_describe(chat_template)}")
 
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = md.get(f"{arch}.{key}")
+            if cap is not None and cap != 0:
+                raise UnsupportedModelError(f"{arch}.{key} = {cap} (logit soft-capping) is not supported")
+        window = get_int(f"{arch}.attention.sliding_window")
+        pattern = md.get(f"{arch}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            raise UnsupportedModelError(f"sliding_window_pattern {_describe(pattern)} is not supported")
+        gemma = dict(
+            embed_scale=float(np.sqrt(np.float32(hidden))),
+            post_norms=True,
+            ffn_act="gelu",
+            sliding_window=window,
+            swa_layers=tuple(i % pattern < pattern - 1 for i in range(n_layers)),
+            rope_theta_swa=GEMMA3_SWA_ROPE_BASE,
+            # llama.cpp scales 27B's queries by 1/sqrt(hidden / heads); it tells 27B by its 62 layers
+            attn_scale=(hidden / n_heads) ** -0.5 if n_layers == 62 else None,
+        )
+
     cfg = ModelConfig(
         arch=arch,
         n_layers=n_layers,
@@ -183,7 +224,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         tied_embeddings="output.weight" not in g.tensors,
         # Biases/norms present in another llama-style arch must not be silently ignored.
         attn_bias=arch == "qwen2" or "blk.0.attn_q.bias" in g.tensors,
-        qk_norm=arch == "qwen3" or "blk.0.attn_q_norm.weight" in g.tensors,
+        qk_norm=arch in ("qwen3", "gemma3") or "blk.0.attn_q_norm.weight" in g.tensors,
         rope_scaling_type=scaling_type,
         rope_scaling_factor=scaling_factor,
         rope_scaling_orig_ctx=scaling_orig_ctx,
@@ -191,6 +232,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id=token_id("tokenizer.ggml.eos_token_id"),
         chat_template=chat_template,
+        **gemma,
     )
     _check_tensors(g, cfg)
     return cfg
@@ -222,6 +264,9 @@ def required_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[b + "attn_q.bias"] = (cfg.q_dim,)
             shapes[b + "attn_k.bias"] = (cfg.kv_dim,)
             shapes[b + "attn_v.bias"] = (cfg.kv_dim,)
+        if cfg.post_norms:
+            shapes[b + "post_attention_norm.weight"] = (h,)
+            shapes[b + "post_ffw_norm.weight"] = (h,)
         if cfg.qk_norm:
             shapes[b + "attn_q_norm.weight"] = (cfg.head_dim,)
             shapes[b + "attn_k_norm.weight"] = (cfg.head_dim,)

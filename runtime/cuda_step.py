@@ -71,6 +71,8 @@ def paged_decode_torch(
 def static_decode_or_none(model: Transformer, cache, context_length: int) -> StaticDecode | None:  # noqa: ANN001
     """The engine's CUDA decode step; if the kernels cannot be built or captured here, one line on stderr
     and None (the engine then decodes through the eager blockwise path), never a failed load."""
+    if model.cfg.sliding_window is not None:  # the captured step has no sliding-window attention
+        return None
     try:
         return StaticDecode(model, cache, context_length)
     except Exception as exc:  # a Triton compile error, a capture error: whatever it is, decoding still works

@@ -17,13 +17,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ripelm.kernels.attention import attention, decode_attention, decode_bucket
+from ripelm.kernels.attention import attention, decode_attention, decode_bucket, window_attention
 from ripelm.kernels.paged_attention import (
     DecodeGroup,
     PagedBatch,
     group_mask,
     paged_attention,
     paged_attention_blockwise,
+    paged_window_attention,
 )
 from ripelm.runtime.block_allocator import BlockAllocator, chain_hash
 from ripelm.runtime.errors import BadSettingError, ContextOverflowError
@@ -73,6 +74,17 @@ class ContiguousKVCache:
         # A decode step reads its whole padded bucket straight from the buffer (masked past e).
         end = min(self.max_len, decode_bucket(e)) if e - s == 1 else e
         return attention(q, self.k[layer, :, :end], self.v[layer, :, :end], s, length=e)
+
+    def attend_window(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+    ) -> torch.Tensor:
+        """`attend` for a sliding-window layer: each query sees only the last `window` positions."""
+        s, e = self._start, self._end
+        self.k[layer, :, s:e] = k.transpose(0, 1)
+        self.v[layer, :, s:e] = v.transpose(0, 1)
+        if layer == self.k.shape[0] - 1:
+            self.length = e
+        return window_attention(q, self.k[layer, :, :e], self.v[layer, :, :e], s, window)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (rewind for a new prompt sharing a prefix, or rejected drafts)."""
@@ -217,6 +229,15 @@ class PagedStep:
         if self.blockwise:
             return paged_attention_blockwise(q, kp, vp, self.batch)
         return paged_attention(q, kp, vp, self.batch)
+
+    def attend_window(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+    ) -> torch.Tensor:
+        """`attend` for a sliding-window layer: each query sees only the last `window` positions."""
+        kp, vp, k_rows, v_rows = self.cache.layers[layer]
+        k_rows.index_copy_(0, self.batch.slot_mapping, k.to(k_rows.dtype))
+        v_rows.index_copy_(0, self.batch.slot_mapping, v.to(v_rows.dtype))
+        return paged_window_attention(q, kp, vp, self.batch, window)
 
 
 def _lazy_zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

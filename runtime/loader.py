@@ -191,6 +191,8 @@ def load_transformer(
                 w_down=linear([mat(p + "ffn_down.weight")], None),
                 q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
                 k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
+                post_attn_norm=vec(p + "post_attention_norm.weight") if cfg.post_norms else None,
+                post_ffn_norm=vec(p + "post_ffw_norm.weight") if cfg.post_norms else None,
             )
         )
     embed_m = mat("token_embd.weight")
@@ -237,6 +239,8 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
         lw["attn_norm"], lw["ffn_norm"] = vec(p + "attn_norm.weight"), vec(p + "ffn_norm.weight")
         lw["q_norm"] = vec(p + "attn_q_norm.weight") if cfg.qk_norm else None
         lw["k_norm"] = vec(p + "attn_k_norm.weight") if cfg.qk_norm else None
+        lw["post_attn_norm"] = vec(p + "post_attention_norm.weight") if cfg.post_norms else None
+        lw["post_ffn_norm"] = vec(p + "post_ffw_norm.weight") if cfg.post_norms else None
         layers.append(
             LayerWeights(
                 attn_norm=lw["attn_norm"],
@@ -247,6 +251,8 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
                 w_down=RepackedLinear(lib, [lw["down"]], None, dtype),
                 q_norm=lw["q_norm"],
                 k_norm=lw["k_norm"],
+                post_attn_norm=lw["post_attn_norm"],
+                post_ffn_norm=lw["post_ffn_norm"],
             )
         )
     if weights.embed is not None:
@@ -274,5 +280,7 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
     )
     weights.out_norm = model.output_norm
     weights.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
+    if model.inv_freq_swa is not None:
+        weights.inv_freq_swa = model.inv_freq_swa.float().numpy().copy()
     model.native = weights
     return model

@@ -1,8 +1,10 @@
-"""The transformer forward for llama-family GGUF models (llama, qwen2, qwen3).
+"""The transformer forward for llama-family GGUF models (llama, qwen2, qwen3) and Gemma 3.
 
 A plain `nn.Module`: RMSNorm, fused QKV projection (with Qwen2's biases and Qwen3's per-head Q/K norms),
 RoPE in the layout the file stores, grouped-query attention through a KV cache object, SwiGLU with a
-fused gate/up projection, and a tied or separate output head. The residual stream and norms run in
+fused gate/up projection, and a tied or separate output head. Gemma 3 adds a scaled embedding, norms on
+the attention and FFN outputs, GeGLU, and sliding-window layers with their own RoPE base (those attend
+through the cache's `attend_window`). The residual stream and norms run in
 float32; matmuls take activations in the compute dtype (bf16 on CPU).
 """
 
@@ -43,6 +45,19 @@ class LayerWeights:
     w_down: nn.Module
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # gemma3
+    post_ffn_norm: torch.Tensor | None = None
+
+
+class ScaledEmbedding(nn.Module):
+    """Gemma's embedding: the table's rows times a constant (sqrt(hidden)), in float32."""
+
+    def __init__(self, inner: nn.Module, scale: float):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner(tokens).float() * self.scale
 
 
 class Block(nn.Module):
@@ -59,6 +74,14 @@ class Block(nn.Module):
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.ffn = cfg.ffn
+        self.swa = cfg.is_swa(index)
+        self.window = cfg.sliding_window if self.swa else None
+        self.ffn_act_gelu = cfg.ffn_act == "gelu"
+        self.gemma = cfg.post_norms or cfg.ffn_act != "silu" or cfg.attn_scale is not None
+        # SDPA divides by sqrt(head_dim); a model with another query scale has its queries rescaled first
+        self.q_mul = cfg.attn_scale * cfg.head_dim**0.5 if cfg.attn_scale is not None else None
+        self.register_buffer("post_attn_norm", w.post_attn_norm, persistent=False)
+        self.register_buffer("post_ffn_norm", w.post_ffn_norm, persistent=False)
         self._cache_weights()
 
     def forward(
@@ -67,6 +90,8 @@ class Block(nn.Module):
         # Decoding runs this 30 times per token on one row, where each extra tensor op or module lookup
         # costs about a microsecond: weights are read from plain attributes (`_w`), conversions are
         # left to type promotion, and Q and K are rotated and cast together.
+        if self.gemma:
+            return self._forward_gemma(x, rope, cache, dtype)
         attn_norm, ffn_norm, q_norm, k_norm, wqkv, wo, w_gate_up, w_down = self._w
         t, h, kv, d = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         qkv = wqkv(rms_norm(x, attn_norm, self.eps))
@@ -83,6 +108,37 @@ class Block(nn.Module):
         x = x + wo(cache.attend(self.index, q, k, v).reshape(t, self.q_size))  # bf16 promotes to float32
         gate, up = w_gate_up(rms_norm(x, ffn_norm, self.eps)).view(t, 2, self.ffn).unbind(1)
         return x + w_down(F.silu(gate).mul_(up))
+
+    def _forward_gemma(
+        self, x: torch.Tensor, rope: RopeTables, cache: KVCacheLike, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Gemma 3's layer: norms before and after attention and the FFN, GeGLU (tanh GELU)."""
+        attn_norm, ffn_norm, q_norm, k_norm, wqkv, wo, w_gate_up, w_down = self._w
+        t, h, kv, d, eps = x.shape[0], self.n_heads, self.n_kv, self.head_dim, self.eps
+        qkv = wqkv(rms_norm(x, attn_norm, eps))
+        qk_end = self.q_size + self.kv_size
+        q = qkv[:, : self.q_size].view(t, h, d).float()
+        k = qkv[:, self.q_size : qk_end].view(t, kv, d).float()
+        if q_norm is not None:
+            q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+        q, k = rope.apply(q), rope.apply(k)
+        if self.q_mul is not None:
+            q = q * self.q_mul
+        q, k, v = q.to(dtype), k.to(dtype), qkv[:, qk_end:].view(t, kv, d).to(dtype)
+        if self.window is None:
+            a = cache.attend(self.index, q, k, v)
+        else:
+            a = cache.attend_window(self.index, q, k, v, self.window)  # type: ignore[attr-defined]
+        o = wo(a.reshape(t, self.q_size)).float()
+        if self.post_attn_norm is not None:
+            o = rms_norm(o, self.post_attn_norm, eps)
+        x = x + o
+        gate, up = w_gate_up(rms_norm(x, ffn_norm, eps)).view(t, 2, self.ffn).unbind(1)
+        act = F.gelu(gate.float(), approximate="tanh") if self.ffn_act_gelu else F.silu(gate.float())
+        y = w_down((act * up.float()).to(dtype)).float()
+        if self.post_ffn_norm is not None:
+            y = rms_norm(y, self.post_ffn_norm, eps)
+        return x + y
 
     def _cache_weights(self) -> None:
         self._w = (
@@ -149,35 +205,44 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
-        self.embed = embed
+        self.embed = embed if cfg.embed_scale == 1.0 else ScaledEmbedding(embed, cfg.embed_scale)
         self.layers = nn.ModuleList(Block(cfg, w, i) for i, w in enumerate(layers))
         self.register_buffer("output_norm", output_norm, persistent=False)
         self.output = output
         self.head_rows = head_rows  # float32 rows of the output head by token id, for `_refine_top`
         self.native = None  # NativeWeights when the native CPU step runs this model (set by the loader)
         # llama.cpp: llama-family files are permuted for interleaved RoPE; qwen2/qwen3 use NEOX halves.
-        self.neox = cfg.arch in ("qwen2", "qwen3")
+        self.neox = cfg.arch in ("qwen2", "qwen3", "gemma3")
         self.pos_scale = (
             1.0 / cfg.rope_scaling_factor
             if cfg.rope_scaling_type == "linear" and cfg.rope_scaling_factor
             else 1.0
         )
         self.inv_freq = rope_frequencies(cfg.rope_dim, cfg.rope_theta, rope_freq_factors)
+        # sliding-window layers' own (unscaled) rotation, when the model has one
+        self.inv_freq_swa = (
+            rope_frequencies(cfg.rope_dim, cfg.rope_theta_swa) if cfg.rope_theta_swa is not None else None
+        )
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_cache_swa: tuple[torch.Tensor, torch.Tensor] | None = None
         self._grow_rope(256)
 
     def _grow_rope(self, n: int) -> None:
         size = 1 << max(8, (n - 1).bit_length())
         cos, sin = rope_cos_sin(self.inv_freq * self.pos_scale, torch.arange(size))
         self._rope_cache = (cos.to(self.device), sin.to(self.device))
+        if self.inv_freq_swa is not None:
+            cos, sin = rope_cos_sin(self.inv_freq_swa, torch.arange(size))
+            self._rope_cache_swa = (cos.to(self.device), sin.to(self.device))
 
-    def rope_tables(self, positions: torch.Tensor | int, count: int) -> RopeTables:
-        """Tables for `count` positions: consecutive from an int start, or the given [T] tensor."""
-        cos, sin = self._rope_cache  # type: ignore[misc]
+    def rope_tables(self, positions: torch.Tensor | int, count: int, swa: bool = False) -> RopeTables:
+        """Tables for `count` positions: consecutive from an int start, or the given [T] tensor.
+        `swa`: the sliding-window layers' rotation (the same as the others' for most models)."""
         top = positions + count if isinstance(positions, int) else int(positions.max()) + 1
-        if top > cos.shape[0]:
+        if top > self._rope_cache[0].shape[0]:  # type: ignore[index]
             self._grow_rope(top)
-            cos, sin = self._rope_cache  # type: ignore[misc]
+        swa = swa and self._rope_cache_swa is not None
+        cos, sin = self._rope_cache_swa if swa else self._rope_cache  # type: ignore[misc]
         if isinstance(positions, int):
             cos, sin = cos[positions : positions + count], sin[positions : positions + count]
         else:
@@ -200,11 +265,13 @@ class Transformer(nn.Module):
         then hold partly written rows the caller must not use).
         """
         x = self.embed(tokens).float()
-        rope = self.rope_tables(positions, tokens.shape[0])
+        ropes = [self.rope_tables(positions, tokens.shape[0])]
+        if self.inv_freq_swa is not None:
+            ropes.append(self.rope_tables(positions, tokens.shape[0], swa=True))
         for layer in self.layers:
             if interrupt is not None and interrupt():
                 raise ForwardInterrupted
-            x = layer(x, rope, cache, self.dtype)
+            x = layer(x, ropes[layer.swa and len(ropes) > 1], cache, self.dtype)
         if isinstance(logits_rows, str):
             if logits_rows == "last":
                 x = x[-1:]

@@ -74,6 +74,7 @@ class NativeWeights:
     embed: Repacked | None = None  # token_embd when it is the head or repacks too; else None
     out_norm: torch.Tensor | None = None
     inv_freq: np.ndarray | None = None
+    inv_freq_swa: np.ndarray | None = None  # sliding-window layers' rotation (Gemma 3), else None
     scale: float = 1.0
 
     @staticmethod
@@ -92,7 +93,7 @@ class NativeWeights:
         w = NativeWeights(cfg=cfg, lib=lib, isa=native_lib.best_isa(lib))
         with open(g.path, "rb", buffering=0) as f:
             w._pack_all(g, f)
-        w.scale = cfg.head_dim**-0.5
+        w.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         return w
 
     def _pack_all(self, g: GGUFFile, f) -> None:  # noqa: ANN001 - the open model file
@@ -181,8 +182,10 @@ def _head_name(g: GGUFFile, cfg: ModelConfig) -> str:
 def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"device {device.type}"
-    if cfg.arch not in ("llama", "qwen2", "qwen3"):
+    if cfg.arch not in ("llama", "qwen2", "qwen3", "gemma3"):
         return f"architecture {cfg.arch}"
+    if cfg.arch == "gemma3" and not hasattr(native_lib.load(), "rl_model_set_extras"):
+        return "architecture gemma3 (the native library predates it; rebuild it)"
     if cfg.n_heads % cfg.n_kv_heads:
         return "attention head grouping"
     if cfg.q_dim % 8 or cfg.kv_dim % 8:
@@ -232,7 +235,7 @@ class NativeRunner:
             cfg.head_dim,
             cfg.ffn,
             cfg.rope_dim,
-            int(cfg.arch in ("qwen2", "qwen3")),
+            int(cfg.arch in ("qwen2", "qwen3", "gemma3")),
             cfg.rms_eps,
             weights.scale,
             weights.inv_freq.ctypes.data,
@@ -260,6 +263,17 @@ class NativeRunner:
                 lw["down"].fmt,
                 _ptr(lw["down"].data),
             )
+        if cfg.post_norms or cfg.ffn_act != "silu" or weights.inv_freq_swa is not None:  # Gemma 3
+            if lib.rl_model_set_extras(handle, int(cfg.ffn_act == "gelu"), _ptr(weights.inv_freq_swa)):
+                raise MemoryError("native step: out of memory")
+            for i, lw in enumerate(weights.layers):
+                lib.rl_model_set_layer_extras(
+                    handle,
+                    i,
+                    _ptr(lw["post_attn_norm"]),
+                    _ptr(lw["post_ffn_norm"]),
+                    cfg.sliding_window or 0 if cfg.is_swa(i) else 0,
+                )
         self.vocab = cfg.vocab_size
         self._refine_work = torch.empty(cfg.hidden + 2 * self.vocab, dtype=torch.float32)
         lib.rl_model_set_head(

@@ -42,7 +42,9 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from ripelm.models.store import bundled_model_path
 
-ARCHES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+ARCHES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma3")
+# gemma3: the sliding window of its local layers (every layer but each 6th), short so tests pass it
+GEMMA3_WINDOW = 40
 QTYPES: tuple[str, ...] = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0",
     "IQ4_NL",
@@ -269,7 +271,12 @@ def _random_tensors(
             t[p + "attn_q.bias"] = normal(0.1, q_dim)
             t[p + "attn_k.bias"] = normal(0.1, kv_dim)
             t[p + "attn_v.bias"] = normal(0.02, kv_dim)
-        if arch == "qwen3":
+        if arch == "gemma3":
+            # the layers' normed outputs must outweigh the embedding (scaled by sqrt(hidden)) or the tied
+            # head just predicts the input token with certainty
+            t[p + "post_attention_norm.weight"] = 2.0 * _LAYER_GAIN * norm_weight(hidden)
+            t[p + "post_ffw_norm.weight"] = 2.0 * _LAYER_GAIN * norm_weight(hidden)
+        if arch in ("qwen3", "gemma3"):
             t[p + "attn_q_norm.weight"] = norm_weight(head_dim)
             t[p + "attn_k_norm.weight"] = norm_weight(head_dim)
         t[p + "attn_output.weight"] = normal(_LAYER_GAIN * embd_std / np.sqrt(q_dim), hidden, q_dim)
@@ -318,6 +325,7 @@ def _write_gguf(
     norm_eps: float,
     vocab_from: Path,
     tensor_types: dict[str, str] | None = None,
+    sliding_window: int = GEMMA3_WINDOW,
 ) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_type("model")
@@ -332,6 +340,8 @@ def _write_gguf(
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(norm_eps)
+    if arch == "gemma3":
+        writer.add_sliding_window(sliding_window)
     writer.add_rope_freq_base(rope_theta)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(vocab)
@@ -402,6 +412,7 @@ def build_tiny_model(
     norm_eps: float = 1e-5,
     vocab_from: str | os.PathLike[str] | None = None,
     tensor_types: tuple[tuple[str, str], ...] = (),
+    sliding_window: int = GEMMA3_WINDOW,
 ) -> Path:
     """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
 
@@ -436,7 +447,7 @@ def build_tiny_model(
     meta: dict[str, Any] = dict(
         arch=arch, name=f"tiny-{arch}-{qtype}", n_layers=n_layers, hidden=hidden, ffn=ffn, n_heads=n_heads,
         n_kv_heads=n_kv_heads, head_dim=head_dim, vocab=vocab, context_length=context_length,
-        rope_theta=rope_theta, norm_eps=norm_eps, vocab_from=vocab_path,
+        rope_theta=rope_theta, norm_eps=norm_eps, vocab_from=vocab_path, sliding_window=sliding_window,
     )  # fmt: skip
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ path does (within half a point), and with no larger KL divergence. Figures are p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,10 @@ def _argmax_kl(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return agree, (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
-def compare(path: Path, n_tokens: int, text: str = ENGLISH, chunk: int = 512) -> Agreement:
+def compare(
+    path: Path, n_tokens: int, text: str = ENGLISH, chunk: int = 512, setup: Callable | None = None
+) -> Agreement:
+    """`setup`, when given, is called with the native backend before it runs (e.g. to pick a path)."""
     batched = LlamaCppBackend(path, n_ctx=1024, n_threads=2, logits_all=True)
     tokenizer = batched.tokenizer
     tokens = tokenizer.encode(text, add_bos=False)[:n_tokens]
@@ -64,6 +68,8 @@ def compare(path: Path, n_tokens: int, text: str = ENGLISH, chunk: int = 512) ->
     floor = torch.from_numpy(one_by_one.teacher_forced_logits(tokens)).float()
     one_by_one.close()
     native = NativeBackend(path, device="cpu", n_ctx=1024, tokenizer=tokenizer)
+    if setup is not None:
+        setup(native)
     ours = native.teacher_forced_logits(tokens, chunk=chunk).float()
     native.close()
     return Agreement(len(tokens), *_argmax_kl(ours, ref), *_argmax_kl(floor, ref))

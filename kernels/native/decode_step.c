@@ -133,6 +133,10 @@ typedef struct {
     rl_matrix qkv[3];
     int n_qkv;
     rl_matrix wo, gate, up, down;
+    /* Gemma 3: norms of the attention and FFN outputs (or NULL); window > 0: a sliding-window layer (keys
+     * p - window + 1 .. p, rotated with inv_freq_swa) */
+    const float *post_attn_norm, *post_ffn_norm;
+    int window;
 } rl_layer;
 
 typedef struct {
@@ -146,6 +150,8 @@ typedef struct rl_model {
     int n_layers, hidden, n_heads, n_kv, head_dim, ffn, rope_dim, neox;
     float eps, scale;
     float *inv_freq;
+    float *inv_freq_swa; /* sliding-window layers' rotation, or NULL */
+    int gelu;            /* GeGLU (tanh GELU) instead of SwiGLU */
     rl_layer *layers;
     const float *out_norm;
     rl_matrix head;
@@ -178,6 +184,24 @@ rl_model *rl_model_new(int n_layers, int hidden, int n_heads, int n_kv, int head
     memcpy(m->inv_freq, inv_freq, sizeof(float) * (size_t)(rope_dim / 2));
     m->kern = kernels_for(rl_cpu_best_isa());
     return m;
+}
+
+/* Gemma 3's extras: GeGLU and the sliding-window layers' RoPE frequencies (NULL: none) for the model */
+int rl_model_set_extras(rl_model *m, int gelu, const float *inv_freq_swa) {
+    m->gelu = gelu;
+    if (inv_freq_swa) {
+        m->inv_freq_swa = malloc(sizeof(float) * (size_t)(m->rope_dim / 2 + 1));
+        if (!m->inv_freq_swa) return -1;
+        memcpy(m->inv_freq_swa, inv_freq_swa, sizeof(float) * (size_t)(m->rope_dim / 2));
+    }
+    return 0;
+}
+
+/* ... and per layer: post-attention / post-FFN norms (or NULL) and the sliding window (0: full) */
+void rl_model_set_layer_extras(rl_model *m, int i, const float *post_attn_norm, const float *post_ffn_norm,
+                               int window) {
+    rl_layer *L = &m->layers[i];
+    L->post_attn_norm = post_attn_norm, L->post_ffn_norm = post_ffn_norm, L->window = window;
 }
 
 int rl_model_set_isa(rl_model *m, int isa) {
@@ -238,7 +262,7 @@ static void free_buffers(rl_model *m) {
 void rl_model_free(rl_model *m) {
     if (!m) return;
     free_buffers(m);
-    free(m->inv_freq), free(m->layers), free(m);
+    free(m->inv_freq), free(m->inv_freq_swa), free(m->layers), free(m);
 }
 
 static int widest(rl_model *m) {
@@ -258,7 +282,7 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
         m->tmp = malloc(sizeof(float) * r * (size_t)pad_rows(m->hidden > m->ffn ? m->hidden : m->ffn) * 2);
         m->ffn_h = malloc(sizeof(float) * r * (size_t)pad_rows(m->ffn));
         m->task0 = malloc(sizeof(int) * (r + 1));
-        m->rope = malloc(sizeof(float) * r * (size_t)(m->rope_dim / 2 + 1) * 2);
+        m->rope = malloc(sizeof(float) * r * (size_t)(m->rope_dim / 2 + 1) * 4); /* full, then window */
         m->scratch = calloc((size_t)nth, sizeof(rl_scratch));
         if (!m->qkv || !m->tmp || !m->ffn_h || !m->task0 || !m->rope || !m->scratch) return -1;
         m->n_scratch = nth, m->cap_rows = rows;
@@ -490,18 +514,23 @@ static void matvec_parts(rl_model *m, const rl_matrix *w, int n_parts, const rl_
 /* cos and sin of each row's position, once per step (every head of every layer uses them) */
 static void rope_tables(rl_model *m, int rows, const int32_t *pos) {
     int half = m->rope_dim / 2;
-    for (int r = 0; r < rows; r++) {
-        for (int i = 0; i < half; i++) {
-            double ang = (double)pos[r] * (double)m->inv_freq[i];
-            m->rope[((size_t)r * half + i) * 2] = (float)cos(ang);
-            m->rope[((size_t)r * half + i) * 2 + 1] = (float)sin(ang);
+    for (int t = 0; t < (m->inv_freq_swa ? 2 : 1); t++) {
+        const float *f = t ? m->inv_freq_swa : m->inv_freq;
+        float *out = m->rope + (size_t)t * rows * half * 2;
+        for (int r = 0; r < rows; r++) {
+            for (int i = 0; i < half; i++) {
+                double ang = (double)pos[r] * (double)f[i];
+                out[((size_t)r * half + i) * 2] = (float)cos(ang);
+                out[((size_t)r * half + i) * 2 + 1] = (float)sin(ang);
+            }
         }
     }
 }
 
-static void rope_head(const rl_model *m, float *v, int row) {
+/* swa: the sliding-window layers' table (after the full one; `rows` rows each) */
+static void rope_head(const rl_model *m, float *v, int row, int rows, int swa) {
     int half = m->rope_dim / 2;
-    const float *cs = m->rope + (size_t)row * half * 2;
+    const float *cs = m->rope + ((size_t)(swa && m->inv_freq_swa ? rows : 0) + row) * half * 2;
     for (int i = 0; i < half; i++) {
         float c = cs[2 * i], s = cs[2 * i + 1];
         int ia = m->neox ? i : 2 * i, ib = m->neox ? i + half : 2 * i + 1;
@@ -537,7 +566,7 @@ static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
         int is_k = h >= m->n_heads;
         const float *nw = is_k ? L->k_norm : L->q_norm;
         if (nw) head_norm(v, nw, d, m->eps);
-        rope_head(m, v, r);
+        rope_head(m, v, r, c->rows, L->window > 0);
         if (is_k) {
             int kvh = h - m->n_heads;
             int64_t off = (int64_t)layer * m->layer_stride + (slot_of(c, r, c->pos[r]) * m->n_kv + kvh) * d;
@@ -560,7 +589,7 @@ static int attn_splits_of(int len) { return (len + ATTN_CHUNK - 1) / ATTN_CHUNK;
 static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
     rl_model *m = c->m;
     int d = m->head_dim, G = m->n_heads / m->n_kv, qkv_n = pad_rows(m->n_heads * d + 2 * m->n_kv * d);
-    int t0, t1, r = 0;
+    int t0, t1, r = 0, win = m->layers[layer].window;
     void (*part_fn)(const rl_attn_args *, int, int, float *, float *, float *, float *) = m->kern->attn_part;
     if (d % 8 || d > 256 || G > 16) part_fn = rl_attn_part_ref;
     split(c->task0[c->rows], tid, nth, &t0, &t1);
@@ -573,7 +602,13 @@ static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
                           (int64_t)m->n_kv * d, c->tables + (size_t)r * c->max_blocks, m->scale};
         float *part = m->part + (size_t)t * G * (d + 2);
         int k0 = sp * ATTN_CHUNK, k1 = k0 + ATTN_CHUNK < L ? k0 + ATTN_CHUNK : L;
-        part_fn(&a, k0, k1, m->scratch[tid].f, part, part + G, part + 2 * G);
+        int lo = win > 0 && L > win ? L - win : 0; /* a sliding-window layer's first key */
+        if (k1 <= lo) { /* a range wholly before the window: an empty partial (weight 0 in the merge) */
+            for (int g = 0; g < G; g++) part[g] = -INFINITY, part[G + g] = 0.0f;
+            memset(part + 2 * G, 0, sizeof(float) * (size_t)G * d);
+            continue;
+        }
+        part_fn(&a, k0 > lo ? k0 : lo, k1, m->scratch[tid].f, part, part + G, part + 2 * G);
     }
 }
 
@@ -604,6 +639,16 @@ static void merge_attention(const rl_step_ctx *c, float *out) {
     }
 }
 
+/* RMSNorm in place of each row of out [rows, ld] (a layer output before the residual add), rows split
+ * over the threads; barriers before (the matvec wrote all columns) and after */
+static void post_norm(rl_step_ctx *c, float *out, int ld, const float *w, int tid, int nth) {
+    int r0, r1;
+    barrier(c->pool);
+    split(c->rows, tid, nth, &r0, &r1);
+    for (int r = r0; r < r1; r++) rms_norm_row(out + (size_t)r * ld, w, c->m->hidden, c->m->eps, out + (size_t)r * ld);
+    barrier(c->pool);
+}
+
 static void step_job(void *arg, int tid, int nth) {
     rl_step_ctx *c = arg;
     rl_model *m = c->m;
@@ -624,6 +669,7 @@ static void step_job(void *arg, int tid, int nth) {
         merge_attention(c, attn_out);
         a = quantize_rows(m, s, attn_out, qs, B, qs, NULL);
         matvec_part(m, &L->wo, &a, B, m->tmp, hp, tid, nth);
+        if (L->post_attn_norm) post_norm(c, m->tmp, hp, L->post_attn_norm, tid, nth);
         int n0, n1, g0, g1;
         split(hp / RL_ROWS, tid, nth, &g0, &g1);
         n0 = g0 * RL_ROWS, n1 = g1 * RL_ROWS < H ? g1 * RL_ROWS : H;
@@ -638,13 +684,18 @@ static void step_job(void *arg, int tid, int nth) {
         for (int r = 0; r < B && n1 > n0; r++) { /* SwiGLU: silu(gate) * up, exp vectorized */
             const float *gate = m->tmp + (size_t)r * fp, *up = m->tmp + (size_t)(B + r) * fp;
             float *e = s->f;
-            for (int n = n0; n < n1; n++) e[n - n0] = -gate[n];
+            if (m->gelu) /* tanh GELU: g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3)) */
+                for (int n = n0; n < n1; n++)
+                    e[n - n0] = -1.5957691216057308f * (gate[n] + 0.044715f * gate[n] * gate[n] * gate[n]);
+            else
+                for (int n = n0; n < n1; n++) e[n - n0] = -gate[n];
             m->kern->exp(e, n1 - n0);
             for (int n = n0; n < n1; n++) m->ffn_h[(size_t)r * m->ffn + n] = gate[n] / (1.0f + e[n - n0]) * up[n];
         }
         barrier(p);
         a = quantize_rows(m, s, m->ffn_h, m->ffn, B, m->ffn, NULL);
         matvec_part(m, &L->down, &a, B, m->tmp, hp, tid, nth);
+        if (L->post_ffn_norm) post_norm(c, m->tmp, hp, L->post_ffn_norm, tid, nth);
         split(hp / RL_ROWS, tid, nth, &g0, &g1);
         n0 = g0 * RL_ROWS, n1 = g1 * RL_ROWS < H ? g1 * RL_ROWS : H;
         for (int r = 0; r < B; r++)
