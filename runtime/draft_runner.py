@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from ripelm.runtime.kv_cache import PagedKVCache
@@ -84,6 +85,18 @@ class DraftRunner:
         a.reserve(t, need)
         return True
 
+    def prefill(self, seq: Sequence) -> None:
+        """Compute the draft's K/V of the prompt beside the target's prefill (what its prefix cache lacks),
+        so that the first proposal, like every later one, feeds only the newest tokens."""
+        if not self._sync(seq, len(seq.tokens)):
+            return  # no room now: the first proposal catches up instead
+        t = seq.draft_table
+        feed = seq.tokens[t.num_tokens :]
+        start, n = t.num_tokens, len(feed)
+        self.forward.rows(feed, list(range(start, start + n)), [t.blocks] * n, [n - 1])
+        self.allocator.commit(t, feed)
+        seq.draft_ids += feed
+
     def propose(self, wants: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
         """Proposed tokens per sequence id (up to each one's k), from k batched draft forwards. Each
         sequence's draft_q is set to the distributions its proposals were drawn from (None when greedy)."""
@@ -143,8 +156,11 @@ class DraftRunner:
         if params.repetition_penalty != 1.0:
             hist = [seq.tokens[-params.repeat_last_n :] + drafted]
         if params.greedy:
-            z = penalized_logits(logits, params, hist)
-            return int(z.argmax()), float(torch.softmax(z, -1).max()), None
+            # numpy, not torch: a torch reduction over the vocabulary wakes OpenMP's threads, whose spinning
+            # afterwards slows the native step's own threads on a small machine
+            z = penalized_logits(logits, params, hist).numpy()
+            top = int(z.argmax())
+            return top, float(1.0 / np.exp(z - z[top]).sum()), None
         q = token_probs(logits, params, hist)
         tok = int(torch.multinomial(q, 1, generator=seq.sampler.generator))
         return tok, float(q.max()), q

@@ -282,6 +282,8 @@ class Engine:
             for j, i in enumerate(ready):
                 seq = plan.seqs[i]
                 row = logits[j]
+                if self.drafter is not None and seq.spec is not None and "draft" in seq.spec.proposer:
+                    self.drafter.prefill(seq)  # the draft's prompt K/V now, as part of the prefill
                 if seq.forks:
                     self._fork(seq, row)
                 self._sample(seq, row)
