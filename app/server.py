@@ -22,6 +22,7 @@ from typing import Any
 
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
 from ripelm.models.errors import RipelmError
+from ripelm.openai_fields import check_fields, grammar_from_body, text_parts
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
 from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
@@ -141,18 +142,17 @@ class Api:
             raise ApiError(503, f"embeddings are unavailable: {e}", "server_error") from e
 
     def prepare(self, path: str, body: dict[str, Any]) -> tuple[list[int], SamplingParams, bool]:
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n = 1 is supported")
+        check_fields(body)
         params = sampling_from_body(body, self.backend.context_length)
+        params.grammar = grammar_from_body(body)  # checked here: a bad one is a 400 naming its field
         if path == "/v1/chat/completions":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "'messages' must be a non-empty list")
+            text_parts(messages)  # content parts: text only
             for m in messages:
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                     raise ApiError(400, "every message needs a 'role' and a 'content'")
-                if isinstance(m.get("content"), list):  # content parts: keep the text ones
-                    m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
                 if not isinstance(m.get("content"), str):
                     raise ApiError(400, "every message needs a 'role' and a 'content'")
             text = self.backend.template.render(messages, add_generation_prompt=True)
