@@ -324,7 +324,8 @@ class Engine:
             )
             if parent.proposer is not None:
                 adaptive = parent.controller is None or parent.controller.policy.fixed_k is None
-                engine_spec.start(child, parent.spec_k, adaptive, parent.proposer.name)
+                mode = "auto" if parent.alternatives is not None else parent.proposer.name
+                engine_spec.start(child, parent.spec_k, adaptive, mode)
             req.sequences.append(child)
             self.scheduler.running.append(child)
             self._sample(child, logits)

@@ -167,6 +167,7 @@ class Scheduler:
             if seq.proposer is None:
                 out.append([])
                 continue
+            seq.draft_q = None  # the draft model's distributions belong to its own proposals only
             if seq.alternatives is not None:
                 engine_spec.choose(seq)
             want = seq.controller.next_k() if seq.controller is not None else seq.spec_k

@@ -203,14 +203,16 @@ def _block_bytes(target) -> int:
     return PagedKVCache.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, DEFAULT_BLOCK_SIZE, dtype)
 
 
-def test_sampled_tokens_follow_the_target_distribution(tiny_model_factory, tmp_path_factory, tokenizer):
+@pytest.mark.parametrize("mode", ["draft", "auto"])
+def test_sampled_tokens_follow_the_target_distribution(tiny_model_factory, tmp_path_factory, tokenizer, mode):
     """Small vocabulary (32 tokens): the 1st..3rd sampled tokens over 2000 runs, chi-square at 0.001 against
     the target's exact distributions; the draft is an unrelated model (another seed), so it is often
     rejected and the residual distribution is exercised; four requests per step, on native and torch."""
     vocab = small_vocab_source(tmp_path_factory.mktemp("vocab") / "v32.gguf", 32)
     shape = dict(n_layers=1, hidden=64, ffn=128, n_heads=2, n_kv_heads=1, vocab_from=vocab)
     params = SamplingParams(temperature=2.5, top_k=20, top_p=0.95, min_p=0.0, max_tokens=4)
-    prompt = [3, 17, 9]
+    # auto: a self-repeating prompt, so prompt lookup proposes too (and the draft where it has no match)
+    prompt = [3, 17, 9] if mode == "draft" else [3, 17, 9, 3, 17, 9, 3]
     runs = 2000
     draft = open_native(tiny_model_factory(qtype="Q4_0", seed=6, **shape), tokenizer, n_ctx=64)
     for qtype in ("Q8_0", "F32"):
@@ -226,7 +228,7 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_factory, tmp_p
                     prompt,
                     SamplingParams(**{**vars(params), "seed": seed}),
                     ignore_eos=True,
-                    speculate="draft",
+                    speculate=mode,
                     spec_adaptive=False,
                     spec_k=3,
                 )
@@ -252,3 +254,15 @@ def test_draft_needs_an_engine_with_a_draft_model(pair):
     engine = Engine(target.model, context_length=512, kv_memory=8 << 20, threaded=False)
     with pytest.raises(ValueError, match="draft model"):
         engine.submit([1, 2, 3], SamplingParams(temperature=0), speculate="draft")
+
+
+def test_parallel_samples_of_a_drafting_request_each_draft(pair, tokenizer):
+    """n = 3 samples forked from one prompt: each keeps both proposers (auto) and its own draft table."""
+    (prompt,) = prompts_for(tokenizer, 1, seed=5)
+    engine = engine_for(pair)
+    params = SamplingParams(temperature=0.9, seed=7, max_tokens=24)
+    req = engine.submit(prompt, params, n=3, ignore_eos=True, speculate="auto", spec_k=3, spec_adaptive=False)
+    engine.run_until_idle()
+    assert [len(list(s)) for s in req.streams] == [24, 24, 24]
+    assert all(s.finish.spec.proposer == "draft+ngram" for s in req.streams)
+    assert engine.allocator.num_used == 0 and engine.drafter.allocator.num_used == 0
