@@ -26,9 +26,8 @@ import time
 import numpy as np
 import torch
 
-from ripelm.runtime.kv_cache import PagedKVCache
+from ripelm.runtime.kv_cache import paged_cache_for
 from ripelm.runtime.model import Transformer
-from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
 from ripelm.runtime.sampling import penalized_logits, token_probs
 from ripelm.runtime.sequence import Sequence
 from ripelm.runtime.step_forward import StepForward
@@ -36,26 +35,12 @@ from ripelm.runtime.step_forward import StepForward
 
 class DraftRunner:
     def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, hash_fn, vocab: int):  # noqa: ANN001
-        cfg = model.cfg
         native = getattr(model, "native", None)
-        kv_dtype = NATIVE_KV_DTYPE if native is not None else model.dtype
         self.model = model
         self.vocab = vocab  # the target's: the draft's rows past it (if any) are never proposed
-        self.cache = PagedKVCache(
-            cfg.n_layers,
-            num_blocks,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            block_size=block_size,
-            dtype=kv_dtype,
-            device=model.device,
-            hash_fn=hash_fn,
-        )
+        self.cache = paged_cache_for(model, num_blocks, block_size, hash_fn)
         self.allocator = self.cache.allocator
         self.forward = StepForward(model, self.cache, native.runner(self.cache) if native else None, None)
-        self.bytes_per_block = PagedKVCache.bytes_per_block(
-            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, kv_dtype
-        )
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's draft blocks (its full blocks stay in the draft's prefix cache)."""

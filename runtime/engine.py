@@ -27,9 +27,14 @@ from ripelm.runtime.engine_counters import EngineCounters
 from ripelm.runtime.engine_spec import DEFAULT_SPEC_K, SPEC_MAX_ROWS, SPECULATE_MODES
 from ripelm.runtime.errors import BackendError, ContextOverflowError
 from ripelm.runtime.grammar import Constraint
-from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_pool_blocks
+from ripelm.runtime.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    PagedKVCache,
+    kv_dtype_for,
+    kv_pool_blocks,
+    paged_cache_for,
+)
 from ripelm.runtime.model import ForwardInterrupted, Transformer
-from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.scheduler import Scheduler, StepPlan
 from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
@@ -66,24 +71,13 @@ class Engine:
         self.model = model
         self.context_length = context_length
         self.eog_ids = frozenset(eog_ids)
-        # The native step keeps K/V in float16, as llama.cpp does (bfloat16 keys cost it agreement).
-        kv_dtype = NATIVE_KV_DTYPE if getattr(model, "native", None) is not None else model.dtype
         per_block = PagedKVCache.bytes_per_block(
-            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, kv_dtype
+            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, kv_dtype_for(model)
         )
         blocks = kv_pool_blocks(
             per_block, context_length, block_size, kv_memory, psutil.virtual_memory().available
         )
-        self.cache = PagedKVCache(
-            cfg.n_layers,
-            blocks,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            block_size=block_size,
-            dtype=kv_dtype,
-            device=model.device,
-            hash_fn=hash_fn,
-        )
+        self.cache = paged_cache_for(model, blocks, block_size, hash_fn)
         self.allocator = self.cache.allocator
         # The native CPU step runs decode steps and short prefill chunks when the model has it.
         self.native = model.native.runner(self.cache) if getattr(model, "native", None) is not None else None

@@ -269,3 +269,26 @@ def kv_pool_blocks(
     one_context = -(-context_length // block_size)
     share = min(int(available * DEFAULT_KV_FRACTION), DEFAULT_KV_CAP) // bytes_per_block
     return max(min(share, DEFAULT_KV_CONTEXTS * one_context), one_context)
+
+
+def kv_dtype_for(model) -> torch.dtype:  # noqa: ANN001 - a runtime.model.Transformer
+    """The K/V dtype of a model's paged pool: float16 on the native step (as llama.cpp keeps it; bfloat16
+    keys cost it agreement), else the model's compute dtype."""
+    from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
+
+    return NATIVE_KV_DTYPE if getattr(model, "native", None) is not None else model.dtype
+
+
+def paged_cache_for(model, num_blocks: int, block_size: int, hash_fn) -> PagedKVCache:  # noqa: ANN001
+    """A paged pool shaped for `model` (its layers, K/V heads, head size, K/V dtype and device)."""
+    cfg = model.cfg
+    return PagedKVCache(
+        cfg.n_layers,
+        num_blocks,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        block_size=block_size,
+        dtype=kv_dtype_for(model),
+        device=model.device,
+        hash_fn=hash_fn,
+    )

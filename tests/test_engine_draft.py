@@ -195,11 +195,10 @@ def test_preempted_drafting_sequences_recompute_correctly(pair, tokenizer):
 
 
 def _block_bytes(target) -> int:
-    from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
-    from ripelm.runtime.native_decode import NATIVE_KV_DTYPE
+    from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, kv_dtype_for
 
     cfg = target.model.cfg
-    dtype = NATIVE_KV_DTYPE if target.model.native is not None else target.model.dtype
+    dtype = kv_dtype_for(target.model)
     return PagedKVCache.bytes_per_block(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, DEFAULT_BLOCK_SIZE, dtype)
 
 
