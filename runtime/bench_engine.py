@@ -22,7 +22,7 @@ import torch
 from ripelm.runtime.bench_worker import prompt_tokens
 from ripelm.runtime.engine import Engine
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
-from ripelm.runtime.native import NativeBackend
+from ripelm.runtime.native import LoadedModel
 from ripelm.runtime.sampling import SamplingParams
 
 
@@ -46,7 +46,7 @@ def decode_throughput(engine: Engine, prompts: list[list[int]], n_gen: int) -> f
 
 
 def bench_batch(model: str, batch: int, n_prompt: int, n_gen: int, device: str | None) -> dict:
-    b = NativeBackend(model, device=device, n_ctx=n_prompt + n_gen + 16)
+    b = LoadedModel(model, device=device, n_ctx=n_prompt + n_gen + 16)
     # A pool that holds every stream at full length (plus a block each for the admission margin): the
     # default pool (a few context windows) would preempt streams and measure recomputation instead.
     bs = DEFAULT_BLOCK_SIZE
@@ -72,7 +72,7 @@ def bench_batch(model: str, batch: int, n_prompt: int, n_gen: int, device: str |
 def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:
     rng = random.Random(seed)
     shapes = [(rng.randint(16, 2048), rng.randint(16, 512)) for _ in range(requests)]
-    b = NativeBackend(model, device=device, n_ctx=2048 + 512 + 16)
+    b = LoadedModel(model, device=device, n_ctx=2048 + 512 + 16)
     ctx = b.context_length
     engine = Engine(b.model, context_length=ctx, kv_memory=1 << 30, threaded=False)
     text = prompt_tokens(b.tokenizer, 2048 + requests)
@@ -120,7 +120,7 @@ def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:
 def bench_chat(model: str, n_prompt: int, n_gen: int, device: str | None) -> dict:
     """Time to first token of a second chat turn, with the first turn's blocks in the prefix cache and
     with the cache emptied first (the same prompt computed from scratch)."""
-    b = NativeBackend(model, device=device, n_ctx=2 * (n_prompt + n_gen) + 256)
+    b = LoadedModel(model, device=device, n_ctx=2 * (n_prompt + n_gen) + 256)
     engine = Engine(b.model, context_length=b.context_length, threaded=False)
     words = b.tokenizer.decode(prompt_tokens(b.tokenizer, n_prompt))
     messages = [{"role": "user", "content": words}]

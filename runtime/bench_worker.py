@@ -39,10 +39,10 @@ def run(engine: str, model: str, n_prompt: int, n_gen: int, threads: int, device
     if engine == "native":
         import torch
 
-        from ripelm.runtime.native import NativeBackend
+        from ripelm.runtime.native import LoadedModel
 
         torch.set_num_threads(threads)
-        b = NativeBackend(model, device=device, n_ctx=n_prompt + n_gen + 16)
+        b = LoadedModel(model, device=device, n_ctx=n_prompt + n_gen + 16)
     else:
         from ripelm.runtime.llama_cpp_backend import LlamaCppBackend
 

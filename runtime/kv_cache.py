@@ -3,8 +3,6 @@
 `PagedKVCache` is the engine's memory: one pool per layer, `[num_blocks, block_size, kv_heads,
 head_dim]` for K and for V, sized from a memory budget, with a `BlockAllocator` saying which blocks
 hold which tokens. `PagedStep` is what one batched forward attends through.
-`ContiguousKVCache` reserves one head-major [kv_heads, max_len, head_dim] buffer per layer for a single
-sequence: the plain single-sequence path the paged engine is checked against.
 The forward only talks to a cache through `attend(layer, q, k, v)`.
 """
 
@@ -17,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ripelm.kernels.attention import attention, decode_attention, decode_bucket, window_attention
+from ripelm.kernels.attention import decode_attention
 from ripelm.kernels.paged_attention import (
     DecodeGroup,
     PagedBatch,
@@ -27,107 +25,12 @@ from ripelm.kernels.paged_attention import (
     paged_window_attention,
 )
 from ripelm.runtime.block_allocator import BlockAllocator, chain_hash
-from ripelm.runtime.errors import BadSettingError, ContextOverflowError
+from ripelm.runtime.errors import BadSettingError
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_FRACTION = 0.25  # of available memory, when no --kv-memory is given
 DEFAULT_KV_CAP = 2 << 30  # bytes; more only on request
 DEFAULT_KV_CONTEXTS = 4  # ... and no more than this many full context windows
-
-
-def check_span(length: int, max_len: int, start: int, count: int) -> None:
-    """A single-sequence cache holding `length` tokens can take positions start..start+count-1."""
-    if start > length:
-        raise ValueError(f"cache holds {length} tokens, cannot write at {start}")
-    if start + count > max_len:
-        raise ContextOverflowError(f"{start + count} tokens do not fit the context window of {max_len}")
-
-
-class ContiguousKVCache:
-    def __init__(
-        self,
-        n_layers: int,
-        max_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cpu",
-    ):
-        self.max_len = max_len
-        self.k = torch.zeros(n_layers, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0  # tokens whose K/V are stored (positions 0..length-1)
-        self._start = 0
-        self._end = 0
-
-    def begin(self, start: int, count: int) -> None:
-        """Announce that the next forward writes positions start..start+count-1 (start <= length)."""
-        check_span(self.length, self.max_len, start, count)
-        self._start, self._end = start, start + count
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s, e = self._start, self._end
-        self.k[layer, :, s:e] = k.transpose(0, 1)
-        self.v[layer, :, s:e] = v.transpose(0, 1)
-        if layer == self.k.shape[0] - 1:
-            self.length = e
-        # A decode step reads its whole padded bucket straight from the buffer (masked past e).
-        end = min(self.max_len, decode_bucket(e)) if e - s == 1 else e
-        return attention(q, self.k[layer, :, :end], self.v[layer, :, :end], s, length=e)
-
-    def attend_window(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
-    ) -> torch.Tensor:
-        """`attend` for a sliding-window layer: each query sees only the last `window` positions."""
-        s, e = self._start, self._end
-        self.k[layer, :, s:e] = k.transpose(0, 1)
-        self.v[layer, :, s:e] = v.transpose(0, 1)
-        if layer == self.k.shape[0] - 1:
-            self.length = e
-        return window_attention(q, self.k[layer, :, :e], self.v[layer, :, :e], s, window)
-
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (rewind for a new prompt sharing a prefix, or rejected drafts)."""
-        self.length = min(self.length, max(0, length))
-
-
-class SequencePool:
-    """One sequence's K/V in a paged pool of its own, in blocks 0, 1, 2, ... (the single-sequence backend's
-    cache when the native step runs it: that step reads paged pools through block tables)."""
-
-    def __init__(
-        self,
-        n_layers: int,
-        max_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype = torch.bfloat16,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-    ):
-        self.max_len = max_len
-        self.paged = PagedKVCache(
-            n_layers, -(-max_len // block_size), n_kv_heads, head_dim, block_size=block_size, dtype=dtype
-        )
-        self.length = 0
-
-    def table(self, n: int) -> list[int]:
-        """The block table of the first n positions."""
-        return list(range(-(-n // self.paged.block_size)))
-
-    def begin(self, start: int, count: int) -> None:
-        check_span(self.length, self.max_len, start, count)
-
-    def step(self, start: int, count: int) -> PagedStep:
-        """What the torch forward attends through for positions start..start+count-1."""
-        n = start + count
-        bs = self.paged.block_size
-        return PagedStep(
-            self.paged, PagedBatch(bs, [self.table(n)], [count], [n], num_blocks=-(-self.max_len // bs))
-        )
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, max(0, length))
 
 
 class PagedKVCache:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+from native_reference import NativeBackend
 
-from ripelm.runtime.native import NativeBackend
 from ripelm.runtime.tokenizer import Tokenizer
 
 

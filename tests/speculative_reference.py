@@ -27,7 +27,7 @@ from ripelm.runtime.spec_control import DraftPolicy, SpecController
 from ripelm.runtime.spec_verify import verify_greedy, verify_sampled
 
 if TYPE_CHECKING:
-    from ripelm.runtime.native import NativeBackend
+    from native_reference import NativeBackend
 
 
 def _hold(backend: NativeBackend, tokens: list[int]) -> int:

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+from native_reference import NativeBackend
 
 from ripelm.runtime.backend import GenerationStats
 from ripelm.runtime.engine import Engine, KVPoolError
-from ripelm.runtime.native import NativeBackend
 from ripelm.runtime.sampling import SamplingParams
 
 ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_text()

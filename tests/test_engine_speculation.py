@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from native_reference import NativeBackend
 from small_vocab import open_native, small_vocab_source
 from test_spec_verify import chi_square_p_value
 from test_speculative import exact_marginals
 
+from ripelm.runtime import engine_spec
 from ripelm.runtime.engine import SPEC_MAX_ROWS, Engine
-from ripelm.runtime.native import NativeBackend
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.sequence import Finish, SpecTally
 from ripelm.runtime.tokenizer import Tokenizer
@@ -293,12 +294,14 @@ def test_the_prefix_cache_serves_a_speculating_sequences_history(bundled, prompt
 
 
 def test_sampled_tokens_follow_the_target_distribution(
-    tiny_model_factory, tmp_path_factory, bundled_model_path
+    tiny_model_factory, tmp_path_factory, bundled_model_path, monkeypatch
 ):
     """Small vocabulary (32 tokens), one small layer, temperature 2.5 with top-k and top-p: the 1st, 2nd and
     3rd sampled tokens over 2000 runs, chi-square at significance 0.001 against the exact distributions
-    (enumerated), with prompt lookup proposing after a self-repeating prompt; on the native step (Q4_0)
-    and on torch (F32). Requests go four at a time, so the steps also batch."""
+    (enumerated), with prompt lookup proposing after a self-repeating prompt (matches from one token on, so
+    that many proposals are rejected and many accepted); on the native step (Q4_0) and on torch (F32).
+    Requests go four at a time, so the steps also batch."""
+    monkeypatch.setattr(engine_spec, "NGRAM_SIZES", (1, 3))
     tokenizer = Tokenizer(bundled_model_path)
     vocab = small_vocab_source(tmp_path_factory.mktemp("vocab") / "v32.gguf", 32)
     shape = dict(n_layers=1, hidden=64, ffn=128, n_heads=2, n_kv_heads=1, vocab_from=vocab)

@@ -15,14 +15,16 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from gguf_factory import GEMMA3_WINDOW  # noqa: E402
+from native_reference import (
+    ContiguousKVCache,  # noqa: E402
+    NativeBackend,  # noqa: E402
+)
 from real_models import gemma3_270m  # noqa: E402
 from test_vs_llama_cpp import compare, error_vs_exact  # noqa: E402
 
 from ripelm.kernels import native_lib  # noqa: E402
 from ripelm.kernels.quant_types import QuantType  # noqa: E402
 from ripelm.runtime.backend import GenerationStats  # noqa: E402
-from ripelm.runtime.kv_cache import ContiguousKVCache  # noqa: E402
-from ripelm.runtime.native import NativeBackend  # noqa: E402
 from ripelm.runtime.native_decode import NATIVE_FORMATS  # noqa: E402
 from ripelm.runtime.sampling import SamplingParams  # noqa: E402
 

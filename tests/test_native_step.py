@@ -320,7 +320,7 @@ def test_attention_range_matches_softmax_reference(isa, kv_f16, n_keys, g, d):
 
 
 def _backend(path, **kw):
-    from ripelm.runtime.native import NativeBackend
+    from native_reference import NativeBackend
 
     return NativeBackend(path, device="cpu", n_ctx=512, **kw)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from native_reference import NativeBackend
 from small_vocab import open_native, reset, small_vocab_source
 from speculative_reference import SpeculativeBackend
 from test_spec_verify import chi_square_p_value
 
 from ripelm.models.quantize import quantize_model
 from ripelm.runtime.backend import GenerationStats, stream
-from ripelm.runtime.native import NativeBackend
 from ripelm.runtime.sampling import SamplingParams, token_probs
 from ripelm.runtime.spec_control import DraftPolicy
 from ripelm.runtime.tokenizer import Tokenizer

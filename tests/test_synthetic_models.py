@@ -24,9 +24,10 @@ def test_synthetic_model_loads_and_runs_on_both_engines(tmp_path, bundled_model_
     g.close()
     assert types == {int(shape.types("attn_q", 0)), int(shape.types("ffn_down", 0))}
 
+    from native_reference import NativeBackend
+
     from ripelm.runtime import native_decode
     from ripelm.runtime.llama_cpp_backend import LlamaCppBackend
-    from ripelm.runtime.native import NativeBackend
 
     native = NativeBackend(path, device="cpu", n_ctx=128)
     # every shape runs on the native CPU step (no "native CPU decode step not used" notice)

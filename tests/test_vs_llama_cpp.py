@@ -18,10 +18,11 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
+from native_reference import NativeBackend  # noqa: E402
+
 from ripelm.kernels import native_lib  # noqa: E402
 from ripelm.kernels.quant_types import QuantType  # noqa: E402
 from ripelm.runtime.llama_cpp_backend import LlamaCppBackend  # noqa: E402
-from ripelm.runtime.native import NativeBackend  # noqa: E402
 from ripelm.runtime.native_decode import NATIVE_FORMATS  # noqa: E402
 
 ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_text()
