@@ -40,11 +40,13 @@ class MemoryActions:
     memory_config: MemoryConfig
     memory_embedder: MemoryEmbedder
     memory_notices: list[str]  # what the app said about memories (the tests read it)
+    recalled_turns: list[dict[str, str]] | None  # the last prompt memories were recalled into
 
     def setup_memory(self, config: MemoryConfig | None) -> None:
         self.memory_config = config or MemoryConfig()
         self.memory_embedder = MemoryEmbedder()
         self.memory_notices = []
+        self.recalled_turns = None
 
     def _memory_note(self, text: str, *, error: bool = False) -> None:
         self.memory_notices.append(text)
@@ -102,7 +104,8 @@ class MemoryActions:
         reply.recorder.memories = [m.id for m in used]
         note = f"{len(used)} memor{'y' if len(used) == 1 else 'ies'} recalled"
         self.call_from_thread(self.query_one(StatusBar).show, notice=note)
-        return with_memories(turns, used)
+        self.recalled_turns = with_memories(turns, used)
+        return self.recalled_turns
 
     def action_memories(self) -> None:
         """The memory panel: see, edit and delete memories; Enter opens where one was said."""
