@@ -51,6 +51,8 @@ def test_memory_across_chats_panel_and_provenance(backend, tmp_path, monkeypatch
             (mem,) = store.memories()
             assert (mem.content, mem.chat_id, mem.message_id) == (NAME, first, said.id)
             assert any(f"remembered #{mem.id}" in n for n in app.memory_notices)
+            for i in range(12):  # a longer chat, so that the source message is out of view when it opens
+                store.add_message(first, "user" if i % 2 == 0 else "assistant", f"line {i}\n" * 3)
 
             # a new chat: the fact is in the prompt of its first reply, and the reply records it
             await pilot.press("ctrl+n")
@@ -90,7 +92,10 @@ def test_memory_across_chats_panel_and_provenance(backend, tmp_path, monkeypatch
                 what="the source message selected",
             )
             conv = app.query_one("#conversation")
-            assert conv.scroll_y <= app.focused.region.y - conv.region.y + conv.scroll_y  # scrolled to it
+            assert conv.max_scroll_y > 0  # the chat is longer than the screen: the message is scrolled to
+            await wait_until(pilot, lambda: conv.region.overlaps(app.focused.region), what="it in view")
+            await pilot.pause(0.3)
+            assert conv.region.overlaps(app.focused.region)  # and stays there
 
             # memory off for a chat: nothing recalled, nothing saved; deleting it keeps the memory
             await pilot.press("ctrl+n")
