@@ -58,6 +58,12 @@ _PASSING = {
     "so", "very", "really", "also", "a", "an", "the", "in", "on", "at", "with", "getting", "having",
     "interested", "excited", "worried", "new", "kidding", "joking",
 }  # fmt: skip
+# "I have a question", "my code is broken", "I'm a bit lost": about the conversation, not the user
+_NOT_FACTS = {
+    "question", "questions", "problem", "problems", "issue", "issues", "error", "errors", "bug", "bugs",
+    "request", "point", "answer", "guess", "bad", "doubt", "query", "idea", "task", "bit", "little", "lot",
+    "broken", "failing", "crashing", "wrong", "down", "missing", "giving", "throwing", "returning", "too",
+}  # fmt: skip
 _IDENTITY = re.compile(r"^(?:a|an)\s+\w+", re.I)  # "I'm a teacher", "I am an engineer"
 _PLACE = re.compile(r"^(?:from|based in|living in)\s+\w", re.I)
 
@@ -82,16 +88,21 @@ def _fact(sentence: str) -> str | None:
         name = " ".join(w[:1].upper() + w[1:] for w in m.group(1).split())
         return f"The user's name is {name}."
     if m := _VERB.match(s):
+        if _NOT_FACTS & set(m.group(2).lower().split()[:3]):
+            return None
         return f"The user {_VERBS[m.group(1).lower()]} {_third_person(m.group(2))}."
     if m := _MY.match(s):
-        if m.group(1).lower() == "name":
-            return None  # "my name is ..." with more than a name after it
+        words = {*m.group(1).lower().split(), m.group(3).split()[0].lower()}
+        if m.group(1).lower() == "name" or _NOT_FACTS & words:
+            return None  # "my name is ..." with more than a name after it; "my code is broken"
         return f"The user's {m.group(1)} {m.group(2)} {_third_person(m.group(3))}."
     if m := _IAM.match(s):
         rest = m.group(1)
         first = rest.split()[0].lower().strip(",")
         if re.fullmatch(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)?", rest) and first not in _PASSING:
             return f"The user's name is {rest}."  # "I'm Sam"
+        if _NOT_FACTS & set(rest.lower().split()[:2]):
+            return None
         if _IDENTITY.match(rest) or _PLACE.match(rest):
             return f"The user is {_third_person(rest)}."
         if first in _PASSING or first.endswith("ing") or len(rest.split()) > 6:

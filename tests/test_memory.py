@@ -30,6 +30,10 @@ from ripelm.memory_recall import HEADER, MemoryEmbedder, gather, rank, recall, w
         ("I'm tired", []),
         ("I'm going to the store", []),
         ("What is my name?", []),
+        ("I have a question about Python.", []),
+        ("My code is broken again.", []),
+        ("I'm a bit confused", []),
+        ("I have two cats.", ["The user has two cats."]),
         ("Write a long story about a dragon.", []),
     ],
 )
