@@ -14,8 +14,8 @@ and the decision is no longer the model's). The rules cost nothing, behave the s
 (native, llama.cpp, ``--engine openai``), and only take what the user plainly said about themselves. A
 model tool can be added on top with :func:`save_memory`.
 
-A detected statement is stored in the third person ("The user's name is Sam."): in the system prompt of
-a later chat, "My name is Sam" reads as the *assistant's* name to a small model.
+A detected statement is stored in the third person ("The user's name is Sam."): recalled in front of a
+later message, a first-person "My name is Sam" would read as if the user said it again there.
 """
 
 from __future__ import annotations

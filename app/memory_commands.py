@@ -150,7 +150,7 @@ class PlainMemory:
         ]
 
     def prompt(self, messages: list[dict[str, str]], backend: Any) -> list[dict[str, str]]:
-        """The messages to send: the memories recalled for the last one added to the system message."""
+        """The messages to send: the memories recalled for the last one put in front of it."""
         from ripelm.memory_recall import recall, token_counter, with_memories
 
         self.used = []

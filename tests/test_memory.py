@@ -133,11 +133,16 @@ def test_recall_hybrid_within_budget(tmp_path, monkeypatch):
     assert recall(store, "name project", embedder.get(), words, budget=one) == both[:1]
     assert recall(store, "name", embedder.get(), words, budget=3) == []
 
-    turns = with_memories([{"role": "user", "content": "hi"}], got[:1])
-    assert turns[0]["role"] == "system" and "The user's name is Sam." in turns[0]["content"]
-    sys_turns = with_memories([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-                              got[:1])  # fmt: skip
-    assert sys_turns[0]["content"].startswith("Be brief.\n\n" + HEADER) and len(sys_turns) == 2
+    chat_turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    sent = with_memories(chat_turns, got[:1])
+    assert sent[:3] == chat_turns[:3]  # the earlier turns as they were: the prefix cache still holds them
+    assert sent[3] == {"role": "user", "content": f"{HEADER}\n- The user's name is Sam.\n\nWhat is my name?"}
+    assert with_memories(chat_turns, []) == chat_turns
     embedder.close()
     store.close()
 

@@ -67,8 +67,8 @@ def test_openai_engine_memory_in_the_servers_prompt(tiny_model_factory, tmp_path
                 await ask("What is my name?")  # the same, first in a chat with memory
                 reply = store.messages(app.chat.id)[-1]
                 assert reply.stats["memories"] == [store.memories()[0].id]
-                assert "The user's name is Sam." in app.recalled_turns[0]["content"]
-                # the server saw it: the same question, now with the memory in the system message
+                assert "The user's name is Sam." in app.recalled_turns[-1]["content"]
+                # the server saw it: the same question, now with the memory in front of it
                 assert prompt_tokens[1] > prompt_tokens[0] + 10, prompt_tokens
 
         asyncio.run(go())

@@ -31,9 +31,10 @@ async def send(app, pilot, text: str) -> None:
     await wait_until(pilot, lambda: app.replies_started == started + 1 and idle(app), what="the reply")
 
 
-def system_of(app) -> str:
+def recalled(app) -> str:
+    """The message the last reply answered, as sent with the memories recalled into it ("" if none)."""
     turns = app.recalled_turns or []
-    return turns[0]["content"] if turns and turns[0]["role"] == "system" else ""
+    return turns[-1]["content"] if turns and turns[-1]["role"] == "user" else ""
 
 
 def test_memory_across_chats_panel_and_provenance(backend, tmp_path, monkeypatch):
@@ -60,7 +61,7 @@ def test_memory_across_chats_panel_and_provenance(backend, tmp_path, monkeypatch
             second = app.chat.id
             app.recalled_turns = None
             await send(app, pilot, "What is my name?")
-            assert NAME in system_of(app)
+            assert NAME in recalled(app)
             assert store.messages(second)[-1].stats["memories"] == [mem.id]
 
             # /remember, then the panel: edit one, delete the other
@@ -79,7 +80,7 @@ def test_memory_across_chats_panel_and_provenance(backend, tmp_path, monkeypatch
             await pilot.press("escape")
             app.recalled_turns = None
             await send(app, pilot, "Tell me my name again")
-            assert "Samantha" in system_of(app) and "Helix" not in system_of(app)
+            assert "Samantha" in recalled(app) and "Helix" not in recalled(app)
 
             # provenance: Enter on the memory opens the first chat at the message it was said in
             await send(app, pilot, "/memories")

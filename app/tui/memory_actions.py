@@ -92,7 +92,7 @@ class MemoryActions:
     def recall_into(
         self, turns: list[dict[str, str]], found: Gathered | None, backend: Any, reply: Any
     ) -> list[dict[str, str]]:
-        """In the generation worker: the turns with the recalled memories in the system message."""
+        """In the generation worker: the turns with the recalled memories in front of the last message."""
         if found is None:
             return turns
         ranked = rank(found, self.memory_embedder.get())
