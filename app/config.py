@@ -23,7 +23,7 @@ Everything in it is optional; a command-line flag always wins over the file::
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
     export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats, search_messages,
-                                  #   select_message
+                                  #   select_message, memories
 """
 
 from __future__ import annotations

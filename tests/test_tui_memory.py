@@ -83,7 +83,7 @@ def test_memory_across_chats_panel_and_provenance(backend, tmp_path, monkeypatch
             assert "Samantha" in recalled(app) and "Helix" not in recalled(app)
 
             # provenance: Enter on the memory opens the first chat at the message it was said in
-            await send(app, pilot, "/memories")
+            await pilot.press("f7")
             await wait_until(pilot, lambda: isinstance(app.screen, MemoryPanel), what="the memory panel")
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.chat.id == first, what="the source chat")

@@ -57,6 +57,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
         Binding("f6", "search_chats", "Search", id="search_chats", priority=True),  # over select line
         Binding("ctrl+f", "search_messages", "Search messages", id="search_messages"),
+        Binding("f7", "memories", "Memories", id="memories", priority=True),  # over select all
     ]
 
     def __init__(

@@ -109,6 +109,8 @@ class MemoryActions:
 
     def action_memories(self) -> None:
         """The memory panel: see, edit and delete memories; Enter opens where one was said."""
+        if isinstance(self.screen, MemoryPanel):  # F7 is a priority key: it also reaches the panel
+            return
         self.push_screen(MemoryPanel(self.store), self._memory_chosen)
 
     async def _memory_chosen(self, memory: Memory | None) -> None:
