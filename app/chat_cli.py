@@ -23,7 +23,10 @@ def add_parser(sub: argparse._SubParsersAction, *, model_args: ArgAdder, samplin
         "Enter sends (Ctrl+J: a new line), Esc stops a reply, Ctrl+R regenerates, F3 edits your last "
         "message (both keep the old version as a branch), Ctrl+Up selects a message (c copies it, 1-9 a code "
         "block, < > switch versions), Ctrl+F searches all messages, Ctrl+N starts a chat, Ctrl+P lists "
-        "every command, Ctrl+Q quits. Keys can be changed under [keys] in config.toml. Without a terminal "
+        "every command, Ctrl+Q quits. Memory: what you state about yourself (\"call me Sam\") is remembered "
+        "and recalled in later chats; /remember TEXT, /forget N, /memories (see, edit, delete), /memory off "
+        "(this chat), [memory] in config.toml. Keys can be changed under [keys] in config.toml. "
+        "Without a terminal "
         "(or with --plain) it is a line-based chat: /exit or Ctrl-D "
         "leaves.",
     )
@@ -69,6 +72,7 @@ def run_app(args: argparse.Namespace) -> int:
             theme=cfg.theme,
             config_path=cfg.path or config_path(),
             default_model=default_model,
+            memory=cfg.memory,
         )
         app.run()
     finally:

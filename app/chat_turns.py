@@ -144,6 +144,7 @@ class ReplyRecorder:
     store: ChatStore
     message: Message
     text: list[str] = field(default_factory=list)
+    memories: list[int] = field(default_factory=list)  # ids of the memories recalled into its prompt
     _last_save: float = 0.0
 
     @classmethod
@@ -177,5 +178,7 @@ class ReplyRecorder:
         else:
             state = DONE
         record = stats_record(stats) if stats is not None else None
+        if self.memories:
+            record = {**(record or {}), "memories": list(self.memories)}
         self.store.save_reply(self.message.id, self.content, state=state, stats=record)
         return state

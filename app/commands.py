@@ -171,11 +171,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """A line-based chat; the cache keeps earlier turns, so each turn only prefills what is new."""
+    """A line-based chat; the cache keeps earlier turns, so each turn only prefills what is new. Memory
+    commands and recall as in the app (memory_commands.PlainMemory)."""
+    from ripelm.memory_commands import HELP, PlainMemory
+
     params = sampling_from_args(args)
+    memory = PlainMemory(load_config().memory)
     backend = open_from_args(args)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"ripe chat — {backend.name} on {backend.device}. /exit or Ctrl-D to leave, /reset to start over.")
+    if memory.store is not None:
+        print(f"memory: {HELP}")
     try:
         while True:
             try:
@@ -191,9 +197,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if cmd == "/reset":
                 messages = messages[:1] if args.system else []
                 continue
+            said = memory.command(cmd)
+            if said is not None:
+                print(said)
+                continue
+            for note in memory.noticed(line):
+                print(note)
             messages.append({"role": "user", "content": line})
             try:
-                reply, stats = _reply(backend, messages, params)
+                reply, stats = _reply(backend, memory.prompt(messages, backend), params)
             except KeyboardInterrupt:
                 print("\n[interrupted]")
                 messages.pop()
@@ -201,7 +213,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print()
             spec = f", {stats.acceptance_rate * 100:.0f}% of drafts accepted" if stats.drafted else ""
             speed = f"{stats.decode_tok_s:.1f} tok/s, ttft {stats.ttft_s * 1000:.0f} ms"
-            print(f"[{speed}{spec}]", file=sys.stderr)
+            recalled = f", {len(memory.used)} memories recalled" if memory.used else ""
+            print(f"[{speed}{spec}{recalled}]", file=sys.stderr)
             messages.append({"role": "assistant", "content": reply})
     finally:
         backend.close()
+        memory.close()

@@ -15,10 +15,15 @@ Everything in it is optional; a command-line flag always wins over the file::
     enter_sends = true            # false: Enter starts a new line, Ctrl+J (or Shift+Enter) sends
     theme = "nord"                # the app's theme (the app saves the one picked with Ctrl+P > Theme)
 
+    [memory]                      # `ripe chat`: facts about you, recalled in later chats
+    enabled = true                # false: nothing is saved or recalled (per chat: /memory off)
+    budget_tokens = 150           # at most this many prompt tokens of memories per reply
+    auto = true                   # save what you state about yourself ("call me Sam"); false: /remember only
+
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
     export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats, search_messages,
-                                  #   select_message
+                                  #   select_message, memories
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ class OpenAIConfig:
 
 
 @dataclass
+class MemoryConfig:
+    enabled: bool = True
+    budget_tokens: int = 150
+    auto: bool = True
+
+
+@dataclass
 class Config:
     model: str | None = None
     engine: str | None = None
@@ -54,6 +66,7 @@ class Config:
     keys: dict[str, str] = field(default_factory=dict)  # chat app binding id -> key(s)
     enter_sends: bool = True  # [chat]: Enter sends the message (else Ctrl+J does)
     theme: str | None = None  # [chat]: the chat app's theme
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     path: Path | None = None
 
 
@@ -99,11 +112,25 @@ def load_config(path: Path | None = None) -> Config:
     enter_sends = _take(chat, "enter_sends", bool, f"{where} [chat]")
     cfg.enter_sends = True if enter_sends is None else enter_sends
     cfg.theme = _take(chat, "theme", str, f"{where} [chat]")
+    mem = data.pop("memory", {})
+    if not isinstance(mem, dict):
+        raise ConfigError(f"{where}: [memory] must be a table")
+    w = f"{where} [memory]"
+    enabled, budget, auto = (_take(mem, k, t, w) for k, t in (("enabled", bool), ("budget_tokens", int),
+                                                                ("auto", bool)))  # fmt: skip
+    if budget is not None and not 0 <= budget <= 4096:
+        raise ConfigError(f"{w}: budget_tokens must be between 0 and 4096, not {budget}")
+    cfg.memory = MemoryConfig(
+        enabled=True if enabled is None else enabled,
+        budget_tokens=150 if budget is None else budget,
+        auto=True if auto is None else auto,
+    )
     keys = data.pop("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')
     cfg.keys = dict(keys)
-    unknown = [*data, *(f"openai.{k}" for k in section), *(f"chat.{k}" for k in chat)]
+    unknown = [*data, *(f"openai.{k}" for k in section), *(f"chat.{k}" for k in chat),
+               *(f"memory.{k}" for k in mem)]  # fmt: skip
     if unknown:
         raise ConfigError(f"{where}: unknown settings: {', '.join(unknown)}")
     return cfg

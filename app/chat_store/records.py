@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ripelm.models.errors import RipelmError
+
+
+class ChatStoreError(RipelmError):
+    """The chat database cannot be opened, is from a newer ripelm, or a chat, message or memory does not
+    exist."""
+
+
 # How a stored message ended. An assistant reply is written as "partial" while it streams and becomes
 # "done", "cancelled" (Esc: the text so far is kept) or "error" when it ends; a reply still "partial"
 # after a restart was cut off by a crash or a kill.
@@ -25,6 +33,7 @@ class Chat:
     system: str | None = None  # system prompt
     params: dict[str, Any] = field(default_factory=dict)  # sampling settings (SamplingParams field names)
     collection: str | None = None  # attached document collection for Q&A
+    memory: bool = True  # memories are recalled into this chat and saved from it
     created: float = 0.0
     updated: float = 0.0
 
@@ -51,3 +60,18 @@ class SearchHit:
     chat_title: str
     role: str
     snippet: str
+
+
+@dataclass
+class Memory:
+    """A fact or preference about the user, with where it was said: the chat and message (None once they
+    are deleted, or when it was saved outside a stored chat)."""
+
+    id: int
+    content: str
+    chat_id: int | None = None
+    message_id: int | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    embedder: str | None = None  # fingerprint of the embedder that made `vector`
+    vector: bytes | None = None  # float32, unit length

@@ -22,14 +22,20 @@ from typing import Any
 
 import sqlite_utils
 
-from ripelm.chat_store.records import DONE, MATCH_END, MATCH_START, PARTIAL, STATES, Chat, Message, SearchHit
+from ripelm.chat_store.memories import MemoryRecords
+from ripelm.chat_store.records import (
+    DONE,
+    MATCH_END,
+    MATCH_START,
+    PARTIAL,
+    STATES,
+    Chat,
+    ChatStoreError,
+    Message,
+    SearchHit,
+)
 from ripelm.chat_store.upgrades import SCHEMA_VERSION, schema_version, upgrade
-from ripelm.models.errors import RipelmError
 from ripelm.models.store import data_dir
-
-
-class ChatStoreError(RipelmError):
-    """The chat database cannot be opened, is from a newer ripelm, or a chat does not exist."""
 
 
 def chats_db_path() -> Path:
@@ -45,6 +51,7 @@ def _chat(row: dict[str, Any]) -> Chat:
         system=row["system"],
         params=json.loads(row["params"] or "{}"),
         collection=row["collection"],
+        memory=bool(row.get("memory", 1)),
         created=row["created"],
         updated=row["updated"],
     )
@@ -63,10 +70,10 @@ def _message(row: dict[str, Any]) -> Message:
     )
 
 
-_CHAT_FIELDS = ("title", "model", "draft", "system", "params", "collection")
+_CHAT_FIELDS = ("title", "model", "draft", "system", "params", "collection", "memory")
 
 
-class ChatStore:
+class ChatStore(MemoryRecords):
     def __init__(self, path: Path | None = None):
         self.path = path or chats_db_path()
         try:
@@ -125,7 +132,7 @@ class ChatStore:
         for k, v in settings.items():
             if k not in _CHAT_FIELDS:
                 raise ChatStoreError(f"unknown chat setting '{k}'")
-            row[k] = json.dumps(v) if k == "params" else v
+            row[k] = json.dumps(v) if k == "params" else int(v) if k == "memory" else v
         row["updated"] = time.time()
         self.db.table("chats").update(chat_id, row)
         return self.chat(chat_id)

@@ -136,12 +136,53 @@ def _v5_branches(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX messages_by_parent ON messages(parent_id)")
 
 
+def _v6_memories(conn: sqlite3.Connection) -> None:
+    """Memories: facts and preferences about the user, kept across chats, each with where it was said
+    (`chat_id`, `message_id`; NULL once that chat or message is deleted, or for one saved outside a stored
+    chat). `vector` is the memory's embedding (float32, unit length) by the embedder named in `embedder`
+    (its fingerprint), filled in when one is available; an FTS5 index kept in step by triggers gives the
+    BM25 side of the hybrid search. `chats.memory` = 0 turns memory off for that chat."""
+    conn.execute(
+        """CREATE TABLE memories (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            content TEXT NOT NULL,
+            chat_id INTEGER REFERENCES chats(id) ON DELETE SET NULL,
+            message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            embedder TEXT,
+            vector BLOB
+        )"""
+    )
+    conn.execute("CREATE INDEX memories_by_chat ON memories(chat_id)")
+    conn.execute("CREATE INDEX memories_by_message ON memories(message_id)")
+    conn.execute(
+        "CREATE VIRTUAL TABLE memories_fts USING fts5(content, content='memories', content_rowid='id', "
+        "tokenize='unicode61 remove_diacritics 2')"
+    )
+    conn.execute(
+        "CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN "
+        "INSERT INTO memories_fts(rowid, content) VALUES (new.id, new.content); END"
+    )
+    conn.execute(
+        "CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN "
+        "INSERT INTO memories_fts(memories_fts, rowid, content) VALUES ('delete', old.id, old.content); END"
+    )
+    conn.execute(
+        "CREATE TRIGGER memories_fts_update AFTER UPDATE OF content ON memories BEGIN "
+        "INSERT INTO memories_fts(memories_fts, rowid, content) VALUES ('delete', old.id, old.content); "
+        "INSERT INTO memories_fts(rowid, content) VALUES (new.id, new.content); END"
+    )
+    conn.execute("ALTER TABLE chats ADD COLUMN memory INTEGER NOT NULL DEFAULT 1")
+
+
 UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
     _v1_chats_and_messages,
     _v2_sources,
     _v3_ids_never_reused,
     _v4_message_search,
     _v5_branches,
+    _v6_memories,
 ]
 SCHEMA_VERSION = len(UPGRADES)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from textual import work
@@ -23,37 +22,24 @@ from ripelm.chat_docs import fit_sources, retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
 from ripelm.chat_turns import ReplyRecorder, build_prompt, count_tokens, history, sampling_for
+from ripelm.config import MemoryConfig
 from ripelm.doc_qa import CitationFilter
 from ripelm.generation import Generation, RemoteGeneration
+from ripelm.memory_recall import Gathered
 from ripelm.runtime.sampling import SamplingParams
+from ripelm.tui.active_reply import ActiveReply
 from ripelm.tui.backends import BackendPool
 from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
+from ripelm.tui.memory_actions import MemoryActions
 from ripelm.tui.message_view import MessageView
-from ripelm.tui.messages import DELTA_INTERVAL_S, ReplyDelta, ReplyDone, ReplySources, next_delta_interval
+from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources, next_delta_interval
 from ripelm.tui.prompt_area import PromptArea
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 
 
-@dataclass
-class ActiveReply:
-    """The reply being generated: its chat, its generation, where it is stored and shown."""
-
-    id: int
-    chat_id: int
-    generation: Generation | RemoteGeneration | None
-    recorder: ReplyRecorder
-    view: MessageView | None
-    cancel_pressed: float | None = None
-    prompt_tokens: int = 0  # set by the worker once the prompt is built
-    shown_at: float = 0.0  # when the status bar numbers were last refreshed
-    delta_interval: float = DELTA_INTERVAL_S  # seconds between streamed-text updates (next_delta_interval)
-    ui_cpu: float | None = None  # the UI thread's CPU time (time.thread_time) at the last update
-    remote: bool = False  # from a server engine: no token counts while it streams
-
-
-class RipeApp(Branching, ChatActions, App[None]):
+class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -71,6 +57,7 @@ class RipeApp(Branching, ChatActions, App[None]):
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
         Binding("f6", "search_chats", "Search", id="search_chats", priority=True),  # over select line
         Binding("ctrl+f", "search_messages", "Search messages", id="search_messages"),
+        Binding("f7", "memories", "Memories", id="memories", priority=True),  # over select all
     ]
 
     def __init__(
@@ -87,8 +74,10 @@ class RipeApp(Branching, ChatActions, App[None]):
         enter_sends: bool = True,
         theme: str | None = None,
         config_path: Path | None = None,
+        memory: MemoryConfig | None = None,
     ):
         super().__init__()
+        self.setup_memory(memory)  # [memory] in config.toml
         self.store = store
         self.pool = pool
         self.defaults = defaults
@@ -207,6 +196,8 @@ class RipeApp(Branching, ChatActions, App[None]):
             self.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
         event.area.value = ""
+        if await self.memory_command(text):  # /remember, /forget, /memories, /memory on|off
+            return
         if self.editing is not None:
             await self.send_edit(text)
             return
@@ -216,6 +207,7 @@ class RipeApp(Branching, ChatActions, App[None]):
             self.refresh_chat_list()
         msg = self.store.add_message(self.chat.id, "user", text)
         await self.query_one("#conversation").mount(MessageView("user", text, message_id=msg.id))
+        self.notice_memories(text, msg.id)
         await self.start_reply()
 
     async def start_reply(self, replace_from: int | None = None) -> None:
@@ -238,7 +230,8 @@ class RipeApp(Branching, ChatActions, App[None]):
             conv.scroll_end(animate=False)
         else:  # a new version: the branch is shown again, ending in it (open_chat streams into it)
             await self.open_chat(chat.id)
-        self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
+        found = self.memory_gather(turns[-1]["content"]) if turns else None
+        self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params, found)
 
     @work(thread=True, exclusive=False, group="generation")
     def _generate(
@@ -249,6 +242,7 @@ class RipeApp(Branching, ChatActions, App[None]):
         collection: str | None,
         turns: list[dict[str, str]],
         params: SamplingParams,
+        memories: Gathered | None = None,
     ) -> None:
         citations: CitationFilter | None = None
         try:
@@ -269,6 +263,7 @@ class RipeApp(Branching, ChatActions, App[None]):
                     turns = with_sources(turns, sources)
                     citations = CitationFilter({s.number for s in sources})
                     self.post_message(ReplySources(reply.id, source_records(sources)))
+            turns = self.recall_into(turns, memories, backend, reply)
             gen: Generation | RemoteGeneration
             if is_remote(backend):
                 reply.remote = True

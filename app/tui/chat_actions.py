@@ -126,10 +126,13 @@ class ChatActions:
         await self.show_message(hit.message_id)
 
     async def show_message(self, message_id: int) -> None:
-        """Select the message with this id in the open chat (scrolled into view)."""
+        """Select the message with this id in the open chat (scrolled into view: after the refresh, so that
+        the scroll to the end of a chat just opened does not undo it)."""
         for view in self.query(MessageView):
             if view.message_id == message_id:
-                view.focus()
+                view.focus(scroll_visible=False)
+                conv = self.query_one("#conversation")
+                self.call_after_refresh(conv.scroll_to_center, view, animate=False)
                 return
 
     def action_pick_model(self) -> None:
