@@ -15,6 +15,10 @@ Everything in it is optional; a command-line flag always wins over the file::
     enter_sends = true            # false: Enter starts a new line, Ctrl+J (or Shift+Enter) sends
     theme = "nord"                # the app's theme (the app saves the one picked with Ctrl+P > Theme)
 
+    [tools]                       # tools the chat app offers the model (see assistant_tools/settings.py)
+    on = ["read_file"]            #   also off, folders, max_calls, max_file_kb, shell_timeout;
+    folders = ["~/notes"]         #   and [mcp.servers.NAME] with command, args, env, cwd
+
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
     export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats, search_messages,
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ripelm.assistant_tools.settings import ToolSettings, parse_tool_config
 from ripelm.models.errors import RipelmError
 from ripelm.models.store import config_dir
 
@@ -54,6 +59,7 @@ class Config:
     keys: dict[str, str] = field(default_factory=dict)  # chat app binding id -> key(s)
     enter_sends: bool = True  # [chat]: Enter sends the message (else Ctrl+J does)
     theme: str | None = None  # [chat]: the chat app's theme
+    tools: ToolSettings = field(default_factory=ToolSettings)  # [tools] and [mcp.servers.*]
     path: Path | None = None
 
 
@@ -99,6 +105,7 @@ def load_config(path: Path | None = None) -> Config:
     enter_sends = _take(chat, "enter_sends", bool, f"{where} [chat]")
     cfg.enter_sends = True if enter_sends is None else enter_sends
     cfg.theme = _take(chat, "theme", str, f"{where} [chat]")
+    cfg.tools = parse_tool_config(data.pop("tools", None), data.pop("mcp", None), where, ConfigError)
     keys = data.pop("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')
