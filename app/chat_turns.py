@@ -86,7 +86,7 @@ def parse_sampling(text: str, defaults: SamplingParams) -> dict[str, Any]:
 
 
 def format_sampling(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())
+    return " ".join(f"{k}={v}" for k, v in params.items() if k in _NUMERIC)  # not the chat's tool choices
 
 
 def history(chat: Chat, messages: list[Message]) -> list[dict[str, str]]:

@@ -157,7 +157,9 @@ class ToolLoop:
         prompt = self._prompt(parser, messages, schemas)
         params = self.params
         if forced is not None:
-            params = replace(params, grammar=parser.grammar(forced.tools or schemas, forced.choice))
+            syntax = "gbnf" if b.name == "llama.cpp" else "lark"  # llama.cpp's own grammar engine
+            grammar = parser.grammar(forced.tools or schemas, forced.choice, parallel=False, syntax=syntax)
+            params = replace(params, grammar=_no_free_whitespace(grammar))
         with self._lock:
             if self.cancel_requested.is_set():
                 return
@@ -210,6 +212,16 @@ class ToolLoop:
             except json.JSONDecodeError:
                 args = c["arguments"]  # handed to the toolbox, which answers that it is not an object
             calls.append(_Call(c["id"], c["name"], args))
+
+
+def _no_free_whitespace(grammar: tuple[str, str]) -> tuple[str, str]:
+    """The call grammar with JSON whitespace fixed (llguidance's `whitespace_flexible: false` on each
+    embedded `%json` schema): a small model forced into a call otherwise fills it with spaces until its
+    token budget ends (seen with the tiny test models: `<tool_call>\n{` then only spaces)."""
+    kind, text = grammar
+    if kind != "lark":
+        return grammar
+    return kind, text.replace("%json {", '%json {"x-guidance": {"whitespace_flexible": false}, ')
 
 
 @dataclass

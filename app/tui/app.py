@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from textual import work
@@ -19,6 +18,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 
+from ripelm.assistant_tools.settings import ChatTools
 from ripelm.chat_docs import fit_sources, retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
@@ -26,34 +26,19 @@ from ripelm.chat_turns import ReplyRecorder, build_prompt, count_tokens, history
 from ripelm.doc_qa import CitationFilter
 from ripelm.generation import Generation, RemoteGeneration
 from ripelm.runtime.sampling import SamplingParams
+from ripelm.tui.active_reply import ActiveReply
 from ripelm.tui.backends import BackendPool
 from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.message_view import MessageView
-from ripelm.tui.messages import DELTA_INTERVAL_S, ReplyDelta, ReplyDone, ReplySources, next_delta_interval
+from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources, next_delta_interval
 from ripelm.tui.prompt_area import PromptArea
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
+from ripelm.tui.tool_turns import ToolTurns
 
 
-@dataclass
-class ActiveReply:
-    """The reply being generated: its chat, its generation, where it is stored and shown."""
-
-    id: int
-    chat_id: int
-    generation: Generation | RemoteGeneration | None
-    recorder: ReplyRecorder
-    view: MessageView | None
-    cancel_pressed: float | None = None
-    prompt_tokens: int = 0  # set by the worker once the prompt is built
-    shown_at: float = 0.0  # when the status bar numbers were last refreshed
-    delta_interval: float = DELTA_INTERVAL_S  # seconds between streamed-text updates (next_delta_interval)
-    ui_cpu: float | None = None  # the UI thread's CPU time (time.thread_time) at the last update
-    remote: bool = False  # from a server engine: no token counts while it streams
-
-
-class RipeApp(Branching, ChatActions, App[None]):
+class RipeApp(Branching, ChatActions, ToolTurns, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -87,6 +72,7 @@ class RipeApp(Branching, ChatActions, App[None]):
         enter_sends: bool = True,
         theme: str | None = None,
         config_path: Path | None = None,
+        chat_tools: ChatTools | None = None,
     ):
         super().__init__()
         self.store = store
@@ -109,6 +95,7 @@ class RipeApp(Branching, ChatActions, App[None]):
         self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
         self.trim_notices = 0
         self.index_reports: list = []
+        self.chat_tools, self.tool_loops = chat_tools, []  # tools offered to the model (None: no tools)
 
     # ---- layout -----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -207,6 +194,8 @@ class RipeApp(Branching, ChatActions, App[None]):
             self.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
         event.area.value = ""
+        if await self.tools_command(text):
+            return
         if self.editing is not None:
             await self.send_edit(text)
             return
@@ -238,7 +227,10 @@ class RipeApp(Branching, ChatActions, App[None]):
             conv.scroll_end(animate=False)
         else:  # a new version: the branch is shown again, ending in it (open_chat streams into it)
             await self.open_chat(chat.id)
-        self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
+        if self.chat_tools is not None:
+            self.generate_with_tools(self.reply, chat, turns, params)
+        else:
+            self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params)
 
     @work(thread=True, exclusive=False, group="generation")
     def _generate(

@@ -1,0 +1,183 @@
+"""Tools in the chat app, driven with Textual's Pilot against the real engine on a tiny model. A random-
+weight model cannot choose a tool, so the calls are forced by the tool-call parser's grammar (constrained
+sampling); the arguments are pinned with `const` in the schema the grammar follows, while the tool that
+runs is the real one with its real schema. Covered: a file read runs and its result shows (collapsed); a
+shell command runs only after the user confirms that exact command and not after a refusal; the loop is
+cut at the cap; Esc stops a loop; an MCP server (tests/mcp_test_server.py, stdio, the `mcp` SDK) is listed
+and called; `/tools on|off` is kept with the chat."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from tui_helpers import idle, wait_until
+
+from ripelm.assistant_tools.mcp_client import McpServerConfig
+from ripelm.assistant_tools.settings import ChatTools, ToolSettings
+from ripelm.chat_store import ChatStore
+from ripelm.chat_store.records import CANCELLED, DONE
+from ripelm.runtime.sampling import SamplingParams
+from ripelm.tool_loop import Forced
+from ripelm.tui.app import RipeApp
+from ripelm.tui.backends import BackendPool
+from ripelm.tui.tool_views import ConfirmCommand, ToolCallView
+
+SIZE = (100, 30)
+MCP_SERVER = Path(__file__).resolve().parent / "mcp_test_server.py"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIPELM_HOME", str(tmp_path))
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "notes.txt").write_text("buy oat milk\n")
+    return tmp_path
+
+
+def make_app(backend, home: Path, settings: ToolSettings, force: Forced | None) -> RipeApp:
+    store = ChatStore(home / "chats.db")
+    pool = BackendPool(lambda model, draft: backend, initial=backend)
+    tools = ChatTools.from_settings(settings, log_path=home / "mcp.log")
+    app = RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=96), chat_tools=tools)
+    app.tool_force = force
+    return app
+
+
+def pinned(name: str, **args: str) -> Forced:
+    """Force a call of `name` whose arguments are exactly `args`."""
+    props = {k: {"type": "string", "const": v} for k, v in args.items()}
+    schema = {"type": "object", "properties": props, "required": list(args), "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": name, "description": "", "parameters": schema}}
+    return Forced({"type": "function", "function": {"name": name}}, rounds=1, tools=[tool])
+
+
+async def send(pilot, app: RipeApp, text: str) -> None:
+    app.query_one("#prompt").value = text
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+def calls(app: RipeApp) -> list[ToolCallView]:
+    return list(app.query(ToolCallView))
+
+
+def run(coro) -> None:
+    asyncio.run(coro)
+
+
+def test_file_read_call_runs_and_its_result_shows(backend, home):
+    settings = ToolSettings(on=["read_file"], folders=[str(home / "allowed")])
+    app = make_app(backend, home, settings, pinned("read_file", path="notes.txt"))
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "What is on my shopping list?")
+            await wait_until(pilot, lambda: calls(app) and calls(app)[0].result is not None, what="the call")
+            await wait_until(pilot, lambda: idle(app), what="the reply")
+            view = calls(app)[0]
+            assert view.label == 'read_file(path="notes.txt")'
+            assert view.result_text == "buy oat milk\n" and view.result.ok
+            assert view.collapsed  # shown collapsed: the title says what ran, the result opens on demand
+            assert app.tool_loops[-1].calls_made == 1
+            last = app.store.messages(app.chat.id)[-1]
+            assert last.role == "assistant" and last.state == DONE
+
+    run(go())
+    app.chat_tools.close()
+
+
+def test_shell_runs_only_after_confirmation(backend, home):
+    command = "echo confirmed >> ran.txt"
+    settings = ToolSettings(on=["run_shell"], folders=[str(home / "allowed")])
+    app = make_app(backend, home, settings, pinned("run_shell", command=command))
+    marker = home / "allowed" / "ran.txt"
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "Note that I confirmed.")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmCommand), what="the dialog")
+            assert app.screen.command == command  # the exact command, as it would run
+            assert not marker.exists()  # nothing ran while the user decides
+            await pilot.press("y")
+            await wait_until(pilot, lambda: idle(app), what="the reply")
+            assert marker.read_text() == "confirmed\n"
+            assert calls(app)[-1].result.ok and "[exit status 0]" in calls(app)[-1].result_text
+
+            await send(pilot, app, "Once more.")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmCommand), what="the dialog")
+            await pilot.press("n")
+            await wait_until(pilot, lambda: idle(app), what="the reply")
+            assert marker.read_text() == "confirmed\n"  # refused: it did not run again
+            refused = calls(app)[-1].result
+            assert refused.refused and "declined" in refused.content
+
+    run(go())
+    app.chat_tools.close()
+
+
+def test_loop_is_cut_at_the_cap(backend, home):
+    settings = ToolSettings(max_calls=3)  # the date/time tool is on by default
+    app = make_app(backend, home, settings, Forced("required", rounds=100))
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "What time is it?")
+            await wait_until(pilot, lambda: idle(app), what="the reply")
+            loop = app.tool_loops[-1]
+            assert loop.calls_made == 3 and loop.cut
+            assert [v.label for v in calls(app)] == ["current_datetime()"] * 3
+            assert all(v.result.ok for v in calls(app))
+            assert app.store.messages(app.chat.id)[-1].state == DONE
+
+    run(go())
+    app.chat_tools.close()
+
+
+def test_escape_stops_a_tool_loop(backend, home):
+    settings = ToolSettings(max_calls=50)
+    app = make_app(backend, home, settings, Forced("required", rounds=100))
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "What time is it?")
+            await wait_until(pilot, lambda: len(calls(app)) >= 1, what="a first call")
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: idle(app), what="the reply to stop")
+            loop = app.tool_loops[-1]
+            assert loop.cancel_requested.is_set() and loop.calls_made < 50 and not loop.cut
+            assert app.store.messages(app.chat.id)[-1].state == CANCELLED
+
+    run(go())
+    app.chat_tools.close()
+
+
+def test_mcp_server_is_listed_and_called(backend, home):
+    log = home / "words.txt"
+    server = McpServerConfig("words", sys.executable, [str(MCP_SERVER)], env={"MCP_TEST_LOG": str(log)})
+    app = make_app(backend, home, ToolSettings(mcp=[server]), pinned("words__remember_word", word="kiwi"))
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "/tools on words")
+            listed = lambda: getattr(app, "tools_listed", None)  # noqa: E731
+            await wait_until(
+                pilot, lambda: listed() is not None and "words__add" in listed().tools, what="list"
+            )
+            assert {"words__add", "words__remember_word"} <= listed().on  # the server's tools, now on
+            assert app.chat.params["tools"] == {"words": True}  # kept with the chat
+            await send(pilot, app, "Remember kiwi.")
+            await wait_until(pilot, lambda: idle(app) and calls(app), what="the reply")
+            view = calls(app)[0]
+            assert view.label == 'words__remember_word(word="kiwi")'
+            assert view.result.ok and "remembered 'kiwi'" in view.result_text
+            assert log.read_text() == "kiwi\n"  # the server process did it
+
+            await send(pilot, app, "/tools off words")
+            assert app.chat.params["tools"] == {"words": False}
+
+    run(go())
+    app.chat_tools.close()
