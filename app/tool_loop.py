@@ -194,6 +194,8 @@ class ToolLoop:
     def _remote_round(self, messages, schemas, forced, calls) -> Iterator[LoopEvent]:  # noqa: ANN001
         raw: list[dict[str, Any]] = []
         choice = forced.choice if forced is not None else None
+        if forced is not None and forced.tools:
+            schemas = forced.tools  # the schemas the server's grammar follows
         for ev in self.backend.stream_chat(
             messages,
             self.params,

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from retrieval_helpers import make_home, ripe
 from tui_helpers import idle, wait_until
 
 from ripelm.assistant_tools.mcp_client import McpServerConfig
@@ -178,6 +179,34 @@ def test_mcp_server_is_listed_and_called(backend, home):
 
             await send(pilot, app, "/tools off words")
             assert app.chat.params["tools"] == {"words": False}
+
+    run(go())
+    app.chat_tools.close()
+
+
+def test_document_search_tool_cites_its_passages(backend, tmp_path, monkeypatch):
+    home = make_home(tmp_path / "home")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "kv.md").write_text(
+        "The paged KV cache stores keys and values in fixed-size blocks.\n"
+        "A block table maps each sequence to its blocks.\n"
+    )
+    p = ripe("index", str(tmp_path / "docs"), "--collection", "notes", home=home)
+    assert p.returncode == 0, p.stderr
+    monkeypatch.setenv("RIPELM_HOME", str(home))
+    app = make_app(backend, home, ToolSettings(), pinned("search_documents", query="paged KV cache"))
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            app.chat = app.store.update_chat(app.chat.id, collection="notes")
+            await send(pilot, app, "How are keys stored?")
+            await wait_until(pilot, lambda: idle(app) and calls(app), what="the reply")
+            view = calls(app)[0]  # on by default in a chat with a collection: the model chose (forced) it
+            assert view.label == 'search_documents(query="paged KV cache")'
+            assert view.result_text.startswith("[1] The paged KV cache stores keys")
+            reply = app.store.messages(app.chat.id)[-1]
+            assert reply.sources and reply.sources[0]["number"] == 1
+            assert reply.sources[0]["path"].endswith("kv.md")  # stored with the reply, as citations are
 
     run(go())
     app.chat_tools.close()

@@ -115,6 +115,7 @@ class ChatTools:
         collection: str | None,
         on_sources: Callable[[list[Any]], None] | None = None,
         notice: Callable[[str], None] | None = None,
+        start_mcp: bool = True,
     ) -> tuple[ToolBox, DocumentSearch | None]:
         """The tools of a chat (its settings `params` and attached collection), those it turned on marked
         on. MCP servers that are on are started here (call it off the UI thread); one that fails is
@@ -130,7 +131,7 @@ class ChatTools:
         cwd = Path(s.folders[0]).expanduser() if s.folders else None
         box.add(shell_tool(cwd if cwd is not None and cwd.is_dir() else None, s.shell_timeout_s))
         choices = {**{n: True for n in s.on}, **{n: False for n in s.off}, **chat_choices(params)}
-        for server in self.mcp.names():
+        for server in self.mcp.names() if start_mcp else []:
             if choices.get(server) or any(choices.get(n) for n in choices if n.startswith(server + "__")):
                 try:
                     for tool in self.mcp.start(server):
@@ -148,7 +149,7 @@ class ChatTools:
 
     def known(self) -> list[tuple[str, str, bool]]:
         """(name, description, on by default) of every tool and MCP server, for `/tools`."""
-        box, _ = self.toolbox({}, "documents")
+        box, _ = self.toolbox({}, "documents", start_mcp=False)
         rows = [(t.name, t.description, t.default_on) for t in box.tools.values()]
         for server in self.mcp.names():
             rows.append((server, f"MCP server ({self.mcp.configs[server].command})", False))
