@@ -172,7 +172,9 @@ class OpenAIBackend:
                 call = pieces.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
                 call["id"] = d.id or call["id"]
                 if d.function is not None:
-                    call["name"] += d.function.name or ""
+                    name = d.function.name or ""
+                    if name != call["name"]:  # llama-cpp-python repeats the whole name in every chunk
+                        call["name"] += name
                     call["arguments"] += d.function.arguments or ""
             return choice.delta.content
 
