@@ -96,6 +96,10 @@ class ToolLoop:
         stats: GenerationStats | None = None
         rounds = 0
         tokens = 0
+        named = _forced_name(self.force)
+        if named is not None and self.force.tools is None and named not in self.toolbox.on:
+            yield LoopEvent("notice", f"{named} is not on in this chat (/tools on {named})")
+            self.force = None
         while True:
             offer = self.calls_made < self.max_calls and not self.cancel_requested.is_set()
             forced = self.force if self.force is not None and rounds < self.force.rounds and offer else None
@@ -214,6 +218,11 @@ class ToolLoop:
             except json.JSONDecodeError:
                 args = c["arguments"]  # handed to the toolbox, which answers that it is not an object
             calls.append(_Call(c["id"], c["name"], args))
+
+
+def _forced_name(force: Forced | None) -> str | None:
+    choice = force.choice if force is not None else None
+    return (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
 
 
 def _no_free_whitespace(grammar: tuple[str, str]) -> tuple[str, str]:

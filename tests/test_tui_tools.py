@@ -210,3 +210,24 @@ def test_document_search_tool_cites_its_passages(backend, tmp_path, monkeypatch)
 
     run(go())
     app.chat_tools.close()
+
+
+def test_tools_call_forces_the_next_reply_only(backend, home):
+    app = make_app(backend, home, ToolSettings(), None)  # a tool without arguments: a random model's
+    # string arguments run on to the token limit
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "/tools call current_datetime")
+            assert app.force_next is not None
+            await send(pilot, app, "What day is it?")
+            await wait_until(pilot, lambda: idle(app) and calls(app), what="the reply")
+            assert calls(app)[0].label == "current_datetime()" and calls(app)[0].result.ok
+            assert app.force_next is None and app.tool_loops[-1].calls_made >= 1
+            await send(pilot, app, "/tools call run_shell")  # off in this chat: a notice, no call
+            await send(pilot, app, "Run something.")
+            await wait_until(pilot, lambda: idle(app) and len(app.tool_loops) == 2, what="the second reply")
+            assert app.tool_loops[-1].force is None and not any("run_shell" in v.label for v in calls(app))
+
+    run(go())
+    app.chat_tools.close()

@@ -26,12 +26,16 @@ from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources
 from ripelm.tui.status_bar import StatusBar
 from ripelm.tui.tool_views import ConfirmCommand, ToolCallFinished, ToolCallStarted, ToolCallView
 
-TOOLS_HELP = "/tools lists the tools; /tools on NAME and /tools off NAME turn one on or off in this chat"
+TOOLS_HELP = (
+    "/tools lists the tools; /tools on NAME and /tools off NAME turn one on or off in this chat; "
+    "/tools call NAME makes the next reply call it first (for models too small to choose)"
+)
 
 
 class ToolTurns:
     chat_tools: ChatTools | None
     tool_force: Forced | None = None  # force calls by grammar (models too small to choose; tests)
+    force_next: Forced | None = None  # `/tools call NAME`: the next reply calls NAME first
     tool_loops: list[ToolLoop]  # every loop run in this session (the last is the current reply's)
     store: Any
     chat: Any
@@ -49,6 +53,10 @@ class ToolTurns:
             return True
         if len(parts) == 1:
             self._list_tools(self.chat.params, self.chat.collection)
+            return True
+        if len(parts) == 3 and parts[1] == "call":
+            self.force_next = Forced({"type": "function", "function": {"name": parts[2]}}, rounds=1)
+            self.notify(f"the next reply calls {parts[2]} first")
             return True
         if len(parts) != 3 or parts[1] not in ("on", "off"):
             self.notify(TOOLS_HELP, severity="warning")
@@ -109,9 +117,10 @@ class ToolTurns:
                 backend, turns, params, box,
                 max_calls=self.chat_tools.settings.max_calls,
                 confirm=lambda tool, args: self._confirm_call(reply, tool, args),
-                force=self.tool_force,
+                force=self.tool_force or self.force_next,
                 on_trim=lambda n: self.call_from_thread(self._trimmed, n),
             )  # fmt: skip
+            self.force_next = None
             self.tool_loops.append(loop)
             reply.generation = loop
             if reply.cancel_pressed is not None:
