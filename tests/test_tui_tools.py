@@ -16,10 +16,10 @@ import pytest
 from retrieval_helpers import make_home, ripe
 from tui_helpers import idle, wait_until
 
-from ripelm.assistant_tools.mcp_client import McpServerConfig
-from ripelm.assistant_tools.settings import ChatTools, ToolSettings
+from ripelm.assistant_tools.settings import ChatTools, McpServerConfig, ToolSettings
 from ripelm.chat_store import ChatStore
 from ripelm.chat_store.records import CANCELLED, DONE
+from ripelm.chat_turns import history
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tool_loop import Forced
 from ripelm.tui.app import RipeApp
@@ -86,6 +86,14 @@ def test_file_read_call_runs_and_its_result_shows(backend, home):
             assert app.tool_loops[-1].calls_made == 1
             last = app.store.messages(app.chat.id)[-1]
             assert last.role == "assistant" and last.state == DONE
+            # kept with the reply: shown again when the chat is opened, and in the next prompt
+            assert [c["content"] for c in last.stats["tool_calls"]] == ["buy oat milk\n"]
+            await app.open_chat(app.chat.id)
+            assert [(v.label, v.result_text) for v in calls(app)] == [(view.label, "buy oat milk\n")]
+            turns = history(app.chat, app.store.messages(app.chat.id), with_tools=True)
+            assert [t["role"] for t in turns] == ["user", "assistant", "tool", "assistant"]
+            assert turns[1]["tool_calls"][0]["function"]["name"] == "read_file"
+            assert turns[2]["content"] == "buy oat milk\n"
 
     run(go())
     app.chat_tools.close()

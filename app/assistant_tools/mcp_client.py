@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ripelm.assistant_tools.registry import Tool
+from ripelm.assistant_tools.settings import McpServerConfig
 
 START_TIMEOUT_S = 20.0
 CALL_TIMEOUT_S = 60.0
-
-
-@dataclass
-class McpServerConfig:
-    name: str
-    command: str
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] | None = None
-    cwd: str | None = None
 
 
 class McpError(Exception):

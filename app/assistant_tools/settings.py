@@ -25,15 +25,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ripelm.assistant_tools.builtin import DocumentSearch, datetime_tool, file_tools, shell_tool
 from ripelm.assistant_tools.files import MAX_FILE_BYTES, FileSandbox
-from ripelm.assistant_tools.mcp_client import McpError, McpServerConfig, McpServers
 from ripelm.assistant_tools.registry import ToolBox
+
+if TYPE_CHECKING:  # the MCP client (asyncio, the SDK) loads when the chat app makes its ChatTools
+    from ripelm.assistant_tools.mcp_client import McpServers
 
 MAX_CALLS = 5
 CHAT_KEY = "tools"  # where a chat's own tool choices live in its settings (Chat.params)
+
+
+@dataclass
+class McpServerConfig:
+    name: str
+    command: str
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    cwd: str | None = None
 
 
 @dataclass
@@ -107,6 +118,8 @@ class ChatTools:
 
     @classmethod
     def from_settings(cls, settings: ToolSettings, log_path: Path | None = None) -> ChatTools:
+        from ripelm.assistant_tools.mcp_client import McpServers
+
         return cls(settings, McpServers(settings.mcp, log_path))
 
     def toolbox(
@@ -120,6 +133,8 @@ class ChatTools:
         """The tools of a chat (its settings `params` and attached collection), those it turned on marked
         on. MCP servers that are on are started here (call it off the UI thread); one that fails is
         reported through `notice` and left out."""
+        from ripelm.assistant_tools.mcp_client import McpError
+
         s = self.settings
         box = ToolBox()
         box.add(datetime_tool())

@@ -153,9 +153,9 @@ class RipeApp(Branching, ChatActions, ToolTurns, App[None]):
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
         versions = self.store.versions(chat_id)
+        stored = self.store.messages(chat_id)
         views = [
-            MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources)
-            for m in self.store.messages(chat_id)
+            MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources) for m in stored
         ]
         streaming = self.reply is not None and self.reply.chat_id == chat_id and bool(views)
         if streaming:  # the reply still streaming here: show what it has so far, then keep streaming into it
@@ -164,7 +164,7 @@ class RipeApp(Branching, ChatActions, ToolTurns, App[None]):
             )
         for view in views:
             view.versions = versions.get(view.message_id, [])
-        await conv.mount_all(views)
+        await conv.mount_all(self.with_tool_views(views, stored))
         if streaming and self.reply is not None and self.reply.chat_id == chat_id:
             view = views[-1]
             missing = self.reply.recorder.content[len(view.content) :]  # what came while mounting
@@ -216,7 +216,7 @@ class RipeApp(Branching, ChatActions, ToolTurns, App[None]):
         msgs = self.store.messages(chat.id)
         if replace_from is not None:
             msgs = [m for m in msgs if m.id < replace_from]
-        turns = history(chat, msgs)
+        turns = history(chat, msgs, with_tools=self.chat_tools is not None)
         self.replies_started += 1
         recorder = ReplyRecorder.start(self.store, chat.id, replace_from=replace_from)
         self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, None)

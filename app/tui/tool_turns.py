@@ -18,7 +18,7 @@ from typing import Any
 from textual import work
 from textual.containers import VerticalScroll
 
-from ripelm.assistant_tools.registry import Tool
+from ripelm.assistant_tools.registry import Tool, ToolResult, call_label
 from ripelm.assistant_tools.settings import CHAT_KEY, ChatTools, chat_choices
 from ripelm.doc_qa import CitationFilter
 from ripelm.tool_loop import Forced, ToolLoop
@@ -156,6 +156,17 @@ class ToolTurns:
         except Exception as e:  # user-causable (context overflow, model load) or a bug: shown, not raised
             self.post_message(ReplyDone(reply.id, None, error=str(e) or type(e).__name__))
 
+    def with_tool_views(self, views: list[Any], messages: list[Any]) -> list[Any]:
+        """The chat's message views with each stored reply's tool calls (collapsed) before it."""
+        out: list[Any] = []
+        for view, m in zip(views, messages, strict=True):
+            for c in (m.stats or {}).get("tool_calls") or [] if m.role == "assistant" else []:
+                call = ToolCallView(c["id"], call_label(c["name"], c["arguments"]))
+                call.show_result(ToolResult(c["name"], c["arguments"], c["content"], c["ok"], c["refused"]))
+                out.append(call)
+            out.append(view)
+        return out
+
     def _confirm_call(self, reply: Any, tool: Tool, args: dict[str, Any]) -> bool:
         """Ask the user (on the UI thread) whether this exact call may run; blocks the worker until the
         answer. Esc on the reply (stopping it) answers no."""
@@ -192,6 +203,12 @@ class ToolTurns:
         conv.scroll_end(animate=False)
 
     def on_tool_call_finished(self, event: ToolCallFinished) -> None:
+        r = event.result
+        if self.reply is not None and self.reply.id == event.generation_id:
+            self.reply.recorder.tool_calls.append(
+                {"id": event.call_id, "name": r.name, "arguments": r.arguments, "content": r.content,
+                 "ok": r.ok, "refused": r.refused}
+            )  # fmt: skip
         for view in self.query(ToolCallView):
             if view.call_id == event.call_id and view.result is None:
                 view.show_result(event.result)
