@@ -59,6 +59,10 @@ def run_app(args: argparse.Namespace) -> int:
     defaults = sampling_from_args(args)
     pool, choices, default_model = open_pool(args, cfg)
     store: ChatStore | None = None
+    from ripelm.assistant_tools.settings import ChatTools
+    from ripelm.models.store import data_dir
+
+    chat_tools = ChatTools.from_settings(cfg.tools, log_path=data_dir() / "mcp-servers.log")
     try:
         store = ChatStore()
         app = RipeApp(
@@ -73,9 +77,11 @@ def run_app(args: argparse.Namespace) -> int:
             config_path=cfg.path or config_path(),
             default_model=default_model,
             memory=cfg.memory,
+            chat_tools=chat_tools,
         )
         app.run()
     finally:
+        chat_tools.close()
         pool.close()
         if store is not None:
             store.close()

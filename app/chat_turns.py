@@ -86,18 +86,38 @@ def parse_sampling(text: str, defaults: SamplingParams) -> dict[str, Any]:
 
 
 def format_sampling(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())
+    return " ".join(f"{k}={v}" for k, v in params.items() if k in _NUMERIC)  # not the chat's tool choices
 
 
-def history(chat: Chat, messages: list[Message]) -> list[dict[str, str]]:
+def history(chat: Chat, messages: list[Message], *, with_tools: bool = False) -> list[dict[str, Any]]:
     """What the model sees: the system prompt, then every user message and every reply that has text
-    (a cancelled or interrupted reply counts with what it got to; failed ones are left out)."""
-    out = [{"role": "system", "content": chat.system}] if chat.system else []
+    (a cancelled or interrupted reply counts with what it got to; failed ones are left out). `with_tools`:
+    a reply's tool calls and their results (kept in its stats) come before it, as the model saw them."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": chat.system}] if chat.system else []
     for m in messages:
+        calls = (m.stats or {}).get("tool_calls") if with_tools and m.role == "assistant" else None
+        if calls and m.state != ERROR:
+            out.extend(tool_exchange(calls))
         if m.role == "assistant" and (m.state == ERROR or not m.content):
             continue
         out.append({"role": m.role, "content": m.content})
     return out
+
+
+def tool_exchange(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A reply's stored tool calls (ReplyRecorder.tool_calls) as an assistant message with `tool_calls`
+    and one `tool` message per result."""
+    import json
+
+    asked = [
+        {"id": c["id"], "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        for c in calls
+    ]  # fmt: skip
+    results = [
+        {"role": "tool", "tool_call_id": c["id"], "name": c["name"], "content": c["content"]} for c in calls
+    ]
+    return [{"role": "assistant", "content": "", "tool_calls": asked}, *results]
 
 
 @dataclass
@@ -145,6 +165,7 @@ class ReplyRecorder:
     message: Message
     text: list[str] = field(default_factory=list)
     memories: list[int] = field(default_factory=list)  # ids of the memories recalled into its prompt
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # id, name, arguments, content, ok…
     _last_save: float = 0.0
 
     @classmethod
@@ -180,5 +201,7 @@ class ReplyRecorder:
         record = stats_record(stats) if stats is not None else None
         if self.memories:
             record = {**(record or {}), "memories": list(self.memories)}
+        if self.tool_calls:  # kept with the reply: shown again when the chat is opened, and in later prompts
+            record = {**(record or {}), "tool_calls": self.tool_calls}
         self.store.save_reply(self.message.id, self.content, state=state, stats=record)
         return state

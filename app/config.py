@@ -19,6 +19,9 @@ Everything in it is optional; a command-line flag always wins over the file::
     enabled = true                # false: nothing is saved or recalled (per chat: /memory off)
     budget_tokens = 150           # at most this many prompt tokens of memories per reply
     auto = true                   # save what you state about yourself ("call me Sam"); false: /remember only
+    [tools]                       # tools the chat app offers the model (see assistant_tools/settings.py)
+    on = ["read_file"]            #   also off, folders, max_calls, max_file_kb, shell_timeout;
+    folders = ["~/notes"]         #   and [mcp.servers.NAME] with command, args, env, cwd
 
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ripelm.assistant_tools.settings import ToolSettings, parse_tool_config
 from ripelm.models.errors import RipelmError
 from ripelm.models.store import config_dir
 
@@ -67,6 +71,7 @@ class Config:
     enter_sends: bool = True  # [chat]: Enter sends the message (else Ctrl+J does)
     theme: str | None = None  # [chat]: the chat app's theme
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    tools: ToolSettings = field(default_factory=ToolSettings)  # [tools] and [mcp.servers.*]
     path: Path | None = None
 
 
@@ -125,6 +130,7 @@ def load_config(path: Path | None = None) -> Config:
         budget_tokens=150 if budget is None else budget,
         auto=True if auto is None else auto,
     )
+    cfg.tools = parse_tool_config(data.pop("tools", None), data.pop("mcp", None), where, ConfigError)
     keys = data.pop("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')

@@ -11,6 +11,7 @@ from typing import Any
 
 from ripelm.models.errors import RipelmError
 from ripelm.runtime.backend import GenerationStats
+from ripelm.runtime.reasoning import ThinkSplitter  # noqa: F401 - ollama_api imports it from here
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.server import ApiError
 
@@ -88,51 +89,6 @@ def sampling_from_options(options: Any, context_length: int) -> SamplingParams:
     except RipelmError as e:
         raise ApiError(400, f"'options': {e}") from e
     return params
-
-
-class ThinkSplitter:
-    """Splits streamed text into (thinking, content): a leading `<think>...</think>` block (or, when the
-    template opened it, everything up to `</think>`) is thinking, the rest content. A partial tag that
-    straddles two chunks is held back until the next one."""
-
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self, thinking: bool = False):
-        self.inside = thinking
-        self.buf = ""
-        self.finished = False  # past the thinking block (or content came first): the rest is content
-
-    def feed(self, text: str) -> tuple[str, str]:
-        self.buf += text
-        thinking: list[str] = []
-        content: list[str] = []
-        while self.buf:
-            if self.finished:
-                content.append(self.buf)
-                self.buf = ""
-                break
-            tag = self.CLOSE if self.inside else self.OPEN
-            i = self.buf.find(tag)
-            if i >= 0:
-                before, rest = self.buf[:i], self.buf[i + len(tag) :]
-                if not self.inside and before.strip():  # text before any <think>: no thinking block
-                    self.finished = True
-                    continue
-                (thinking if self.inside else content).append(before)
-                self.finished = self.inside
-                self.inside, self.buf = not self.inside, rest
-                continue
-            keep = next((k for k in range(len(tag) - 1, 0, -1) if self.buf.endswith(tag[:k])), 0)
-            out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
-            if not self.inside and out.strip():
-                self.finished = True
-            (thinking if self.inside else content).append(out)
-            break
-        return "".join(thinking), "".join(content)
-
-    def flush(self) -> tuple[str, str]:
-        rest, self.buf = self.buf, ""
-        return (rest, "") if self.inside else ("", rest)
 
 
 def timings(stats: GenerationStats, started: float) -> dict[str, Any]:

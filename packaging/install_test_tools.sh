@@ -11,3 +11,22 @@ if [ ! -x .venv-oterm/bin/oterm ] || [ "$(.venv-oterm/bin/python -c 'import impo
   .venv-oterm/bin/python -m pip install --quiet --upgrade pip
   .venv-oterm/bin/python -m pip install --quiet "oterm==$OTERM_VERSION"
 fi
+
+# Real chat templates of the catalog's model families (Qwen2.5, Qwen3, Llama 3.x, Mistral, a DeepSeek-R1
+# distill), for the tool-call and reasoning tests: llama.cpp keeps them in its source tree, which the
+# llama-cpp-python sdist vendors (Hugging Face itself is not reachable from CI). Extracted into
+# tests/data/chat_templates (gitignored); tests/test_tool_calls.py skips, saying why, without them.
+TEMPLATES=(Qwen-Qwen2.5-7B-Instruct Qwen-Qwen3-0.6B meta-llama-Llama-3.1-8B-Instruct
+  meta-llama-Llama-3.2-3B-Instruct mistralai-Mistral-Nemo-Instruct-2407 Mistral-Small-3.2-24B-Instruct-2506
+  deepseek-ai-DeepSeek-R1-Distill-Qwen-32B)
+DEST=tests/data/chat_templates
+if [ ! -f "$DEST/${TEMPLATES[-1]}.jinja" ]; then
+  VENV_PY=${VENV_PY:-.venv/bin/python}
+  LLAMA_VERSION=$("$VENV_PY" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')
+  TMP=$(mktemp -d)
+  "$VENV_PY" -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$LLAMA_VERSION" -d "$TMP"
+  mkdir -p "$DEST"
+  tar xzf "$TMP"/llama_cpp_python-*.tar.gz -C "$TMP" --wildcards '*/vendor/llama.cpp/models/templates/*.jinja'
+  for t in "${TEMPLATES[@]}"; do cp "$TMP"/llama_cpp_python-*/vendor/llama.cpp/models/templates/"$t".jinja "$DEST/"; done
+  rm -rf "$TMP"
+fi

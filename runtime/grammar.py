@@ -44,7 +44,8 @@ def validate_grammar(grammar: tuple[str, str]) -> None:
 
 def _grammar_text(kind: str, text: str) -> str:
     """llguidance's grammar for a (kind, text) pair; BadSamplingError if the text does not parse."""
-    from llguidance import LLMatcher, gbnf_to_lark
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import gbnf_to_lark
 
     try:
         if kind == "json_object":

@@ -148,15 +148,46 @@ class OpenAIBackend:
         return kw, extra
 
     def stream_chat(
-        self, messages: list[dict[str, str]], params: SamplingParams, cancel: threading.Event | None = None
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        calls_out: list[dict[str, str]] | None = None,
     ) -> Iterator[TokenEvent]:
-        """Send chat messages; the server applies the model's chat template."""
+        """Send chat messages; the server applies the model's chat template. With `tools` (OpenAI function
+        schemas) the server may answer with tool calls: they are put together from the streamed deltas
+        into `calls_out` ({"id", "name", "arguments"}: the arguments as the JSON text the server sent)."""
         kw, extra = self._sampling(params)
-        return self._stream(
+        if tools:
+            kw["tools"] = tools
+            if tool_choice is not None:
+                kw["tool_choice"] = tool_choice
+        pieces: dict[int, dict[str, str]] = {}
+
+        def text_of(choice: Any) -> str | None:
+            for d in getattr(choice.delta, "tool_calls", None) or []:
+                call = pieces.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = d.id or call["id"]
+                if d.function is not None:
+                    name = d.function.name or ""
+                    if name != call["name"]:  # llama-cpp-python repeats the whole name in every chunk
+                        call["name"] += name
+                    call["arguments"] += d.function.arguments or ""
+            return choice.delta.content
+
+        for ev in self._stream(
             lambda: self.client.chat.completions.create(messages=messages, extra_body=extra, **kw),
-            lambda choice: choice.delta.content,
+            text_of,
             cancel,
-        )
+        ):
+            if ev.done and calls_out is not None:
+                calls_out.extend(
+                    {**c, "id": c["id"] or f"call_{i}"} for i, c in sorted(pieces.items()) if c["name"]
+                )
+            yield ev
 
     def stream_text(
         self, prompt: str, params: SamplingParams, cancel: threading.Event | None = None

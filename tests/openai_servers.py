@@ -62,7 +62,7 @@ def ripe_serve(
 
 
 @contextmanager
-def llama_cpp_server(model: Path, log: Path, api_key: str, *, n_ctx: int = 2048) -> Iterator[str]:
+def llama_cpp_server(model: Path, log: Path, api_key: str, *extra: str, n_ctx: int = 2048) -> Iterator[str]:
     """`python -m llama_cpp.server` on MODEL (it needs the dev extra: uvicorn, fastapi, sse_starlette);
     yields its /v1 URL once /v1/models answers."""
     port = free_port()
@@ -70,7 +70,7 @@ def llama_cpp_server(model: Path, log: Path, api_key: str, *, n_ctx: int = 2048)
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "2", "--api_key", api_key,
+                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "2", "--api_key", api_key, *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ripelm.chat_turns import ReplyRecorder
 from ripelm.generation import Generation, RemoteGeneration
@@ -16,7 +17,7 @@ class ActiveReply:
 
     id: int
     chat_id: int
-    generation: Generation | RemoteGeneration | None
+    generation: Generation | RemoteGeneration | Any  # a ToolLoop with tools; None until it starts
     recorder: ReplyRecorder
     view: MessageView | None
     cancel_pressed: float | None = None

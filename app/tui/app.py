@@ -18,6 +18,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 
+from ripelm.assistant_tools.settings import ChatTools
 from ripelm.chat_docs import fit_sources, retrieve, source_records, with_sources
 from ripelm.chat_store import Chat, ChatStore
 from ripelm.chat_store.records import CANCELLED
@@ -37,9 +38,10 @@ from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources, next_delta_interval
 from ripelm.tui.prompt_area import PromptArea
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
+from ripelm.tui.tool_turns import ToolTurns
 
 
-class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
+class RipeApp(Branching, ChatActions, MemoryActions, ToolTurns, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -75,6 +77,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
         theme: str | None = None,
         config_path: Path | None = None,
         memory: MemoryConfig | None = None,
+        chat_tools: ChatTools | None = None,
     ):
         super().__init__()
         self.setup_memory(memory)  # [memory] in config.toml
@@ -98,6 +101,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
         self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
         self.trim_notices = 0
         self.index_reports: list = []
+        self.chat_tools, self.tool_loops = chat_tools, []  # tools offered to the model (None: no tools)
 
     # ---- layout -----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -155,9 +159,9 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
         conv = self.query_one("#conversation", VerticalScroll)
         await conv.remove_children()
         versions = self.store.versions(chat_id)
+        stored = self.store.messages(chat_id)
         views = [
-            MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources)
-            for m in self.store.messages(chat_id)
+            MessageView(m.role, m.content, state=m.state, message_id=m.id, sources=m.sources) for m in stored
         ]
         streaming = self.reply is not None and self.reply.chat_id == chat_id and bool(views)
         if streaming:  # the reply still streaming here: show what it has so far, then keep streaming into it
@@ -166,7 +170,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
             )
         for view in views:
             view.versions = versions.get(view.message_id, [])
-        await conv.mount_all(views)
+        await conv.mount_all(self.with_tool_views(views, stored))
         if streaming and self.reply is not None and self.reply.chat_id == chat_id:
             view = views[-1]
             missing = self.reply.recorder.content[len(view.content) :]  # what came while mounting
@@ -196,7 +200,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
             self.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
         event.area.value = ""
-        if await self.memory_command(text):  # /remember, /forget, /memories, /memory on|off
+        if await self.memory_command(text) or await self.tools_command(text):  # /remember…, /tools…
             return
         if self.editing is not None:
             await self.send_edit(text)
@@ -219,7 +223,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
         msgs = self.store.messages(chat.id)
         if replace_from is not None:
             msgs = [m for m in msgs if m.id < replace_from]
-        turns = history(chat, msgs)
+        turns = history(chat, msgs, with_tools=self.chat_tools is not None)
         self.replies_started += 1
         recorder = ReplyRecorder.start(self.store, chat.id, replace_from=replace_from)
         self.reply = ActiveReply(self.replies_started, chat.id, None, recorder, None)
@@ -231,7 +235,10 @@ class RipeApp(Branching, ChatActions, MemoryActions, App[None]):
         else:  # a new version: the branch is shown again, ending in it (open_chat streams into it)
             await self.open_chat(chat.id)
         found = self.memory_gather(turns[-1]["content"]) if turns else None
-        self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params, found)
+        if self.chat_tools is not None:
+            self.generate_with_tools(self.reply, chat, turns, params, found)
+        else:
+            self._generate(self.reply, chat.model, chat.draft, chat.collection, turns, params, found)
 
     @work(thread=True, exclusive=False, group="generation")
     def _generate(

@@ -237,6 +237,7 @@ class ChatActions:
                 return
             try:
                 params = parse_sampling(text, self.defaults)
+                params.update({k: v for k, v in self.store.chat(chat_id).params.items() if k == "tools"})
             except RipelmError as e:
                 self.notify(str(e), title="sampling settings", severity="error")
                 return
