@@ -15,6 +15,9 @@ Everything in it is optional; a command-line flag always wins over the file::
     enter_sends = true            # false: Enter starts a new line, Ctrl+J (or Shift+Enter) sends
     theme = "nord"                # the app's theme (the app saves the one picked with Ctrl+P > Theme)
 
+    [serve]                       # `ripe serve`
+    thinking = false              # reasoning models (Qwen3...) answer without thinking where the template can
+
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
     export_chat = "ctrl+s"        #   copy_code, export_chat, toggle_sidebar, search_chats, search_messages,
@@ -54,6 +57,7 @@ class Config:
     keys: dict[str, str] = field(default_factory=dict)  # chat app binding id -> key(s)
     enter_sends: bool = True  # [chat]: Enter sends the message (else Ctrl+J does)
     theme: str | None = None  # [chat]: the chat app's theme
+    thinking: bool | None = None  # [serve]: enable_thinking for templates that have it (None: theirs)
     path: Path | None = None
 
 
@@ -99,11 +103,16 @@ def load_config(path: Path | None = None) -> Config:
     enter_sends = _take(chat, "enter_sends", bool, f"{where} [chat]")
     cfg.enter_sends = True if enter_sends is None else enter_sends
     cfg.theme = _take(chat, "theme", str, f"{where} [chat]")
+    serve = data.pop("serve", {})
+    if not isinstance(serve, dict):
+        raise ConfigError(f"{where}: [serve] must be a table")
+    cfg.thinking = _take(serve, "thinking", bool, f"{where} [serve]")
     keys = data.pop("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')
     cfg.keys = dict(keys)
-    unknown = [*data, *(f"openai.{k}" for k in section), *(f"chat.{k}" for k in chat)]
+    unknown = [*data, *(f"openai.{k}" for k in section), *(f"chat.{k}" for k in chat),
+               *(f"serve.{k}" for k in serve)]
     if unknown:
         raise ConfigError(f"{where}: unknown settings: {', '.join(unknown)}")
     return cfg

@@ -110,7 +110,8 @@ class LlamaCppBackend:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repetition_penalty,
-            reset=False,
+            reset=True,  # prefix reuse: llama-cpp-python keeps the K/V of the common prefix; False appended
+            # every prompt after the last one, until the context overflowed (llama_decode returned 1)
             grammar=grammar,
         )
 
