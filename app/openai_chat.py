@@ -109,7 +109,8 @@ def plan_chat(backend: Any, body: dict[str, Any], params: SamplingParams) -> Cha
     history_tools = _check_messages(messages)
     tools = _check_tools(body.get("tools"))
     choice = _check_choice(body.get("tool_choice"), tools)
-    parallel = body.get("parallel_tool_calls", True)
+    parallel = body.get("parallel_tool_calls")
+    parallel = True if parallel is None else parallel
     if not isinstance(parallel, bool):
         raise _error("'parallel_tool_calls' must be true or false")
     source = backend.template.source
