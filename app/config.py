@@ -22,6 +22,8 @@ Everything in it is optional; a command-line flag always wins over the file::
     [tools]                       # tools the chat app offers the model (see assistant_tools/settings.py)
     on = ["read_file"]            #   also off, folders, max_calls, max_file_kb, shell_timeout;
     folders = ["~/notes"]         #   and [mcp.servers.NAME] with command, args, env, cwd
+    [serve]                       # `ripe serve`
+    thinking = false              # reasoning models (Qwen3...) answer without thinking where the template can
 
     [keys]                        # `ripe chat` key bindings: action = "key" (comma-separated for several)
     regenerate = "ctrl+r"         # also: cancel, new_chat, edit_last, pick_model, rename_chat, copy_reply,
@@ -72,6 +74,7 @@ class Config:
     theme: str | None = None  # [chat]: the chat app's theme
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     tools: ToolSettings = field(default_factory=ToolSettings)  # [tools] and [mcp.servers.*]
+    thinking: bool | None = None  # [serve]: enable_thinking for templates that have it (None: theirs)
     path: Path | None = None
 
 
@@ -131,12 +134,16 @@ def load_config(path: Path | None = None) -> Config:
         auto=True if auto is None else auto,
     )
     cfg.tools = parse_tool_config(data.pop("tools", None), data.pop("mcp", None), where, ConfigError)
+    serve = data.pop("serve", {})
+    if not isinstance(serve, dict):
+        raise ConfigError(f"{where}: [serve] must be a table")
+    cfg.thinking = _take(serve, "thinking", bool, f"{where} [serve]")
     keys = data.pop("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise ConfigError(f'{where}: [keys] must map actions to key names, e.g. regenerate = "ctrl+r"')
     cfg.keys = dict(keys)
     unknown = [*data, *(f"openai.{k}" for k in section), *(f"chat.{k}" for k in chat),
-               *(f"memory.{k}" for k in mem)]  # fmt: skip
+               *(f"memory.{k}" for k in mem), *(f"serve.{k}" for k in serve)]  # fmt: skip
     if unknown:
         raise ConfigError(f"{where}: unknown settings: {', '.join(unknown)}")
     return cfg

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ripelm.models.errors import ModelNotFoundError, RipelmError
+from ripelm.runtime.reasoning import thinks  # ollama_api reads it from here too
 
 _INFO_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
 _DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
@@ -93,11 +94,6 @@ def model_info(path: Path) -> dict[str, Any]:
     with _CACHE_LOCK:
         _INFO_CACHE[key] = out
     return out
-
-
-def thinks(template: str) -> bool:
-    """Whether a chat template knows a thinking mode (Qwen3-style `<think>` blocks, `enable_thinking`)."""
-    return "enable_thinking" in template or "<think>" in template
 
 
 def file_digest(path: Path, known: str = "") -> str:

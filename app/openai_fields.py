@@ -2,8 +2,8 @@
 
 `response_format` (`json_object`, `json_schema`) and llama.cpp's server's extension fields `json_schema` and
 `grammar` (GBNF) become the request's grammar (`SamplingParams.grammar`, enforced by grammar-constrained
-sampling in the engine). A field the server cannot honour yet (tools, logprobs, image parts, n > 1) is a 400
-naming it: a client must never believe it worked.
+sampling in the engine). A field the server cannot honour yet (logprobs, image parts, n > 1, the legacy
+`functions`) is a 400 naming it: a client must never believe it worked.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
-               "top_logprobs", "audio", "modalities", "prediction")  # fmt: skip
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "audio", "modalities",
+               "prediction")  # fmt: skip  (tools, tool_choice: openai_chat.py)
 
 
 def _error(message: str):  # noqa: ANN202 - the server's ApiError (imported late: it imports this module)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
 from ripelm.models.errors import RipelmError
+from ripelm.openai_chat import plan_chat
 from ripelm.openai_fields import check_fields, grammar_from_body, text_parts
 from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
 from ripelm.runtime.errors import ContextOverflowError
@@ -141,22 +142,17 @@ class Api:
         except RipelmError as e:  # the embedding model is missing or cannot be loaded
             raise ApiError(503, f"embeddings are unavailable: {e}", "server_error") from e
 
-    def prepare(self, path: str, body: dict[str, Any]) -> tuple[list[int], SamplingParams, bool]:
+    def prepare(self, path: str, body: dict[str, Any]) -> tuple[list[int], SamplingParams, bool, Any]:
+        """Token ids, sampling, streaming, and for chat the `ChatPlan` (tools, reasoning: openai_chat.py)."""
         check_fields(body)
         params = sampling_from_body(body, self.backend.context_length)
         params.grammar = grammar_from_body(body)  # checked here: a bad one is a 400 naming its field
+        plan = None
         if path == "/v1/chat/completions":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ApiError(400, "'messages' must be a non-empty list")
-            text_parts(messages)  # content parts: text only
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise ApiError(400, "every message needs a 'role' and a 'content'")
-                if not isinstance(m.get("content"), str):
-                    raise ApiError(400, "every message needs a 'role' and a 'content'")
-            text = self.backend.template.render(messages, add_generation_prompt=True)
-            ids = prompt_ids(self.backend, text, add_bos=False)
+            if isinstance(body.get("messages"), list):
+                text_parts(body["messages"])  # content parts: text only
+            plan = plan_chat(self.backend, body, params)
+            ids = prompt_ids(self.backend, plan.prompt, add_bos=False)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
@@ -164,7 +160,7 @@ class Api:
             if not isinstance(prompt, str):
                 raise ApiError(400, "'prompt' must be a string")
             ids = prompt_ids(self.backend, prompt)
-        return ids, params, bool(body.get("stream"))
+        return ids, params, bool(body.get("stream")), plan
 
     def events(self, ids: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[TokenEvent]:
         if self.lock is None:
@@ -174,9 +170,9 @@ class Api:
             yield from stream(self.backend, ids, params, cancel)
 
 
-def _chunk(kind: str, rid: str, model: str, created: int, text: str | None, finish: str | None) -> dict:
-    if kind == "chat":
-        delta = {} if text is None else {"content": text}
+def _chunk(kind: str, rid: str, model: str, created: int, text: Any, finish: str | None) -> dict:
+    if kind == "chat":  # text: the content, or a whole delta (reasoning_content, tool_calls)
+        delta = {} if text is None else text if isinstance(text, dict) else {"content": text}
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
@@ -264,7 +260,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 if path == "/v1/embeddings":
                     return self._send_json(200, api.embed(body))
                 target = api_for(api, body.get("model"))  # another model of the store: model_pool.py
-                ids, params, streaming = target.prepare(path, body)
+                ids, params, streaming, plan = target.prepare(path, body)
             except ApiError as e:
                 return self._error(e)
             except RipelmError as e:  # prompt too long, empty...
@@ -272,11 +268,11 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             kind = "chat" if path.endswith("chat/completions") else "text"
             if streaming:
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                self._stream(kind, ids, params, usage, target)
+                self._stream(kind, ids, params, usage, target, plan)
             else:
-                self._complete(kind, ids, params, target)
+                self._complete(kind, ids, params, target, plan)
 
-        def _complete(self, kind: str, ids: list[int], params: SamplingParams, api: Api = api) -> None:
+        def _complete(self, kind: str, ids: list[int], params: SamplingParams, api: Api = api, plan=None):
             parts, stats = [], GenerationStats()
             try:
                 for ev in api.events(ids, params, threading.Event()):
@@ -288,7 +284,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             text = "".join(parts)
             finish = FINISH.get(stats.finish_reason, "stop")
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                {"index": 0, "message": plan.message(text), "finish_reason": plan.finish_reason(finish)}
                 if kind == "chat"
                 else {"index": 0, "text": text, "finish_reason": finish}
             )
@@ -304,7 +300,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 },
             )
 
-        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool, api=api) -> None:
+        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool, api=api, plan=None):
             rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
             self.send_response(200)
@@ -327,14 +323,12 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                     first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                     send(first)
                 for ev in events:
-                    if ev.text:
-                        send(_chunk(kind, rid, api.model_name, created, ev.text, None))
+                    for delta in plan.feed(ev.text, ev.done) if plan else [ev.text] if ev.text else []:
+                        send(_chunk(kind, rid, api.model_name, created, delta, None))
                     if ev.done and ev.stats is not None:
-                        send(
-                            _chunk(
-                                kind, rid, api.model_name, created, None, FINISH.get(ev.stats.finish_reason)
-                            )
-                        )
+                        finish = FINISH.get(ev.stats.finish_reason)
+                        finish = plan.finish_reason(finish) if plan else finish
+                        send(_chunk(kind, rid, api.model_name, created, None, finish))
                         if usage:
                             last = _chunk(kind, rid, api.model_name, created, None, None)
                             last["choices"], last["usage"] = [], _usage(ev.stats)

@@ -30,3 +30,11 @@ if [ ! -f "$DEST/${TEMPLATES[-1]}.jinja" ]; then
   for t in "${TEMPLATES[@]}"; do cp "$TMP"/llama_cpp_python-*/vendor/llama.cpp/models/templates/"$t".jinja "$DEST/"; done
   rm -rf "$TMP"
 fi
+
+# instructor (structured extraction from an OpenAI-compatible server), for tests/test_serve_clients.py: its
+# pins (rich < 15, jiter < 0.15) conflict with versions ripelm's environment has, so it gets its own venv.
+INSTRUCTOR_VERSION=1.17.0
+if [ ! -x .venv-instructor/bin/python ] || [ "$(.venv-instructor/bin/python -c 'import importlib.metadata as m; print(m.version("instructor"))' 2>/dev/null)" != "$INSTRUCTOR_VERSION" ]; then
+  "$PYTHON" -m venv .venv-instructor
+  .venv-instructor/bin/python -m pip install --quiet "instructor==$INSTRUCTOR_VERSION"
+fi

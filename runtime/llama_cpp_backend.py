@@ -110,7 +110,8 @@ class LlamaCppBackend:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repetition_penalty,
-            reset=False,
+            reset=True,  # prefix reuse: llama-cpp-python keeps the K/V of the common prefix; False appended
+            # every prompt after the last one, until the context overflowed (llama_decode returned 1)
             grammar=grammar,
         )
 
@@ -135,9 +136,18 @@ def llama_grammar(grammar: tuple[str, str]):  # noqa: ANN201 - a llama_cpp.Llama
         if kind == "json_object":
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         if kind == "json_schema":
-            return LlamaGrammar.from_json_schema(text, verbose=False)
+            return LlamaGrammar.from_string(json_schema_gbnf(text), verbose=False)
         if kind == "gbnf":
             return LlamaGrammar.from_string(text, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise BadSamplingError(f"llama.cpp cannot use this {kind.replace('_', ' ')} grammar: {e}") from None
     raise BackendError(f"a {kind} grammar needs the native engine (llama.cpp takes JSON schemas and GBNF)")
+
+
+def json_schema_gbnf(schema: str) -> str:
+    """GBNF for a JSON schema (text) by llama-cpp-python's converter, with its string characters fixed: it
+    allows raw control characters in strings (`[^"\\\\]`), so a model could write a newline inside one and
+    the JSON would not parse; llama.cpp's own converter excludes them, as JSON does."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema).replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')

@@ -58,14 +58,16 @@ def call_grammar(family: str, tools: list[dict], choice: Any, *, parallel: bool 
     schema = call_schema(picked, "parameters" if family == "llama3" else "arguments")
     first, between, last = _FRAMES[family]
     many = parallel and choice == "required"
-    if syntax == "lark":
+    if syntax == "lark":  # JSON written as the templates write it; flexible blanks let a weak model loop
+        schema = {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ",
+                                           "key_separator": ": "}}  # fmt: skip
         rest = f" ({json.dumps(between)} call)*" if many else ""
         start = " ".join(p for p in (_lit(first), "call" + rest, _lit(last)) if p)
         return "lark", f"start: {start}\ncall: %json {json.dumps(schema)}\n"
     if syntax == "gbnf":
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
+        from ripelm.runtime.llama_cpp_backend import json_schema_gbnf
 
-        rules = json_schema_to_gbnf(json.dumps(schema))
+        rules = json_schema_gbnf(json.dumps(schema))
         rules = re.sub(r"^root ::=", "tool-call ::=", rules, flags=re.M)
         rest = f" ({json.dumps(between)} tool-call)*" if many else ""
         root = " ".join(p for p in (_lit(first), "tool-call" + rest, _lit(last)) if p)

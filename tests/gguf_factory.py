@@ -326,6 +326,7 @@ def _write_gguf(
     vocab_from: Path,
     tensor_types: dict[str, str] | None = None,
     sliding_window: int = GEMMA3_WINDOW,
+    chat_template: str | None = None,
 ) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_type("model")
@@ -349,6 +350,8 @@ def _write_gguf(
     if qtype not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value, vtype, sub_type in _tokenizer_kvs(str(vocab_from)):
+        if key == "tokenizer.chat_template" and chat_template is not None:
+            value = chat_template
         writer.add_key_value(key, value, vtype, sub_type)
 
     for tname, data in tensors.items():
@@ -413,6 +416,7 @@ def build_tiny_model(
     vocab_from: str | os.PathLike[str] | None = None,
     tensor_types: tuple[tuple[str, str], ...] = (),
     sliding_window: int = GEMMA3_WINDOW,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny random-weight GGUF model to ``path`` and return it as a Path.
 
@@ -422,7 +426,7 @@ def build_tiny_model(
     K-quants and TQ types); for the K-quants llama.cpp falls back to another type instead of failing.
     ``tensor_types``: (kind, type) pairs, e.g. ("attn_v", "Q8_0"), giving every layer's ``blk.N.<kind>``
     matrix its own type (types the gguf package quantizes; a mix within a layer as llama.cpp's Q4_K_M
-    makes).
+    makes). ``chat_template``: the model's template instead of the vocabulary source's.
     """
     if arch not in ARCHES:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHES}")
@@ -448,6 +452,7 @@ def build_tiny_model(
         arch=arch, name=f"tiny-{arch}-{qtype}", n_layers=n_layers, hidden=hidden, ffn=ffn, n_heads=n_heads,
         n_kv_heads=n_kv_heads, head_dim=head_dim, vocab=vocab, context_length=context_length,
         rope_theta=rope_theta, norm_eps=norm_eps, vocab_from=vocab_path, sliding_window=sliding_window,
+        chat_template=chat_template,
     )  # fmt: skip
 
     path.parent.mkdir(parents=True, exist_ok=True)

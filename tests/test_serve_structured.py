@@ -47,7 +47,7 @@ def test_fields_not_honoured_are_a_400_naming_them(tmp_path):
     BAD = {"type": "nope"}  # noqa: N806
     image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
     cases = [
-        ({"tools": [tool]}, "'tools'"),
+        ({"functions": [tool["function"]]}, "'functions'"),  # the legacy form of tools
         ({"logprobs": True}, "'logprobs'"),
         ({"n": 2}, "'n'"),
         ({"response_format": {"type": "xml"}}, "'response_format.type'"),

@@ -182,3 +182,24 @@ def test_forcing_grammars_compile_for_both_engines(family):
         assert kind == "lark" and not LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(text))
         validate_grammar(call_grammar(family, TOOLS, choice, syntax="gbnf"))  # llguidance reads GBNF too
         LlamaGrammar.from_string(call_grammar(family, TOOLS, choice, syntax="gbnf")[1], verbose=False)
+
+
+def test_chat_plan_forces_calls_in_the_engine_grammar_syntax():
+    from ripelm.openai_chat import plan_chat
+    from ripelm.runtime.sampling import SamplingParams
+
+    class Backend:  # what plan_chat reads of a backend
+        def __init__(self, name: str):
+            self.name, self.template = name, template("qwen2.5")
+
+    ask = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS}
+    for engine, kind in (("native", "lark"), ("llama.cpp", "gbnf")):
+        params = SamplingParams()
+        required = {**ask, "tool_choice": "required", "parallel_tool_calls": None}  # null: the default
+        plan = plan_chat(Backend(engine), required, params)
+        assert params.grammar[0] == kind and "<tool_call>" in params.grammar[1]
+        assert plan.parser is not None and "get_weather" in plan.prompt
+    params = SamplingParams()
+    assert plan_chat(Backend("native"), ask, params).parser is not None and params.grammar is None  # auto
+    none = plan_chat(Backend("native"), {**ask, "tool_choice": "none"}, params)
+    assert none.parser is None and "get_weather" not in none.prompt
