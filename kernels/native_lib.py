@@ -80,6 +80,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         lib.rl_model_set_extras.restype = _i
         lib.rl_model_set_layer_extras.argtypes = [_vp, _i, _vp, _vp, _i]
         lib.rl_model_set_layer_extras.restype = None
+    if hasattr(lib, "rl_model_set_rope_mscale"):  # phi3 LongRoPE (a library built before it lacks it)
+        lib.rl_model_set_rope_mscale.argtypes = [_vp, ctypes.c_float]
+        lib.rl_model_set_rope_mscale.restype = None
     lib.rl_model_set_head.argtypes = [_vp, _vp, _i, _i, _vp]
     lib.rl_model_set_head.restype = None
     lib.rl_model_set_kv.argtypes = [_vp, _vp, _vp, ctypes.c_int64, _i, _i]

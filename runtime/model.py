@@ -1,4 +1,4 @@
-"""The transformer forward for llama-family GGUF models (llama, qwen2, qwen3) and Gemma 3.
+"""The transformer forward for llama-family GGUF models (llama, qwen2, qwen3, phi3) and Gemma 3.
 
 A plain `nn.Module`: RMSNorm, fused QKV projection (with Qwen2's biases and Qwen3's per-head Q/K norms),
 RoPE in the layout the file stores, grouped-query attention through a KV cache object, SwiGLU with a
@@ -211,8 +211,10 @@ class Transformer(nn.Module):
         self.output = output
         self.head_rows = head_rows  # float32 rows of the output head by token id, for `_refine_top`
         self.native = None  # NativeWeights when the native CPU step runs this model (set by the loader)
-        # llama.cpp: llama-family files are permuted for interleaved RoPE; qwen2/qwen3 use NEOX halves.
-        self.neox = cfg.arch in ("qwen2", "qwen3", "gemma3")
+        # llama.cpp: llama-family files are permuted for interleaved RoPE; qwen2/qwen3/gemma3/phi3 use NEOX
+        # halves. phi3's LongRoPE attn_factor scales the rotated dims' cos and sin (so Q and K) as ggml does.
+        self.neox = cfg.neox
+        self.rope_mscale = cfg.rope_attn_factor
         self.pos_scale = (
             1.0 / cfg.rope_scaling_factor
             if cfg.rope_scaling_type == "linear" and cfg.rope_scaling_factor
@@ -230,6 +232,8 @@ class Transformer(nn.Module):
     def _grow_rope(self, n: int) -> None:
         size = 1 << max(8, (n - 1).bit_length())
         cos, sin = rope_cos_sin(self.inv_freq * self.pos_scale, torch.arange(size))
+        if self.rope_mscale != 1.0:
+            cos, sin = cos * self.rope_mscale, sin * self.rope_mscale
         self._rope_cache = (cos.to(self.device), sin.to(self.device))
         if self.inv_freq_swa is not None:
             cos, sin = rope_cos_sin(self.inv_freq_swa, torch.arange(size))

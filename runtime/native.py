@@ -12,7 +12,7 @@ from ripelm.models.file_guard import COPY_AT_LOAD_MAX_BYTES, FileState, ModelFil
 from ripelm.models.gguf_file import GGUFFile, open_gguf
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.device import bound_heap_growth, compute_dtype, pick_device, release_free_memory
-from ripelm.runtime.loader import check_supported, load_native_transformer, load_transformer
+from ripelm.runtime.loader import check_supported, load_native_transformer, load_transformer, run_context
 from ripelm.runtime.native_decode import NativeWeights, notice_once
 from ripelm.runtime.tokenizer import Tokenizer
 
@@ -39,25 +39,33 @@ def load_native(
     backend.device = str(backend.torch_device)
     dtype = compute_dtype(backend.torch_device)
     native = None
+    supported = check_supported(backend.gguf)
+    context_length = run_context(supported, n_ctx)
     if not reference:
         # The native step's repacked weights become the model's only copy; nothing reads the file after.
-        native = NativeWeights.pack(backend.gguf, check_supported(backend.gguf), backend.torch_device)
+        native = NativeWeights.pack(backend.gguf, supported, backend.torch_device)
         if native is None and backend.torch_device.type == "cpu":
             notice_once()
     if native is not None:
-        backend.model = load_native_transformer(backend.gguf, native, dtype=dtype)
+        backend.model = load_native_transformer(
+            backend.gguf, native, dtype=dtype, context_length=context_length
+        )
         backend.gguf.close()  # unmapped: nothing reads the file again, so no page of it stays resident
     else:
         if backend.gguf.file_size <= COPY_AT_LOAD_MAX_BYTES:
             backend.gguf.load_into_memory()
         backend.model = load_transformer(
-            backend.gguf, device=backend.torch_device, dtype=dtype, reference=reference
+            backend.gguf,
+            device=backend.torch_device,
+            dtype=dtype,
+            reference=reference,
+            context_length=context_length,
         )
     backend.dtype = backend.model.dtype
     release_free_memory()
     cfg = backend.model.cfg
     backend.cfg = cfg
-    backend.context_length = min(n_ctx or 4096, cfg.context_length)
+    backend.context_length = context_length
     backend.tokenizer = tokenizer or Tokenizer(backend.path)
     backend.template = ChatTemplate(
         cfg.chat_template, bos_token=backend.tokenizer.bos_text, eos_token=backend.tokenizer.eos_text

@@ -1,15 +1,16 @@
 """The engine's CPU step on ripelm's native library: all layers of a small batch of rows in one call.
 
 `NativeWeights.pack` repacks a model's projection and head matrices once at load (from the GGUF blocks,
-see kernels/native/repack.c) when the native library is present and the model fits it: llama, qwen2 and
-qwen3 layers whose projections are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or the ternary TQ1_0
-and TQ2_0, each matrix in its own type (llama.cpp's Q4_K_M mixes them within a layer: Q, K and V of
-different types run as three parts of one output row), with a head of one of those types (a head of a
-type not listed, F16 say, sends the whole model to the torch path); the repacked weights are then the
-model's only copy (runtime/loader.py `load_native_transformer`). `NativeWeights.runner(cache)` binds them
-to one engine's paged KV pool; `NativeRunner.forward` runs every decode step, short prefill chunks, and long
-ones too on CPUs without bf16 matrix instructions, with the GIL released. Anything else runs on the
-torch path, and `notice_once()` says why.
+see kernels/native/repack.c) when the native library is present and the model fits it: llama, qwen2,
+qwen3, gemma3 and phi3 layers (phi3's fused ffn_up repacked as its gate and up halves) whose projections
+are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or the ternary TQ1_0 and TQ2_0, each matrix in its
+own type (llama.cpp's Q4_K_M mixes them within a layer: Q, K and V of different types run as three parts
+of one output row), with a head of one of those types (a head of a type not listed, F16 say, sends the
+whole model to the torch path); the repacked weights are then the model's only copy (runtime/loader.py
+`load_native_transformer`). `NativeWeights.runner(cache)` binds them to one engine's paged KV pool;
+`NativeRunner.forward` runs every decode step, short prefill chunks, and long ones too on CPUs without
+bf16 matrix instructions, with the GIL released. Anything else runs on the torch path, and `notice_once()`
+says why.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ripelm.kernels.quant_types import BLOCK_LAYOUT, QuantType
 from ripelm.models.config import ModelConfig
 from ripelm.models.errors import ModelFileChangedError
 from ripelm.models.gguf_file import GGUFFile
+from ripelm.runtime.loader import gate_up_names, qkv_names
 from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 
 # GGUF types the native step reads, and the repacked format each becomes.
@@ -75,6 +77,7 @@ class NativeWeights:
     out_norm: torch.Tensor | None = None
     inv_freq: np.ndarray | None = None
     inv_freq_swa: np.ndarray | None = None  # sliding-window layers' rotation (Gemma 3), else None
+    rope_mscale: float = 1.0  # phi3 LongRoPE's attn_factor on the rotated dims' cos/sin
     scale: float = 1.0
 
     @staticmethod
@@ -101,21 +104,25 @@ class NativeWeights:
 
         arena = WeightArena()
 
-        def pack_into_one(names: list[str]) -> Repacked:
-            """Tensors of one format whose outputs share a row (Q, K, V), repacked into one arena slice one
-            after the other (every part a whole number of 8-row groups); or one tensor alone."""
+        def pack_into_one(names: list[str], half: int | None = None) -> Repacked:
+            """Tensors of one format whose outputs share a row (Q, K, V) into one arena slice one after
+            the other (each whole 8-row groups); or one tensor, or its `half` 0 or 1 (phi3 gate/up)."""
             infos = [g.tensors[name] for name in names]
             fmts = {NATIVE_FORMATS[QuantType(info.ggml_type)] for info in infos}
             assert len(fmts) == 1
-            sizes = [lib.rl_repacked_size(int(info.ggml_type), *info.torch_shape) for info in infos]
+            shapes = [tuple(info.torch_shape) for info in infos]
+            if half is not None:
+                shapes = [(n // 2, k) for n, k in shapes]
+            sizes = [lib.rl_repacked_size(int(t.ggml_type), *sh) for t, sh in zip(infos, shapes, strict=True)]
             out, at = arena.take(sum(sizes)), 0
-            for name, info, size in zip(names, infos, sizes, strict=True):
-                n, k = info.torch_shape
+            for name, info, size, (n, k) in zip(names, infos, sizes, shapes, strict=True):
                 raw = _read_tensor(g, f, name)
+                if half is not None:  # whole rows of GGUF blocks: the halves are byte ranges
+                    raw = raw[half * (raw.nbytes // 2) : (half + 1) * (raw.nbytes // 2)]
                 if lib.rl_repack(int(info.ggml_type), raw.ctypes.data, n, k, out[at:].ctypes.data) != 0:
                     raise ValueError(f"cannot repack {name}")
                 at += size
-            return Repacked(fmts.pop(), sum(info.torch_shape[0] for info in infos), k, out)
+            return Repacked(fmts.pop(), sum(shape[0] for shape in shapes), k, out)
 
         def pack(name: str) -> Repacked:
             return pack_into_one([name])
@@ -129,16 +136,12 @@ class NativeWeights:
 
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
-            w.layers.append(
-                {
-                    # [fused qkv] or [q, k, v]
-                    "qkv": pack_side_by_side([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
-                    "wo": pack(p + "attn_output.weight"),
-                    "gate": pack(p + "ffn_gate.weight"),
-                    "up": pack(p + "ffn_up.weight"),
-                    "down": pack(p + "ffn_down.weight"),
-                }
-            )
+            gu = gate_up_names(cfg, i)
+            gate, up = (pack(gu[0]), pack(gu[1])) if len(gu) > 1 else (pack_into_one(gu, h) for h in (0, 1))
+            w.layers.append(  # "qkv": [fused qkv] or [q, k, v]
+                {"qkv": pack_side_by_side(qkv_names(cfg, i)), "wo": pack(p + "attn_output.weight"),
+                 "gate": gate, "up": up, "down": pack(p + "ffn_down.weight")}
+            )  # fmt: skip
         head_name = _head_name(g, cfg)
         w.head = pack(head_name)
         if head_name == "token_embd.weight":
@@ -182,10 +185,14 @@ def _head_name(g: GGUFFile, cfg: ModelConfig) -> str:
 def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"device {device.type}"
-    if cfg.arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+    if cfg.arch not in ("llama", "qwen2", "qwen3", "gemma3", "phi3"):
         return f"architecture {cfg.arch}"
     if cfg.arch == "gemma3" and not hasattr(native_lib.load(), "rl_model_set_extras"):
         return "architecture gemma3 (the native library predates it; rebuild it)"
+    if cfg.rope_attn_factor != 1.0 and not hasattr(native_lib.load(), "rl_model_set_rope_mscale"):
+        return "rope attn_factor (the native library predates it; rebuild it)"
+    if cfg.fused_gate_up and cfg.ffn % 8:
+        return "a fused gate/up whose halves are not whole 8-row groups"
     if cfg.n_heads % cfg.n_kv_heads:
         return "attention head grouping"
     if cfg.q_dim % 8 or cfg.kv_dim % 8:
@@ -195,8 +202,7 @@ def _unsupported(g: GGUFFile, cfg: ModelConfig, device: torch.device) -> str | N
     names = [_head_name(g, cfg)]
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        names += [p + f"attn_{x}.weight" for x in ("q", "k", "v", "output")]
-        names += [p + f"ffn_{x}.weight" for x in ("gate", "up", "down")]
+        names += [*qkv_names(cfg, i), p + "attn_output.weight", *gate_up_names(cfg, i), p + "ffn_down.weight"]
     for name in names:
         info = g.tensors[name]
         qt = QuantType(info.ggml_type)
@@ -235,7 +241,7 @@ class NativeRunner:
             cfg.head_dim,
             cfg.ffn,
             cfg.rope_dim,
-            int(cfg.arch in ("qwen2", "qwen3", "gemma3")),
+            int(cfg.neox),
             cfg.rms_eps,
             weights.scale,
             weights.inv_freq.ctypes.data,
@@ -244,6 +250,8 @@ class NativeRunner:
             raise MemoryError("native step: out of memory")
         self.handle = handle
         self.isa = lib.rl_model_set_isa(handle, weights.isa)
+        if weights.rope_mscale != 1.0:
+            lib.rl_model_set_rope_mscale(handle, weights.rope_mscale)
         for i, lw in enumerate(weights.layers):
             lib.rl_model_set_layer(
                 handle,

@@ -43,13 +43,24 @@ def _prefill(model, cache: PagedKVCache, tokens: list[int], table: list[int]) ->
     model(torch.tensor(tokens, device=cache.device), 0, cache.step(batch))
 
 
-def test_static_decode_matches_the_general_path(tiny_model_factory):
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_static_decode_matches_the_general_path(tiny_model_factory, tmp_path_factory, arch):
     """Three sequences (histories of 5, 20 and 37 tokens in scattered blocks) decode through the static
     forward (five rows: the third sequence also verifies two proposed tokens; bucket of 8, three padding
     rows) and through the engine's general path, from identical pools: logits within float32 rounding, same
     argmax, and the static step changed the pools only at the five new slots."""
-    # the float32 model: both paths then differ only in float32 summation order
-    model = _torch_model(tiny_model_factory(qtype="Q4_0", n_layers=2), "cpu", reference=True)
+    # the float32 model: both paths then differ only in float32 summation order; phi3 as Phi-4-mini has it
+    # (fused QKV and gate/up, rotary over 3/4 of each head, LongRoPE factors and attn_factor)
+    if arch == "phi3":
+        from phi3_factory import tiny_phi3_cached
+
+        path = tiny_phi3_cached(
+            tmp_path_factory.getbasetemp() / "phi3_factory", qtype="Q4_0", rope_dim=48, longrope=True,
+            orig_context=256, attn_factor=1.19,
+        )  # fmt: skip
+    else:
+        path = tiny_model_factory(qtype="Q4_0", n_layers=2)
+    model = _torch_model(path, "cpu", reference=True)
     cfg = model.cfg
     bs = 16
     a = PagedKVCache(cfg.n_layers, 24, cfg.n_kv_heads, cfg.head_dim, block_size=bs, dtype=model.dtype)

@@ -53,9 +53,13 @@ def test_builtin_catalog_is_consistent():
         "llama3.2:3b",
     } <= names
     assert {"llama3.1:8b", "nomic-embed-text:v1.5"} <= names
+    assert {"gemma3:270m", "gemma3:1b", "gemma3:4b", "phi4-mini:3.8b"} <= names
+    assert lookup("phi4-mini").name == "phi4-mini:3.8b" and lookup("gemma3:1b").draft == "gemma3:270m"
     for e in BUILTIN:
         assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256), e.name
-        assert e.bundled or re.fullmatch(r"[0-9a-f]{40}", e.revision), f"{e.name}: pin a commit"
+        # a commit pins the file; without a known commit, "main" with a digest (a re-upload fails the check)
+        pinned = re.fullmatch(r"[0-9a-f]{40}", e.revision) or (e.revision == "main" and e.sha256)
+        assert e.bundled or pinned, f"{e.name}: pin a commit or a digest"
         assert e.file.endswith(".gguf") and e.size_mb > 0
         if e.draft:
             draft = lookup(e.draft)

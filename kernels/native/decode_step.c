@@ -151,6 +151,7 @@ typedef struct rl_model {
     float eps, scale;
     float *inv_freq;
     float *inv_freq_swa; /* sliding-window layers' rotation, or NULL */
+    float rope_mscale;   /* cos and sin of the rotated dims times this (phi3 LongRoPE's attn_factor) */
     int gelu;            /* GeGLU (tanh GELU) instead of SwiGLU */
     rl_layer *layers;
     const float *out_norm;
@@ -177,7 +178,7 @@ rl_model *rl_model_new(int n_layers, int hidden, int n_heads, int n_kv, int head
     if (!m) return NULL;
     m->n_layers = n_layers, m->hidden = hidden, m->n_heads = n_heads, m->n_kv = n_kv;
     m->head_dim = head_dim, m->ffn = ffn, m->rope_dim = rope_dim, m->neox = neox, m->eps = eps;
-    m->scale = scale;
+    m->scale = scale, m->rope_mscale = 1.0f;
     m->inv_freq = malloc(sizeof(float) * (size_t)(rope_dim / 2 + 1));
     m->layers = calloc((size_t)n_layers, sizeof(rl_layer));
     if (!m->inv_freq || !m->layers) return NULL;
@@ -203,6 +204,9 @@ void rl_model_set_layer_extras(rl_model *m, int i, const float *post_attn_norm, 
     rl_layer *L = &m->layers[i];
     L->post_attn_norm = post_attn_norm, L->post_ffn_norm = post_ffn_norm, L->window = window;
 }
+
+/* the factor llama.cpp's rope applies to cos and sin (attn_factor; 1 unless set) */
+void rl_model_set_rope_mscale(rl_model *m, float mscale) { m->rope_mscale = mscale; }
 
 int rl_model_set_isa(rl_model *m, int isa) {
     m->kern = kernels_for(isa);
@@ -520,8 +524,8 @@ static void rope_tables(rl_model *m, int rows, const int32_t *pos) {
         for (int r = 0; r < rows; r++) {
             for (int i = 0; i < half; i++) {
                 double ang = (double)pos[r] * (double)f[i];
-                out[((size_t)r * half + i) * 2] = (float)cos(ang);
-                out[((size_t)r * half + i) * 2 + 1] = (float)sin(ang);
+                out[((size_t)r * half + i) * 2] = (float)cos(ang) * m->rope_mscale;
+                out[((size_t)r * half + i) * 2 + 1] = (float)sin(ang) * m->rope_mscale;
             }
         }
     }
