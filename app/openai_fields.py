@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
-               "top_logprobs", "audio", "modalities", "prediction")  # fmt: skip
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
+               "modalities", "prediction")  # fmt: skip
 
 
 def _error(message: str):  # noqa: ANN202 - the server's ApiError (imported late: it imports this module)
@@ -23,8 +23,6 @@ def _error(message: str):  # noqa: ANN202 - the server's ApiError (imported late
 
 def check_fields(body: dict[str, Any]) -> None:
     """A 400 naming the first field of the request that is set but not supported."""
-    if body.get("n", 1) != 1:
-        raise _error("'n': only n = 1 is supported")
     for field in UNSUPPORTED:
         if body.get(field) not in (None, False, [], {}):
             raise _error(f"'{field}' is not supported yet")
