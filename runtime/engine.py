@@ -169,7 +169,7 @@ class Engine:
             forks=n - 1,
         )
         seq.constraint = constraint
-        if speculate != "off" and spec_k > 0 and constraint is None:  # (masked proposals: not yet)
+        if speculate != "off" and spec_k > 0:  # under a grammar too: see engine_spec.grammar_prefix
             engine_spec.start(seq, spec_k, spec_adaptive, speculate)
         req.sequences.append(seq)
         with self._cond:
