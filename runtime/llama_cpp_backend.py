@@ -9,6 +9,7 @@ is unchanged (`ModelFileGuard`); models/file_guard.py gives the reasons.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,7 +111,10 @@ class LlamaCppBackend:
             min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repetition_penalty,
-            reset=False,
+            # reset=True: llama-cpp-python keeps the longest common prefix of its cache and evaluates the rest
+            # (reset=False appended every prompt after the previous generation: wrong context, and a full
+            # context window after a few requests)
+            reset=True,
             grammar=grammar,
         )
 
@@ -135,9 +139,24 @@ def llama_grammar(grammar: tuple[str, str]):  # noqa: ANN201 - a llama_cpp.Llama
         if kind == "json_object":
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         if kind == "json_schema":
-            return LlamaGrammar.from_json_schema(text, verbose=False)
+            return LlamaGrammar.from_json_schema(json.dumps(_bounded_ints(json.loads(text))), verbose=False)
         if kind == "gbnf":
             return LlamaGrammar.from_string(text, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise BadSamplingError(f"llama.cpp cannot use this {kind.replace('_', ' ')} grammar: {e}") from None
     raise BackendError(f"a {kind} grammar needs the native engine (llama.cpp takes JSON schemas and GBNF)")
+
+
+def _bounded_ints(schema):  # noqa: ANN001, ANN202 - JSON values
+    """The schema with every integer of both `minimum` and `maximum` (at most 1000 values apart) as an enum:
+    llama-cpp-python's JSON-schema-to-GBNF converter ignores integer bounds, its enums it enforces."""
+    if isinstance(schema, list):
+        return [_bounded_ints(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_ints(v) for k, v in schema.items()}
+    lo, hi = out.get("minimum"), out.get("maximum")
+    if out.get("type") == "integer" and isinstance(lo, int) and isinstance(hi, int) and 0 <= hi - lo <= 1000:
+        if "enum" not in out:
+            out["enum"] = list(range(lo, hi + 1))
+    return out
