@@ -132,14 +132,18 @@ class LlamaCppBackend:
 def llama_grammar(grammar: tuple[str, str]):  # noqa: ANN201 - a llama_cpp.LlamaGrammar
     """Structured output through llama.cpp's own grammar sampler (GBNF): JSON objects, JSON schemas (llama.cpp
     converts them to GBNF) and GBNF itself; regex and Lark grammars are the native engine's (llguidance)."""
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
     kind, text = grammar
     try:
         if kind == "json_object":
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         if kind == "json_schema":
-            return LlamaGrammar.from_json_schema(json.dumps(_bounded_ints(json.loads(text))), verbose=False)
+            gbnf = json_schema_to_gbnf(json.dumps(_bounded_ints(json.loads(text))))
+            # its string characters admit raw control characters (a newline inside a string), which JSON
+            # forbids: the same exclusion as its own JSON grammar's
+            gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+            return LlamaGrammar.from_string(gbnf, verbose=False)
         if kind == "gbnf":
             return LlamaGrammar.from_string(text, verbose=False)
     except (ValueError, RuntimeError) as e:
