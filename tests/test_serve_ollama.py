@@ -104,7 +104,6 @@ def test_generate_streamed_and_not_with_context(served):
         ({"options": {"mirostat": 2}}, "options.mirostat"),
         ({"options": {"no_such_option": 1}}, "options.no_such_option"),
         ({"options": {"temperature": "hot"}}, "options.temperature"),
-        ({"format": "xml"}, "format"),
         ({"format": {"type": "nope"}}, "format"),
         ({"keep_alive": "soon"}, "keep_alive"),
         ({"think": True}, "think"),
