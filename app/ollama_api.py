@@ -12,7 +12,8 @@ repeat_last_n, seed, num_predict, stop). Options that tune the server's own reso
 num_thread, num_gpu, num_batch, use_mmap...) are accepted and ignored: one server shares one engine
 between its clients, so a request does not resize it. Sampling options we do not implement (mirostat,
 tfs_z, typical_p, presence/frequency penalties) are accepted only at their neutral value, and any other
-name is a 400 that names the field, as is `format` until structured output lands. `think` renders the
+name is a 400 that names the field. `format` ("json" or a JSON schema) is the same grammar-constrained
+sampling as OpenAI's `response_format` (`ollama_params.grammar_from_format`). `think` renders the
 template's thinking switch where the model has one (and splits `<think>...</think>` into `thinking`);
 asking a model without one to think is a 400.
 """
@@ -35,6 +36,7 @@ from ripelm.ollama_params import (
     ThinkSplitter,
     collect,
     collect_last,
+    grammar_from_format,
     parse_keep_alive,
     sampling_from_options,
     timings,
@@ -166,9 +168,6 @@ class OllamaRoutes:
 
     def _common(self, body: dict[str, Any]) -> Any:
         """Checks shared by chat and generate; returns the request's keep-alive (or UNSET)."""
-        fmt = body.get("format")
-        if fmt not in (None, ""):
-            raise ApiError(400, "'format' is not supported yet (structured output)")
         if body.get("tools"):
             raise ApiError(400, "'tools' is not supported yet")
         keep = body.get("keep_alive")
@@ -207,8 +206,9 @@ class OllamaRoutes:
         def build(m: Loaded) -> tuple[list[int], dict[str, Any], bool]:
             variables, split = self._think(body, m)
             text = m.backend.template.render(clean, add_generation_prompt=True, **variables)
-            return prompt_ids(m.backend, text, add_bos=False), {}, split
+            return prompt_ids(m.backend, text, add_bos=False), {"grammar": grammar}, split
 
+        grammar = grammar_from_format(body.get("format"))
         lines = self._run(name, keep, body.get("options"), build, chat=True)
         return lines if body.get("stream", True) else collect(lines, chat=True)
 
@@ -231,12 +231,15 @@ class OllamaRoutes:
         def build(m: Loaded) -> tuple[list[int], dict[str, Any], bool]:
             variables, split = self._think(body, m)
             if body.get("raw"):
-                return list(context) + prompt_ids(m.backend, prompt), {"context": True}, split
+                ids = list(context) + prompt_ids(m.backend, prompt)
+                return ids, {"context": True, "grammar": grammar}, split
             msgs = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
             msgs.append({"role": "user", "content": prompt})
             text = m.backend.template.render(msgs, add_generation_prompt=True, **variables)
-            return list(context) + prompt_ids(m.backend, text, add_bos=False), {"context": True}, split
+            ids = list(context) + prompt_ids(m.backend, text, add_bos=False)
+            return ids, {"context": True, "grammar": grammar}, split
 
+        grammar = grammar_from_format(body.get("format"))
         lines = self._run(name, keep, body.get("options"), build, chat=False)
         return lines if body.get("stream", True) else collect(lines, chat=False)
 
@@ -261,6 +264,7 @@ class OllamaRoutes:
             started = time.perf_counter()
             params = sampling_from_options(options, m.backend.context_length)
             ids, extra, split = build(m)
+            params.grammar = extra.get("grammar")  # `format`
             yield from self._lines(m, ids, params, split, chat, started, bool(extra.get("context")))
 
     def _lines(

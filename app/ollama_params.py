@@ -126,3 +126,25 @@ def collect_last(lines: Iterator[dict[str, Any]]) -> dict[str, Any]:
     for last in lines:  # noqa: B007
         pass
     return last
+
+
+def grammar_from_format(fmt: Any) -> tuple[str, str] | None:
+    """Ollama's `format`: "json" (any JSON object) or a JSON schema, as the request's grammar (the same
+    grammar-constrained sampling as OpenAI's `response_format`); anything else is a 400 naming it."""
+    import json
+
+    from ripelm.runtime.errors import BadSamplingError
+    from ripelm.runtime.grammar import validate_grammar
+
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return ("json_object", "")
+    if not isinstance(fmt, dict):
+        raise ApiError(400, "'format' must be \"json\" or a JSON schema object")
+    grammar = ("json_schema", json.dumps(fmt))
+    try:
+        validate_grammar(grammar)
+    except BadSamplingError as e:
+        raise ApiError(400, f"'format': {e}") from None
+    return grammar

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "audio", "modalities",
-               "prediction")  # fmt: skip  (tools, tool_choice: openai_chat.py)
+UNSUPPORTED = ("functions", "function_call", "audio", "modalities", "prediction")  # tools: openai_chat.py
 
 
 def _error(message: str):  # noqa: ANN202 - the server's ApiError (imported late: it imports this module)
@@ -23,8 +22,6 @@ def _error(message: str):  # noqa: ANN202 - the server's ApiError (imported late
 
 def check_fields(body: dict[str, Any]) -> None:
     """A 400 naming the first field of the request that is set but not supported."""
-    if body.get("n", 1) != 1:
-        raise _error("'n': only n = 1 is supported")
     for field in UNSUPPORTED:
         if body.get(field) not in (None, False, [], {}):
             raise _error(f"'{field}' is not supported yet")

@@ -14,7 +14,6 @@ import hmac
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,8 +22,9 @@ from typing import Any
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
 from ripelm.models.errors import RipelmError
 from ripelm.openai_chat import plan_chat
+from ripelm.openai_choices import choice_options, chunks, completion
 from ripelm.openai_fields import check_fields, grammar_from_body, text_parts
-from ripelm.runtime.backend import Backend, GenerationStats, TokenEvent, prompt_ids, stream
+from ripelm.runtime.backend import Backend, TokenEvent, prompt_ids, stream
 from ripelm.runtime.errors import ContextOverflowError
 from ripelm.runtime.sampling import SamplingParams
 
@@ -32,7 +32,6 @@ MAX_BODY = 16 << 20
 # Seconds a connection may sit silent (a client that opens a socket and sends nothing would otherwise hold
 # its handler thread forever); also bounds a write to a client that stopped reading.
 SOCKET_TIMEOUT = 120.0
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 class ApiError(Exception):
@@ -80,11 +79,12 @@ def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingPar
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of strings")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
     if max_tokens is None:
         max_tokens = context_length
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise ApiError(400, "'max_tokens' must be an integer")
+        raise ApiError(400, f"'{key}' must be an integer")
     params = SamplingParams(
         temperature=num("temperature", 1.0),
         top_k=num("top_k", 0, int),
@@ -148,6 +148,7 @@ class Api:
         params = sampling_from_body(body, self.backend.context_length)
         params.grammar = grammar_from_body(body)  # checked here: a bad one is a 400 naming its field
         plan = None
+        _, params.logprobs = choice_options(path, body, self.backend)  # n and logprobs: openai_choices.py
         if path == "/v1/chat/completions":
             if isinstance(body.get("messages"), list):
                 text_parts(body["messages"])  # content parts: text only
@@ -168,31 +169,6 @@ class Api:
             return
         with self.lock:
             yield from stream(self.backend, ids, params, cancel)
-
-
-def _chunk(kind: str, rid: str, model: str, created: int, text: Any, finish: str | None) -> dict:
-    if kind == "chat":  # text: the content, or a whole delta (reasoning_content, tool_calls)
-        delta = {} if text is None else text if isinstance(text, dict) else {"content": text}
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-
-
-def _usage(stats: GenerationStats) -> dict:
-    usage: dict = {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.generated_tokens,
-        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-    }
-    if stats.drafted:  # speculation (`ripe serve --speculate`): OpenAI's fields for predicted tokens
-        usage["completion_tokens_details"] = {
-            "accepted_prediction_tokens": stats.accepted,
-            "rejected_prediction_tokens": stats.drafted - stats.accepted,
-        }
-    return usage
 
 
 def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
@@ -266,43 +242,22 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             except RipelmError as e:  # prompt too long, empty...
                 return self._error(request_error(e))
             kind = "chat" if path.endswith("chat/completions") else "text"
+            n = body.get("n") or 1  # checked by prepare
             if streaming:
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                self._stream(kind, ids, params, usage, target, plan)
+                self._stream(kind, ids, params, n, usage, target, plan)
             else:
-                self._complete(kind, ids, params, target, plan)
+                self._complete(kind, ids, params, n, target, plan)
 
-        def _complete(self, kind: str, ids: list[int], params: SamplingParams, api: Api = api, plan=None):
-            parts, stats = [], GenerationStats()
+        def _complete(self, kind: str, ids: list[int], params: SamplingParams, n: int, api=api, plan=None):
             try:
-                for ev in api.events(ids, params, threading.Event()):
-                    parts.append(ev.text)
-                    if ev.done and ev.stats is not None:
-                        stats = ev.stats
+                response = completion(api, kind, ids, params, n, plan)
             except RipelmError as e:  # nothing was sent yet: the client gets a JSON error, not a reset
                 return self._error(generation_error(e))
-            text = "".join(parts)
-            finish = FINISH.get(stats.finish_reason, "stop")
-            choice: dict[str, Any] = (
-                {"index": 0, "message": plan.message(text), "finish_reason": plan.finish_reason(finish)}
-                if kind == "chat"
-                else {"index": 0, "text": text, "finish_reason": finish}
-            )
-            self._send_json(
-                200,
-                {
-                    "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                    "object": "chat.completion" if kind == "chat" else "text_completion",
-                    "created": int(time.time()),
-                    "model": api.model_name,
-                    "choices": [choice],
-                    "usage": _usage(stats),
-                },
-            )
+            self._send_json(200, response)
 
-        def _stream(self, kind: str, ids: list[int], params: SamplingParams, usage: bool, api=api, plan=None):
-            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            created = int(time.time())
+        def _stream(self, kind: str, ids: list[int], params: SamplingParams, n: int, usage: bool, api=api,
+                    plan=None):  # fmt: skip
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -310,7 +265,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.close_connection = True
             cancel = threading.Event()
-            events = api.events(ids, params, cancel)
+            events = chunks(api, kind, ids, params, n, usage, cancel, plan)  # openai_choices.py
 
             def send(obj: dict | str) -> None:
                 data = obj if isinstance(obj, str) else json.dumps(obj)
@@ -318,21 +273,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
 
             try:
-                if kind == "chat":
-                    first = _chunk(kind, rid, api.model_name, created, None, None)
-                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                    send(first)
-                for ev in events:
-                    for delta in plan.feed(ev.text, ev.done) if plan else [ev.text] if ev.text else []:
-                        send(_chunk(kind, rid, api.model_name, created, delta, None))
-                    if ev.done and ev.stats is not None:
-                        finish = FINISH.get(ev.stats.finish_reason)
-                        finish = plan.finish_reason(finish) if plan else finish
-                        send(_chunk(kind, rid, api.model_name, created, None, finish))
-                        if usage:
-                            last = _chunk(kind, rid, api.model_name, created, None, None)
-                            last["choices"], last["usage"] = [], _usage(ev.stats)
-                            send(last)
+                for obj in events:
+                    send(obj)
                 send("[DONE]")
             except RipelmError as e:  # headers are out: end the stream with an error event
                 err = generation_error(e)
@@ -344,7 +286,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 cancel.set()  # the client left: stop generating and free its blocks
             finally:
-                events.close()  # type: ignore[attr-defined]
+                events.close()
 
     return Handler
 

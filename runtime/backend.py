@@ -38,6 +38,7 @@ class GenerationStats:
     target_forwards: int = 0  # target passes that produced tokens: the prefill, then one per (verify) step
     emitted_tokens: int = 0  # tokens the engine produced while decoding (generated_tokens plus any EOS)
     speculation: str = ""  # the draft-length controller's state or decision, e.g. "k=4, predicted 1.9x"
+    logprobs: list | None = None  # with SamplingParams.logprobs: a TokenLogprob per token the engine sent
 
     @property
     def acceptance_rate(self) -> float:
@@ -64,6 +65,8 @@ class Capabilities:
     cancel: bool = False  # submit() / request_ids(): a request can be cancelled from another thread mid-step
     kv_stats: bool = False  # kv_blocks(): (used, total) blocks of its paged KV pools, a draft's included
     takes_messages: bool = False  # a server engine: takes chat messages, owns template, tokenizer and context
+    samples: bool = False  # submit(prompt, params, n) / request_ids(req, stats, i): n samples share a prompt
+    logprobs: bool = False  # honours SamplingParams.logprobs (GenerationStats.logprobs)
 
 
 class Backend(Protocol):
@@ -97,11 +100,17 @@ def prompt_ids(backend: Backend, text: str, *, add_bos: bool | None = None) -> l
 
 
 def stream(
-    backend: Backend, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    backend: Backend,
+    prompt: list[int],
+    params: SamplingParams,
+    cancel: threading.Event | None = None,
+    stats: GenerationStats | None = None,
 ) -> Iterator[TokenEvent]:
-    """Run a generation and yield text as it becomes safe to show; the last event has done=True and stats."""
+    """Run a generation and yield text as it becomes safe to show; the last event has done=True and stats
+    (`stats`, when given, is filled as it goes: a caller can read the figures before the end)."""
     params.validate()
-    stats = GenerationStats(prompt_tokens=len(prompt), engine=backend.name)
+    stats = stats or GenerationStats()
+    stats.prompt_tokens, stats.engine = len(prompt), backend.name
     budget = min(params.max_tokens, backend.context_length - len(prompt))
     if budget < 1:
         raise ContextOverflowError(

@@ -94,6 +94,7 @@ class DraftRunner:
         qs: dict[int, list[torch.Tensor]] = {seq.id: [] for seq, _ in active}
         feeds = {seq.id: seq.tokens[seq.draft_table.num_tokens :] for seq, _ in active}
         forwards, t0 = 0, time.perf_counter()
+        consumed = {seq.id: 0 for seq, _ in active}  # proposed tokens fed to a constrained sequence's matcher
         while active:
             tokens: list[int] = []
             positions: list[int] = []
@@ -112,7 +113,12 @@ class DraftRunner:
                 feed = feeds[seq.id]
                 self.allocator.commit(seq.draft_table, feed)
                 seq.draft_ids += feed
-                tok, conf, q = self._choose(seq, out[seq.id], logits[i])
+                row = logits[i]
+                if seq.constraint is not None:  # drawn under the grammar's mask after the tokens so far
+                    if out[seq.id] and seq.constraint.look_ahead(out[seq.id][-1]):
+                        consumed[seq.id] += 1
+                    row = seq.constraint.apply(row)
+                tok, conf, q = self._choose(seq, out[seq.id], row)
                 threshold = seq.controller.policy.min_confidence if seq.controller is not None else 0.0
                 if conf < threshold and out[seq.id]:
                     continue
@@ -125,6 +131,8 @@ class DraftRunner:
             active = still
         per_forward = (time.perf_counter() - t0) / forwards if forwards else 0.0
         for seq, _ in wants:
+            if consumed.get(seq.id):
+                seq.constraint.rollback(consumed[seq.id])
             if out[seq.id]:
                 if seq.controller is not None:
                     seq.controller.record_draft(per_forward)

@@ -40,6 +40,7 @@ from ripelm.runtime.scheduler import Scheduler, StepPlan
 from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
 from ripelm.runtime.spec_control import MAX_K
 from ripelm.runtime.step_forward import StepForward
+from ripelm.runtime.token_logprobs import token_logprobs
 
 DEFAULT_MAX_SEQS = 64
 DEFAULT_PREFILL_CHUNK = 512
@@ -168,7 +169,7 @@ class Engine:
             forks=n - 1,
         )
         seq.constraint = constraint
-        if speculate != "off" and spec_k > 0 and constraint is None:  # (masked proposals: not yet)
+        if speculate != "off" and spec_k > 0:  # under a grammar too: see engine_spec.grammar_prefix
             engine_spec.start(seq, spec_k, spec_adaptive, speculate)
         req.sequences.append(seq)
         with self._cond:
@@ -241,10 +242,13 @@ class Engine:
         with self._cond:
             cancels, self._cancels = self._cancels, []
         for req in cancels:
+            whole = req.cancel_requested.is_set()  # else some samples only (`Request.cancel(index)`)
             for seq in req.sequences:
-                if seq.status is not SeqStatus.FINISHED:
+                mine = whole or req.queues.index(seq.out) in req.dropped
+                if seq.status is not SeqStatus.FINISHED and mine:
                     self._finish(seq, "cancelled")
-            req.cancelled.set()
+            if whole:
+                req.cancelled.set()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step on the caller's thread until no work is left (for an engine made with threaded=False)."""
@@ -288,7 +292,7 @@ class Engine:
             first += 1 + len(draft)
             before = len(seq.tokens)
             if draft:  # accept a prefix by the exact rules, roll the cache back past it, emit
-                self._emit(seq, engine_spec.accept(self.allocator, self.counters, seq, draft, rows))
+                self._emit(seq, engine_spec.accept(self.allocator, self.counters, seq, draft, rows), rows)
             else:
                 self._sample(seq, rows[0])
             self.counters.decode_tokens += len(seq.tokens) - before
@@ -297,6 +301,9 @@ class Engine:
         """Parallel samples: children share the parent's blocks (copy-on-write) and its prompt logits."""
         req = parent.request
         for i in range(1, parent.forks + 1):
+            if i in req.dropped:  # its reader left before it was forked
+                req.queues[i].put(Finish(reason="cancelled"))
+                continue
             params = parent.params
             if params.seed is not None:
                 params = SamplingParams(**{**vars(params), "seed": params.seed + i})
@@ -330,15 +337,20 @@ class Engine:
             seq.out.put(("cached", seq.cached_tokens))
         c = seq.constraint  # structured output: sampled among the tokens the grammar allows
         tok = seq.sampler(logits, seq.tokens) if c is None else c.sample(seq.sampler, logits, seq.tokens)
-        self._emit(seq, [tok])
+        self._emit(seq, [tok], logits.unsqueeze(0))
 
-    def _emit(self, seq: Sequence, tokens: list[int]) -> None:
-        """Stream the tokens one target forward produced for `seq`, ending it at the first stop token or at
-        its budget (later tokens of the same forward are dropped)."""
+    def _emit(self, seq: Sequence, tokens: list[int], rows: torch.Tensor) -> None:
+        """Stream the tokens one target forward produced for `seq` (rows[i]: the logits token i was chosen
+        from), ending it at the first stop token or at its budget (later tokens of the same forward are
+        dropped). With `logprobs` asked for, each token's `TokenLogprob` goes just before it."""
         if seq.spec is not None:
             seq.spec.forwards += 1
             seq.out.put(seq.spec.copy())  # the figures first, so a reader that stops at a token has them
-        for tok in tokens:
+        top = seq.params.logprobs
+        lps = token_logprobs(rows, tokens, top) if top is not None else None
+        for i, tok in enumerate(tokens):
+            if lps is not None:
+                seq.out.put(lps[i])
             seq.tokens.append(tok)
             seq.out.put(tok)
             if tok in seq.stop_ids:

@@ -26,7 +26,7 @@ from ripelm.runtime.tokenizer import Tokenizer
 
 class EngineBackend:
     name = "native"
-    caps = Capabilities(batched=True, cancel=True, kv_stats=True)
+    caps = Capabilities(batched=True, cancel=True, kv_stats=True, samples=True, logprobs=True)
 
     def __init__(
         self,
@@ -82,11 +82,12 @@ class EngineBackend:
     ) -> Iterator[int]:
         yield from self.request_ids(self.submit(prompt, params), stats)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1) -> Request:
         """Start a generation and return its engine `Request`, for callers that must cancel it from another
         thread: `request.cancel()` returns the event the engine sets once the request's blocks are freed.
         Read its tokens with `request_ids`. ModelFileChangedError if the model file changed since it was
-        loaded (models/file_guard.py)."""
+        loaded (models/file_guard.py). n > 1: parallel samples of the one prompt, sharing its K/V blocks
+        (read sample i with `request_ids(req, stats, i)`)."""
         self.file_guard.check()
         if self.draft is not None:
             self.draft.file_guard.check()
@@ -94,15 +95,19 @@ class EngineBackend:
         return self.engine.submit(
             prompt,
             params,
+            n=n,
             speculate=self.speculate,
             spec_k=self.spec_k,
             spec_adaptive=self.spec_adaptive,
             constraint=constraint,
         )
 
-    def request_ids(self, req: Request, stats: GenerationStats) -> Iterator[int]:
-        """The token ids of a submitted request (what `generate_ids` yields); cancels it if left early."""
-        stream = req.streams[0]
+    def request_ids(self, req: Request, stats: GenerationStats, index: int = 0) -> Iterator[int]:
+        """The token ids of sample `index` of a submitted request (what `generate_ids` yields); cancels it
+        (that sample only, when there are more) if left early. With `logprobs` asked for, `stats.logprobs`
+        holds one `TokenLogprob` per token yielded."""
+        stream = req.streams[index]
+        stats.logprobs = stream.logprobs
         try:
             for tok in stream:
                 if stream.cached_tokens is not None:
@@ -113,7 +118,7 @@ class EngineBackend:
                 yield tok
         finally:
             if stream.finish is None:
-                req.cancel()
+                req.cancel(index)
 
     def _note_speculation(self, stats: GenerationStats, spec: SpecTally) -> None:
         stats.drafted, stats.accepted, stats.target_forwards = spec.proposed, spec.accepted, spec.forwards

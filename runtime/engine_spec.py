@@ -13,6 +13,13 @@ and the accepted tokens plus the target's next token are emitted one by one thro
 sampled token, so an end-of-generation token or the token budget ends the sequence exactly where plain
 decoding would. Greedy output is therefore token for token the output without speculation, and sampled
 output has the same distribution. Stop strings are cut by the reader, as always.
+
+Under a grammar (structured output, `Sequence.constraint`) proposals are masked too: the draft model draws
+them from its masked distribution (`runtime.draft_runner`), a prompt-lookup proposal is cut at its first
+token the grammar forbids (`grammar_prefix`), and the target verifies row i under the mask of the grammar's
+state after the first i proposed tokens (`judge`, which rolls the matcher back after computing the masks;
+`accept` then advances it over the emitted tokens). A masked row is what plain constrained sampling draws
+from, so the output is again the same (greedy) or has the same distribution (sampled).
 """
 
 from __future__ import annotations
@@ -130,6 +137,8 @@ def judge(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, i
         tail = seq.tokens[-params.repeat_last_n :]
         hists = [tail + draft[:i] for i in range(k + 1)]
     z = penalized_logits(logits.cpu(), params, hists)
+    if seq.constraint is not None:
+        z = _masked_rows(seq, draft, z)
     x = torch.tensor([draft], dtype=torch.long)
     if params.greedy:
         choice = torch.from_numpy(z.numpy().argmax(-1)).long()  # numpy's argmax, as the Sampler's
@@ -144,6 +153,37 @@ def judge(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, i
     return int(verdict.n_accepted[0]), int(verdict.next_token[0])
 
 
+def grammar_prefix(seq: Sequence, draft: list[int]) -> list[int]:
+    """The proposal up to its first token the sequence's grammar forbids (all of it without a grammar); a
+    draft model's distributions are cut to match."""
+    c = seq.constraint
+    if c is None or not draft:
+        return draft
+    n = c.matcher.validate_tokens(draft)
+    if seq.draft_q is not None:
+        seq.draft_q = seq.draft_q[:n] if n else None
+    return draft[:n]
+
+
+def _masked_rows(seq: Sequence, draft: list[int], z: torch.Tensor) -> torch.Tensor:
+    """z with row i masked by the grammar's state after draft[:i] (the matcher is left where it was)."""
+    c = seq.constraint
+    assert c is not None
+    masks, ahead = [torch.from_numpy(c.allowed())], 0
+    for tok in draft:  # every proposed token is allowed (`grammar_prefix`)
+        if ahead < len(masks) - 1 or not c.look_ahead(tok):  # past an end token: rows never emitted
+            masks.append(masks[-1])
+            continue
+        ahead += 1
+        masks.append(torch.from_numpy(c.allowed()))
+    c.rollback(ahead)
+    keep = torch.stack(masks)
+    n = min(z.shape[-1], keep.shape[-1])
+    out = torch.full_like(z, float("-inf"))
+    out[:, :n] = torch.where(keep[:, :n], z[:, :n], out[:, :n])
+    return out
+
+
 def accept(allocator: BlockAllocator, counters, seq: Sequence, draft: list[int], logits: torch.Tensor):  # noqa: ANN001
     """The tokens a decode step emits for a speculating sequence: the accepted prefix of its proposal
     (`judge`) and the target's token after it. Commits the accepted rows' K/V and truncates the rest away
@@ -152,6 +192,9 @@ def accept(allocator: BlockAllocator, counters, seq: Sequence, draft: list[int],
     k = len(draft)
     start = len(seq.tokens) - 1  # position of the first row
     n, nxt = judge(seq, draft, logits)
+    if seq.constraint is not None:  # the grammar moves on over the emitted tokens
+        for tok in draft[:n] + [nxt]:
+            seq.constraint.consume(tok)
     allocator.commit(seq.table, [seq.tokens[start]] + draft[:n])
     allocator.truncate(seq.table, start + 1 + n)
     if seq.controller is not None:

@@ -125,6 +125,19 @@ class Constraint:
         self.consume(tok)
         return tok
 
+    def look_ahead(self, token: int) -> bool:
+        """Consume a proposed token to see the masks after it (undo with `rollback`); False for an
+        end-of-generation token, which is not consumed (a stopped matcher cannot be rolled back, and nothing
+        follows it anyway)."""
+        if token in self.tokenizer.eog_ids:
+            return False
+        self.consume(token)
+        return True
+
+    def rollback(self, n: int) -> None:
+        if n and not self.matcher.rollback(n):
+            raise RuntimeError(f"the grammar could not roll back {n} tokens: {self.matcher.get_error()}")
+
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} was sampled against the grammar: {self.matcher.get_error()}")

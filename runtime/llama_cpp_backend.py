@@ -9,6 +9,7 @@ is unchanged (`ModelFileGuard`); models/file_guard.py gives the reasons.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,9 +146,26 @@ def llama_grammar(grammar: tuple[str, str]):  # noqa: ANN201 - a llama_cpp.Llama
 
 
 def json_schema_gbnf(schema: str) -> str:
-    """GBNF for a JSON schema (text) by llama-cpp-python's converter, with its string characters fixed: it
-    allows raw control characters in strings (`[^"\\\\]`), so a model could write a newline inside one and
-    the JSON would not parse; llama.cpp's own converter excludes them, as JSON does."""
+    """GBNF for a JSON schema (text) by llama-cpp-python's converter, with two fixes: bounded integers become
+    enums (`_bounded_ints`: it ignores integer `minimum`/`maximum`), and its string characters exclude raw
+    control characters (it allows them, `[^"\\\\]`, so a model could write a newline inside a string and
+    the JSON would not parse; llama.cpp's own converter excludes them, as JSON does)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    return json_schema_to_gbnf(schema).replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
+    gbnf = json_schema_to_gbnf(json.dumps(_bounded_ints(json.loads(schema))))
+    return gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
+
+
+def _bounded_ints(schema):  # noqa: ANN001, ANN202 - JSON values
+    """The schema with every integer of both `minimum` and `maximum` (at most 1000 values apart) as an enum:
+    llama-cpp-python's JSON-schema-to-GBNF converter ignores integer bounds, its enums it enforces."""
+    if isinstance(schema, list):
+        return [_bounded_ints(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_ints(v) for k, v in schema.items()}
+    lo, hi = out.get("minimum"), out.get("maximum")
+    if out.get("type") == "integer" and isinstance(lo, int) and isinstance(hi, int) and 0 <= hi - lo <= 1000:
+        if "enum" not in out:
+            out["enum"] = list(range(lo, hi + 1))
+    return out

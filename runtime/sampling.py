@@ -27,6 +27,9 @@ class SamplingParams:
     # structured output: (kind, text), kind one of runtime.grammar.GRAMMAR_KINDS ("json_schema" with the
     # schema as JSON text, "json_object", "regex", "lark", "gbnf"); None: free text
     grammar: tuple[str, str] | None = None
+    # report each emitted token's log-probability and this many most likely alternatives (None: off;
+    # `runtime.token_logprobs`)
+    logprobs: int | None = None
 
     def validate(self) -> None:
         from ripelm.runtime.errors import BadSamplingError
@@ -43,6 +46,8 @@ class SamplingParams:
             raise BadSamplingError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
         if self.max_tokens < 1:
             raise BadSamplingError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise BadSamplingError(f"top logprobs must be in 0..20, got {self.logprobs}")
         if self.grammar is not None:
             from ripelm.runtime.grammar import validate_grammar
 

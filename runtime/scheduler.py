@@ -184,7 +184,7 @@ class Scheduler:
             if k <= 0:
                 out.append([])
                 continue
-            draft = seq.proposer.propose(seq.tokens, k)
+            draft = engine_spec.grammar_prefix(seq, seq.proposer.propose(seq.tokens, k))
             while draft and a.blocks_needed(seq.table, base + len(draft)) > a.num_free:
                 draft.pop()
             if draft:
@@ -194,7 +194,7 @@ class Scheduler:
         if batched:
             got = self.drafter.propose([(seq, k) for _, seq, k in batched])
             for i, seq, _ in batched:
-                out[i] = got[seq.id]
+                out[i] = engine_spec.grammar_prefix(seq, got[seq.id])  # drawn under the mask: all of it
         return out
 
     # ---- memory -----------------------------------------------------------------------------------

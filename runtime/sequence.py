@@ -20,6 +20,7 @@ from ripelm.runtime.grammar import Constraint
 from ripelm.runtime.proposer import Proposer
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.spec_control import SpecController
+from ripelm.runtime.token_logprobs import TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -112,10 +113,17 @@ class Request:
         self.sequences: list[Sequence] = []
         self.cancel_requested = threading.Event()
         self.cancelled = threading.Event()  # set by the engine once the request's blocks are freed
+        self.dropped: set[int] = set()  # samples cancelled on their own (their readers left)
         self._cancel_fn = None
 
-    def cancel(self) -> threading.Event:
-        """Stop all samples now; the returned event is set when the engine has freed their blocks."""
+    def cancel(self, index: int | None = None) -> threading.Event:
+        """Stop all samples now; the returned event is set when the engine has freed their blocks. With an
+        index: stop that sample only (the others go on; the event is not set for it)."""
+        if index is not None and self.n > 1:
+            if self._cancel_fn is not None and index not in self.dropped:
+                self.dropped.add(index)
+                self._cancel_fn(self)
+            return self.cancelled
         if self._cancel_fn is not None and not self.cancel_requested.is_set():
             self.cancel_requested.set()
             self._cancel_fn(self)
@@ -131,6 +139,7 @@ class SequenceStream:
         self.finish: Finish | None = None
         self.cached_tokens: int | None = None
         self.spec: SpecTally | None = None  # a speculating sequence's figures as of its latest tokens
+        self.logprobs: list[TokenLogprob] = []  # with `SamplingParams.logprobs`: one per token yielded
 
     def __iter__(self) -> Iterator[int]:
         while self.finish is None:
@@ -147,5 +156,8 @@ class SequenceStream:
                 continue
             if isinstance(item, SpecTally):
                 self.spec = item
+                continue
+            if isinstance(item, TokenLogprob):
+                self.logprobs.append(item)
                 continue
             yield item

@@ -104,7 +104,7 @@ def test_generate_streamed_and_not_with_context(served):
         ({"options": {"mirostat": 2}}, "options.mirostat"),
         ({"options": {"no_such_option": 1}}, "options.no_such_option"),
         ({"options": {"temperature": "hot"}}, "options.temperature"),
-        ({"format": "json"}, "format"),
+        ({"format": {"type": "nope"}}, "format"),
         ({"keep_alive": "soon"}, "keep_alive"),
         ({"think": True}, "think"),
     ],

@@ -48,8 +48,8 @@ def test_fields_not_honoured_are_a_400_naming_them(tmp_path):
     image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
     cases = [
         ({"functions": [tool["function"]]}, "'functions'"),  # the legacy form of tools
-        ({"logprobs": True}, "'logprobs'"),
-        ({"n": 2}, "'n'"),
+        ({"logprobs": True, "top_logprobs": 50}, "'top_logprobs'"),
+        ({"n": 2.5}, "'n'"),
         ({"response_format": {"type": "xml"}}, "'response_format.type'"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": BAD}}},
