@@ -123,8 +123,8 @@ class RipeApp(Branching, ChatActions, MemoryActions, ToolTurns, App[None]):
         await self.open_chat(chat.id)
         self._show_backend()
         self.query_one("#prompt", PromptArea).focus()
-        if self.pool.current() is None:  # the model loads while the app already takes input
-            self.load_model(chat.model, chat.draft)
+        if self.pool.current() is None:  # the model loads while the app already takes input, from after
+            self.call_after_refresh(self.load_model, chat.model, chat.draft)  # the first paint (GIL: torch)
 
     def _show_backend(self) -> None:
         b = self.pool.current()
