@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ripelm.chat_store import ChatStore
 from ripelm.chat_store.records import Memory
 
@@ -98,6 +96,8 @@ class MemoryEmbedder:
 
 def rank(found: Gathered, embedder: Any) -> Ranked:
     """The candidate memories best first, and the vectors made on the way (to store)."""
+    import numpy as np  # here, not at the top: the chat app imports this module before its first paint
+
     from ripelm.runtime.retrieval.fusion import FusionParams, fuse
 
     by_id = {m.id: m for m in found.memories}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +42,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _call(base: str, method: str, path: str, body: dict | None = None, timeout: float = 600) -> Any:
+    import urllib.error  # here: every `ripe` command builds this parser; only these commands call a server
+    import urllib.request
+
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
         base.rstrip("/") + path, data=data, method=method, headers={"Content-Type": "application/json"}

@@ -1,4 +1,4 @@
-"""The chat history: chats and their messages in SQLite (sqlite-utils), `chats.db` under the data dir.
+"""The chat history: chats and their messages in SQLite, `chats.db` under the data dir.
 
 Durability: WAL, and every write is one transaction, so a killed process (SIGKILL, a crash, a closed
 terminal) never leaves a torn database and loses nothing whose `COMMIT` returned. What the user cannot get
@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
+from ripelm.chat_store.connection import Database
 from ripelm.chat_store.memories import MemoryRecords
 from ripelm.chat_store.records import (
     DONE,
@@ -78,7 +77,7 @@ class ChatStore(MemoryRecords):
         self.path = path or chats_db_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite_utils.Database(self.path)
+            self.db = Database(self.path)
             with self.db.ensure_autocommit_on():
                 self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -106,9 +105,11 @@ class ChatStore(MemoryRecords):
             if k not in _CHAT_FIELDS:
                 raise ChatStoreError(f"unknown chat setting '{k}'")
             row[k] = json.dumps(v) if k == "params" else v
-        table = self.db.table("chats")
-        table.insert(row)
-        return self.chat(table.last_pk)
+        names, marks = ", ".join(row), ", ".join("?" * len(row))  # the keys are _CHAT_FIELDS names
+        with self.db.atomic():
+            self.db.execute(f"INSERT INTO chats ({names}) VALUES ({marks})", list(row.values()))
+            chat_id = self.db.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return self.chat(chat_id)
 
     def chat(self, chat_id: int) -> Chat:
         rows = list(self.db.query("SELECT * FROM chats WHERE id = ?", [chat_id]))
@@ -134,7 +135,9 @@ class ChatStore(MemoryRecords):
                 raise ChatStoreError(f"unknown chat setting '{k}'")
             row[k] = json.dumps(v) if k == "params" else int(v) if k == "memory" else v
         row["updated"] = time.time()
-        self.db.table("chats").update(chat_id, row)
+        assignments = ", ".join(f"{k} = ?" for k in row)  # the keys are _CHAT_FIELDS names, checked above
+        with self.db.atomic():
+            self.db.execute(f"UPDATE chats SET {assignments} WHERE id = ?", [*row.values(), chat_id])
         return self.chat(chat_id)
 
     def rename_chat(self, chat_id: int, title: str) -> Chat:

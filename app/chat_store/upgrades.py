@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:
+    from ripelm.chat_store.connection import Database
 
 
 def _v1_chats_and_messages(conn: sqlite3.Connection) -> None:
@@ -187,11 +189,11 @@ UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
 SCHEMA_VERSION = len(UPGRADES)
 
 
-def schema_version(db: sqlite_utils.Database) -> int:
+def schema_version(db: Database) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def upgrade(db: sqlite_utils.Database, to: int = SCHEMA_VERSION) -> int:
+def upgrade(db: Database, to: int = SCHEMA_VERSION) -> int:
     """Apply the missing migrations, each with its version bump in one transaction; the old version.
 
     Foreign keys are off while they run (the pragma is a no-op inside a transaction, so it is set around

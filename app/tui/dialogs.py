@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, Markdown, OptionList
+from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 
@@ -70,4 +70,6 @@ class Passage(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog passage"):
             yield Label(f"[{self.source['number']}] {self.source['where']}", markup=False)
+            from textual.widgets import Markdown  # here: Markdown's import is not paid before the first paint
+
             yield Markdown("```text\n" + self.source["text"].strip() + "\n```")

@@ -11,16 +11,20 @@ collapsed "thinking" block (Textual's Collapsible) above the answer, while it st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.widgets import Collapsible, Label, Markdown, OptionList, Static
-from textual.widgets._markdown import MarkdownStream
+from textual.widgets import Collapsible, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ripelm.chat_export import code_blocks
 from ripelm.chat_store.records import CANCELLED, ERROR, PARTIAL
 from ripelm.doc_qa import cited_numbers
+
+if TYPE_CHECKING:
+    from textual.widgets._markdown import MarkdownStream
 
 _NOTES = {CANCELLED: "stopped", PARTIAL: "interrupted", ERROR: "failed"}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -92,6 +96,10 @@ class MessageView(Vertical, can_focus=True):
         yield Label(self._label(), classes="role")
         if self._thinking is not None:
             yield self._thinking_block()
+        # Markdown (markdown-it, pygments: ~60 ms) is imported with the first message, not before the app's
+        # first paint
+        from textual.widgets import Markdown
+
         yield Markdown(self._shown, classes="answer")
         if self.sources and self.state != "streaming":
             yield self._source_list()
@@ -179,6 +187,8 @@ class MessageView(Vertical, can_focus=True):
         """Add streamed text; Markdown re-renders incrementally (fragments coalesce when it falls behind)."""
         self.content += text
         thinking, answer = split_thinking(self.content) if self.role == "assistant" else (None, self.content)
+        from textual.widgets import Markdown
+
         answer_view = self.query_one(".answer", Markdown)
         if thinking is not None:
             if self._thinking is None:
