@@ -4,9 +4,10 @@ memory budget (Ollama's scheduling, as its API exposes it through `keep_alive` a
 Each loaded model counts the requests using it; when the last one ends, its expiry is set from the
 request's `keep_alive` (seconds; None = never; 0 = now) or the model's own policy (the server's
 `--keep-alive` for models loaded on demand; the model named at start stays loaded until told otherwise).
-A reaper thread unloads expired idle models. Before a load, idle models are unloaded oldest first (those
-kept for ever last) until the new model's file fits in the budget; if busy models leave no room, the
-request is refused (503). Loads run one at a time, so two requests for a cold model load it once.
+A reaper thread unloads expired idle models. A model's size is its file plus the K/V cache its engine
+reserves. Before a load, idle models are unloaded oldest first (those kept for ever last) until the new
+model's file fits in the budget, and after it, until the file and its K/V cache fit; if busy models leave
+no room, the request is refused (503). Loads run one at a time, so two requests for a cold model load it once.
 
 `PooledBackend` is the model named at start seen as one `Backend` (what the OpenAI routes serve): it
 loads the model again if it was unloaded and holds it while a generation runs.
@@ -81,7 +82,8 @@ class ModelPool:
     @classmethod
     def fixed(cls, backend: Backend, name: str, path: Path | None) -> ModelPool:
         pool = cls(None)
-        pool._add(Loaded(name, path, backend, path.stat().st_size if path else 0, None, pinned=True))
+        size = (path.stat().st_size if path else 0) + int(getattr(backend, "kv_bytes", 0))
+        pool._add(Loaded(name, path, backend, size, None, pinned=True))
         return pool
 
     def _add(self, m: Loaded) -> None:
@@ -116,8 +118,15 @@ class ModelPool:
                 assert self.opener is not None and path is not None
                 self._make_room(path.stat().st_size, canonical)
                 backend = self.opener(path)
+                # what it holds: the weights and the K/V cache it reserved (Ollama's /api/ps counts both)
+                size = path.stat().st_size + int(getattr(backend, "kv_bytes", 0))
+                try:
+                    self._make_room(size, canonical)
+                except PoolFullError:
+                    backend.close()
+                    raise
                 keep = self.default_keep_alive if keep_alive is UNSET else keep_alive
-                m = Loaded(canonical, path, backend, path.stat().st_size, keep)
+                m = Loaded(canonical, path, backend, size, keep)
                 self._add(m)
         if keep_alive is not UNSET and not m.pinned:
             m.keep = keep_alive

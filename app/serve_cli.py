@@ -91,8 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--memory-budget",
         default=None,
         metavar="SIZE",
-        help="memory for loaded models' weights, e.g. 8G: idle models are unloaded, oldest first, to make "
-        "room (default: three quarters of the memory available at start)",
+        help="memory for loaded models (weights and K/V cache), e.g. 8G: idle models are unloaded, oldest "
+        "first, to make room (default: three quarters of the memory available at start)",
     )
     p.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     p.add_argument(

@@ -129,6 +129,13 @@ class EngineBackend:
             f" ({spec.state})" if spec.state else ""
         )
 
+    @property
+    def kv_bytes(self) -> int:
+        """The K/V pools' reserved size (the target's and the draft's): what a memory budget must count
+        besides the weights, although pages are touched only as sequences use them."""
+        caches = [self.engine.cache] + ([self.engine.drafter.cache] if self.engine.drafter else [])
+        return sum(c.k.nbytes + c.v.nbytes for c in caches)
+
     def kv_blocks(self) -> tuple[int, int]:
         """(used, total) KV blocks as of the last step: the target's pool and the draft's."""
         c = self.engine.snapshot()

@@ -86,6 +86,17 @@ class LlamaCppBackend:
             template_src, bos_token=self.tokenizer.bos_text, eos_token=self.tokenizer.eos_text
         )
 
+    @property
+    def kv_bytes(self) -> int:
+        """llama.cpp's K/V cache for the whole context (float16 K and V per layer and K/V head)."""
+        import llama_cpp
+
+        model = self.llm.model
+        heads = max(1, llama_cpp.llama_model_n_head(model))
+        head_dim = llama_cpp.llama_model_n_embd(model) // heads
+        per_token = llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
+        return 2 * 2 * per_token * self.context_length
+
     def _check_path_names(self, loaded: FileState) -> None:
         """llama.cpp opened the file by its path: that must still be the file the guard holds."""
         try:

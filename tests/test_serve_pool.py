@@ -72,7 +72,8 @@ def test_two_models_at_once_then_keep_alive_unloads_one(home):
         assert answers["smollm2:135m"] and answers["tiny:test"]
         assert loaded(client) == ["smollm2:135m", "tiny:test"]
         smol = next(m for m in client.ps().models if m.model == "smollm2:135m")
-        assert smol.size == bundled_model_path().stat().st_size
+        file = bundled_model_path().stat().st_size
+        assert file + (15 << 20) < smol.size <= file + (16 << 20)  # the file and its 16M K/V pool
         listing = ripe(home, "ps", "--server", base)
         assert listing.returncode == 0, listing.stderr
         lines = listing.stdout.splitlines()
@@ -98,9 +99,10 @@ def test_two_models_at_once_then_keep_alive_unloads_one(home):
 
 
 def test_an_idle_model_makes_room_within_the_memory_budget(home):
-    smol = bundled_model_path().stat().st_size
-    budget = str(smol + (smol // 2))  # room for the bundled model and the tiny one, not two bundled ones
-    with ripe_serve("tiny:test", home, "--ctx", "512", "--memory-budget", budget) as (url, _):
+    smol, kv = bundled_model_path().stat().st_size, 16 << 20  # each model's K/V pool: 16 MiB
+    budget = str(smol + 2 * kv + smol // 2)  # room for the bundled model and the tiny one, not two bundled
+    args = ("--ctx", "512", "--kv-memory", str(kv), "--memory-budget", budget)
+    with ripe_serve("tiny:test", home, *args) as (url, _):
         base = url.removesuffix("/v1")
         client = ollama.Client(host=base)
         ModelStore(home / "models").import_file(
@@ -108,6 +110,8 @@ def test_an_idle_model_makes_room_within_the_memory_budget(home):
         )
         client.chat(model="smollm2:135m", messages=MSG, options=OPTS, keep_alive="10m")
         assert loaded(client) == ["smollm2:135m", "tiny:test"]
+        size = {m.model: m.size for m in client.ps().models}["smollm2:135m"]
+        assert smol + kv - (1 << 20) < size <= smol + kv  # as /api/ps counts it: the file and its K/V pool
         time.sleep(0.05)
         client.chat(model="smol:copy", messages=MSG, options=OPTS)  # the idle bundled model goes first
         assert loaded(client) == ["smol:copy", "tiny:test"]
