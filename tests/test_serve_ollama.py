@@ -69,7 +69,8 @@ def test_version_list_show_and_ps(served):
     running = client.ps().models
     assert [m.model for m in running] == ["tiny:test"]
     assert running[0].context_length == 512 and isinstance(running[0].expires_at, datetime)
-    assert running[0].size == tiny.size and running[0].digest == tiny.digest
+    assert running[0].digest == tiny.digest
+    assert running[0].size > tiny.size  # as Ollama's: the file (/api/tags' size) and the K/V cache
 
 
 def test_chat_streamed_and_not_give_the_same_answer(served):
