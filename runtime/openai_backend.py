@@ -16,6 +16,7 @@ prompt's size and the window where the error gives them, so the app can leave ol
 
 from __future__ import annotations
 
+import queue
 import re
 import threading
 import time
@@ -206,15 +207,19 @@ class OpenAIBackend:
         t0 = time.perf_counter()
         stats = GenerationStats(engine=self.name)
         try:
-            response = start()
+            response = _start(start, cancel)
         except openai.OpenAIError as e:
             raise self._error(e) from e
+        if response is None:  # cancelled before the server answered (it was still reading the prompt)
+            stats.finish_reason, stats.total_s = "cancelled", time.perf_counter() - t0
+            yield TokenEvent("", done=True, stats=stats)
+            return
         t_first = None
         chunks = 0
         finish = ""
         usage = None
         try:
-            for chunk in response:
+            for chunk in _chunks(response, cancel):
                 if chunk.usage is not None:
                     usage = chunk.usage
                 for choice in chunk.choices:
@@ -232,7 +237,10 @@ class OpenAIBackend:
         except openai.OpenAIError as e:
             raise self._error(e) from e
         finally:
-            response.close()  # a Ctrl-C or cancel drops the connection, which stops the server's work
+            if cancel is None:
+                response.close()  # a Ctrl-C drops the connection, which stops the server's work
+        if not finish and cancel is not None and cancel.is_set():
+            finish = "cancelled"  # the stream the cancel closed ended without a finish reason
         end = time.perf_counter()
         stats.generated_tokens = usage.completion_tokens if usage else chunks
         stats.prompt_tokens = usage.prompt_tokens if usage else 0
@@ -248,6 +256,73 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _start(start: Any, cancel: threading.Event | None) -> Any:
+    """`start()` (the request; it returns when the server sends its first bytes, after its prefill), or None
+    as soon as `cancel` is set: the request is left to a thread that drops its connection when it returns."""
+    if cancel is None:
+        return start()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["response"] = start()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        done.set()
+        if cancel.is_set() and "response" in box:
+            box["response"].close()
+
+    threading.Thread(target=run, daemon=True).start()
+    while not done.wait(0.02):
+        if cancel.is_set():
+            return None
+    if "error" in box:
+        raise box["error"]
+    return box["response"]
+
+
+def _chunks(response: Any, cancel: threading.Event | None) -> Iterator[Any]:
+    """The chunks of a streaming response; with `cancel`, read by a thread, so a cancel while the server is
+    silent (a long prefill) ends the stream at once. That thread drops the connection (which stops the
+    server's work) when its read returns; closing it from here would wait for that read."""
+    if cancel is None:
+        yield from response
+        return
+    got: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    left = threading.Event()  # the reader is gone (cancelled, or it stopped iterating)
+
+    def pump() -> None:
+        try:
+            for chunk in response:
+                got.put(("chunk", chunk))
+                if cancel.is_set() or left.is_set():
+                    break
+            got.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            got.put(("error", e))
+        finally:
+            response.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, item = got.get(timeout=0.02)
+            except queue.Empty:
+                if cancel.is_set():
+                    return
+                continue
+            if kind == "chunk":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        left.set()
 
 
 def _context_length(listing: list[Any], model: str) -> int | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,23 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     assert "'base_url' must be a str" in one_error_line(ripe("run", "hi", home=tmp_path))
     (tmp_path / "config.toml").write_text("modle = 'x'\n")
     assert "unknown settings: modle" in one_error_line(ripe("run", "hi", home=tmp_path))
+
+
+def test_cancel_during_a_long_prefill_ends_the_stream_at_once(llama_server):
+    """A cancel while the server is still reading the prompt (no chunk has come yet) drops the connection
+    then and there, instead of when the first token arrives."""
+    backend = OpenAIBackend(llama_server, api_key=KEY)
+    long_prompt = " ".join(f"Item {i} of a long list that the server has to read first." for i in range(110))
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    try:
+        t0 = time.monotonic()
+        params = SamplingParams(temperature=0.0, max_tokens=8)
+        events = list(backend.stream_chat([{"role": "user", "content": long_prompt}], params, cancel))
+        took = time.monotonic() - t0
+    finally:
+        backend.close()
+    final = events[-1]
+    assert final.done and final.stats.finish_reason == "cancelled"
+    assert [e for e in events if not e.done] == []  # nothing came before the cancel
+    assert took < 1.5, took  # the prefill of ~1,500 tokens takes the server several seconds here
