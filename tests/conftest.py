@@ -46,6 +46,16 @@ def backend(tiny_model_factory):
     b.close()
 
 
+@pytest.fixture(scope="module")
+def bundled(bundled_model_path):
+    """The bundled model on the native test backend (tests/native_reference.py), 2k context, per module."""
+    from native_reference import NativeBackend
+
+    b = NativeBackend(bundled_model_path, device="cpu", n_ctx=2048)
+    yield b
+    b.close()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Long `fuzz` runs (fuzzing campaigns, many-kill crash tests) only run when asked: `-m fuzz`."""
     if "fuzz" in (config.getoption("markexpr") or ""):

@@ -33,13 +33,6 @@ def prompts_of_mixed_lengths(backend: NativeBackend, lengths: list[int]) -> list
 
 
 @pytest.fixture(scope="module")
-def bundled(bundled_model_path) -> NativeBackend:
-    b = NativeBackend(bundled_model_path, device="cpu", n_ctx=2048)
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_model_factory) -> NativeBackend:
     b = NativeBackend(tiny_model_factory(qtype="Q4_0", n_layers=2), device="cpu", n_ctx=2048)
     yield b

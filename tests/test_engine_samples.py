@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from native_reference import NativeBackend
 
 from ripelm.runtime.engine import Engine
 from ripelm.runtime.sampling import SamplingParams
 
 ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_text()
-
-
-@pytest.fixture(scope="module")
-def bundled(bundled_model_path) -> NativeBackend:
-    b = NativeBackend(bundled_model_path, device="cpu", n_ctx=2048)
-    yield b
-    b.close()
 
 
 def peak_blocks(engine: Engine, prompt: list[int], n: int, params: SamplingParams) -> tuple[int, list]:

@@ -36,13 +36,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def bundled(bundled_model_path) -> NativeBackend:
-    b = NativeBackend(bundled_model_path, device="cpu", n_ctx=2048)
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
 def prompts(bundled) -> list[list[int]]:
     return [bundled.tokenizer.encode(t, add_bos=False) for t in TEXTS]
 

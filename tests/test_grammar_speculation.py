@@ -24,13 +24,6 @@ def EOG(b: NativeBackend) -> frozenset[int]:  # noqa: N802 - reads as the consta
     return b.tokenizer.eog_ids
 
 
-@pytest.fixture(scope="module")
-def bundled(bundled_model_path) -> NativeBackend:
-    b = NativeBackend(bundled_model_path, device="cpu", n_ctx=1024)
-    yield b
-    b.close()
-
-
 def run(bundled, engine: Engine, prompt: str, params: SamplingParams, speculate: str) -> tuple:
     text = bundled.template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = bundled.tokenizer.encode(text, add_bos=False)
