@@ -128,12 +128,11 @@ class Api:
         self.lock = None if backend.caps.batched else threading.Lock()
 
     def models(self) -> dict:
-        # OpenAI's listing has no model type; `kind` (an extra field clients ignore) lets a chat client
-        # such as ripelm's own app leave the embedding model out of its chat model picker. The chat model's
-        # context window goes under vLLM's name for it, `max_model_len`, so that clients fit a conversation
-        # to it before sending.
-        chat = {"id": self.model_name, "kind": "chat", "max_model_len": self.backend.context_length}
-        entries = [chat] + (
+        # Every chat model this server can serve, the one it started with first (model_listing.py), then its
+        # embedding model, marked as such.
+        from ripelm.model_listing import chat_models
+
+        entries = chat_models(self) + (
             [{"id": self.embeddings.name, "kind": "embedding"}] if self.embeddings is not None else []
         )
         return {
