@@ -11,9 +11,10 @@ for templates that know no tools) and the calls are parsed from the streamed tex
 `ripelm.runtime.tool_calls` (the same code `ripe serve` uses). A server engine (`--engine openai`) gets the
 tools as OpenAI `tools` and returns its calls as `tool_calls`.
 
-Local engines keep each reply's tool turn inside the context window (`ripelm.tool_room`): tools are no
-longer offered (a one-line notice says so) once another call, its result and the answer would not fit,
-and a result too long for the room left is cut with a marker.
+Each reply's tool turn is kept inside the context window (`ripelm.tool_room`; with a server engine by
+estimate, where the server states its window): tools are no longer offered (a one-line notice says so)
+once another call, its result and the answer would not fit, and a result too long for the room left is cut
+with a marker.
 
 `force` makes the first `force.rounds` rounds call a tool, through the parser's grammar (constrained
 sampling): for models too small to choose, and for tests.
@@ -162,10 +163,23 @@ class ToolLoop:
         yield LoopEvent("done", stats=stats)
 
     def _room(self) -> ToolRoom | None:
-        """The measure of the context window's room (None for a server engine: it has the tokenizer)."""
+        """The measure of the context window's room: the prompt rendered and tokenized for a local engine;
+        for a server engine (`--engine openai`) the estimate `remote_fit` fits its conversations by, the
+        tool schemas counted as their JSON; None when the server has stated no window."""
         b = self.backend
         if getattr(b.caps, "takes_messages", False):
-            return None
+            if not getattr(b, "context_length", None):
+                return None
+            from ripelm.remote_fit import GUESSED_TOKENS_PER_BYTE, message_bytes
+
+            rate = getattr(b, "tokens_per_byte", None) or GUESSED_TOKENS_PER_BYTE
+
+            def estimate(msgs: list[dict[str, Any]], schemas: list[dict[str, Any]]) -> int:
+                texts = [{**m, "content": (m.get("content") or "") + json.dumps(m.get("tool_calls") or "")}
+                         for m in msgs]  # fmt: skip
+                return int(rate * (message_bytes(texts) + len(json.dumps(schemas).encode()))) + 1
+
+            return ToolRoom(estimate, b.context_length, self.params.max_tokens)
         from ripelm.runtime.tool_calls import parser_for
 
         parser = parser_for(b.template.source, getattr(b, "arch", None))
@@ -231,8 +245,10 @@ class ToolLoop:
         choice = forced.choice if forced is not None else None
         if forced is not None and forced.tools:
             schemas = forced.tools  # the schemas the server's grammar follows
+        from ripelm.remote_fit import fit_before_sending
+
         for ev in self.backend.stream_chat(
-            messages,
+            fit_before_sending(self.backend, messages, self.params),  # older turns out, by estimate
             self.params,
             self.cancel_requested,
             tools=schemas or None,

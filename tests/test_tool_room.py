@@ -1,15 +1,18 @@
 """The chat's tool loop keeps a reply's tool turn inside a small context window (`--ctx 384`): on the real
 engine with a tiny model whose calls are forced by grammar for as many rounds as it will go, the loop stops
 offering tools with a one-line notice instead of overflowing, and a tool result too long for the room left
-is cut with a marker (the longest prefix that fits) instead of failing the reply."""
+is cut with a marker (the longest prefix that fits) instead of failing the reply. The same through
+`--engine openai` against `ripe serve --ctx 384` (a separate process), where the room is estimated."""
 
 from __future__ import annotations
 
 import pytest
+from openai_servers import ripe_serve
 
 from ripelm.assistant_tools.builtin import datetime_tool
 from ripelm.assistant_tools.registry import Tool, ToolBox
 from ripelm.runtime.engine_backend import EngineBackend
+from ripelm.runtime.openai_backend import OpenAIBackend
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.tool_loop import FULL_NOTICE, Forced, ToolLoop
 from ripelm.tool_room import cut
@@ -67,3 +70,21 @@ def test_an_over_long_result_is_cut_with_a_marker(small):
     n = kept_of(room.fit_result(ASK, message))
     assert room.count([*ASK, {**message, "content": cut(page, n)}], []) <= room.limit
     assert room.count([*ASK, {**message, "content": cut(page, n + 1)}], []) > room.limit
+
+
+def test_a_server_engine_stops_calls_by_its_stated_window(tmp_path, tiny_model_factory):
+    path = tiny_model_factory(qtype="Q4_0", n_layers=2)
+    with ripe_serve(path, tmp_path, "--ctx", str(CTX), "--kv-memory", "16M") as (url, _):
+        backend = OpenAIBackend(url, api_key="x")
+        try:
+            assert backend.context_length == CTX  # from /v1/models' max_model_len
+            box = ToolBox()
+            box.add(datetime_tool())
+            box.set("current_datetime", True)
+            loop, events = run_loop(backend, box)
+        finally:
+            backend.close()
+    assert [e.text for e in events if e.kind == "notice"] == [FULL_NOTICE]
+    assert loop.full and 1 <= loop.calls_made < 50
+    assert [e.kind for e in events].count("result") == loop.calls_made
+    assert events[-1].kind == "done" and events[-1].stats is not None
