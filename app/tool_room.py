@@ -20,7 +20,8 @@ from typing import Any
 
 CALL_ROOM = 48  # tokens kept for a call in the model's syntax (its name and arguments)
 RESULT_ROOM = 64  # the least a result needs for a call to be worth making
-MARKER = "\n[… cut to fit the context window: {shown} of {total} characters]"
+# no total: a result the toolbox already cut at its own cap (RESULT_CHARS) has no true length to give here
+MARKER = "\n[… cut here to fit the context window, after {shown} characters]"
 
 Messages = list[dict[str, Any]]
 
@@ -34,7 +35,7 @@ def current_turn(messages: Messages) -> Messages:
 
 
 def cut(content: str, keep: int) -> str:
-    return content[:keep] + MARKER.format(shown=keep, total=len(content))
+    return content[:keep] + MARKER.format(shown=keep)
 
 
 class ToolRoom:
