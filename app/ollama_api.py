@@ -43,7 +43,7 @@ from ripelm.ollama_params import (
 )
 from ripelm.runtime.backend import GenerationStats, prompt_ids, stream
 from ripelm.runtime.sampling import SamplingParams
-from ripelm.server import Api, ApiError, request_error
+from ripelm.server import CLIENT_GONE, Api, ApiError, internal_error, request_error
 
 # The Ollama API version we answer at /api/version: clients gate features on it (Open WebUI, Continue),
 # and what is served here matches Ollama's API of that release for the routes listed above.
@@ -96,6 +96,10 @@ class OllamaRoutes:
         except RipelmError as e:
             err = request_error(e)
             send_json(h, err.status, {"error": str(err)})
+        except CLIENT_GONE:
+            pass
+        except Exception as e:  # a bug: a 500 with Ollama's error body, logged
+            send_json(h, 500, {"error": str(internal_error(e, f"{method} {path}"))})
 
     # ---- models --------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from ripelm.models.errors import RipelmError
-from ripelm.server import MAX_BODY, ApiError, generation_error
+from ripelm.server import MAX_BODY, ApiError, generation_error, internal_error
 
 
 def read_body(h: BaseHTTPRequestHandler) -> dict[str, Any]:
@@ -62,8 +62,13 @@ def send_ndjson(h: BaseHTTPRequestHandler, lines: Iterator[dict]) -> None:
             h.wfile.flush()
     except (BrokenPipeError, ConnectionResetError, TimeoutError):
         pass  # the client left; closing `lines` cancels its generation
-    except RipelmError as e:
-        err = e if isinstance(e, ApiError) else generation_error(e)
+    except Exception as e:  # headers are out: Ollama's error line ends the stream
+        if isinstance(e, ApiError):
+            err = e
+        elif isinstance(e, RipelmError):
+            err = generation_error(e)
+        else:
+            err = internal_error(e, f"POST {h.path}")
         try:
             h.wfile.write(json.dumps({"error": str(err)}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):

@@ -11,7 +11,11 @@ Reasoning: a template that thinks (Qwen3, DeepSeek-R1 distills) has its `<think>
 returned as `reasoning_content` (vLLM's and llama.cpp's server's name), streamed as such, never in
 `content`. `chat_template_kwargs: {"enable_thinking": false}` in a request (as vLLM, SGLang and llama.cpp's
 server take it) or `thinking = false` under `[serve]` in config.toml turns thinking off where the template
-can; `chat_template_kwargs` reach the template as variables.
+can; `chat_template_kwargs` reach the template as variables. OpenAI's `reasoning_effort` is read as that same
+switch, the only one these templates have: "none" and "minimal" turn thinking off, "low", "medium" and
+"high" on (the templates have no effort levels: the three are the same); an explicit `enable_thinking` in
+`chat_template_kwargs` wins. On a model whose template has no switch (no thinking mode, or one that always
+thinks) a valid `reasoning_effort` is accepted and has no effect; any other value is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.tool_calls import ToolCall, ToolParser, ToolStream, parser_for
 
 CHOICES = ("auto", "none", "required")
+EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 RESERVED = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
@@ -208,6 +213,11 @@ def _template_kwargs(body: dict[str, Any], source: str) -> dict[str, Any]:
     if bad:
         raise _error(f"'chat_template_kwargs.{bad[0]}' cannot be set")
     out = dict(kwargs)
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in EFFORTS:
+        raise _error(f"'reasoning_effort' must be one of {', '.join(EFFORTS)}")
+    if effort is not None and "enable_thinking" not in out and can_switch_off(source):
+        out["enable_thinking"] = EFFORTS[effort]  # honoured where the template has the switch
     think = out.get("enable_thinking", config_thinking())
     if think is None:
         return out

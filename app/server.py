@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ MAX_BODY = 16 << 20
 # Seconds a connection may sit silent (a client that opens a socket and sends nothing would otherwise hold
 # its handler thread forever); also bounds a write to a client that stopped reading.
 SOCKET_TIMEOUT = 120.0
+log = logging.getLogger("ripelm.serve")
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, TimeoutError)
 
 
 class ApiError(Exception):
@@ -63,6 +66,14 @@ def generation_error(e: RipelmError) -> ApiError:
     if isinstance(e, ContextOverflowError):
         return request_error(e)
     return ApiError(500, str(e), "server_error")
+
+
+def internal_error(e: BaseException, where: str) -> ApiError:
+    """An exception that is no RipelmError (a bug, a library's own error) while serving `where`: logged
+    with its traceback on the server's stderr, and answered as a 500 (a stream's error event) so that a
+    client never takes a cut-off answer for a whole one."""
+    log.error("ripe serve: %s failed: %s: %s", where, type(e).__name__, e, exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
 def sampling_from_body(body: dict[str, Any], context_length: int) -> SamplingParams:
@@ -117,12 +128,11 @@ class Api:
         self.lock = None if backend.caps.batched else threading.Lock()
 
     def models(self) -> dict:
-        # OpenAI's listing has no model type; `kind` (an extra field clients ignore) lets a chat client
-        # such as ripelm's own app leave the embedding model out of its chat model picker. The chat model's
-        # context window goes under vLLM's name for it, `max_model_len`, so that clients fit a conversation
-        # to it before sending.
-        chat = {"id": self.model_name, "kind": "chat", "max_model_len": self.backend.context_length}
-        entries = [chat] + (
+        # Every chat model this server can serve, the one it started with first (model_listing.py), then its
+        # embedding model, marked as such.
+        from ripelm.model_listing import chat_models
+
+        entries = chat_models(self) + (
             [{"id": self.embeddings.name, "kind": "embedding"}] if self.embeddings is not None else []
         )
         return {
@@ -241,6 +251,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 return self._error(e)
             except RipelmError as e:  # prompt too long, empty...
                 return self._error(request_error(e))
+            except Exception as e:  # a bug: a 500 with a JSON body, logged
+                return self._error(internal_error(e, f"POST {self.path}"))
             kind = "chat" if path.endswith("chat/completions") else "text"
             n = body.get("n") or 1  # checked by prepare
             if streaming:
@@ -254,6 +266,8 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 response = completion(api, kind, ids, params, n, plan)
             except RipelmError as e:  # nothing was sent yet: the client gets a JSON error, not a reset
                 return self._error(generation_error(e))
+            except Exception as e:
+                return self._error(internal_error(e, f"POST {self.path}"))
             self._send_json(200, response)
 
         def _stream(self, kind: str, ids: list[int], params: SamplingParams, n: int, usage: bool, api=api,
@@ -266,6 +280,7 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             cancel = threading.Event()
             events = chunks(api, kind, ids, params, n, usage, cancel, plan)  # openai_choices.py
+            path = self.path
 
             def send(obj: dict | str) -> None:
                 data = obj if isinstance(obj, str) else json.dumps(obj)
@@ -276,15 +291,15 @@ def make_handler(api: Api, api_key: str | None) -> type[BaseHTTPRequestHandler]:
                 for obj in events:
                     send(obj)
                 send("[DONE]")
-            except RipelmError as e:  # headers are out: end the stream with an error event
-                err = generation_error(e)
+            except CLIENT_GONE:
+                cancel.set()  # the client left: stop generating and free its blocks
+            except Exception as e:  # headers are out: end the stream with an error event
+                err = generation_error(e) if isinstance(e, RipelmError) else internal_error(e, f"POST {path}")
                 try:
                     send({"error": {"message": str(err), "type": err.kind, "code": err.status, **err.extra}})
                     send("[DONE]")
-                except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                except CLIENT_GONE:
                     pass
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                cancel.set()  # the client left: stop generating and free its blocks
             finally:
                 events.close()
 

@@ -11,6 +11,11 @@ for templates that know no tools) and the calls are parsed from the streamed tex
 `ripelm.runtime.tool_calls` (the same code `ripe serve` uses). A server engine (`--engine openai`) gets the
 tools as OpenAI `tools` and returns its calls as `tool_calls`.
 
+Each reply's tool turn is kept inside the context window (`ripelm.tool_room`; with a server engine by
+estimate, where the server states its window): tools are no longer offered (a one-line notice says so)
+once another call, its result and the answer would not fit, and a result too long for the room left is cut
+with a marker.
+
 `force` makes the first `force.rounds` rounds call a tool, through the parser's grammar (constrained
 sampling): for models too small to choose, and for tests.
 """
@@ -29,6 +34,9 @@ from ripelm.context_fit import fit_conversation
 from ripelm.generation import Generation
 from ripelm.runtime.backend import GenerationStats, prompt_ids
 from ripelm.runtime.sampling import SamplingParams
+from ripelm.tool_room import ToolRoom
+
+FULL_NOTICE = "the context window is nearly full: no more tool calls in this reply"
 
 
 @dataclass
@@ -71,6 +79,7 @@ class ToolLoop:
     on_trim: Callable[[int], None] | None = None
     calls_made: int = 0
     cut: bool = False  # the loop stopped at the cap
+    full: bool = False  # tools stopped being offered: the context window has no room for another call
     prompt_tokens: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)
@@ -100,8 +109,14 @@ class ToolLoop:
         if named is not None and self.force.tools is None and named not in self.toolbox.on:
             yield LoopEvent("notice", f"{named} is not on in this chat (/tools on {named})")
             self.force = None
+        room = self._room()
         while True:
             offer = self.calls_made < self.max_calls and not self.cancel_requested.is_set()
+            if offer and room is not None and not room.can_offer(messages, self.toolbox.schemas()):
+                offer = False
+                if not self.full:
+                    self.full = True
+                    yield LoopEvent("notice", FULL_NOTICE)
             forced = self.force if self.force is not None and rounds < self.force.rounds and offer else None
             calls: list[_Call] = []
             text_parts: list[str] = []
@@ -130,10 +145,13 @@ class ToolLoop:
                 else:
                     result = self.toolbox.call(call.name, call.arguments, self.confirm)
                 self.calls_made += 1
+                message = {"role": "tool", "tool_call_id": call.id, "name": call.name,
+                           "content": result.content}  # fmt: skip
+                if room is not None:  # what the model reads is what the app shows and stores
+                    result = replace(result, content=room.fit_result(messages, message))
+                    message["content"] = result.content
                 yield LoopEvent("result", call_id=call.id, label=label, result=result)
-                messages.append(
-                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.content}
-                )
+                messages.append(message)
             if dropped or self.calls_made >= self.max_calls:
                 self.cut = True  # the next round offers no tools: the model answers from what it has
                 skipped = f" ({len(dropped)} more not run)" if dropped else ""
@@ -143,6 +161,33 @@ class ToolLoop:
         if stats is not None and self.cancel_requested.is_set():
             stats.finish_reason = "cancelled"
         yield LoopEvent("done", stats=stats)
+
+    def _room(self) -> ToolRoom | None:
+        """The measure of the context window's room: the prompt rendered and tokenized for a local engine;
+        for a server engine (`--engine openai`) the estimate `remote_fit` fits its conversations by, the
+        tool schemas counted as their JSON; None when the server has stated no window."""
+        b = self.backend
+        if getattr(b.caps, "takes_messages", False):
+            if not getattr(b, "context_length", None):
+                return None
+            from ripelm.remote_fit import GUESSED_TOKENS_PER_BYTE, message_bytes
+
+            rate = getattr(b, "tokens_per_byte", None) or GUESSED_TOKENS_PER_BYTE
+
+            def estimate(msgs: list[dict[str, Any]], schemas: list[dict[str, Any]]) -> int:
+                texts = [{**m, "content": (m.get("content") or "") + json.dumps(m.get("tool_calls") or "")}
+                         for m in msgs]  # fmt: skip
+                return int(rate * (message_bytes(texts) + len(json.dumps(schemas).encode()))) + 1
+
+            return ToolRoom(estimate, b.context_length, self.params.max_tokens)
+        from ripelm.runtime.tool_calls import parser_for
+
+        parser = parser_for(b.template.source, getattr(b, "arch", None))
+
+        def count(msgs: list[dict[str, Any]], schemas: list[dict[str, Any]]) -> int:
+            return len(b.tokenizer.encode(parser.render(b.template, msgs, schemas), add_bos=False))
+
+        return ToolRoom(count, b.context_length, self.params.max_tokens)
 
     # ---- one model round -----------------------------------------------------------------------------
     def _round(self, messages: list[dict[str, Any]], offer: bool, forced: Forced | None,
@@ -200,8 +245,10 @@ class ToolLoop:
         choice = forced.choice if forced is not None else None
         if forced is not None and forced.tools:
             schemas = forced.tools  # the schemas the server's grammar follows
+        from ripelm.remote_fit import fit_before_sending
+
         for ev in self.backend.stream_chat(
-            messages,
+            fit_before_sending(self.backend, messages, self.params),  # older turns out, by estimate
             self.params,
             self.cancel_requested,
             tools=schemas or None,

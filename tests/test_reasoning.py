@@ -13,6 +13,7 @@ from ripelm.openai_chat import ChatPlan, plan_chat
 from ripelm.runtime.chat_template import ChatTemplate
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.tool_calls import ToolParser
+from ripelm.server import ApiError
 
 FIXTURES = [  # (output, inside an opened block, reasoning, content)
     ("<think>\nThe user greets me.\n</think>\n\nHello!", False, "\nThe user greets me.\n", "\n\nHello!"),
@@ -86,6 +87,29 @@ def test_real_templates_thinking_on_off_and_opened_by_the_prompt():
         "role": "assistant", "content": "\n\n4", "reasoning_content": "Simple: 4.\n"}
 
 
+def test_reasoning_effort_is_the_thinking_switch_where_the_template_has_one():
+    ask = {"messages": [{"role": "user", "content": "2 + 2?"}]}
+    qwen3 = _Backend(template("Qwen-Qwen3-0.6B"))
+    off_kw = {**ask, "chat_template_kwargs": {"enable_thinking": False}}
+    off = plan_chat(qwen3, off_kw, SamplingParams()).prompt
+    on = plan_chat(qwen3, ask, SamplingParams()).prompt
+    for effort in ("none", "minimal"):
+        assert plan_chat(qwen3, {**ask, "reasoning_effort": effort}, SamplingParams()).prompt == off
+    for effort in ("low", "medium", "high"):
+        assert plan_chat(qwen3, {**ask, "reasoning_effort": effort}, SamplingParams()).prompt == on
+    explicit = {**ask, "reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}}
+    assert plan_chat(qwen3, explicit, SamplingParams()).prompt == off  # chat_template_kwargs win
+    plain = _Backend(template("Qwen-Qwen2.5-7B-Instruct"))  # no thinking mode: accepted, no effect
+    assert plan_chat(plain, {**ask, "reasoning_effort": "none"}, SamplingParams()).prompt == plan_chat(
+        plain, ask, SamplingParams()).prompt
+    r1 = _Backend(template("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"))  # cannot switch off: no effect
+    assert plan_chat(r1, {**ask, "reasoning_effort": "none"}, SamplingParams()).prompt == plan_chat(
+        r1, ask, SamplingParams()).prompt
+    for bad in ("max", 3, True):
+        with pytest.raises(ApiError, match="'reasoning_effort' must be one of"):
+            plan_chat(qwen3, {**ask, "reasoning_effort": bad}, SamplingParams())
+
+
 openai = pytest.importorskip("openai")
 FORCED = 'root ::= "<think>" "The user asks for a city." "</think>" "Paris"'
 
@@ -111,6 +135,12 @@ def test_qwen3_tiny_model_through_ripe_serve(tmp_path, tiny_model_factory):
         off = c.chat.completions.create(**{**kw, "extra_body": {"grammar": FORCED,
                                         "chat_template_kwargs": {"enable_thinking": False}}})  # fmt: skip
         assert off.usage.prompt_tokens > r.usage.prompt_tokens  # the template's empty thinking block
+        low = c.chat.completions.create(**kw, reasoning_effort="none")  # OpenAI's field: the same switch
+        assert low.usage.prompt_tokens == off.usage.prompt_tokens
+        high = c.chat.completions.create(**kw, reasoning_effort="high")
+        assert high.usage.prompt_tokens == r.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError, match="'reasoning_effort' must be one of"):
+            c.chat.completions.create(**{**kw, "extra_body": {"grammar": FORCED, "reasoning_effort": "max"}})
     (tmp_path / "config.toml").write_text("[serve]\nthinking = false\n")
     with ripe_serve(gguf, tmp_path, "--ctx", "1024") as (url, _):
         c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
