@@ -59,9 +59,21 @@ def test_real_gemma3_native_step_vs_llama_cpp(gemma_path):
     print(f"\nGemma 3 270M Q4_K_M, native step, {a}")
     assert a.positions >= 500
     assert a.native_agree >= a.floor_agree - 0.005, str(a)
-    # KNOWN GAP: the C step's KL is ~1.3x llama.cpp's own floor here (0.0168 vs 0.0129; the torch path
-    # over the same weights: 0.0123), above the 1.2x that `Agreement.check` asks; bounded meanwhile.
+    # The C step's KL to llama.cpp is ~1.3x llama.cpp's decode-vs-prefill floor (0.0170 vs 0.0130), above
+    # the 1.2x `Agreement.check` asks, because that floor leaves out llama.cpp's own error: against the exact
+    # forward llama.cpp is 3x further off than the C step (the next test). Bounded here as a regression guard.
     assert a.native_kl <= 1.4 * a.floor_kl, str(a)
+
+
+def test_real_gemma3_native_step_is_closer_to_exact_than_llama_cpp(gemma_path):
+    """Both engines against the exact float32 forward of the same dequantized weights (500 positions, one
+    token per forward on our side): measured 0.0051 nats (agreement 0.954) for the C step, 0.0143 (0.922)
+    for llama.cpp (one difference: llama.cpp quantizes activations per 256 values for its k-quant matmuls,
+    the C step per 32)."""
+    a_ours, kl_ours, a_theirs, kl_theirs = error_vs_exact(gemma_path, 500, native_step=True)
+    print(f"\nvs exact: native agreement {a_ours:.4f} KL {kl_ours:.5f}", end="")
+    print(f", llama.cpp agreement {a_theirs:.4f} KL {kl_theirs:.5f}")
+    assert kl_ours <= kl_theirs and a_ours >= a_theirs - 0.005
 
 
 def test_real_gemma3_config(gemma_path):
