@@ -143,6 +143,7 @@ def test_paraphrase_finds_an_old_chats_message_and_enter_opens_it(backend, tmp_p
             await wait_until(pilot, lambda: isinstance(app.focused, MessageView), what="the message selected")
             assert app.focused.message_id == target
             # a new message and its reply are embedded after the reply ends
+            app.query_one("#prompt").focus()
             app.query_one("#prompt").value = "I keep a sourdough starter on the counter."
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.replies_started == 1 and idle(app), what="the reply")
