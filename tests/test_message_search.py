@@ -178,3 +178,15 @@ def test_fts_only_without_an_embedder_or_with_dense_search_off(backend, tmp_path
         assert (converted_gguf_path() is not None) == converted  # search never converted the embedder
 
     run(go())
+
+
+def test_config_dense_search_switch(tmp_path):
+    from ripelm.config import ConfigError, load_config
+
+    path = tmp_path / "config.toml"
+    assert load_config(tmp_path / "none.toml").dense_search is True
+    path.write_text("[chat]\ndense_search = false\n")
+    assert load_config(path).dense_search is False
+    path.write_text('[chat]\ndense_search = "no"\n')
+    with pytest.raises(ConfigError, match="dense_search"):
+        load_config(path)
