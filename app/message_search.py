@@ -84,15 +84,14 @@ def embed_pending(
     (llama.cpp releases the GIL while it computes). Returns how many vectors were stored."""
     fp = embedder.info.fingerprint
     stored = 0
+    below = None  # newest first, each batch below the last (a message edited meanwhile: the next pass)
     while not should_stop():
-        todo = store_call(store.messages_to_embed, fp, batch)
+        todo = store_call(store.messages_to_embed, fp, batch, below)
         if not todo:
             break
+        below = min(i for i, _ in todo)
         with busy:
             vectors = embedder.embed([text for _, text in todo])
         made = [(i, text, v.astype(np.float32).tobytes()) for (i, text), v in zip(todo, vectors, strict=True)]
-        done = store_call(store.set_message_vectors, fp, made)
-        stored += done
-        if not done:
-            break  # every message of the batch changed meanwhile: the next pass takes them again
+        stored += store_call(store.set_message_vectors, fp, made)
     return stored

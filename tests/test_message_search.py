@@ -67,6 +67,7 @@ def test_vectors_go_with_their_message(tmp_path):
     store.save_reply(partial.id, "still streaming", state=PARTIAL)
     # newest first, a reply still streaming left out
     assert store.messages_to_embed("fp") == [(b.id, "second"), (a.id, "first")]
+    assert store.messages_to_embed("fp", below=b.id) == [(a.id, "first")]  # a pass goes on where it was
     v = np.ones(4, dtype=np.float32).tobytes()
     assert store.set_message_vectors("fp", [(a.id, "first", v), (b.id, "a text it no longer has", v)]) == 1
     assert store.message_vectors("fp") == [(a.id, v)]

@@ -26,15 +26,19 @@ def fts_match(text: str) -> str:
 class MessageVectorRecords:
     db: Any  # the sqlite_utils Database of ChatStore
 
-    def messages_to_embed(self, embedder: str, limit: int = 16) -> list[tuple[int, str]]:
+    def messages_to_embed(
+        self, embedder: str, limit: int = 16, below: int | None = None
+    ) -> list[tuple[int, str]]:
         """(id, text) of finished user and assistant messages that have no vector by `embedder` (new,
-        edited, or embedded by another embedder), newest first: recent chats become searchable first."""
+        edited, or embedded by another embedder), newest first: recent chats become searchable first.
+        `below`: only ids under it (a pass goes on from where its last batch ended instead of walking
+        again over every message it has embedded)."""
         rows = self.db.execute(
             "SELECT m.id, m.content FROM messages m LEFT JOIN message_vectors v "
             "ON v.message_id = m.id AND v.embedder = ? "
-            f"WHERE v.message_id IS NULL AND m.state != ? AND m.content != '' "
+            "WHERE m.id < ? AND v.message_id IS NULL AND m.state != ? AND m.content != '' "
             f"AND m.role IN ({', '.join('?' * len(EMBEDDED_ROLES))}) ORDER BY m.id DESC LIMIT ?",
-            [embedder, PARTIAL, *EMBEDDED_ROLES, limit],
+            [embedder, (1 << 62) if below is None else below, PARTIAL, *EMBEDDED_ROLES, limit],
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
