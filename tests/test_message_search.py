@@ -130,15 +130,16 @@ def test_paraphrase_finds_an_old_chats_message_and_enter_opens_it(backend, tmp_p
         old, target = old_history(app.store)
         async with app.run_test(size=SIZE) as pilot:
             assert app.chat.id != old
-            # the background pass (shortly after start) embeds every message
-            await wait_until(pilot, lambda: app.message_vectors_made >= 6, what="messages embedded")
-            fp = app.memory_embedder.get().info.fingerprint
-            assert app.store.messages_to_embed(fp) == []
+            # searched at once: no message has a vector yet; opening the search starts the background
+            # pass, and the results become hybrid when it has embedded the messages
             await pilot.press("ctrl+f", *PARAPHRASE)
             screen = app.screen
             assert isinstance(screen, MessageSearch)
             await wait_until(pilot, lambda: screen.dense_queries > 0 and screen.hits, what="hybrid results")
             assert screen.hits[0].message_id == target
+            await wait_until(pilot, lambda: app.message_vectors_made == 6, what="the pass to end")
+            fp = app.memory_embedder.get().info.fingerprint
+            assert app.store.messages_to_embed(fp) == []
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.chat.id == old, what="the old chat to open")
             await wait_until(pilot, lambda: isinstance(app.focused, MessageView), what="the message selected")

@@ -21,6 +21,7 @@ from textual.worker import get_current_worker
 
 from ripelm.message_search import embed_pending
 from ripelm.tui.messages import ReplyDone
+from ripelm.tui.search_screen import MessageSearch
 
 FIRST_PASS_DELAY_S = 3.0  # after start: the model loads first (torch's import holds the GIL)
 
@@ -29,6 +30,7 @@ class MessageIndex:
     memory_embedder: Any
     store: Any
     reply: Any
+    screen: Any
 
     def setup_message_index(self, dense_search: bool) -> None:
         self.dense_search = dense_search  # [chat] dense_search in config.toml
@@ -51,6 +53,10 @@ class MessageIndex:
             self._indexing = True
             self._index_pass()
 
+    def _vectors_made(self) -> None:
+        if isinstance(self.screen, MessageSearch):  # open: it searches the new vectors too
+            self.screen.vectors_changed()
+
     @work(thread=True, exit_on_error=False, group="message-index")
     def _index_pass(self) -> None:
         worker = get_current_worker()
@@ -66,5 +72,7 @@ class MessageIndex:
                 lambda: worker.is_cancelled or self.reply is not None,
             )
             self.message_vectors_made += made
+            if made:
+                self.call_from_thread(self._vectors_made)
         finally:
             self._indexing = False

@@ -77,6 +77,13 @@ class MessageSearch(ModalScreen[SearchHit | None]):
         if text.strip() and len(self.dense):
             self._embed_query(text)
 
+    def vectors_changed(self) -> None:
+        """Messages were embedded while the search is open (the app's background pass): read them."""
+        if self.embedders is not None and self.dense is not None:
+            self._dense_ready(self.dense.embedder)
+        elif self.embedders is not None:
+            self._open_dense()
+
     def on_input_changed(self, event: Input.Changed) -> None:
         self._show(self.store.search(event.value))
         if self.dense is not None and len(self.dense) and event.value.strip():
