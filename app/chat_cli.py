@@ -78,6 +78,7 @@ def run_app(args: argparse.Namespace) -> int:
             default_model=default_model,
             memory=cfg.memory,
             chat_tools=chat_tools,
+            dense_search=cfg.dense_search,
         )
         app.run()
     finally:

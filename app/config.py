@@ -72,6 +72,7 @@ class Config:
     keys: dict[str, str] = field(default_factory=dict)  # chat app binding id -> key(s)
     enter_sends: bool = True  # [chat]: Enter sends the message (else Ctrl+J does)
     theme: str | None = None  # [chat]: the chat app's theme
+    dense_search: bool = True  # [chat]: message search fuses BM25 with embeddings (where an embedder is)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     tools: ToolSettings = field(default_factory=ToolSettings)  # [tools] and [mcp.servers.*]
     thinking: bool | None = None  # [serve]: enable_thinking for templates that have it (None: theirs)
@@ -120,6 +121,8 @@ def load_config(path: Path | None = None) -> Config:
     enter_sends = _take(chat, "enter_sends", bool, f"{where} [chat]")
     cfg.enter_sends = True if enter_sends is None else enter_sends
     cfg.theme = _take(chat, "theme", str, f"{where} [chat]")
+    dense = _take(chat, "dense_search", bool, f"{where} [chat]")
+    cfg.dense_search = True if dense is None else dense
     mem = data.pop("memory", {})
     if not isinstance(mem, dict):
         raise ConfigError(f"{where}: [memory] must be a table")

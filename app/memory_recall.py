@@ -68,13 +68,27 @@ def gather(store: ChatStore, query: str) -> Gathered:
 
 class MemoryEmbedder:
     """The default embedder, opened on first use (on the worker thread) and kept; None when it cannot be
-    opened, with the reason in `error` (the BM25 side then works alone)."""
+    opened, with the reason in `error` (the BM25 side then works alone).
+
+    The chat app shares it between memory recall and the message search (ripelm.message_search), from
+    worker threads: a llama.cpp context is not thread-safe, so whoever embeds holds `busy` meanwhile."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.error: str | None = None if enabled else "off"
         self._embedder: Any = None
         self._lock = threading.Lock()
+        self.busy = threading.Lock()
+
+    def ready(self) -> Any:
+        """The embedder if it can be had without converting the default one first (a conversion takes
+        seconds: memory recall does it, a search does not wait for it); else None."""
+        if self._embedder is None and self.error is None:
+            from ripelm.models.bundled_embedder import converted_gguf_path
+
+            if converted_gguf_path() is None:
+                return None
+        return self.get()
 
     def get(self) -> Any:
         with self._lock:

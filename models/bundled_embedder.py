@@ -79,11 +79,20 @@ def find_source() -> ModelSource | None:
     return None
 
 
-def embedder_gguf_path() -> Path:
-    """The converted default embedder, built on first use and kept in the model store."""
+def converted_gguf_path() -> Path | None:
+    """The converted default embedder if it is already in the model store (None: not converted yet, or
+    by an older converter); never converts."""
     out = models_dir() / "embedders" / GGUF_NAME
     stamp = out.with_suffix(".source")
     if out.is_file() and stamp.is_file() and stamp.read_text() == _stamp():
+        return out
+    return None
+
+
+def embedder_gguf_path() -> Path:
+    """The converted default embedder, built on first use and kept in the model store."""
+    out = models_dir() / "embedders" / GGUF_NAME
+    if converted_gguf_path() is not None:
         return out
     src = find_source()
     if src is None:
@@ -101,7 +110,7 @@ def embedder_gguf_path() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    stamp.write_text(_stamp())
+    out.with_suffix(".source").write_text(_stamp())
     return out
 
 

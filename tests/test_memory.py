@@ -156,6 +156,7 @@ def test_migration_from_v5_keeps_chats(tmp_path):
     conn = sqlite3.connect(db)  # back to a v5 database, as an older ripelm left it
     conn.executescript(
         "DROP TABLE memories; DROP TABLE memories_fts; ALTER TABLE chats DROP COLUMN memory; "
+        "DROP TRIGGER message_vectors_stale; DROP TABLE message_vectors; "  # and what v7 added
         "PRAGMA user_version = 5;"
     )
     conn.close()

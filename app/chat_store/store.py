@@ -22,6 +22,7 @@ from typing import Any
 
 from ripelm.chat_store.connection import Database
 from ripelm.chat_store.memories import MemoryRecords
+from ripelm.chat_store.message_vectors import MessageVectorRecords, fts_match
 from ripelm.chat_store.records import (
     DONE,
     MATCH_END,
@@ -72,7 +73,7 @@ def _message(row: dict[str, Any]) -> Message:
 _CHAT_FIELDS = ("title", "model", "draft", "system", "params", "collection", "memory")
 
 
-class ChatStore(MemoryRecords):
+class ChatStore(MemoryRecords, MessageVectorRecords):
     def __init__(self, path: Path | None = None):
         self.path = path or chats_db_path()
         try:
@@ -289,10 +290,9 @@ class ChatStore(MemoryRecords):
         """Messages of every chat containing all the words of `text` (the last one as a prefix, so results
         come while typing), best match first (FTS5's bm25), each with its chat's title and a snippet.
         The words are quoted, so no text the user types is FTS5 syntax or an error."""
-        words = [w.replace('"', '""') for w in text.split()]
-        if not words:
+        query = fts_match(text)
+        if not query:
             return []
-        query = " ".join(f'"{w}"' for w in words) + "*"
         rows = self.db.query(
             "SELECT m.id, m.chat_id, m.role, c.title, "
             "snippet(messages_fts, 0, ?, ?, '…', 12) AS snippet "

@@ -178,6 +178,27 @@ def _v6_memories(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE chats ADD COLUMN memory INTEGER NOT NULL DEFAULT 1")
 
 
+def _v7_message_vectors(conn: sqlite3.Connection) -> None:
+    """Dense search over messages: each message's embedding (float32, unit length) by the embedder named in
+    `embedder` (its fingerprint), made in the background by the chat app where an embedder is available.
+    A vector goes with its message: deleting the message (or its chat) deletes it (ON DELETE CASCADE), and
+    a trigger drops it when the message's text changes (an edit; a reply streamed over it), so a stale
+    vector is never searched; the app embeds the new text. Messages stored before this have no vector yet
+    and are embedded the same way."""
+    conn.execute(
+        """CREATE TABLE message_vectors (
+            message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+            embedder TEXT NOT NULL,
+            vector BLOB NOT NULL
+        )"""
+    )
+    conn.execute(
+        "CREATE TRIGGER message_vectors_stale AFTER UPDATE OF content ON messages "
+        "WHEN old.content IS NOT new.content BEGIN "
+        "DELETE FROM message_vectors WHERE message_id = old.id; END"
+    )
+
+
 UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
     _v1_chats_and_messages,
     _v2_sources,
@@ -185,6 +206,7 @@ UPGRADES: list[Callable[[sqlite3.Connection], None]] = [
     _v4_message_search,
     _v5_branches,
     _v6_memories,
+    _v7_message_vectors,
 ]
 SCHEMA_VERSION = len(UPGRADES)
 

@@ -34,6 +34,7 @@ from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
 from ripelm.tui.memory_actions import MemoryActions
+from ripelm.tui.message_index import MessageIndex
 from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources, next_delta_interval
 from ripelm.tui.prompt_area import PromptArea
@@ -41,7 +42,7 @@ from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_r
 from ripelm.tui.tool_turns import ToolTurns
 
 
-class RipeApp(Branching, ChatActions, MemoryActions, ToolTurns, App[None]):
+class RipeApp(Branching, ChatActions, MemoryActions, MessageIndex, ToolTurns, App[None]):
     CSS_PATH = "ripe.tcss"
     TITLE = "ripe chat"
     AUTO_FOCUS = "#prompt"
@@ -78,20 +79,19 @@ class RipeApp(Branching, ChatActions, MemoryActions, ToolTurns, App[None]):
         config_path: Path | None = None,
         memory: MemoryConfig | None = None,
         chat_tools: ChatTools | None = None,
+        dense_search: bool = True,
     ):
         super().__init__()
         self.setup_memory(memory)  # [memory] in config.toml
-        self.store = store
-        self.pool = pool
-        self.defaults = defaults
+        self.setup_message_index(dense_search)  # [chat] dense_search: hybrid search over all messages
+        self.store, self.pool, self.defaults = store, pool, defaults
         self.system = system
         self.model_choices = model_choices or []
         self.export_dir = export_dir or Path.cwd()
         self.default_model = default_model  # what the status bar calls the model of a chat that names none
         self._keymap_config = keymap or {}
         self.enter_sends = enter_sends  # False: Enter starts a new line and Ctrl+J sends ([chat] in config)
-        self.config_path = config_path  # a theme picked is saved there ([chat] theme)
-        self._saved_theme = theme
+        self.config_path, self._saved_theme = config_path, theme  # a theme picked is saved there ([chat])
         if theme in self.available_themes:
             self.theme = theme
         self.chat: Chat | None = None
@@ -99,8 +99,7 @@ class RipeApp(Branching, ChatActions, MemoryActions, ToolTurns, App[None]):
         self.replies_started = 0
         self.cancel_latencies_s: list[float] = []  # Esc handled to the engine's acknowledgement, per cancel
         self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
-        self.trim_notices = 0
-        self.index_reports: list = []
+        self.trim_notices, self.index_reports = 0, []
         self.chat_tools, self.tool_loops = chat_tools, []  # tools offered to the model (None: no tools)
 
     # ---- layout -----------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ class ChatActions:
 
     def action_search_messages(self) -> None:
         """Search every message of every chat; Enter opens the chat at the message found."""
-        self.push_screen(MessageSearch(self.store), self._open_hit)
+        self.push_screen(MessageSearch(self.store, self.search_embedders()), self._open_hit)
+        self.index_messages()  # messages not embedded yet are, in the background
 
     async def _open_hit(self, hit: SearchHit | None) -> None:
         if hit is None:

@@ -95,7 +95,9 @@ class MemoryActions:
         """In the generation worker: the turns with the recalled memories in front of the last message."""
         if found is None:
             return turns
-        ranked = rank(found, self.memory_embedder.get())
+        embedder = self.memory_embedder.get()
+        with self.memory_embedder.busy:  # shared with the message search's background embedding
+            ranked = rank(found, embedder)
         if ranked.vectors:
             self.call_from_thread(store_vectors, self.store, ranked)
         used = fit_budget(ranked.memories, token_counter(backend), self.memory_config.budget_tokens)
