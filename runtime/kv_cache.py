@@ -49,9 +49,12 @@ class PagedKVCache:
         hash_fn: Callable[[int, Sequence[int]], int] = chain_hash,
         window: int | None = None,
         window_layers: Sequence[bool] = (),
+        window_blocks: int | None = None,
     ):
         """`window` with `window_layers` (True per sliding-window layer): those layers get their blocks from
-        a second allocator that frees what falls out of the window (`runtime.window_allocator`)."""
+        a second allocator that frees what falls out of the window (`runtime.window_allocator`), of
+        `window_blocks` ids (default and at most num_blocks): the window layers' memory past those ids is
+        never touched (on the CPU never resident: the pool's pages are mapped on first write)."""
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
@@ -65,7 +68,7 @@ class PagedKVCache:
         self.windowed = bool(window) and any(window_layers)
         self.layer_groups: list[tuple[BlockAllocator, torch.Tensor | slice]] = [(self.allocator, slice(None))]
         if self.windowed:
-            local = BlockAllocator(num_blocks, block_size, hash_fn)
+            local = BlockAllocator(min(num_blocks, window_blocks or num_blocks), block_size, hash_fn)
             self.layer_groups = [
                 (alloc, torch.tensor([i for i, w in enumerate(window_layers) if w == is_local]))
                 for alloc, is_local in ((self.allocator, False), (local, True))
@@ -223,10 +226,11 @@ def kv_dtype_for(model) -> torch.dtype:  # noqa: ANN001 - a runtime.model.Transf
 
 
 def paged_cache_for(  # noqa: ANN001
-    model, num_blocks: int, block_size: int, hash_fn, windowed: bool = False
+    model, num_blocks: int, block_size: int, hash_fn, windowed: bool = False, window_blocks: int | None = None
 ) -> PagedKVCache:
     """A paged pool shaped for `model` (its layers, K/V heads, head size, K/V dtype and device); `windowed`:
-    its sliding-window layers, if any, free the blocks that fall out of their window."""
+    its sliding-window layers, if any, free the blocks that fall out of their window and use at most
+    `window_blocks` block ids."""
     cfg = model.cfg
     swa = [cfg.is_swa(i) for i in range(cfg.n_layers)] if windowed and cfg.sliding_window else []
     return PagedKVCache(
@@ -240,4 +244,15 @@ def paged_cache_for(  # noqa: ANN001
         hash_fn=hash_fn,
         window=cfg.sliding_window if swa else None,
         window_layers=swa,
+        window_blocks=window_blocks,
     )
+
+
+def window_pool_blocks(window: int | None, block_size: int, max_seqs: int, prefill_chunk: int) -> int | None:
+    """Block ids the sliding-window layers need at most: each running sequence holds its window plus one
+    block between steps, and a step adds a block per sequence (its next position), a proposal's block, and
+    one prefill chunk; the rest are cached windows for prefix hits. Fewer would only preempt sooner."""
+    if not window:
+        return None
+    per_seq = -(-window // block_size) + 3
+    return max_seqs * per_seq + -(-prefill_chunk // block_size) + 1

@@ -240,3 +240,22 @@ def test_engine_batch_speculation_samples_and_prefix_hits(gemma):
     streams = [list(s) for s in r.streams]
     assert r.streams[0].cached_tokens >= len(follow) - WINDOW  # it reused blocks of the earlier run
     assert streams == [_greedy(single, follow)] * 3  # parallel greedy samples forked off the prompt agree
+
+
+def test_window_layers_use_a_smaller_share_of_the_pool(gemma):
+    """The engine gives the window layers only the block ids its sequences can hold at once (max_seqs of
+    them, each its window and a step's blocks, plus a prefill chunk): their memory past those ids is never
+    written (so on the CPU never mapped), and a batch larger than max_seqs still decodes as before."""
+    _, single, prompts, want = gemma
+    engine = Engine(
+        single.model, context_length=512, kv_memory=16 << 20, threaded=False, max_seqs=2, prefill_chunk=64
+    )
+    a = engine.allocator
+    assert a.local.num_blocks == 2 * (WINDOW // BS + 3) + 64 // BS + 1 < a.full.num_blocks
+    reqs, most = _run(engine, prompts, ["ngram", "off", "off", "ngram"])
+    for i, r in enumerate(reqs):
+        assert list(r.streams[0]) == want[i], f"prompt {i} diverged"
+    assert most == MAX_HELD
+    local_layers = engine.cache.layer_groups[1][1]
+    assert engine.cache.k[local_layers, a.local.num_blocks :].abs().sum() == 0
+    assert engine.cache.k[local_layers, : a.local.num_blocks].abs().sum() > 0
