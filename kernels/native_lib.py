@@ -89,7 +89,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rl_model_set_kv.restype = None
     lib.rl_model_free.argtypes = [_vp]
     lib.rl_model_free.restype = None
-    lib.rl_step.argtypes = [_vp, _i, _i, _vp, _vp, _vp, _i, _vp, _i, _vp, _vp]
+    lib.rl_step.argtypes = [_vp, _i, _i, _vp, _vp, _vp, _vp, _i, _vp, _i, _vp, _vp]
     lib.rl_step.restype = _i
     lib.rl_repacked_size.argtypes = [_i, _i, _i]
     lib.rl_repacked_size.restype = ctypes.c_size_t
@@ -130,3 +130,20 @@ def best_isa(lib: ctypes.CDLL) -> int:
 
 def available_isas(lib: ctypes.CDLL) -> list[int]:
     return [i for i in ISA_NAMES if lib.rl_isa_available(i)]
+
+
+def ptr(a) -> int | None:  # noqa: ANN001 - a numpy array, a torch tensor or None
+    """An array's or tensor's data address for a ctypes call (None stays NULL)."""
+    if a is None:
+        return None
+    return a.ctypes.data if hasattr(a, "ctypes") else a.data_ptr()
+
+
+def table_array(tables: list[list[int]], width: int):  # noqa: ANN201 - a numpy array
+    """Block tables as a [rows, width] int32 array, padded with block 0 (read only where a row has keys)."""
+    import numpy as np
+
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out

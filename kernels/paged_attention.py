@@ -46,6 +46,8 @@ class PagedBatch:
     ctx_lens: list[int]  # keys each sequence sees after this forward's writes (its new rows included)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     num_blocks: int | None = None  # pool size, when known: lets a lone decode row read blocks in place
+    # per sequence: the sliding-window layers' own block ids, when they keep only their window (else None)
+    window_tables: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.block_tables) == len(self.q_lens) == len(self.ctx_lens)):

@@ -92,7 +92,7 @@ def bench_kv(model: str, requests: int, seed: int, device: str | None) -> dict:
             continue
         live = sum(s.table.num_tokens for s in running)
         live_sum += live
-        paged_sum += engine.allocator.num_used * bs
+        paged_sum += engine.cache.used_blocks * bs
         ctx_sum += len(running) * ctx
         exact_sum += sum(s.prompt_len + s.max_new for s in running)
         steps += 1

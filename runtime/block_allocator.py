@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 ROOT_HASH = 0x9E3779B97F4A7C15  # prefix hash of a sequence's first block
+HOLE = -1  # a table entry whose block was released (out of a sliding window; `runtime.window_allocator`)
 
 
 def chain_hash(prefix_hash: int, tokens: Sequence[int]) -> int:
@@ -46,6 +47,7 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # positions 0..num_tokens-1 hold K/V
     hashes: list[int] = field(default_factory=list)  # chain hashes of the full blocks, in order
+    local: BlockTable | None = None  # the sliding-window layers' own table (`runtime.window_allocator`)
 
     def prefix_hash(self, index: int) -> int:
         return ROOT_HASH if index == 0 else self.hashes[index - 1]
@@ -178,7 +180,8 @@ class BlockAllocator:
 
     def fork(self, table: BlockTable) -> BlockTable:
         for bid in table.blocks:
-            self._ref(bid)
+            if bid != HOLE:
+                self._ref(bid)
         return BlockTable(list(table.blocks), table.num_tokens, list(table.hashes))
 
     def truncate(self, table: BlockTable, length: int) -> None:
@@ -189,7 +192,8 @@ class BlockAllocator:
         bs = self.block_size
         keep = -(-length // bs)
         for bid in table.blocks[keep:]:
-            self._unref(bid)
+            if bid != HOLE:
+                self._unref(bid)
         del table.blocks[keep:]
         del table.hashes[length // bs :]
         table.num_tokens = length
@@ -201,10 +205,19 @@ class BlockAllocator:
 
     def free(self, table: BlockTable) -> None:
         for bid in reversed(table.blocks):  # the tail is freed first, so it is evicted first
-            self._unref(bid)
+            if bid != HOLE:
+                self._unref(bid)
         table.blocks.clear()
         table.hashes.clear()
         table.num_tokens = 0
+
+    def release_before(self, table: BlockTable, position: int) -> None:
+        """Give back the blocks wholly before `position` (their entries become HOLE): a sliding-window
+        layer never reads them again."""
+        for i in range(min(position // self.block_size, len(table.blocks))):
+            if table.blocks[i] != HOLE:
+                self._unref(table.blocks[i])
+                table.blocks[i] = HOLE
 
     def evict_all(self) -> None:
         """Forget every cached block that no sequence holds (benchmarks start cold with this)."""

@@ -33,6 +33,7 @@ from ripelm.runtime.kv_cache import (
     kv_dtype_for,
     kv_pool_blocks,
     paged_cache_for,
+    window_pool_blocks,
 )
 from ripelm.runtime.model import ForwardInterrupted, Transformer
 from ripelm.runtime.sampling import Sampler, SamplingParams
@@ -78,7 +79,10 @@ class Engine:
         blocks = kv_pool_blocks(
             per_block, context_length, block_size, kv_memory, psutil.virtual_memory().available
         )
-        self.cache = paged_cache_for(model, blocks, block_size, hash_fn)
+        window_blocks = window_pool_blocks(cfg.sliding_window, block_size, max_seqs, prefill_chunk)
+        self.cache = paged_cache_for(
+            model, blocks, block_size, hash_fn, windowed=True, window_blocks=window_blocks
+        )
         self.allocator = self.cache.allocator
         # The native CPU step runs decode steps and short prefill chunks when the model has it.
         self.native = model.native.runner(self.cache) if getattr(model, "native", None) is not None else None
@@ -386,7 +390,7 @@ class Engine:
             c.preemptions = s.preemptions
             c.evictions = a.evictions
             c.free_blocks = a.num_free
-            c.used_blocks = a.num_used
+            c.used_blocks = self.cache.used_blocks  # both layer groups' blocks with window layers
             c.running = len(s.running)
             c.waiting = len(s.waiting) + len(self._inbox)
             if self.drafter is not None:

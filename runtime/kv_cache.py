@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ripelm.kernels.paged_attention import (
 )
 from ripelm.runtime.block_allocator import BlockAllocator, chain_hash
 from ripelm.runtime.errors import BadSettingError
+from ripelm.runtime.window_allocator import WindowedAllocator
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_FRACTION = 0.25  # of available memory, when no --kv-memory is given
@@ -45,7 +47,14 @@ class PagedKVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         hash_fn: Callable[[int, Sequence[int]], int] = chain_hash,
+        window: int | None = None,
+        window_layers: Sequence[bool] = (),
+        window_blocks: int | None = None,
     ):
+        """`window` with `window_layers` (True per sliding-window layer): those layers get their blocks from
+        a second allocator that frees what falls out of the window (`runtime.window_allocator`), of
+        `window_blocks` ids (default and at most num_blocks): the window layers' memory past those ids is
+        never touched (on the CPU never resident: the pool's pages are mapped on first write)."""
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
@@ -55,7 +64,16 @@ class PagedKVCache:
         alloc = _lazy_zeros if self.device.type == "cpu" else torch.zeros
         self.k = alloc(shape, dtype=dtype, device=device)
         self.v = alloc(shape, dtype=dtype, device=device)
-        self.allocator = BlockAllocator(num_blocks, block_size, hash_fn)
+        self.allocator: BlockAllocator | WindowedAllocator = BlockAllocator(num_blocks, block_size, hash_fn)
+        self.windowed = bool(window) and any(window_layers)
+        self.layer_groups: list[tuple[BlockAllocator, torch.Tensor | slice]] = [(self.allocator, slice(None))]
+        if self.windowed:
+            local = BlockAllocator(min(num_blocks, window_blocks or num_blocks), block_size, hash_fn)
+            self.layer_groups = [
+                (alloc, torch.tensor([i for i, w in enumerate(window_layers) if w == is_local]))
+                for alloc, is_local in ((self.allocator, False), (local, True))
+            ]
+            self.allocator = WindowedAllocator(self.allocator, local, window)
         # Per layer: the block-shaped pools and the same memory as flat [slots, KV, D] rows, made once
         # (a decode step reads them 30 times; views cost about a microsecond each).
         self.layers = [
@@ -75,12 +93,23 @@ class PagedKVCache:
     ) -> int:
         return 2 * n_layers * block_size * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    @property
+    def used_blocks(self) -> int:
+        """Blocks in use, as whole blocks of all layers: with window layers on their own allocator, each
+        allocator's blocks count for its share of the layers (the KV memory figure of the status bar)."""
+        if not self.windowed:
+            return self.allocator.num_used
+        n_layers = self.k.shape[0]
+        held = sum(alloc.num_used * len(layers) for alloc, layers in self.layer_groups)
+        return -(-held // n_layers)
+
     def apply_copies(self) -> None:
         """Carry out pending copy-on-write block copies (all layers) before the next forward writes."""
-        for src, dst in self.allocator.copies:
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
-        self.allocator.copies.clear()
+        for alloc, layers in self.layer_groups:  # a window layer's block id names other memory
+            for src, dst in alloc.copies:
+                self.k[layers, dst] = self.k[layers, src]
+                self.v[layers, dst] = self.v[layers, src]
+            alloc.copies.clear()
 
     def step(self, batch: PagedBatch) -> PagedStep:
         return PagedStep(self, batch)
@@ -104,6 +133,7 @@ class PagedStep:
     def __init__(self, cache: PagedKVCache, batch: PagedBatch):
         self.cache = cache
         self.batch = batch
+        self._window_batch: PagedBatch | None = None
         self.blockwise = cache.device.type != "cpu"
         # The common case, one sequence decoding over consecutive blocks: its history is read in place
         # through views made once for all layers.
@@ -138,9 +168,22 @@ class PagedStep:
     ) -> torch.Tensor:
         """`attend` for a sliding-window layer: each query sees only the last `window` positions."""
         kp, vp, k_rows, v_rows = self.cache.layers[layer]
-        k_rows.index_copy_(0, self.batch.slot_mapping, k.to(k_rows.dtype))
-        v_rows.index_copy_(0, self.batch.slot_mapping, v.to(v_rows.dtype))
-        return paged_window_attention(q, kp, vp, self.batch, window)
+        batch = self.window_batch()
+        k_rows.index_copy_(0, batch.slot_mapping, k.to(k_rows.dtype))
+        v_rows.index_copy_(0, batch.slot_mapping, v.to(v_rows.dtype))
+        return paged_window_attention(q, kp, vp, batch, window)
+
+    def window_batch(self) -> PagedBatch:
+        """The batch over the window layers' own block tables (the same batch when the cache has none)."""
+        if self._window_batch is None:
+            b = self.batch
+            if not self.cache.windowed:
+                self._window_batch = b
+            elif b.window_tables is None:
+                raise ValueError("a windowed cache's step needs the window layers' block tables")
+            else:
+                self._window_batch = replace(b, block_tables=b.window_tables, window_tables=None)
+        return self._window_batch
 
 
 def _lazy_zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -182,9 +225,14 @@ def kv_dtype_for(model) -> torch.dtype:  # noqa: ANN001 - a runtime.model.Transf
     return NATIVE_KV_DTYPE if getattr(model, "native", None) is not None else model.dtype
 
 
-def paged_cache_for(model, num_blocks: int, block_size: int, hash_fn) -> PagedKVCache:  # noqa: ANN001
-    """A paged pool shaped for `model` (its layers, K/V heads, head size, K/V dtype and device)."""
+def paged_cache_for(  # noqa: ANN001
+    model, num_blocks: int, block_size: int, hash_fn, windowed: bool = False, window_blocks: int | None = None
+) -> PagedKVCache:
+    """A paged pool shaped for `model` (its layers, K/V heads, head size, K/V dtype and device); `windowed`:
+    its sliding-window layers, if any, free the blocks that fall out of their window and use at most
+    `window_blocks` block ids."""
     cfg = model.cfg
+    swa = [cfg.is_swa(i) for i in range(cfg.n_layers)] if windowed and cfg.sliding_window else []
     return PagedKVCache(
         cfg.n_layers,
         num_blocks,
@@ -194,4 +242,17 @@ def paged_cache_for(model, num_blocks: int, block_size: int, hash_fn) -> PagedKV
         dtype=kv_dtype_for(model),
         device=model.device,
         hash_fn=hash_fn,
+        window=cfg.sliding_window if swa else None,
+        window_layers=swa,
+        window_blocks=window_blocks,
     )
+
+
+def window_pool_blocks(window: int | None, block_size: int, max_seqs: int, prefill_chunk: int) -> int | None:
+    """Block ids the sliding-window layers need at most: each running sequence holds its window plus one
+    block between steps, and a step adds a block per sequence (its next position), a proposal's block, and
+    one prefill chunk; the rest are cached windows for prefix hits. Fewer would only preempt sooner."""
+    if not window:
+        return None
+    per_seq = -(-window // block_size) + 3
+    return max_seqs * per_seq + -(-prefill_chunk // block_size) + 1

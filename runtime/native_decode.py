@@ -25,6 +25,7 @@ import torch
 
 from ripelm.kernels import native_lib
 from ripelm.kernels.cpu_features import cpu_has_bf16_matmul
+from ripelm.kernels.native_lib import ptr as _ptr
 from ripelm.kernels.native_linear import Repacked, WeightArena
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
 from ripelm.kernels.quant_types import BLOCK_LAYOUT, QuantType
@@ -51,12 +52,6 @@ NATIVE_KV_DTYPE = torch.float16  # llama.cpp's KV type; bfloat16 keys measurably
 MAX_ROWS = DENSE_MIN_ROWS - 1  # rows of one native step; longer prefills take several (or torch's matmuls)
 PREFILL_ROWS = 32  # rows per native step of a long prefill (the kernels' tile of activation rows)
 _notice_given = False
-
-
-def _ptr(a: np.ndarray | torch.Tensor | None) -> int | None:
-    if a is None:
-        return None
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
 
 
 def _pad_rows(n: int) -> int:
@@ -332,6 +327,7 @@ class NativeRunner:
         tables: list[list[int]],
         logit_rows: list[int],
         interrupt: Callable[[], bool] | None = None,
+        window_tables: list[list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: float32 [rows, hidden] embeddings; one position and block table per row; rows of one sequence
         in position order. More than MAX_ROWS rows run as steps of PREFILL_ROWS, `interrupt` polled between
@@ -342,26 +338,27 @@ class NativeRunner:
         """
         rows = x.shape[0]
         if rows <= MAX_ROWS:
-            return self._step(x, positions, tables, logit_rows)
+            return self._step(x, positions, tables, logit_rows, window_tables)
         outs = []
         for s in range(0, rows, PREFILL_ROWS):
             if interrupt is not None and interrupt():
                 raise ForwardInterrupted
             e = min(rows, s + PREFILL_ROWS)
             mine = [r - s for r in logit_rows if s <= r < e]
-            outs.append(self._step(x[s:e], positions[s:e], tables[s:e], mine))
+            wt = window_tables[s:e] if window_tables is not None else None
+            outs.append(self._step(x[s:e], positions[s:e], tables[s:e], mine, wt))
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
-    def _step(
-        self, x: torch.Tensor, positions: list[int], tables: list[list[int]], logit_rows: list[int]
+    def _step(  # window_tables: list[list[int]] | None
+        self, x: torch.Tensor, positions: list[int], tables: list, logit_rows: list[int], window_tables=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[0]
         x = x.float().contiguous()
         pos = np.asarray(positions, dtype=np.int32)
         max_blocks = max(len(t) for t in tables)
-        tab = np.zeros((rows, max_blocks), dtype=np.int32)
-        for i, t in enumerate(tables):
-            tab[i, : len(t)] = t
+        tab = native_lib.table_array(tables, max_blocks)
+        # the sliding-window layers' own tables (runtime.window_allocator), of the same shape
+        wtab = native_lib.table_array(window_tables, max_blocks) if window_tables is not None else None
         lr = np.asarray(logit_rows, dtype=np.int32)
         logits = torch.empty(len(logit_rows), _pad_rows(self.vocab), dtype=torch.float32)
         h = torch.empty(len(logit_rows), self.cfg.hidden, dtype=torch.float32)
@@ -372,6 +369,7 @@ class NativeRunner:
             x.data_ptr(),
             pos.ctypes.data,
             tab.ctypes.data,
+            wtab.ctypes.data if wtab is not None else None,
             max_blocks,
             lr.ctypes.data,
             len(logit_rows),

@@ -35,6 +35,17 @@ def step_rows(plan: StepPlan, starts: list[int], new: list[list[int]]) -> tuple[
     return tokens, positions, tables
 
 
+def window_rows(cache: PagedKVCache, plan: StepPlan, new: list[list[int]]) -> list[list[int]] | None:
+    """Each row's sliding-window layers' block table (as `step_rows` gives the others'), or None when the
+    cache keeps the window layers in the same blocks."""
+    if not cache.windowed:
+        return None
+    out: list[list[int]] = []
+    for seq, chunk in zip(plan.seqs, new, strict=True):
+        out += [cache.allocator.window_blocks(seq.table)] * len(chunk)
+    return out
+
+
 class StepForward:
     def __init__(self, model: Transformer, cache: PagedKVCache, native, static: StaticDecode | None):  # noqa: ANN001
         self.model, self.cache, self.native, self.static = model, cache, native, static
@@ -72,7 +83,14 @@ class StepForward:
         # A long prefill chunk runs as several native steps; a cancel is acknowledged between them.
         interrupt = plan.seqs[0].request.cancel_requested.is_set if plan.kind == "prefill" else None
         x = self.model.embed(torch.tensor(tokens, dtype=torch.long))
-        logits, _ = self.native.forward(x, positions, tables, logit_rows or [end - 1], interrupt=interrupt)
+        logits, _ = self.native.forward(
+            x,
+            positions,
+            tables,
+            logit_rows or [end - 1],
+            interrupt=interrupt,
+            window_tables=window_rows(self.cache, plan, new),
+        )
         return ready, logits
 
     def rows(
@@ -88,10 +106,16 @@ class StepForward:
 
     def _decode_torch(self, plan: StepPlan, starts: list[int], new: list[list[int]]) -> torch.Tensor:
         tokens, positions, tables = step_rows(plan, starts, new)
-        return self._rows_torch(tokens, positions, tables, list(range(len(tokens))))
+        window_tables = window_rows(self.cache, plan, new)
+        return self._rows_torch(tokens, positions, tables, list(range(len(tokens))), window_tables)
 
     def _rows_torch(
-        self, tokens: list[int], positions: list[int], tables: list[list[int]], logit_rows: list[int]
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        logit_rows: list[int],
+        window_tables: list[list[int]] | None = None,
     ) -> torch.Tensor:
         dev = self.model.device
         allocator = self.cache.allocator
@@ -102,6 +126,7 @@ class StepForward:
             [p + 1 for p in positions],
             device=dev,
             num_blocks=allocator.num_blocks,
+            window_tables=window_tables,
         )
         rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
         t = torch.tensor(tokens, dtype=torch.long, device=dev)
@@ -120,6 +145,9 @@ class StepForward:
             [p + c for p, c in zip(starts, plan.counts, strict=True)],
             device=dev,
             num_blocks=allocator.num_blocks,
+            window_tables=(
+                [allocator.window_blocks(s.table) for s in plan.seqs] if self.cache.windowed else None
+            ),
         )
         tokens = torch.tensor([t for chunk in new for t in chunk], dtype=torch.long, device=dev)
         ready = [

@@ -178,3 +178,26 @@ def test_tiny_gemma3_paged_engine_past_the_window(tiny_model_factory, qtype):
     got = _greedy(engine, prompt, 3 * GEMMA3_WINDOW)
     engine.close()
     assert got == want
+
+
+def test_real_gemma3_engine_keeps_only_the_window(gemma_path):
+    # The real model (window 512) in the batched engine past its window, with prompt lookup: its window
+    # layers hold at most 512/16 + 1 blocks, and the greedy output is the unwindowed backend's.
+    from ripelm.runtime.engine import Engine
+
+    single = NativeBackend(gemma_path, device="cpu", n_ctx=1024)
+    prompt = single.tokenizer.encode(Path(__file__).with_name("data").joinpath("english.txt").read_text())
+    prompt = prompt[:600]
+    want = _greedy(single, prompt, 40)
+    engine = Engine(single.model, context_length=1024, kv_memory=64 << 20, threaded=False, max_seqs=4)
+    req = engine.submit(
+        prompt, SamplingParams(temperature=0.0, max_tokens=40), ignore_eos=True, speculate="ngram"
+    )
+    a, most = engine.allocator, 0
+    while engine.step():
+        for seq in engine.scheduler.running:
+            most = max(most, a.held_local(seq.table))
+    got = list(req.streams[0])
+    single.close()
+    assert got == want
+    assert most == 512 // 16 + 1 and a.local.num_used == 0 and a.full.num_used == 0

@@ -452,6 +452,8 @@ typedef struct {
     int rows;
     float *x; /* [rows, hidden] residual stream, in/out */
     const int32_t *pos, *tables;
+    const int32_t *wtables; /* the sliding-window layers' own block tables (their blocks out of the window
+                             * freed: never read), or the same as `tables` */
     int max_blocks;
     const int32_t *logit_rows;
     int n_logits;
@@ -551,9 +553,13 @@ static void head_norm(float *v, const float *w, int d, float eps) {
     for (int i = 0; i < d; i++) v[i] = v[i] * r * w[i];
 }
 
-static int64_t slot_of(const rl_step_ctx *c, int row, int p) {
+static const int32_t *table_of(const rl_step_ctx *c, int layer, int row) {
+    return (c->m->layers[layer].window > 0 ? c->wtables : c->tables) + (size_t)row * c->max_blocks;
+}
+
+static int64_t slot_of(const rl_step_ctx *c, int layer, int row, int p) {
     int bs = c->m->block_size;
-    return (int64_t)c->tables[(size_t)row * c->max_blocks + p / bs] * bs + p % bs;
+    return (int64_t)table_of(c, layer, row)[p / bs] * bs + p % bs;
 }
 
 /* rows' Q/K normed and rotated in place, K/V written to the pool */
@@ -573,7 +579,7 @@ static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
         rope_head(m, v, r, c->rows, L->window > 0);
         if (is_k) {
             int kvh = h - m->n_heads;
-            int64_t off = (int64_t)layer * m->layer_stride + (slot_of(c, r, c->pos[r]) * m->n_kv + kvh) * d;
+            int64_t off = (int64_t)layer * m->layer_stride + (slot_of(c, layer, r, c->pos[r]) * m->n_kv + kvh) * d;
             const float *vv = row + (size_t)(m->n_heads + m->n_kv + kvh) * d;
             for (int i = 0; i < d; i++) {
                 m->k_pool[off + i] = m->kv_f16 ? rl_float_to_half(v[i]) : rl_float_to_bf16(v[i]);
@@ -603,7 +609,7 @@ static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
         rl_attn_args a = {m->qkv + (size_t)r * qkv_n + (size_t)kvh * G * d, G, d, m->block_size, m->kv_f16,
                           m->k_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
                           m->v_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
-                          (int64_t)m->n_kv * d, c->tables + (size_t)r * c->max_blocks, m->scale};
+                          (int64_t)m->n_kv * d, table_of(c, layer, r), m->scale};
         float *part = m->part + (size_t)t * G * (d + 2);
         int k0 = sp * ATTN_CHUNK, k1 = k0 + ATTN_CHUNK < L ? k0 + ATTN_CHUNK : L;
         int lo = win > 0 && L > win ? L - win : 0; /* a sliding-window layer's first key */
@@ -721,10 +727,11 @@ static void step_job(void *arg, int tid, int nth) {
     barrier(p);
 }
 
-/* One forward of `rows` rows. x [rows, hidden] holds their embeddings on entry (overwritten). Returns 0,
+/* One forward of `rows` rows. x [rows, hidden] holds their embeddings on entry (overwritten). `wtables`:
+ * the sliding-window layers' block tables, of the same [rows, max_blocks] shape (NULL: `tables`). Returns 0,
  * or -1 when memory for the step's buffers could not be had. */
 int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, const int32_t *tables,
-            int max_blocks, const int32_t *logit_rows, int n_logits, float *logits, float *h_out) {
+            const int32_t *wtables, int max_blocks, const int32_t *logit_rows, int n_logits, float *logits, float *h_out) {
     if (n_threads < 1) n_threads = 1;
     int max_len = 1;
     for (int r = 0; r < rows; r++) max_len = pos[r] + 1 > max_len ? pos[r] + 1 : max_len;
@@ -732,7 +739,8 @@ int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, 
     rl_pool *p = pool_get(n_threads);
     int rc = -1;
     if (p && reserve(m, rows > n_logits ? rows : n_logits, p->nth, max_len) == 0) {
-        rl_step_ctx c = {m, p, rows, x, pos, tables, max_blocks, logit_rows, n_logits, logits, h_out, m->task0};
+        rl_step_ctx c = {m,         p,        rows,   x,     pos, tables, wtables ? wtables : tables, max_blocks,
+                         logit_rows, n_logits, logits, h_out, m->task0};
         rope_tables(m, rows, pos);
         c.task0[0] = 0;
         for (int r = 0; r < rows; r++) c.task0[r + 1] = c.task0[r] + m->n_kv * attn_splits_of(pos[r] + 1);
