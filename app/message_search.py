@@ -17,11 +17,12 @@ false`) the search is FTS5 alone.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ripelm.chat_store.records import SearchHit
+
+if TYPE_CHECKING:  # numpy is imported where used: the chat app imports this module before its first paint
+    import numpy as np
 
 # Cosine (all-MiniLM-L6-v2) a message BM25 did not match needs to be listed. Measured on 8 short messages
 # and 5 queries sharing no word with them: the message meant 0.33-0.69 ("Japanese shrines with red
@@ -36,6 +37,8 @@ class DenseMessages:
     """The stored message vectors of one embedder as a matrix, for the cosine of a query to every one."""
 
     def __init__(self, store: Any, embedder: Any):
+        import numpy as np
+
         self.embedder = embedder
         self.dim = embedder.dim
         rows = [(i, v) for i, v in store.message_vectors(embedder.info.fingerprint) if len(v) == 4 * self.dim]
@@ -51,6 +54,8 @@ class DenseMessages:
 
     def cosines(self, query_vector: np.ndarray, top: int = 200) -> dict[int, float]:
         """Message id -> cosine for the `top` closest messages."""
+        import numpy as np
+
         if not len(self.ids):
             return {}
         sims = self.matrix @ query_vector.astype(np.float32)
@@ -82,6 +87,8 @@ def embed_pending(
     (checked before each batch: a reply started). `store_call(fn, *args)` runs a store method where the
     store's connection lives (the chat app's UI thread); the embedding runs here, holding `busy`
     (llama.cpp releases the GIL while it computes). Returns how many vectors were stored."""
+    import numpy as np
+
     fp = embedder.info.fingerprint
     stored = 0
     below = None  # newest first, each batch below the last (a message edited meanwhile: the next pass)

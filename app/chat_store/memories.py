@@ -39,7 +39,7 @@ def clean_memory(text: str) -> str:
 
 
 class MemoryRecords:
-    db: Any  # the sqlite_utils Database of ChatStore
+    db: Any  # the Database (chat_store.connection) of ChatStore
 
     def add_memory(self, content: str, chat_id: int | None = None, message_id: int | None = None) -> Memory:
         """Store a memory (one transaction). The same text already stored (any case) is not stored twice:

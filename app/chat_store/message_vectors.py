@@ -24,7 +24,7 @@ def fts_match(text: str) -> str:
 
 
 class MessageVectorRecords:
-    db: Any  # the sqlite_utils Database of ChatStore
+    db: Any  # the Database (chat_store.connection) of ChatStore
 
     def messages_to_embed(
         self, embedder: str, limit: int = 16, below: int | None = None
