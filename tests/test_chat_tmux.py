@@ -40,14 +40,15 @@ def screen(session: str) -> str:
     return tmux(session, "capture-pane", "-p", "-t", session)
 
 
-def poll(predicate, timeout: float, what: str):
+def poll(predicate, timeout: float, what: str, session: str | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)  # poll interval
-    raise AssertionError(f"timed out waiting for {what}")
+    shown = f"; the screen:\n{screen(session)}" if session else ""
+    raise AssertionError(f"timed out waiting for {what}{shown}")
 
 
 def test_ripe_chat_in_tmux(bundled_model_path, tmp_path):
@@ -122,7 +123,7 @@ def app_run(cmd: str, session: str, db: Path, question: str, kill_after: float |
         poll(lambda: "Enter sends" in screen(session), 60, "the app to start")
         last = stored_messages(db)[-1:]
         if last and last[0][1] == "assistant" and last[0][3] == PARTIAL:
-            poll(lambda: "Assistant (interrupted)" in screen(session), 10, "the interrupted reply shown")
+            poll(lambda: "Assistant (interrupted)" in screen(session), 10, "the interrupted reply", session)
         pid = int(tmux(session, "display-message", "-p", "-t", session, "#{pane_pid}").strip())
         tmux(session, "send-keys", "-t", session, question, "Enter")
         poll(lambda: any(m[2] == question for m in stored_messages(db)), 30, "the message to be stored")

@@ -32,9 +32,10 @@ class Database:
         return (dict(zip(names, row, strict=True)) for row in cursor)
 
     @contextmanager
-    def atomic(self) -> Iterator[Database]:
+    def atomic(self, immediate: bool = False) -> Iterator[Database]:
         """One transaction around the block (a savepoint when one is already open): all of it commits,
-        or on any exception none of it does."""
+        or on any exception none of it does. `immediate`: it takes the write lock at once (so what it
+        reads cannot change before it writes)."""
         if self.conn.in_transaction:
             name = f"ripe_{secrets.token_hex(8)}"
             self.conn.execute(f"SAVEPOINT {name}")
@@ -47,7 +48,7 @@ class Database:
                 raise
             self.conn.execute(f"RELEASE SAVEPOINT {name}")
             return
-        self.conn.execute("BEGIN")
+        self.conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield self
         except BaseException:

@@ -227,7 +227,9 @@ def upgrade(db: Database, to: int = SCHEMA_VERSION) -> int:
     db.execute("PRAGMA foreign_keys=OFF")
     try:
         for version in range(start, to):
-            with db.atomic():  # the migration and the new version commit together, or neither does
+            with db.atomic(immediate=True):  # the migration and the new version commit together, or neither
+                if schema_version(db) > version:  # another process (a second `ripe chat`) got there first
+                    continue
                 UPGRADES[version](db.conn)
                 db.execute(f"PRAGMA user_version = {version + 1}")
     finally:

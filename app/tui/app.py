@@ -33,6 +33,7 @@ from ripelm.tui.backends import BackendPool
 from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
+from ripelm.tui.early_frame import prompt_placeholder
 from ripelm.tui.memory_actions import MemoryActions
 from ripelm.tui.message_index import MessageIndex
 from ripelm.tui.message_view import MessageView
@@ -108,10 +109,8 @@ class RipeApp(Branching, ChatActions, MemoryActions, MessageIndex, ToolTurns, Ap
             yield ChatList()
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
-                keys = "Enter sends · Ctrl+J newline" if self.enter_sends else "Ctrl+J sends · Enter newline"
-                yield PromptArea(
-                    enter_sends=self.enter_sends, placeholder=f"Message · {keys} · Esc stops", id="prompt"
-                )
+                placeholder = prompt_placeholder(self.enter_sends)
+                yield PromptArea(enter_sends=self.enter_sends, placeholder=placeholder, id="prompt")
         yield StatusBar()
 
     async def on_mount(self) -> None:
