@@ -34,7 +34,7 @@ def test_watch_toggle_reindexes_changed_files(backend, tmp_path, monkeypatch):
     assert p.returncode == 0, p.stderr
     monkeypatch.setenv("RIPELM_HOME", str(home))
 
-    async def go() -> None:
+    async def go():
         store = ChatStore(home / "chats.db")
         chat = store.new_chat("docs", collection="notes")
         pool = BackendPool(lambda model, draft: backend, initial=backend)
@@ -72,7 +72,18 @@ def test_watch_toggle_reindexes_changed_files(backend, tmp_path, monkeypatch):
             await asyncio.sleep(1.5)
             assert str(docs / "later.md") not in _docs("notes")
 
-    asyncio.run(go())
+            runs = app.watch_runs
+            app.action_toggle_watch()  # on again (picks up later.md), then left on when the app quits
+            await wait_until(pilot, lambda: app.watch_runs > runs, timeout=10, what="the pass")
+            assert str(docs / "later.md") in _docs("notes")
+            runs = app.watch_runs
+        return app, runs
+
+    app, runs = asyncio.run(go())
+    assert app._watch_stop.is_set()  # quitting ended the watch: no more runs after it
+    (docs / "after.md").write_text("Written after the app quit.\n")
+    time.sleep(1.5)
+    assert str(docs / "after.md") not in _docs("notes") and app.watch_runs == runs
 
 
 def test_watch_toggle_needs_a_collection(backend, tmp_path, monkeypatch):
