@@ -107,3 +107,45 @@ def fit_sources(
 
 def source_records(sources: list[Source]) -> list[dict[str, Any]]:
     return [asdict(s) for s in sources]
+
+
+def collection_folders(collection: str) -> list[Path]:
+    """The folder a collection's documents were indexed from, as far as the store tells: the deepest
+    folder holding all of them (the store keeps files, not the paths `ripe index` was given)."""
+    import os
+
+    from ripelm.retrieval_cli import store_path
+    from ripelm.runtime.retrieval.errors import RetrievalError
+    from ripelm.runtime.retrieval.store import Store
+
+    with Store(store_path()) as st:
+        paths = list(st.documents(st.get_collection(collection)))
+    folders = sorted({os.path.dirname(p) for p in paths})
+    if not folders:
+        raise RetrievalError(f"collection '{collection}' has no documents: nothing to watch")
+    return [Path(os.path.commonpath(folders))]
+
+
+def watch_collection(
+    collection: str, folders: list[Path], stop: Any, on_report: Callable[[Any], None]
+) -> None:
+    """Re-index ``folders`` into ``collection`` now and after every settled change under them, until
+    ``stop.is_set()`` (as `ripe index --watch` does); ``on_report(IndexReport)`` after each run."""
+    from ripelm.retrieval_cli import _collection_embedder, store_path
+    from ripelm.runtime.retrieval.indexer import Indexer
+    from ripelm.runtime.retrieval.store import Store
+    from ripelm.runtime.retrieval.watch import FolderWatch
+
+    with Store(store_path()) as st:
+        emb = _collection_embedder(st.get_collection(collection))
+        try:
+            watch = FolderWatch(folders)
+            watch.start()
+
+            def reindex() -> None:
+                on_report(Indexer(st, st.get_collection(collection), emb).run(folders))
+
+            reindex()  # what changed while nothing watched
+            watch.run(reindex, stop)
+        finally:
+            emb.close()

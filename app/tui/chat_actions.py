@@ -28,11 +28,12 @@ from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import BackendReady
 from ripelm.tui.search_screen import MessageSearch
 from ripelm.tui.status_bar import StatusBar, is_remote
+from ripelm.tui.watch_actions import WatchActions
 
 DEFAULT_TITLE = "New chat"
 
 
-class ChatActions:
+class ChatActions(WatchActions):
     store: Any
     pool: Any  # the app's BackendPool
     chat: Any
@@ -318,6 +319,11 @@ class ChatActions:
         )
         yield SystemCommand(
             "Index folder", "Index a folder of documents and answer from it", self.action_index_folder
+        )
+        yield SystemCommand(
+            "Watch documents",
+            "Re-index this chat's collection when files in its folder change (again: stop)",
+            self.action_toggle_watch,
         )
         yield SystemCommand(
             "Sampling settings", "Temperature, top-p, max tokens … for this chat", self.action_set_sampling
