@@ -5,9 +5,9 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-import sqlite_utils
 
 from ripelm.chat_store import ChatStore, ChatStoreError
+from ripelm.chat_store.connection import Database
 from ripelm.chat_store.records import CANCELLED, DONE, PARTIAL
 from ripelm.chat_store.upgrades import SCHEMA_VERSION, UPGRADES, upgrade
 
@@ -128,7 +128,7 @@ def test_edit_and_regenerate_keep_the_old_version_as_a_branch(store, tmp_path):
 
 def test_forward_migration_keeps_data(tmp_path):
     path = tmp_path / "old.db"
-    db = sqlite_utils.Database(path)
+    db = Database(path)
     upgrade(db, to=1)  # a database as the first release wrote it
     db.execute("INSERT INTO chats (title, params, created, updated) VALUES ('old chat', '{}', 1.0, 1.0)")
     db.execute(
@@ -241,7 +241,7 @@ def test_newer_schema_refused(tmp_path):
 
 def test_search_all_messages_full_text(tmp_path):
     db = tmp_path / "chats.db"
-    conn = sqlite_utils.Database(db)
+    conn = Database(db)
     upgrade(conn, to=3)  # a database from before the search index
     conn.execute("INSERT INTO chats (title, created, updated) VALUES ('Old trip', 1, 1)")
     conn.execute(

@@ -9,12 +9,12 @@ import asyncio
 
 import numpy as np
 import pytest
-import sqlite_utils
 from retrieval_helpers import make_home
 from test_tui_app import SIZE, make_app
 from tui_helpers import idle, wait_until
 
 from ripelm.chat_store import ChatStore
+from ripelm.chat_store.connection import Database
 from ripelm.chat_store.records import PARTIAL
 from ripelm.chat_store.upgrades import SCHEMA_VERSION, upgrade
 from ripelm.memory_recall import MemoryEmbedder
@@ -41,7 +41,7 @@ def old_history(store: ChatStore) -> tuple[int, int]:
 
 def test_migration_from_v6_adds_message_vectors(tmp_path):
     db = tmp_path / "chats.db"
-    conn = sqlite_utils.Database(db)
+    conn = Database(db)
     upgrade(conn, to=6)  # a database as ripelm left it before the message vectors
     conn.execute("INSERT INTO chats (title, created, updated) VALUES ('old', 0, 0)")
     conn.execute(

@@ -16,10 +16,11 @@ from typing import Any
 
 
 class Database:
-    """One connection (Python's default transaction handling: DML opens a transaction implicitly)."""
+    """One connection in autocommit mode: a statement outside `atomic()` commits by itself (as
+    sqlite-utils' `execute` does); `atomic()` opens the transactions explicitly."""
 
     def __init__(self, path: str | Path):
-        self.conn = sqlite3.connect(str(path))
+        self.conn = sqlite3.connect(str(path), isolation_level=None)
         self.conn.execute("PRAGMA recursive_triggers=on")
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
