@@ -50,24 +50,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def run_app(args: argparse.Namespace) -> int:
-    from ripelm.config import config_path, load_config
-    from ripelm.tui.early_frame import EarlyFrame, prompt_placeholder, replay
-
-    cfg = load_config()
-    # the message box at once; what is typed while the rest loads is replayed into the app's box
-    frame = EarlyFrame.open(prompt_placeholder(cfg.enter_sends), "ripe chat · loading…")
-    try:
-        return _run_app(args, cfg, config_path, frame, replay)
-    finally:
-        if frame is not None and not frame.closed:
-            frame.abandon()  # no app (an error line follows): the terminal as it was
-
-
-def _run_app(args: argparse.Namespace, cfg: Any, config_path: Any, frame: Any, replay: Any) -> int:
     from ripelm.chat_store import ChatStore
     from ripelm.chat_turns import sampling_from_args
+    from ripelm.config import config_path, load_config
     from ripelm.tui.app import RipeApp
 
+    cfg = load_config()
     defaults = sampling_from_args(args)
     pool, choices, default_model = open_pool(args, cfg)
     store: ChatStore | None = None
@@ -92,8 +80,7 @@ def _run_app(args: argparse.Namespace, cfg: Any, config_path: Any, frame: Any, r
             chat_tools=chat_tools,
             dense_search=cfg.dense_search,
         )
-        typed = frame.close() if frame is not None else ""
-        app.run(auto_pilot=(lambda pilot: replay(typed, pilot)) if typed else None)
+        app.run()
     finally:
         chat_tools.close()
         pool.close()

@@ -33,12 +33,11 @@ from ripelm.tui.backends import BackendPool
 from ripelm.tui.branching import Branching
 from ripelm.tui.chat_actions import DEFAULT_TITLE, ChatActions
 from ripelm.tui.chat_list import ChatList
-from ripelm.tui.early_frame import prompt_placeholder
 from ripelm.tui.memory_actions import MemoryActions
 from ripelm.tui.message_index import MessageIndex
 from ripelm.tui.message_view import MessageView
 from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources, next_delta_interval
-from ripelm.tui.prompt_area import PromptArea
+from ripelm.tui.prompt_area import PromptArea, prompt_placeholder
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 from ripelm.tui.tool_turns import ToolTurns
 

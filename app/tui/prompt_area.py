@@ -17,6 +17,12 @@ from textual.widgets import TextArea
 SEND_OTHER = ("ctrl+j", "shift+enter")  # the keys that do what Enter does not
 
 
+def prompt_placeholder(enter_sends: bool) -> str:
+    """The message box's placeholder: which key sends and which starts a new line."""
+    keys = "Enter sends · Ctrl+J newline" if enter_sends else "Ctrl+J sends · Enter newline"
+    return f"Message · {keys} · Esc stops"
+
+
 class PromptArea(TextArea):
     class Submitted(Message):
         """The user sent the text of the box (Enter, or Ctrl+J with `enter_sends = false`)."""
