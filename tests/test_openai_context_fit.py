@@ -54,7 +54,7 @@ def ripe(*args: str, home: Path, stdin: str | None = None) -> subprocess.Complet
 def test_ripe_serve_lists_its_context_window(server):
     with urllib.request.urlopen(f"{server}/models", timeout=30) as r:
         listing = json.load(r)
-    assert [m["max_model_len"] for m in listing["data"] if m["kind"] == "chat"] == [CTX]
+    assert [m["max_model_len"] for m in listing["data"] if m["kind"] == "chat" and m["loaded"]] == [CTX]
     backend = OpenAIBackend(server)
     try:
         assert backend.context_length == CTX
