@@ -471,3 +471,33 @@ def test_without_the_library_everything_runs_on_torch_with_one_notice(tmp_path, 
     assert r.stdout.strip() == "5"
     notices = [line for line in r.stderr.splitlines() if "native CPU decode step not used" in line]
     assert len(notices) == 1 and "RIPELM_NATIVE=0" in notices[0]
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("gemma3", "Q8_0")])
+def test_rows_of_one_sequence_attend_together_bit_for_bit_as_each_row_alone(tiny_model_factory, arch, qtype):
+    """Rows of one sequence at consecutive positions in one step (a speculative verify, a prompt chunk)
+    attend as one group, each key read once for all rows (attn_rows where the CPU has it): every row's
+    logits are bit for bit those of the same row stepped alone, across an attention range boundary
+    (ATTN_CHUNK = 128 keys) and, on gemma3, past the local layers' window (rows of one group then start
+    their ranges at different keys)."""
+    path = tiny_model_factory(arch=arch, qtype=qtype)
+    native = _backend(path)
+    runner = native.runner
+    ids = native.tokenizer.encode("Paged attention keeps the cache in blocks. " * 20, add_bos=False)[:150]
+    assert len(ids) == 150
+    bs = runner.cache.block_size
+    n_blocks = -(-len(ids) // bs)
+    alone_table, group_table = list(range(2, 2 + n_blocks)), list(range(2 + n_blocks, 2 + 2 * n_blocks))
+    assert 2 + 2 * n_blocks <= runner.cache.allocator.num_blocks
+
+    def embed(tokens: list[int]) -> torch.Tensor:
+        return native.model.embed(torch.tensor(tokens)).float()
+
+    alone = [runner.forward(embed([t]), [p], [alone_table], [0])[0] for p, t in enumerate(ids)]
+    runner.forward(embed(ids[:118]), list(range(118)), [group_table] * 118, [])
+    for start, stop in ((118, 127), (127, 140), (140, 150)):  # k + 1 rows of a verify, around the boundary
+        n = stop - start
+        rows = list(range(start, stop))
+        logits, _ = runner.forward(embed(ids[start:stop]), rows, [group_table] * n, list(range(n)))
+        for i in range(n):
+            torch.testing.assert_close(logits[i : i + 1], alone[start + i], rtol=0, atol=0)

@@ -36,6 +36,7 @@
 #endif
 
 #define ATTN_CHUNK 128 /* keys per attention task, see attend() */
+#define RL_GROUP_ROWS 16 /* rows that attend together at most, see group_rows() */
 
 /* ---- instruction-set dispatch -------------------------------------------------------------------- */
 
@@ -45,30 +46,32 @@ typedef struct {
     rl_matvec_fn matvec[RL_N_FMT]; /* by format id (ripe_native.h); 0: none */
     void (*exp)(float *, int);
     void (*attn_part)(const rl_attn_args *, int, int, float *, float *, float *, float *);
+    int (*attn_rows)(const rl_attn_args *, int, const float *const *, const int *, const int *, float *const *,
+                     float *); /* NULL: rows attend one at a time */
 } rl_kernels;
 
 static const rl_kernels KERNELS_REF = {RL_ISA_REF, rl_quantize_ref,
                                        {0, rl_matvec_q4_ref, rl_matvec_q8_ref, rl_matvec_q5_ref, rl_matvec_q6_ref,
                                         rl_matvec_q4_0_ref, rl_matvec_t2_ref},
                                        rl_exp_ref,
-                                       rl_attn_part_ref};
+                                       rl_attn_part_ref, NULL};
 #if defined(__x86_64__)
 static const rl_kernels KERNELS_AVX2 = {RL_ISA_AVX2, rl_quantize_avx2,
                                         {0, rl_matvec_q4_avx2, rl_matvec_q8_avx2, rl_matvec_q5_avx2,
                                          rl_matvec_q6_avx2, rl_matvec_q4_0_avx2, rl_matvec_t2_avx2},
                                         rl_exp_avx2,
-                                        rl_attn_part_avx2};
+                                        rl_attn_part_avx2, rl_attn_rows_avx2};
 static const rl_kernels KERNELS_AVXVNNI = {RL_ISA_AVXVNNI, rl_quantize_avx2,
                                            {0, rl_matvec_q4_avxvnni, rl_matvec_q8_avxvnni, rl_matvec_q5_avx2,
                                             rl_matvec_q6_avx2, rl_matvec_q4_0_avxvnni, rl_matvec_t2_avx2},
                                            rl_exp_avx2,
-                                           rl_attn_part_avx2};
+                                           rl_attn_part_avx2, rl_attn_rows_avx2};
 static const rl_kernels KERNELS_AVX512VNNI = {RL_ISA_AVX512VNNI, rl_quantize_avx2,
                                               {0, rl_matvec_q4_avx512vnni, rl_matvec_q8_avx512vnni,
                                                rl_matvec_q5_avx2, rl_matvec_q6_avx2, rl_matvec_q4_0_avx512vnni,
                                                rl_matvec_t2_avx2},
                                               rl_exp_avx2,
-                                              rl_attn_part_avx2};
+                                              rl_attn_part_avx2, rl_attn_rows_avx2};
 #endif
 #if defined(__aarch64__)
 /* the int8 matvecs need dot products: without them, the reference kernels */
@@ -76,12 +79,12 @@ static const rl_kernels KERNELS_NEON = {RL_ISA_NEON, rl_quantize_neon,
                                         {0, rl_matvec_q4_ref, rl_matvec_q8_ref, rl_matvec_q5_ref, rl_matvec_q6_ref,
                                          rl_matvec_q4_0_ref, rl_matvec_t2_ref},
                                         rl_exp_neon,
-                                        rl_attn_part_neon};
+                                        rl_attn_part_neon, NULL};
 static const rl_kernels KERNELS_DOTPROD = {RL_ISA_DOTPROD, rl_quantize_neon,
                                            {0, rl_matvec_q4_dotprod, rl_matvec_q8_dotprod, rl_matvec_q5_dotprod,
                                             rl_matvec_q6_dotprod, rl_matvec_q4_0_dotprod, rl_matvec_t2_dotprod},
                                            rl_exp_neon,
-                                           rl_attn_part_neon};
+                                           rl_attn_part_neon, NULL};
 #endif
 
 #if defined(__x86_64__)
@@ -285,7 +288,7 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
         m->qkv = malloc(sizeof(float) * r * (size_t)qkv_n);
         m->tmp = malloc(sizeof(float) * r * (size_t)pad_rows(m->hidden > m->ffn ? m->hidden : m->ffn) * 2);
         m->ffn_h = malloc(sizeof(float) * r * (size_t)pad_rows(m->ffn));
-        m->task0 = malloc(sizeof(int) * (r + 1));
+        m->task0 = malloc(sizeof(int) * 3 * (r + 1)); /* task0, then the step's grp and gtask0 */
         m->rope = malloc(sizeof(float) * r * (size_t)(m->rope_dim / 2 + 1) * 4); /* full, then window */
         m->scratch = calloc((size_t)nth, sizeof(rl_scratch));
         if (!m->qkv || !m->tmp || !m->ffn_h || !m->task0 || !m->rope || !m->scratch) return -1;
@@ -310,6 +313,8 @@ static int reserve(rl_model *m, int rows, int nth, int max_len) {
     }
     int g = m->n_kv ? m->n_heads / m->n_kv : 1;
     size_t need_f = (size_t)(g + 2) * (size_t)max_len + (size_t)m->head_dim + (size_t)(rows + 1) * (size_t)widest(m) + 64;
+    size_t need_grouped = (size_t)(RL_ATTN_ROWS_HEADS + 2) * ATTN_CHUNK + (size_t)m->head_dim + 64; /* attn_rows */
+    if (need_f < need_grouped) need_f = need_grouped;
     for (int t = 0; t < nth; t++) {
         rl_scratch *s = &m->scratch[t];
         if (s->cap_f < need_f) {
@@ -459,7 +464,10 @@ typedef struct {
     int n_logits;
     float *logits; /* [n_logits, pad_rows(vocab)] */
     float *h_out;  /* [n_logits, hidden] or NULL */
-    int *task0;    /* [rows + 1]: first attention task of each row (prefix sums of n_kv * splits) */
+    int *task0;    /* [rows + 1]: first attention partial of each row (prefix sums of n_kv * splits) */
+    int n_groups;  /* rows of one sequence at consecutive positions attend together (attend()) */
+    int *grp;      /* [n_groups + 1]: first row of each group */
+    int *gtask0;   /* [n_groups + 1]: first attention task of each group */
 } rl_step_ctx;
 
 static void split(int n, int tid, int nth, int *a, int *b) {
@@ -592,34 +600,76 @@ static void rope_and_store(rl_step_ctx *c, int layer, int tid, int nth) {
 /* Each (row, K/V head) attends in ranges of ATTN_CHUNK keys whose partial results are merged after
  * (flash-decoding): every thread gets attention work even for one row over few K/V heads. The ranges
  * depend only on the row's own length, never on the batch or the thread count, so a row's output is
- * the same alone and in any batch. */
+ * the same alone and in any batch. A row's tasks go range by range, its K/V heads innermost: the heads
+ * of a key sit side by side in the pool, so one range's rows are read from memory once, by the first
+ * head's task, and the others find them in cache. */
 static int attn_splits_of(int len) { return (len + ATTN_CHUNK - 1) / ATTN_CHUNK; }
 
-/* attention partials of every (row, K/V head, key range), spread over the threads */
+/* attention partials of every (row, K/V head, key range), spread over the threads: one task per (group
+ * of rows, key range, K/V head); a group's rows that have that range attend in one kernel call where the
+ * instruction set has one (attn_rows), else one after the other */
 static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
     rl_model *m = c->m;
     int d = m->head_dim, G = m->n_heads / m->n_kv, qkv_n = pad_rows(m->n_heads * d + 2 * m->n_kv * d);
-    int t0, t1, r = 0, win = m->layers[layer].window;
+    int t0, t1, gi = 0, win = m->layers[layer].window;
     void (*part_fn)(const rl_attn_args *, int, int, float *, float *, float *, float *) = m->kern->attn_part;
-    if (d % 8 || d > 256 || G > 16) part_fn = rl_attn_part_ref;
-    split(c->task0[c->rows], tid, nth, &t0, &t1);
+    int grouped = m->kern->attn_rows != NULL;
+    if (d % 8 || d > 256 || G > 16) part_fn = rl_attn_part_ref, grouped = 0;
+    split(c->gtask0[c->n_groups], tid, nth, &t0, &t1);
     for (int t = t0; t < t1; t++) {
-        while (t >= c->task0[r + 1]) r++;
-        int L = c->pos[r] + 1, S = attn_splits_of(L), kvh = (t - c->task0[r]) / S, sp = (t - c->task0[r]) % S;
-        rl_attn_args a = {m->qkv + (size_t)r * qkv_n + (size_t)kvh * G * d, G, d, m->block_size, m->kv_f16,
+        while (t >= c->gtask0[gi + 1]) gi++;
+        int kvh = (t - c->gtask0[gi]) % m->n_kv, sp = (t - c->gtask0[gi]) / m->n_kv, nr = 0;
+        int k0s[RL_GROUP_ROWS], k1s[RL_GROUP_ROWS], rs[RL_GROUP_ROWS];
+        const float *qs[RL_GROUP_ROWS];
+        float *outs[RL_GROUP_ROWS];
+        for (int r = c->grp[gi]; r < c->grp[gi + 1]; r++) {
+            int L = c->pos[r] + 1;
+            if (sp >= attn_splits_of(L)) continue; /* a shorter row of the group: no such range */
+            float *part = m->part + (size_t)(c->task0[r] + sp * m->n_kv + kvh) * G * (d + 2);
+            int k0 = sp * ATTN_CHUNK, k1 = k0 + ATTN_CHUNK < L ? k0 + ATTN_CHUNK : L;
+            int lo = win > 0 && L > win ? L - win : 0; /* a sliding-window layer's first key */
+            if (k1 <= lo) { /* a range wholly before the window: an empty partial (weight 0 in the merge) */
+                for (int g = 0; g < G; g++) part[g] = -INFINITY, part[G + g] = 0.0f;
+                memset(part + 2 * G, 0, sizeof(float) * (size_t)G * d);
+                continue;
+            }
+            k0s[nr] = k0 > lo ? k0 : lo, k1s[nr] = k1, rs[nr] = r, outs[nr] = part;
+            qs[nr++] = m->qkv + (size_t)r * qkv_n + (size_t)kvh * G * d;
+        }
+        if (!nr) continue;
+        rl_attn_args a = {qs[nr - 1], G, d, m->block_size, m->kv_f16,
                           m->k_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
                           m->v_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
-                          (int64_t)m->n_kv * d, table_of(c, layer, r), m->scale};
-        float *part = m->part + (size_t)t * G * (d + 2);
-        int k0 = sp * ATTN_CHUNK, k1 = k0 + ATTN_CHUNK < L ? k0 + ATTN_CHUNK : L;
-        int lo = win > 0 && L > win ? L - win : 0; /* a sliding-window layer's first key */
-        if (k1 <= lo) { /* a range wholly before the window: an empty partial (weight 0 in the merge) */
-            for (int g = 0; g < G; g++) part[g] = -INFINITY, part[G + g] = 0.0f;
-            memset(part + 2 * G, 0, sizeof(float) * (size_t)G * d);
-            continue;
+                          (int64_t)m->n_kv * d, table_of(c, layer, rs[nr - 1]), m->scale};
+        if (nr > 1 && grouped && m->kern->attn_rows(&a, nr, qs, k0s, k1s, outs, m->scratch[tid].f)) continue;
+        for (int i = 0; i < nr; i++) {
+            a.q = qs[i], a.table = table_of(c, layer, rs[i]);
+            part_fn(&a, k0s[i], k1s[i], m->scratch[tid].f, outs[i], outs[i] + G, outs[i] + 2 * G);
         }
-        part_fn(&a, k0 > lo ? k0 : lo, k1, m->scratch[tid].f, part, part + G, part + 2 * G);
     }
+}
+
+/* Rows attend as groups: a row joins the previous row's group when it is that row's sequence one position
+ * on (the same block tables over the previous row's keys), up to RL_GROUP_ROWS rows and
+ * RL_ATTN_ROWS_HEADS query heads. Sets c->grp, c->gtask0 and c->n_groups. */
+static void group_rows(rl_step_ctx *c) {
+    const rl_model *m = c->m;
+    int G = m->n_heads / m->n_kv, cap = RL_ATTN_ROWS_HEADS / G, ng = 0;
+    cap = cap < 1 ? 1 : cap > RL_GROUP_ROWS ? RL_GROUP_ROWS : cap;
+    c->grp[0] = 0;
+    for (int r = 1; r < c->rows; r++) {
+        size_t nb = (size_t)(c->pos[r - 1] / m->block_size + 1);
+        const int32_t *a = c->tables + (size_t)(r - 1) * c->max_blocks, *b = c->tables + (size_t)r * c->max_blocks;
+        const int32_t *wa = c->wtables + (size_t)(r - 1) * c->max_blocks, *wb = c->wtables + (size_t)r * c->max_blocks;
+        int same = c->pos[r] == c->pos[r - 1] + 1 && r - c->grp[ng] < cap && !memcmp(a, b, nb * sizeof(int32_t)) &&
+                   !memcmp(wa, wb, nb * sizeof(int32_t));
+        if (!same) c->grp[++ng] = r;
+    }
+    c->grp[++ng] = c->rows;
+    c->n_groups = ng;
+    c->gtask0[0] = 0;
+    for (int i = 0; i < ng; i++)
+        c->gtask0[i + 1] = c->gtask0[i] + m->n_kv * attn_splits_of(c->pos[c->grp[i + 1] - 1] + 1);
 }
 
 /* every row's attention output [rows, heads * d] from the partials (each thread does it for itself) */
@@ -629,14 +679,15 @@ static void merge_attention(const rl_step_ctx *c, float *out) {
     for (int r = 0; r < c->rows; r++) {
         int S = attn_splits_of(c->pos[r] + 1);
         for (int kvh = 0; kvh < m->n_kv; kvh++) {
-            const float *base = m->part + (size_t)(c->task0[r] + kvh * S) * G * (d + 2);
+            const float *base = m->part + (size_t)(c->task0[r] + kvh) * G * (d + 2);
+            const size_t step = (size_t)m->n_kv * G * (d + 2); /* from one key range's partial to the next */
             for (int g = 0; g < G; g++) {
                 float mx = -INFINITY, den = 0.0f;
-                for (int sp = 0; sp < S; sp++) mx = base[(size_t)sp * G * (d + 2) + g] > mx ? base[(size_t)sp * G * (d + 2) + g] : mx;
+                for (int sp = 0; sp < S; sp++) mx = base[sp * step + g] > mx ? base[sp * step + g] : mx;
                 float *o = out + (size_t)r * m->n_heads * d + (size_t)(kvh * G + g) * d;
                 for (int i = 0; i < d; i++) o[i] = 0.0f;
                 for (int sp = 0; sp < S; sp++) {
-                    const float *p = base + (size_t)sp * G * (d + 2);
+                    const float *p = base + sp * step;
                     float w = expf(p[g] - mx);
                     den += w * p[G + g];
                     const float *acc = p + 2 * G + (size_t)g * d;
@@ -744,6 +795,8 @@ int rl_step(rl_model *m, int n_threads, int rows, float *x, const int32_t *pos, 
         rope_tables(m, rows, pos);
         c.task0[0] = 0;
         for (int r = 0; r < rows; r++) c.task0[r + 1] = c.task0[r] + m->n_kv * attn_splits_of(pos[r] + 1);
+        c.grp = m->task0 + (rows + 1), c.gtask0 = m->task0 + 2 * (rows + 1);
+        group_rows(&c);
         pool_run(p, step_job, &c);
         rc = 0;
     }

@@ -304,7 +304,7 @@ AVX2 static inline __m256 hsum8x8(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-AVX2 static inline __m256 kv8(const uint16_t *p, int f16) {
+AVX2 static inline __attribute__((always_inline)) __m256 kv8(const uint16_t *p, int f16) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     return f16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
@@ -404,34 +404,50 @@ AVX2 static void attn_part_generic(const rl_attn_args *a, int k0, int k1, float 
     }
 }
 
-/* weighted values of GN (1..3) heads over 32 dims (4 vectors) starting at vector c, in registers */
-AVX2 static inline __attribute__((always_inline)) void pv_slice(const rl_attn_args *a, const int64_t *off, int n,
-                                                                 const float *p, int g0, int GN, int c, float *acc) {
-    const int d = a->d, f16 = a->kv_f16;
+/* weighted values of GN (1..3) heads over 32 dims (4 vectors) starting at vector c, in registers: one
+ * value vector is converted at a time and used by every head, so the live registers are the 12
+ * accumulators, the GN weights and that vector (no spills at GN = 3) */
+#define RL_KI AVX2 static inline __attribute__((always_inline))
+RL_KI void pv_slice(const rl_attn_args *a, const int64_t *off, int n, const float *p, int ps, int g0, int GN,
+                    int c, float *acc, const int f16) {
+    const int d = a->d;
     __m256 ac[3][4];
     for (int g = 0; g < GN; g++)
         for (int i = 0; i < 4; i++) ac[g][i] = _mm256_setzero_ps();
     for (int t = 0; t < n; t++) {
         const uint16_t *vp = a->vbase + off[t] + 8 * c;
-        __m256 v0 = kv8(vp, f16), v1 = kv8(vp + 8, f16), v2 = kv8(vp + 16, f16), v3 = kv8(vp + 24, f16);
-        for (int g = 0; g < GN; g++) {
-            __m256 pg = _mm256_broadcast_ss(p + (size_t)(g0 + g) * n + t);
-            ac[g][0] = _mm256_fmadd_ps(pg, v0, ac[g][0]);
-            ac[g][1] = _mm256_fmadd_ps(pg, v1, ac[g][1]);
-            ac[g][2] = _mm256_fmadd_ps(pg, v2, ac[g][2]);
-            ac[g][3] = _mm256_fmadd_ps(pg, v3, ac[g][3]);
+        __m256 pg[3];
+        for (int g = 0; g < GN; g++) pg[g] = _mm256_broadcast_ss(p + (size_t)(g0 + g) * ps + t);
+        for (int i = 0; i < 4; i++) {
+            __m256 v = kv8(vp + 8 * i, f16);
+            for (int g = 0; g < GN; g++) ac[g][i] = _mm256_fmadd_ps(pg[g], v, ac[g][i]);
         }
     }
     for (int g = 0; g < GN; g++)
         for (int i = 0; i < 4; i++) _mm256_storeu_ps(acc + (size_t)(g0 + g) * d + 8 * (c + i), ac[g][i]);
 }
 
-/* The attention range for head_dim 64 (8 vectors; SmolLM2, Llama 3.2 1B, Qwen2.5 0.5B): a key's row stays
- * in registers for all G query heads, eight keys' dot products share one horizontal reduction, and the
- * weighted sum keeps up to three heads' accumulators for 32 dims in registers per pass over the values. */
-AVX2 static void attn_part_d64(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l,
-                               float *acc) {
-    const int n = k1 - k0, G = a->G, f16 = a->kv_f16;
+/* the weighted values of G heads (scores p, ps apart) over keys off[0..n) into acc [G][64] */
+RL_KI void pv_heads(const rl_attn_args *a, const int64_t *off, int n, const float *p, int ps, int G, float *acc,
+                    const int f16) {
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        int gn = G - g0 < 3 ? G - g0 : 3;
+        for (int c = 0; c < 8; c += 4) {
+            if (gn == 3) pv_slice(a, off, n, p, ps, g0, 3, c, acc, f16);
+            else if (gn == 2) pv_slice(a, off, n, p, ps, g0, 2, c, acc, f16);
+            else pv_slice(a, off, n, p, ps, g0, 1, c, acc, f16);
+        }
+    }
+}
+
+/* The attention range for head_dim 64 (8 vectors; SmolLM2, Llama 3.2 1B, Qwen2.5 0.5B): a key's row is
+ * converted once into registers and used by all G query heads, eight keys' dot products share one
+ * horizontal reduction per head, and the weighted sum keeps up to three heads' accumulators for 32 dims
+ * in registers per pass over the values. `f16` is a constant at both call sites (a copy each, no test of
+ * the K/V type per load). */
+RL_KI void attn_d64(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc,
+                    const int f16) {
+    const int n = k1 - k0, G = a->G;
     int64_t *off = rl_offsets_in(scratch, G, n, 64);
     rl_key_offsets(a, k0, k1, off);
     const __m256 scale = _mm256_set1_ps(a->scale);
@@ -440,27 +456,30 @@ AVX2 static void attn_part_d64(const rl_attn_args *a, int k0, int k1, float *scr
         _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
         _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
     }
+    __m256 part[RL_ATTN_MAX_G][8];
     for (int t0 = 0; t0 < n; t0 += 8) {
         int tn = n - t0 < 8 ? n - t0 : 8;
-        for (int g = 0; g < G; g++) {
-            const float *q = a->q + (size_t)g * 64;
-            __m256 part[8];
-            for (int j = 0; j < 8; j++) part[j] = _mm256_setzero_ps();
-            for (int j = 0; j < tn; j++) {
-                const uint16_t *kp = a->kbase + off[t0 + j];
-                __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(q), kv8(kp, f16));
-                __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), kv8(kp + 8, f16));
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), kv8(kp + 16, f16), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), kv8(kp + 24, f16), s1);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 32), kv8(kp + 32, f16), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 40), kv8(kp + 40, f16), s1);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 48), kv8(kp + 48, f16), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 56), kv8(kp + 56, f16), s1);
-                part[j] = _mm256_add_ps(s0, s1);
+        for (int j = 0; j < tn; j++) {
+            const uint16_t *kp = a->kbase + off[t0 + j];
+            __m256 k[8];
+            for (int i = 0; i < 8; i++) k[i] = kv8(kp + 8 * i, f16);
+            for (int g = 0; g < G; g++) {
+                const float *q = a->q + (size_t)g * 64;
+                __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(q), k[0]);
+                __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), k[1]);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), k[2], s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), k[3], s1);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 32), k[4], s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 40), k[5], s1);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 48), k[6], s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 56), k[7], s1);
+                part[g][j] = _mm256_add_ps(s0, s1);
             }
-            __m256 sc = _mm256_mul_ps(hsum8x8(part), scale);
+        }
+        for (int g = 0; g < G; g++) {
+            for (int j = tn; j < 8; j++) part[g][j] = _mm256_setzero_ps();
             float out[8];
-            _mm256_storeu_ps(out, sc);
+            _mm256_storeu_ps(out, _mm256_mul_ps(hsum8x8(part[g]), scale));
             for (int j = 0; j < tn; j++) scratch[(size_t)g * n + t0 + j] = out[j];
         }
         for (int j = 0; j < 8; j++) { /* the keys 16 ahead of this group of eight */
@@ -472,18 +491,103 @@ AVX2 static void attn_part_d64(const rl_attn_args *a, int k0, int k1, float *scr
         }
     }
     for (int g = 0; g < G; g++) softmax_part(scratch + (size_t)g * n, n, m + g, l + g);
-    for (int g0 = 0; g0 < G; g0 += 3) {
-        int gn = G - g0 < 3 ? G - g0 : 3;
-        for (int c = 0; c < 8; c += 4) {
-            if (gn == 3) pv_slice(a, off, n, scratch, g0, 3, c, acc);
-            else if (gn == 2) pv_slice(a, off, n, scratch, g0, 2, c, acc);
-            else pv_slice(a, off, n, scratch, g0, 1, c, acc);
+    pv_heads(a, off, n, scratch, n, G, acc, f16);
+}
+
+/* attn_d64 for R rows of one sequence at consecutive positions (a speculative verify, a chunk of a prompt):
+ * row r attends over keys k0[r]..k1[r]-1 (both non-decreasing in r) with its G heads at q[r], and writes
+ * its partial to out[r] (m [G], l [G], acc [G][64]). Each key's row is converted once for all R * G heads
+ * and read from memory once; every row's scores, softmax and weighted sums take the same operations in
+ * the same order as attn_d64 over its own range (a key's dot product and its lane in hsum8x8 do not
+ * depend on its neighbours), so a row's result is the same bits alone and in a group. */
+RL_KI void attn_rows_d64(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
+                         float *const *out, float *scratch, const int f16) {
+    const int G = a->G, H = R * G, K0 = k0[0], n = k1[R - 1] - K0;
+    int64_t *off = rl_offsets_in(scratch, H, n, 64);
+    rl_key_offsets(a, K0, K0 + n, off);
+    const __m256 scale = _mm256_set1_ps(a->scale);
+    for (int t = 0; t < n && t < 16; t++) {
+        const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
+        _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
+        _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+    }
+    __m256 part[RL_ATTN_ROWS_HEADS][8];
+    for (int t0 = 0; t0 < n; t0 += 8) {
+        int tn = n - t0 < 8 ? n - t0 : 8;
+        for (int j = 0; j < tn; j++) {
+            const int t = K0 + t0 + j;
+            const uint16_t *kp = a->kbase + off[t0 + j];
+            __m256 k[8];
+            for (int i = 0; i < 8; i++) k[i] = kv8(kp + 8 * i, f16);
+            for (int r = 0; r < R; r++) {
+                if (t < k0[r] || t >= k1[r]) { /* not this row's key: its lane is never stored */
+                    for (int g = 0; g < G; g++) part[r * G + g][j] = _mm256_setzero_ps();
+                    continue;
+                }
+                for (int g = 0; g < G; g++) {
+                    const float *qg = q[r] + (size_t)g * 64;
+                    __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
+                    __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(qg + 8), k[1]);
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 16), k[2], s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 24), k[3], s1);
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 32), k[4], s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 40), k[5], s1);
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 48), k[6], s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 56), k[7], s1);
+                    part[r * G + g][j] = _mm256_add_ps(s0, s1);
+                }
+            }
         }
+        for (int r = 0; r < R; r++) {
+            int lo = k0[r] - K0 - t0, hi = k1[r] - K0 - t0;
+            lo = lo < 0 ? 0 : lo, hi = hi > tn ? tn : hi;
+            if (lo >= hi) continue;
+            for (int g = 0; g < G; g++) {
+                for (int j = tn; j < 8; j++) part[r * G + g][j] = _mm256_setzero_ps();
+                float o[8];
+                _mm256_storeu_ps(o, _mm256_mul_ps(hsum8x8(part[r * G + g]), scale));
+                for (int j = lo; j < hi; j++) scratch[(size_t)(r * G + g) * n + t0 + j] = o[j];
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            int t = t0 + 16 + j;
+            if (t >= n) break;
+            const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
+            _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
+            _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const int s0 = k0[r] - K0, nr = k1[r] - k0[r];
+        float *p = scratch + (size_t)r * G * n + s0;
+        for (int g = 0; g < G; g++) softmax_part(p + (size_t)g * n, nr, out[r] + g, out[r] + G + g);
+        pv_heads(a, off + s0, nr, p, n, G, out[r] + 2 * G, f16);
     }
 }
 
+/* 1 when done; 0 for a head size without a grouped kernel (the caller then runs each row alone) */
+AVX2 int rl_attn_rows_avx2(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
+                           float *const *out, float *scratch) {
+    if (a->d != 64 || R * a->G > RL_ATTN_ROWS_HEADS) return 0;
+    if (a->kv_f16) attn_rows_d64(a, R, q, k0, k1, out, scratch, 1);
+    else attn_rows_d64(a, R, q, k0, k1, out, scratch, 0);
+    return 1;
+}
+
+AVX2 static void attn_part_d64_f16(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l,
+                                   float *acc) {
+    attn_d64(a, k0, k1, scratch, m, l, acc, 1);
+}
+
+AVX2 static void attn_part_d64_bf16(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l,
+                                    float *acc) {
+    attn_d64(a, k0, k1, scratch, m, l, acc, 0);
+}
+#undef RL_KI
+
 AVX2 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
-    if (a->d == 64) attn_part_d64(a, k0, k1, scratch, m, l, acc);
+    if (a->d == 64 && a->kv_f16) attn_part_d64_f16(a, k0, k1, scratch, m, l, acc);
+    else if (a->d == 64) attn_part_d64_bf16(a, k0, k1, scratch, m, l, acc);
     else attn_part_generic(a, k0, k1, scratch, m, l, acc);
 }
 #endif

@@ -107,6 +107,14 @@ static inline int64_t *rl_offsets_in(float *scratch, int G, int n, int d) {
 }
 void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
+/* R rows of one sequence (same block table, consecutive positions) over one K/V head at once: row r's G
+ * query heads at q[r], keys k0[r]..k1[r]-1 (non-decreasing in r, at most one ATTN_CHUNK span in all),
+ * partial (m, l, acc as rl_attn_part) at out[r]; a->q unused, a->table the last row's. scratch holds
+ * R * G * n + d + 2 n + 1 floats (n = k1[R-1] - k0[0]). Returns 0 where it has no kernel (R * G over
+ * RL_ATTN_ROWS_HEADS, or a head size other than 64): then each row runs alone. */
+#define RL_ATTN_ROWS_HEADS 64
+int rl_attn_rows_avx2(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
+                      float *const *out, float *scratch);
 void rl_exp_ref(float *x, int n);
 void rl_exp_avx2(float *x, int n);
 /* ARM64 (kernels_neon.c) */
