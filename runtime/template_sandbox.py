@@ -1,14 +1,12 @@
-"""The jinja environment chat templates compile and render in: jinja2's ImmutableSandboxedEnvironment set
-up as HF transformers does, plus the few refusals the render process's limits cannot express.
+"""The jinja environment chat templates compile and render in: jinja2's ImmutableSandboxedEnvironment set up
+as HF transformers does, plus the refusals that the render process's limits (`template_worker`) cannot make.
 
-Only public jinja API is used (sandbox hooks, filters, globals, an extension, ``Environment.concat``).
-Time and memory are not guarded here: renders run in `template_worker`'s process under an alarm and an
-address-space limit. What stays here is what those limits cannot see: integer arithmetic whose single C
-call would run for minutes inside the memory limit (``9 ** 9 ** 9``), text collected into hidden buffers
-(set blocks, macros) past the value limit, and values built from shared references that grow exponentially
-without using memory (``[x, x]`` doubled in a loop), which are refused when read back.
-``optimized=False`` keeps jinja from evaluating constant expressions while compiling, so compiling in the
-app's process runs no template code.
+Public jinja API only: sandbox hooks, filters, globals, an extension and ``Environment.concat``. Time and
+memory are bounded by the render process; what stays here is what those bounds do not see: integer
+arithmetic that is one C call of minutes inside the memory limit (``9 ** 9 ** 9``), text collected into
+hidden buffers (set blocks, macros) past the value limit, width/count arguments past it, and values built
+from shared references that print exponentially while using no memory (``[x, x]`` doubled in a loop), which
+are refused when read back. Unsafe attributes raise at the access rather than giving a silent Undefined.
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Cycler, Namespace
 
-# Ints bigger than this are refused in * and **: no chat template needs 2,500-digit numbers, and one huge
-# multiplication is a single C call no alarm can interrupt.
-MAX_INT_BITS = 8192
+MAX_INT_BITS = 8192  # no chat template needs 2,500-digit numbers
+# Filters whose int arguments are widths or counts of what they produce.
+_SIZE_FILTERS = ("center", "indent", "truncate", "batch", "slice")
 # jinja's ImmutableSandboxedEnvironment only guards instances; these reach the same methods through the type
 # (``dict.update(messages[0], ...)``), so they are refused on type objects too.
 _MUTATING_METHODS = frozenset(
@@ -40,24 +38,17 @@ _MUTATING_METHODS = frozenset(
 )  # fmt: skip
 
 
-# Filters whose int arguments are widths or counts of what they produce: a count past the value limit is
-# refused outright rather than left to the memory limit (``truncate(10**18)`` allocates nothing, but says
-# the template is not formatting a conversation).
-_SIZE_FILTERS = ("center", "indent", "truncate", "batch", "slice")
-
-
 class Refusal(Exception):
     """A render stopped by a rule of this module; its message is the final one-line error text."""
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    """Collapse whitespace and cut to `limit` characters: error messages stay one line."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def describe(exc: BaseException) -> str:
-    """The one-line message for whatever compiling or rendering raised."""
+    """The one-line message for whatever parsing, compiling or rendering raised."""
     if isinstance(exc, Refusal):
         return str(exc)
     if isinstance(exc, SecurityError):
@@ -99,14 +90,7 @@ class _GenerationTag(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-def _refuse_big_int(value: Any) -> None:
-    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-        raise Refusal("chat template refused: integer too large")
-
-
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """jinja's immutable sandbox plus the checks described in the module docstring."""
-
     intercepted_binops = frozenset({"*", "**"})
     value_limit = 4_000_000  # characters; the render process sets it per render (4 x the output limit)
 
@@ -116,40 +100,26 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().is_safe_attribute(obj, attr, value)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
-        # jinja returns an Undefined that only fails when used; `{{ x.__class__ }}` would print "" and
-        # hide the probe. Refuse at the access instead.
         raise SecurityError(f"access to unsafe attribute {attribute!r} of {type(obj).__name__}")
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if isinstance(left, int) and isinstance(right, int):
-            if operator == "**" and abs(left) > 1 and right > 0:
-                bits = left.bit_length() * right
-            else:
-                bits = left.bit_length() + right.bit_length()
+            power = operator == "**" and abs(left) > 1 and right > 0
+            bits = left.bit_length() * right if power else left.bit_length() + right.bit_length()
             if bits > MAX_INT_BITS:
                 raise Refusal("chat template refused: integer too large")
         return super().call_binop(context, operator, left, right)
 
-    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-        result = super().call(context, obj, *args, **kwargs)
-        self._check_shared(result)
-        return result
-
     def getattr(self, obj: Any, attribute: str) -> Any:
-        result = super().getattr(obj, attribute)
-        self._check_shared(result)
-        return result
+        return self._sized(super().getattr(obj, attribute))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        result = super().getitem(obj, argument)
-        self._check_shared(result)
-        return result
+        return self._sized(super().getitem(obj, argument))
 
-    def _check_shared(self, value: Any) -> None:
-        _refuse_big_int(value)
-        shared = isinstance(value, (list, tuple, dict, Namespace, Cycler))
-        if shared and _expanded_size(value) > self.value_limit:
+    def _sized(self, value: Any) -> Any:
+        if _children(value) is not None and _expanded_size(value) > self.value_limit:
             raise Refusal(f"chat template value exceeded {self.value_limit} characters")
+        return value
 
     def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
         """Joins every hidden buffer (set blocks, macros, filter blocks): sized before the join."""
@@ -159,6 +129,17 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return "".join(parts)
 
 
+# namespace() keeps its values where only jinja's own code reads them, so each one a render creates records
+# its arguments here (by id, keeping it alive); the render process clears this after every render.
+NAMESPACE_ARGS: dict[int, tuple[Namespace, list[Any]]] = {}
+
+
+class _RecordedNamespace(Namespace):
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        Namespace.__init__(*args, **kwargs)
+        NAMESPACE_ARGS[id(args[0])] = (args[0], [*args[1:], *kwargs.values()])
+
+
 def _children(item: Any) -> Iterable[Any] | None:
     if isinstance(item, dict):
         return item.values()
@@ -166,42 +147,24 @@ def _children(item: Any) -> Iterable[Any] | None:
         return item
     if isinstance(item, Cycler):
         return item.items
-    if isinstance(item, Namespace):
-        return _NAMESPACE_ARGS.get(id(item), (None, ()))[1]
-    return None
+    return NAMESPACE_ARGS.get(id(item), (None, ()))[1] if isinstance(item, Namespace) else None
 
 
 def _expanded_size(obj: Any) -> int:
-    """Elements in ``obj`` printed out, each distinct container counted once per reference (memoised by id):
-    linear in the distinct objects, so a shared-reference DAG of 2**64 printed elements sizes in 64 steps."""
+    """Elements in ``obj`` printed out, each distinct container sized once and counted per reference, so a
+    shared-reference DAG of 2**64 printed elements sizes in 64 steps."""
     memo: dict[int, int] = {}
 
     def size(item: Any, depth: int) -> int:
         kids = _children(item)
         if kids is None or depth > 200:
             return 1
-        key = id(item)
-        if key not in memo:
-            memo[key] = 0  # a container holding itself prints "..."
-            memo[key] = 1 + sum(size(kid, depth + 1) for kid in kids)
-        return memo[key]
+        if id(item) not in memo:
+            memo[id(item)] = 0  # a container holding itself prints "..."
+            memo[id(item)] = 1 + sum(size(kid, depth + 1) for kid in kids)
+        return memo[id(item)]
 
     return size(obj, 0)
-
-
-# namespace(...) keeps its values where only jinja's own code reads them; the arguments of each namespace a
-# render creates are recorded here (by id, with the object kept alive) so `_expanded_size` can see inside.
-_NAMESPACE_ARGS: dict[int, tuple[Namespace, list[Any]]] = {}
-
-
-class _RecordedNamespace(Namespace):
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        Namespace.__init__(*args, **kwargs)
-        _NAMESPACE_ARGS[id(args[0])] = (args[0], [*args[1:], *kwargs.values()])
-
-
-def forget_namespaces() -> None:
-    _NAMESPACE_ARGS.clear()
 
 
 def _counted(env: _Sandbox, func: Any) -> Any:

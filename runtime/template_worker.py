@@ -1,14 +1,13 @@
 """The process chat templates render in: kept warm, one render at a time, under a time and a memory limit.
 
-Why a process: a template is a program from a stranger, and bounding what it computes from inside the
-interpreter means predicting the size of every operation before it runs. Here the operating system does the
-bounding: each render runs under ``RLIMIT_AS`` (its address space may grow by `RENDER_MEMORY`; an allocation
-past that raises MemoryError) and ``SIGALRM`` (stops Python-level work at the time limit); a render stuck in
-one long C call is killed by the app after a grace period and the process restarts on the next render. The
-process starts with the first `ChatTemplate` (while the model loads) and then costs one pipe round trip per
-render. Requests are pickled (the app trusts its own data); replies are a status byte and UTF-8 text, so the
-app never unpickles anything a template could have shaped. The memory limit needs Linux's /proc; elsewhere
-renders run without it.
+A template is a program from a stranger; bounding its work from inside the app would mean predicting the
+size of every operation before it runs. Here the operating system bounds it: each render runs under
+``RLIMIT_AS`` (the address space may grow by `RENDER_MEMORY`, past that allocations raise MemoryError) and
+``SIGALRM`` (stops Python-level work at the time limit); a render stuck in one long C call is killed after
+`KILL_GRACE`, and the process restarts on the next render. It starts with the first `ChatTemplate` (while
+the model loads) and then costs a pipe round trip per render. Requests are pickled (the app trusts its own
+data); replies are a status byte and UTF-8 text, so the app never unpickles what a template could shape.
+The memory limit needs Linux's /proc/self/statm; elsewhere renders run without it.
 """
 
 from __future__ import annotations
@@ -21,25 +20,25 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 RENDER_MEMORY = 256 * 1024 * 1024  # bytes a render may add to the process's address space
 KILL_GRACE = 0.4  # seconds past the time limit before a render stuck in C is killed
-START_TIMEOUT = 30.0  # a cold start imports jinja2; generous for a loaded machine
-_HEADER = struct.Struct("<cI")  # status (b"o" text / b"e" one-line error), length
+START_TIMEOUT = 30.0  # for a cold start (imports jinja2) and for unpickling a request; generous
+_REPLY = struct.Struct("<cI")  # status (b"o" text, b"e" one-line error), length of the UTF-8 text
 _LENGTH = struct.Struct("<I")
 
 
 class _Deadline(BaseException):
-    """Raised by SIGALRM; a BaseException so no ``except Exception`` inside jinja or a filter swallows it."""
+    """Raised by SIGALRM; a BaseException so no ``except Exception`` in jinja or a filter swallows it."""
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
-    data = stream.read(size)
-    return data if data is not None and len(data) == size else None
-
-
-# -- the render process -------------------------------------------------------------------------------------
+def _read(read: Callable[[int], bytes], size: int) -> bytes | None:
+    data = b""
+    while len(data) < size and (chunk := read(size - len(data))):
+        data += chunk
+    return data if len(data) == size else None
 
 
 def _address_space() -> int | None:
@@ -51,25 +50,25 @@ def _address_space() -> int | None:
 
 
 def _render(env: Any, compiled: dict[str, Any], request: tuple[Any, ...]) -> tuple[bytes, str]:
-    from ripelm.runtime.template_sandbox import describe, forget_namespaces
+    """One render in the render process, under the limits."""
+    import resource
+
+    from ripelm.runtime.template_sandbox import NAMESPACE_ARGS, describe
 
     source, context, time_limit, max_output = request
     env.value_limit = max_output * 4
-    resource = _resource()
-    size = _address_space() if resource else None
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1] if size else None
+    size, hard = _address_space(), resource.getrlimit(resource.RLIMIT_AS)[1]
     try:
         try:
             if size:
                 resource.setrlimit(resource.RLIMIT_AS, (size + RENDER_MEMORY, hard))
             signal.setitimer(signal.ITIMER_REAL, time_limit)
-            template = compiled.get(source)
-            if template is None:
-                template = compiled[source] = env.from_string(source)
+            if source not in compiled:  # compiling evaluates constant expressions, so it is limited too
+                compiled[source] = env.from_string(source)
                 while len(compiled) > 16:
                     compiled.pop(next(iter(compiled)))
             parts, written = [], 0
-            for chunk in template.generate(context):
+            for chunk in compiled[source].generate(context):
                 written += len(chunk)
                 if written > max_output:
                     return b"e", f"chat template output exceeded {max_output} characters"
@@ -79,19 +78,11 @@ def _render(env: Any, compiled: dict[str, Any], request: tuple[Any, ...]) -> tup
             signal.setitimer(signal.ITIMER_REAL, 0)
             if size:
                 resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-            forget_namespaces()
+            NAMESPACE_ARGS.clear()
     except _Deadline:
         return b"e", f"chat template exceeded {time_limit} s"
     except Exception as exc:
         return b"e", describe(exc)
-
-
-def _resource() -> Any:
-    try:
-        import resource
-    except ImportError:  # not POSIX: no memory limit
-        return None
-    return resource
 
 
 def _serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
@@ -104,20 +95,19 @@ def _serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
     env, compiled = make_environment(), {}
     stdout.write(b"r")
     stdout.flush()
-    while (header := _read_exact(stdin, _LENGTH.size)) is not None:
-        payload = _read_exact(stdin, _LENGTH.unpack(header)[0])
-        if payload is None:
-            return
+    while (header := _read(stdin.read, _LENGTH.size)) and (
+        payload := _read(stdin.read, _LENGTH.unpack(header)[0])
+    ):
         try:
-            status, text = _render(env, compiled, pickle.loads(payload))
-        except Exception as exc:  # an object in the context that cannot be rebuilt here
-            status, text = b"e", f"chat template failed: its variables could not be sent: {exc}"
-        data = text.encode("utf-8", "surrogatepass")
-        stdout.write(_HEADER.pack(status, len(data)) + data)
+            request = pickle.loads(payload)
+        except Exception as exc:  # a value of a class this process cannot import
+            request, error = None, f"chat template failed: its variables could not be sent: {exc}"
+        stdout.write(b"s")  # the render starts now: the app's clock for it starts here
         stdout.flush()
-
-
-# -- the app's side -----------------------------------------------------------------------------------------
+        status, text = _render(env, compiled, request) if request is not None else (b"e", error)
+        data = text.encode("utf-8", "surrogatepass")
+        stdout.write(_REPLY.pack(status, len(data)) + data)
+        stdout.flush()
 
 
 class RenderProcess:
@@ -129,34 +119,32 @@ class RenderProcess:
         self._ready = False
 
     def start(self) -> None:
-        """Start the process if it is not running; returns at once (it imports jinja2 in the background)."""
+        """Start the process unless it runs; returns at once (it imports jinja2 in the background)."""
         with self._lock:
             self._start()
 
     def _start(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
-        proc = subprocess.Popen(
+        self._proc = subprocess.Popen(
             [sys.executable, "-m", "ripelm.runtime.template_worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal goes to the app, not to its renders
         )  # fmt: skip
-        assert proc.stdin is not None
-        # The app's import path, so values of the app's own classes unpickle there.
-        path = pickle.dumps(list(sys.path))
-        proc.stdin.write(_LENGTH.pack(len(path)) + path)
-        proc.stdin.flush()
-        self._proc, self._ready = proc, False
+        self._ready = False
+        self._send(pickle.dumps(list(sys.path)))  # so values of the app's own classes unpickle there
 
-    def _stop(self) -> None:
+    def _send(self, payload: bytes) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(_LENGTH.pack(len(payload)) + payload)
+        self._proc.stdin.flush()
+
+    def _stop(self, message: str) -> tuple[bool, str]:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
-
-    def _wait_readable(self, timeout: float) -> bool:
-        assert self._proc is not None and self._proc.stdout is not None
-        return bool(select.select([self._proc.stdout], [], [], timeout)[0])
+        return False, message
 
     def render(
         self, source: str, context: dict[str, Any], time_limit: float, max_output: int
@@ -168,34 +156,34 @@ class RenderProcess:
             return False, f"chat template failed: its variables could not be sent: {exc}"
         with self._lock:
             self._start()
-            proc = self._proc
-            assert proc is not None and proc.stdin is not None and proc.stdout is not None
+            assert self._proc is not None and self._proc.stdout is not None
+            out = self._proc.stdout.fileno()  # read unbuffered: select() sees only what is still in the pipe
+
+            def read(size: int) -> bytes:
+                return os.read(out, size)
+
             if not self._ready:
-                if not self._wait_readable(START_TIMEOUT) or proc.stdout.read(1) != b"r":
-                    self._stop()
-                    return False, "chat template failed: its render process did not start"
+                if not select.select([out], [], [], START_TIMEOUT)[0] or read(1) != b"r":
+                    return self._stop("chat template failed: its render process did not start")
                 self._ready = True
             try:
-                proc.stdin.write(_LENGTH.pack(len(payload)) + payload)
-                proc.stdin.flush()
+                self._send(payload)
             except OSError:
-                self._stop()
-                return False, "chat template failed: its render process stopped"
-            if not self._wait_readable(time_limit + KILL_GRACE):
-                self._stop()
-                return False, f"chat template exceeded {time_limit} s"
-            header = _read_exact(proc.stdout, _HEADER.size)
-            body = _read_exact(proc.stdout, _HEADER.unpack(header)[1]) if header else None
+                return self._stop("chat template failed: its render process stopped")
+            if not select.select([out], [], [], START_TIMEOUT)[0] or read(1) != b"s":
+                return self._stop("chat template failed: its render process stopped")
+            if not select.select([out], [], [], time_limit + KILL_GRACE)[0]:
+                return self._stop(f"chat template exceeded {time_limit} s")
+            header = _read(read, _REPLY.size)
+            body = _read(read, _REPLY.unpack(header)[1]) if header else None
             if header is None or body is None:
-                self._stop()
-                return False, "chat template failed: its render process stopped"
+                return self._stop("chat template failed: its render process stopped")
             return header[:1] == b"o", body.decode("utf-8", "surrogatepass")
 
 
 if __name__ == "__main__":
     _in, _out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but replies on the pipe
-    _path = _read_exact(_in, _LENGTH.unpack(_read_exact(_in, _LENGTH.size) or bytes(4))[0])
-    if _path:
-        sys.path[:] = pickle.loads(_path)
+    _path = _read(_in.read, _LENGTH.unpack(_read(_in.read, _LENGTH.size) or bytes(4))[0])
+    sys.path[:] = pickle.loads(_path) if _path else sys.path
     _serve(_in, _out)
