@@ -130,9 +130,10 @@ class RenderProcess:
             [sys.executable, "-m", "ripelm.runtime.template_worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal goes to the app, not to its renders
+            # the app's import path, so values of the app's own classes unpickle there
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )  # fmt: skip
         self._ready = False
-        self._send(pickle.dumps(list(sys.path)))  # so values of the app's own classes unpickle there
 
     def _send(self, payload: bytes) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -182,8 +183,5 @@ class RenderProcess:
 
 
 if __name__ == "__main__":
-    _in, _out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing but replies on the pipe
-    _path = _read(_in.read, _LENGTH.unpack(_read(_in.read, _LENGTH.size) or bytes(4))[0])
-    sys.path[:] = pickle.loads(_path) if _path else sys.path
-    _serve(_in, _out)
+    _out, sys.stdout = sys.stdout.buffer, sys.stderr  # nothing but replies on the pipe
+    _serve(sys.stdin.buffer, _out)
