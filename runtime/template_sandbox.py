@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import deque
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NoReturn
@@ -27,15 +28,9 @@ from jinja2.utils import Cycler, Namespace
 MAX_INT_BITS = 8192  # no chat template needs 2,500-digit numbers
 # Filters whose int arguments are widths or counts of what they produce.
 _SIZE_FILTERS = ("center", "indent", "truncate", "batch", "slice")
-# jinja's ImmutableSandboxedEnvironment only guards instances; these reach the same methods through the type
-# (``dict.update(messages[0], ...)``), so they are refused on type objects too.
-_MUTATING_METHODS = frozenset(
-    {
-        "append", "clear", "extend", "insert", "pop", "popitem", "remove", "reverse", "sort", "setdefault",
-        "update", "add", "discard", "difference_update", "intersection_update",
-        "symmetric_difference_update", "appendleft", "extendleft", "popleft", "rotate",
-    }
-)  # fmt: skip
+# jinja's ImmutableSandboxedEnvironment only guards instances; ``dict.update(messages[0], ...)`` reaches the
+# same methods through the type, so the mutable types' attributes are refused altogether.
+_MUTABLE_TYPES = (list, dict, set, bytearray, deque)
 
 
 class Refusal(Exception):
@@ -95,7 +90,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     value_limit = 4_000_000  # characters; the render process sets it per render (4 x the output limit)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        if isinstance(obj, type) and attr in _MUTATING_METHODS:
+        if isinstance(obj, type) and issubclass(obj, _MUTABLE_TYPES):
             return False
         return super().is_safe_attribute(obj, attr, value)
 
