@@ -121,12 +121,19 @@ def bench_chat(model: str, n_prompt: int, n_gen: int, device: str | None) -> dic
     """Time to first token of a second chat turn, with the first turn's blocks in the prefix cache and
     with the cache emptied first (the same prompt computed from scratch)."""
     b = LoadedModel(model, device=device, n_ctx=2 * (n_prompt + n_gen) + 256)
-    engine = Engine(b.model, context_length=b.context_length, threaded=False)
     words = b.tokenizer.decode(prompt_tokens(b.tokenizer, n_prompt))
     messages = [{"role": "user", "content": words}]
     params = SamplingParams(temperature=0, max_tokens=n_gen)
 
-    def turn() -> tuple[float, int, int]:
+    def fresh_engine() -> Engine:
+        """An engine with an empty prefix cache, past its first-call allocations: the warm-up's tokens
+        (the words backwards) start no prompt of this benchmark, so nothing of it is reused."""
+        engine = Engine(b.model, context_length=b.context_length, threaded=False)
+        engine.submit(prompt_tokens(b.tokenizer, n_prompt)[::-1], params)
+        engine.run_until_idle()
+        return engine
+
+    def turn(engine: Engine) -> tuple[float, int, int]:
         ids = b.tokenizer.encode(b.template.render(messages, add_generation_prompt=True), add_bos=False)
         req = engine.submit(ids, params)
         t = time.perf_counter()
@@ -140,15 +147,13 @@ def bench_chat(model: str, n_prompt: int, n_gen: int, device: str | None) -> dic
         messages.append({"role": "assistant", "content": b.tokenizer.decode(out)})
         return ttft, len(ids), req.streams[0].finish.cached_tokens
 
-    turn()  # warm-up on a throwaway conversation
-    engine.allocator.evict_all()
-    messages[:] = [{"role": "user", "content": words}]
-    turn()
+    engine = fresh_engine()
+    turn(engine)
     messages.append({"role": "user", "content": "Summarise that in one sentence, please."})
-    warm, n2, cached = turn()
+    warm, n2, cached = turn(engine)
     messages.pop()  # the same second turn again, computed from scratch
-    engine.allocator.evict_all()
-    cold, _, cold_cached = turn()
+    del engine
+    cold, _, cold_cached = turn(fresh_engine())
     return {
         "prompt_tokens": n2,
         "cached_tokens": cached,

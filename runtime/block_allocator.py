@@ -219,15 +219,6 @@ class BlockAllocator:
                 self._unref(table.blocks[i])
                 table.blocks[i] = HOLE
 
-    def evict_all(self) -> None:
-        """Forget every cached block that no sequence holds (benchmarks start cold with this)."""
-        while self.evictable:
-            bid, _ = self.evictable.popitem(last=False)
-            blk = self.blocks[bid]
-            self._unregister(blk)
-            blk.token_ids = []
-            self.empty[bid] = None
-
     # ---- internals ------------------------------------------------------------------------------
     def _take(self) -> Block:
         if self.empty:

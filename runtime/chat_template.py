@@ -1,18 +1,12 @@
 """Chat templates: render a model's Jinja chat template (untrusted input from the GGUF file) into a prompt.
 
-This module is the entry point; the environment lives in `template_sandbox` and the limits in
-`template_limits`. A GGUF file is data from the internet, and its ``tokenizer.chat_template``
-is a program: llama-cpp-python's CVE-2024-34359 was code execution through exactly this string. Templates
-render in jinja2's ``ImmutableSandboxedEnvironment`` configured the way HF transformers does (trim_blocks,
-lstrip_blocks, loopcontrols, ``raise_exception``, ``strftime_now``, a plain-JSON ``tojson``), and on top:
-
-* any access to an unsafe attribute raises at once (jinja would hand back a silent Undefined);
-* type objects cannot reach mutating methods (``dict.update(messages[0], ...)`` bypasses jinja's own check);
-* time and size limits are enforced *while* rendering, at checkpoints the template cannot avoid: every loop
-  iteration, call, filter, intercepted operator and output write checks the clock, and every operation that
-  can make a value much larger than its inputs (``*``, ``**``, ``+``, ``%``, ``~``, ``format``, ``replace``,
-  ``join``, ``indent``, ``center``, ...) is size-checked before it allocates; container literals and the
-  results of calls and filters, which only add references, are sized right after.
+A GGUF file is data from the internet, and its ``tokenizer.chat_template`` is a program: llama-cpp-python's
+CVE-2024-34359 was code execution through exactly this string. Templates compile in `template_sandbox`'s
+environment (jinja2's ``ImmutableSandboxedEnvironment`` configured the way HF transformers does:
+trim_blocks, lstrip_blocks, loopcontrols, ``raise_exception``, ``strftime_now``, a plain-JSON ``tojson``;
+unsafe attributes raise at the access) and render in `template_worker`'s process, which bounds each render's
+time and memory with the operating system's limits, so a template that loops forever or allocates without
+end costs that process a render and the app nothing.
 
 Every failure - sandbox violation, syntax error, undefined value, exceeded limit - surfaces as one
 :class:`TemplateError` with a one-line message.
@@ -22,18 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jinja2
-from jinja2.exceptions import SecurityError, TemplateSyntaxError
-
-from ripelm.runtime.template_limits import (
-    DEFAULT_MAX_OUTPUT,
-    DEFAULT_TIME_LIMIT,
-    GUARD,
-    Guard,
-    TemplateError,
-    one_line,
-)
-from ripelm.runtime.template_sandbox import InsertCheckpoints, make_environment
+from ripelm.models.errors import RipelmError
+from ripelm.runtime.template_sandbox import describe, make_environment
+from ripelm.runtime.template_worker import RenderProcess
 
 __all__ = ["CHATML_TEMPLATE", "ChatTemplate", "TemplateError"]
 
@@ -45,28 +30,21 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+DEFAULT_TIME_LIMIT = 2.0
+DEFAULT_MAX_OUTPUT = 1_000_000
 DEFAULT_MAX_SOURCE = 64 * 1024
 
+# One render process for the whole app, started by the first template.
+_RENDERER = RenderProcess()
 
-def _translate(exc: BaseException) -> TemplateError:
-    """Map whatever a render raised to one TemplateError with a one-line message."""
-    if isinstance(exc, SecurityError):
-        return TemplateError(f"chat template refused: {one_line(str(exc))}")
-    if isinstance(exc, TemplateSyntaxError):
-        return TemplateError(
-            f"chat template syntax error on line {exc.lineno}: {one_line(exc.message or '')}"
-        )
-    if isinstance(exc, jinja2.TemplateError):
-        return TemplateError(f"chat template error: {one_line(str(exc))}")
-    if isinstance(exc, RecursionError):
-        return TemplateError("chat template nested or recursed too deeply")
-    if isinstance(exc, MemoryError):
-        return TemplateError("chat template ran out of memory")
-    return TemplateError(f"chat template failed: {type(exc).__name__}: {one_line(str(exc))}")
+
+class TemplateError(RipelmError):
+    """A chat template was refused, failed, or exceeded a limit while rendering."""
 
 
 class ChatTemplate:
-    """A compiled, sandboxed chat template. Compiling happens here, so a broken template fails at load."""
+    """A sandboxed chat template. It is parsed here, so a syntax error fails at load; it compiles in the
+    render process, as jinja evaluates constant expressions while compiling (``{{ '%0999999999d' % 1 }}``)."""
 
     def __init__(
         self,
@@ -90,19 +68,11 @@ class ChatTemplate:
             raise TemplateError(
                 f"chat template refused: {source_bytes} bytes, over the {max_source}-byte limit"
             )
-        self._env = make_environment()
-        token = GUARD.set(Guard(self.time_limit, self.max_output))
         try:
-            tree = self._env.parse(self.source)
-            tree = InsertCheckpoints().visit(tree)
-            tree.set_environment(self._env)
-            self._template = self._env.from_string(tree)
-        except TemplateError:
-            raise
+            make_environment().parse(self.source)
         except Exception as exc:
-            raise _translate(exc) from exc
-        finally:
-            GUARD.reset(token)
+            raise TemplateError(describe(exc)) from exc
+        _RENDERER.start()
 
     def render(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
@@ -115,23 +85,7 @@ class ChatTemplate:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         }
-        guard = Guard(self.time_limit, self.max_output)
-        token = GUARD.set(guard)
-        chunks = self._template.generate(context)
-        try:
-            parts: list[str] = []
-            size = 0
-            for chunk in chunks:
-                size += len(chunk)
-                if size > self.max_output:
-                    raise TemplateError(f"chat template output exceeded {self.max_output} characters")
-                guard.tick()
-                parts.append(chunk)
-            return "".join(parts)
-        except TemplateError:
-            raise
-        except Exception as exc:
-            raise _translate(exc) from exc
-        finally:
-            chunks.close()
-            GUARD.reset(token)
+        ok, text = _RENDERER.render(self.source, context, self.time_limit, self.max_output)
+        if not ok:
+            raise TemplateError(text)
+        return text

@@ -126,10 +126,6 @@ class WindowedAllocator:
         if table.local is not None:
             self.local.free(table.local)
 
-    def evict_all(self) -> None:
-        self.full.evict_all()
-        self.local.evict_all()
-
     def check(self) -> None:
         self.full.check()
         self.local.check()

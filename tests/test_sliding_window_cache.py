@@ -124,7 +124,10 @@ def test_prefix_match_needs_only_the_last_window():
     assert again.local.blocks[:4] == [HOLE] * 4 and HOLE not in again.local.blocks[4:]
     _assert_table(a, again, tokens)
     a.free(again)
-    a.local.evict_all()  # the window layers' blocks are gone: nothing can be reused
+    # another sequence takes every window-layer block, evicting the cached ones: nothing can be reused
+    other = BlockTable()
+    a.local.reserve(other, a.local.num_blocks * a.local.block_size)
+    a.local.free(other)
     none = a.match_prefix(tokens + [7, 8], limit=101)
     assert none.num_tokens == 0 and none.blocks == [] and none.local.blocks == []
     assert a.full.num_used == 0 and a.local.num_used == 0

@@ -199,6 +199,14 @@ def test_bomb_is_cut_off(source: str) -> None:
     assert grown_mb < 200, grown_mb
 
 
+def test_memory_is_bounded_where_templates_render() -> None:
+    """A value far past the output limit that never reaches the output still meets the memory limit, and the
+    render process serves the next template afterwards."""
+    with pytest.raises(TemplateError, match="^chat template exceeded its memory limit$"):
+        ChatTemplate("{{ ('x' * 300000000)|length }}").render(copy.deepcopy(MESSAGES))
+    assert ChatTemplate("{{ messages|length }}").render(copy.deepcopy(MESSAGES)) == "2"
+
+
 def test_escaping_template_in_a_model_file_is_refused_by_ripe_run(
     tmp_path: Path, bundled_model_path: Path
 ) -> None:

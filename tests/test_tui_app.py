@@ -8,7 +8,7 @@ import asyncio
 import time
 
 import pytest
-from tui_helpers import idle, wait_until
+from tui_helpers import ObservedApp, idle, trim_notices, wait_until
 
 from ripelm.chat_export import export_filename
 from ripelm.chat_store import ChatStore
@@ -45,10 +45,10 @@ def db_path(tmp_path, monkeypatch):
     return tmp_path / "chats.db"
 
 
-def make_app(backend, db_path, *, max_tokens=16, **kw) -> RipeApp:
+def make_app(backend, db_path, *, max_tokens=16, **kw) -> ObservedApp:
     store = ChatStore(db_path)
     pool = BackendPool(lambda model, draft: backend, initial=backend)
-    return RipeApp(store, pool, SamplingParams(temperature=0, max_tokens=max_tokens), **kw)
+    return ObservedApp(store, pool, SamplingParams(temperature=0, max_tokens=max_tokens), **kw)
 
 
 def views(app: RipeApp) -> list[tuple[str, str]]:
@@ -147,7 +147,7 @@ def test_escape_stops_a_streaming_reply_within_200ms(long_backend, db_path):
             pressed = time.perf_counter()
             await pilot.press("escape")
             await wait_until(pilot, lambda: bool(app.cancel_acks), timeout=5, what="cancel ack")
-            latency = app.cancel_acks[0] - pressed  # key press to the engine's cancel acknowledgement
+            latency = app.cancel_acks[0].at - pressed  # key press to the engine's cancel acknowledgement
             print(f"Esc to engine cancel acknowledgement: {latency * 1000:.1f} ms")
             assert latency < 0.2
             await wait_until(pilot, lambda: idle(app), what="the reply to end")
@@ -240,7 +240,7 @@ def test_edit_resend_trim_copy_export_and_palette(backend, db_path, tmp_path):
             await app.open_chat(chat)
             await send(pilot, app, "and now?")
             await wait_until(pilot, lambda: idle(app), what="the trimmed reply")
-            assert app.trim_notices == 1
+            assert trim_notices(app) == 1
             assert "left out" in str(app.query_one("#status").render())
             assert app.store.messages(chat)[-1].state == DONE
 

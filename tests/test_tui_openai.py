@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from openai_servers import free_port, llama_cpp_server, ripe_serve
-from tui_helpers import idle, wait_until
+from tui_helpers import ObservedApp, idle, trim_notices, wait_until
 
 from ripelm.chat_cli import open_pool
 from ripelm.chat_store import ChatStore
@@ -49,11 +49,11 @@ def served(bundled_model_path, tmp_path_factory):
         yield url
 
 
-def open_app(home, *argv: str) -> RipeApp:
+def open_app(home, *argv: str) -> ObservedApp:
     """The app as `ripe chat --engine openai ARGV...` builds it (without taking over the terminal)."""
     args = build_parser().parse_args(["chat", "--engine", "openai", "--temp", "0", *argv])
     pool, choices, default_model = open_pool(args, load_config())
-    return RipeApp(
+    return ObservedApp(
         ChatStore(home / "chats.db"),
         pool,
         sampling_from_args(args),
@@ -130,8 +130,8 @@ def test_escape_stops_a_reply_from_ripe_serve_and_keeps_the_text(served, home):
             await wait_until(pilot, lambda: len(app.reply.recorder.content) > 40, what="streaming")
             chat = app.chat.id
             await pilot.press("escape")
-            await wait_until(pilot, lambda: bool(app.cancel_latencies_s), timeout=10, what="cancel ack")
-            print(f"Esc to the end of the reply: {app.cancel_latencies_s[0] * 1000:.1f} ms")
+            await wait_until(pilot, lambda: bool(app.cancel_acks), timeout=10, what="cancel ack")
+            print(f"Esc to the end of the reply: {app.cancel_acks[0].latency_s * 1000:.1f} ms")
             await wait_until(pilot, lambda: idle(app), what="the reply to end")
             reply = app.store.messages(chat)[-1]
             assert reply.state == CANCELLED and len(reply.content) > 40  # the partial text is kept
@@ -188,7 +188,7 @@ def test_a_chat_longer_than_the_server_window_is_trimmed_and_the_user_told(tiny_
                 await send(pilot, app, "Hello")
                 await wait_until(pilot, lambda: idle(app), what="the first reply")
                 chat = app.chat.id
-                assert app.trim_notices == 0
+                assert trim_notices(app) == 0
                 for i in range(10):
                     app.store.add_message(chat, "user", f"question {i} " + "word " * 40)
                     app.store.add_message(chat, "assistant", f"answer {i} " + "word " * 40)
@@ -197,7 +197,7 @@ def test_a_chat_longer_than_the_server_window_is_trimmed_and_the_user_told(tiny_
                 await wait_until(pilot, lambda: idle(app), what="the trimmed reply")
                 reply = app.store.messages(chat)[-1]
                 assert reply.state == DONE and 0 < reply.stats["prompt_tokens"] < 256
-                assert app.trim_notices == 1
+                assert trim_notices(app) == 1
                 assert "earliest messages left out" in status(app)
                 assert any("no longer fits the context window" in n.message for n in app._notifications)
 

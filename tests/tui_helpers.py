@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from ripelm.tui.app import RipeApp
+from ripelm.tui.messages import CancelAcknowledged
 
 
 async def wait_until(
@@ -25,3 +30,28 @@ def streaming(app: Any) -> bool:
 
 def idle(app: Any) -> bool:
     return app.reply is None
+
+
+class ObservedApp(RipeApp):
+    """The chat app, recording what it shows the user: notifications, and the cancel acknowledgements the
+    app posts to itself (Textual also runs RipeApp's own handler for each)."""
+
+    CSS_PATH = str(Path(inspect.getfile(RipeApp)).with_name(str(RipeApp.CSS_PATH)))  # Textual: relative to
+    # the file of the instance's class, and this one lives in tests/
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.notices: list[str] = []
+        self.cancel_acks: list[CancelAcknowledged] = []
+
+    def notify(self, message: str, *args: Any, **kwargs: Any) -> None:
+        self.notices.append(str(message))
+        super().notify(message, *args, **kwargs)
+
+    def on_cancel_acknowledged(self, event: CancelAcknowledged) -> None:
+        self.cancel_acks.append(event)
+
+
+def trim_notices(app: ObservedApp) -> int:
+    """How often the app told the user that the chat was trimmed to fit the context window."""
+    return sum("no longer fits the context window" in notice for notice in app.notices)

@@ -36,7 +36,7 @@ from ripelm.tui.chat_list import ChatList
 from ripelm.tui.memory_actions import MemoryActions
 from ripelm.tui.message_index import MessageIndex
 from ripelm.tui.message_view import MessageView
-from ripelm.tui.messages import ReplyDelta, ReplyDone, ReplySources, next_delta_interval
+from ripelm.tui.messages import CancelAcknowledged, ReplyDelta, ReplyDone, ReplySources, next_delta_interval
 from ripelm.tui.prompt_area import PromptArea, prompt_placeholder
 from ripelm.tui.status_bar import StatusBar, backend_numbers, done_numbers, is_remote, live_numbers
 from ripelm.tui.tool_turns import ToolTurns
@@ -96,10 +96,8 @@ class RipeApp(Branching, ChatActions, MemoryActions, MessageIndex, ToolTurns, Ap
             self.theme = theme
         self.chat: Chat | None = None
         self.reply: ActiveReply | None = None
-        self.replies_started = 0
-        self.cancel_latencies_s: list[float] = []  # Esc handled to the engine's acknowledgement, per cancel
-        self.cancel_acks: list[float] = []  # perf_counter() when each acknowledgement arrived
-        self.trim_notices, self.index_reports = 0, []
+        self.replies_started = 0  # also the id of the active reply: the worker's messages carry it
+        self.index_reports: list = []
         self.chat_tools, self.tool_loops = chat_tools, []  # tools offered to the model (None: no tools)
 
     # ---- layout -----------------------------------------------------------------------------------
@@ -377,14 +375,12 @@ class RipeApp(Branching, ChatActions, MemoryActions, MessageIndex, ToolTurns, Ap
         def wait_ack() -> None:
             if ack.wait(10.0):
                 now = time.perf_counter()
-                latency = now - pressed
-                self.cancel_acks.append(now)
-                self.cancel_latencies_s.append(latency)
-                self.call_from_thread(
-                    self.query_one(StatusBar).show, notice=f"stopped in {latency * 1000:.0f} ms"
-                )
+                self.post_message(CancelAcknowledged(now - pressed, now))
 
         threading.Thread(target=wait_ack, name="ripelm-cancel-ack", daemon=True).start()
+
+    def on_cancel_acknowledged(self, event: CancelAcknowledged) -> None:
+        self.query_one(StatusBar).show(notice=f"stopped in {event.latency_s * 1000:.0f} ms")
 
     def on_unmount(self) -> None:
         """Quitting mid-reply stops the engine and keeps the text so far, as a stopped reply."""

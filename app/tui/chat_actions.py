@@ -76,7 +76,6 @@ class ChatActions(WatchActions):
             self._show_backend()
 
     def _trimmed(self, dropped: int) -> None:
-        self.trim_notices += 1
         self.query_one(StatusBar).show(notice=f"{dropped} earliest messages left out to fit the context")
         self.notify(f"the chat no longer fits the context window: {dropped} earliest messages left out")
 

@@ -50,6 +50,16 @@ class ReplyDone(Message):
         self.error = error
 
 
+class CancelAcknowledged(Message):
+    """The engine stopped the reply after Esc: `latency_s` from the key to its acknowledgement, which came
+    at `at` (time.perf_counter())."""
+
+    def __init__(self, latency_s: float, at: float) -> None:
+        super().__init__()
+        self.latency_s = latency_s
+        self.at = at
+
+
 class BackendReady(Message):
     """A model finished loading (or failed to) on a worker thread."""
 
