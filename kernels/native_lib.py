@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rl_test_exp.restype = _i
     lib.rl_test_attn.argtypes = [_i, _vp, _i, _i, _vp, _vp, _i, _i, ctypes.c_float, _vp, _vp, _vp]
     lib.rl_test_attn.restype = _i
+    lib.rl_test_attn_rows.argtypes = [_i, _vp, _i, _i, _i, _vp, _vp, _vp, _vp, _i, ctypes.c_float]
+    lib.rl_test_attn_rows.restype = _i
     lib.rl_dequant.argtypes = [_i, _i, _vp, _i, _i, _vp]
     lib.rl_dequant.restype = _i
     lib.rl_gather_rows.argtypes = [_i, _vp, _i, _vp, _i, _vp]

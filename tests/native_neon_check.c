@@ -25,6 +25,8 @@ int rl_test_matvec(int isa, int fmt, const uint8_t *data, int n, int k, const fl
 int rl_test_exp(int isa, float *x, int n);
 int rl_test_attn(int isa, const float *q, int G, int d, const uint16_t *k, const uint16_t *v, int n_keys,
                  int kv_f16, float scale, float *m, float *l, float *acc);
+int rl_test_attn_rows(int isa, const float *q, int R, int G, int d, const uint16_t *k, const uint16_t *v,
+                      const int *k0, const int *k1, int kv_f16, float scale);
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 static uint32_t next_u32(void) {
@@ -172,6 +174,36 @@ static void check_attn(int isa) {
                 }
 }
 
+/* rows of one sequence attending together (a verify's k + 1 rows): each row's partial bit for bit as alone,
+ * with rows whose ranges start and end at different keys (a sliding window, the last range of a row).
+ * Paths without a grouped kernel for the shape (the reference; AVX2 beyond head size 64) are skipped. */
+static void check_attn_rows(int isa) {
+    static const int Gs[] = {1, 3, 7}, ds[] = {64, 128}, Rs[] = {2, 5, 9};
+    for (int f16 = 0; f16 < 2; f16++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int di = 0; di < 2; di++)
+                for (int ri = 0; ri < 3; ri++) {
+                    int G = Gs[gi], d = ds[di], R = Rs[ri], n = 40 + R, k0[16], k1[16];
+                    for (int r = 0; r < R; r++) k1[r] = 40 + r + 1, k0[r] = r < 2 ? 0 : 3 * r;
+                    float *q = malloc(sizeof(float) * R * G * d);
+                    uint16_t *kk = malloc(2 * (size_t)n * d), *vv = malloc(2 * (size_t)n * d);
+                    for (int i = 0; i < R * G * d; i++) q[i] = uniform(-1.5f, 1.5f);
+                    for (int i = 0; i < n * d; i++) {
+                        float a = uniform(-1.0f, 1.0f), b = uniform(-1.0f, 1.0f);
+                        kk[i] = f16 ? rl_float_to_half(a) : rl_float_to_bf16(a);
+                        vv[i] = f16 ? rl_float_to_half(b) : rl_float_to_bf16(b);
+                    }
+                    int diff = rl_test_attn_rows(isa, q, R, G, d, kk, vv, k0, k1, f16, 1.0f / sqrtf((float)d));
+                    if (diff >= 0) {
+                        char what[96];
+                        snprintf(what, sizeof what, "grouped attention %s G %d d %d rows %d", f16 ? "f16" : "bf16",
+                                 G, d, R);
+                        report(diff == 0, what, isa, (double)diff);
+                    }
+                    free(q), free(kk), free(vv);
+                }
+}
+
 int main(void) {
     int best = rl_cpu_best_isa();
     printf("best isa %d\n", best);
@@ -183,6 +215,7 @@ int main(void) {
         check_matvec(isa);
         check_exp(isa);
         check_attn(isa);
+        check_attn_rows(isa);
     }
     printf("%d paths checked, %d failures\n", checked, failures);
     return failures ? 1 : 0;

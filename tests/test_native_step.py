@@ -473,6 +473,37 @@ def test_without_the_library_everything_runs_on_torch_with_one_notice(tmp_path, 
     assert len(notices) == 1 and "RIPELM_NATIVE=0" in notices[0]
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native_lib.ISA_NAMES[i])
+@pytest.mark.parametrize("g,rows", [(3, 5), (7, 9), (2, 16)])
+def test_grouped_attention_gives_each_row_its_bits_alone(isa, g, rows):
+    """The grouped kernel (rows of one sequence over one K/V head, each key converted once) against each row
+    through the single-row kernel, on every path with a grouped kernel: zero differing bits, with rows whose
+    ranges start (a sliding window) and end (their own positions) at different keys."""
+    rng = np.random.default_rng(rows)
+    d, n = 64, 150
+    q = rng.standard_normal((rows, g, d)).astype(np.float32)
+    k16 = rng.standard_normal((n, d)).astype(np.float16).view(np.uint16)
+    v16 = rng.standard_normal((n, d)).astype(np.float16).view(np.uint16)
+    k1 = np.array([n - rows + 1 + r for r in range(rows)], np.int32)
+    k0 = np.array([0 if r < 2 else 4 * r for r in range(rows)], np.int32)
+    diff = lib.rl_test_attn_rows(
+        isa,
+        q.ctypes.data,
+        rows,
+        g,
+        d,
+        k16.ctypes.data,
+        v16.ctypes.data,
+        k0.ctypes.data,
+        k1.ctypes.data,
+        1,
+        0.125,
+    )
+    if diff == -1 and native_lib.ISA_NAMES[isa] == "reference C":
+        pytest.skip("the reference path has no grouped kernel: rows attend one at a time")
+    assert diff == 0
+
+
 @pytest.mark.parametrize("arch,qtype", [("llama", "Q4_0"), ("gemma3", "Q8_0")])
 def test_rows_of_one_sequence_attend_together_bit_for_bit_as_each_row_alone(tiny_model_factory, arch, qtype):
     """Rows of one sequence at consecutive positions in one step (a speculative verify, a prompt chunk)

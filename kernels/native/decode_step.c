@@ -79,12 +79,12 @@ static const rl_kernels KERNELS_NEON = {RL_ISA_NEON, rl_quantize_neon,
                                         {0, rl_matvec_q4_ref, rl_matvec_q8_ref, rl_matvec_q5_ref, rl_matvec_q6_ref,
                                          rl_matvec_q4_0_ref, rl_matvec_t2_ref},
                                         rl_exp_neon,
-                                        rl_attn_part_neon, NULL};
+                                        rl_attn_part_neon, rl_attn_rows_neon};
 static const rl_kernels KERNELS_DOTPROD = {RL_ISA_DOTPROD, rl_quantize_neon,
                                            {0, rl_matvec_q4_dotprod, rl_matvec_q8_dotprod, rl_matvec_q5_dotprod,
                                             rl_matvec_q6_dotprod, rl_matvec_q4_0_dotprod, rl_matvec_t2_dotprod},
                                            rl_exp_neon,
-                                           rl_attn_part_neon, NULL};
+                                           rl_attn_part_neon, rl_attn_rows_neon};
 #endif
 
 #if defined(__x86_64__)
@@ -912,6 +912,34 @@ int rl_test_attn(int isa, const float *q, int G, int d, const uint16_t *k, const
     K->attn_part(&a, 0, n_keys, scratch, m, l, acc);
     free(table), free(scratch);
     return K->isa;
+}
+
+/* R rows' grouped attention (attn_rows) over one plain K/V array against each row alone (attn_part): the
+ * number of output floats whose bits differ (0 expected); -1 where the ISA has no grouped kernel for this
+ * shape or memory fails. q [R][G][d]; row r attends over keys k0[r]..k1[r]-1 (non-decreasing in r). */
+int rl_test_attn_rows(int isa, const float *q, int R, int G, int d, const uint16_t *k, const uint16_t *v,
+                      const int *k0, const int *k1, int kv_f16, float scale) {
+    const rl_kernels *K = kernels_for(isa);
+    if (!K->attn_rows || R < 1 || R > RL_GROUP_ROWS) return -1;
+    int n_keys = k1[R - 1], part = G * (d + 2), diff = 0;
+    int32_t *table = malloc(sizeof(int32_t) * (size_t)n_keys);
+    float *scratch = malloc(sizeof(float) * ((size_t)(R * G + 2) * n_keys + (size_t)d + 64));
+    float *grouped = calloc((size_t)R * part, sizeof(float)), *alone = calloc((size_t)R * part, sizeof(float));
+    if (!table || !scratch || !grouped || !alone) return -1;
+    for (int i = 0; i < n_keys; i++) table[i] = i;
+    rl_attn_args a = {q, G, d, 1, kv_f16, k, v, d, table, scale};
+    const float *qs[RL_GROUP_ROWS];
+    float *outs[RL_GROUP_ROWS];
+    for (int r = 0; r < R; r++) qs[r] = q + (size_t)r * G * d, outs[r] = grouped + (size_t)r * part;
+    int done = K->attn_rows(&a, R, qs, k0, k1, outs, scratch);
+    for (int r = 0; r < R && done; r++) {
+        float *o = alone + (size_t)r * part;
+        a.q = qs[r];
+        K->attn_part(&a, k0[r], k1[r], scratch, o, o + G, o + 2 * G);
+    }
+    for (size_t i = 0; i < (size_t)R * part && done; i++) diff += memcmp(grouped + i, alone + i, sizeof(float)) != 0;
+    free(table), free(scratch), free(grouped), free(alone);
+    return done ? diff : -1;
 }
 
 static int cmp_desc(const void *a, const void *b) {

@@ -321,53 +321,84 @@ static inline void kv_row(const uint16_t *src, float *dst, int d, int f16) {
     }
 }
 
-/* the reference's structure (rl_attn_part_ref) with NEON dot products, exp and FMAs; any head_dim that
- * is a multiple of 8 (decode_step.c sends the others to the reference) and any G */
-void rl_attn_part_neon(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
-    const int n = k1 - k0, d = a->d, G = a->G, f16 = a->kv_f16;
-    float *row = scratch + (size_t)G * n;
-    int64_t *off = rl_offsets_in(scratch, G, n, d);
-    rl_key_offsets(a, k0, k1, off);
+/* one head's softmax pieces over its n scores s (in place: s becomes exp(s - m)) */
+static void softmax_neon(float *s, int n, float *m, float *l) {
+    float32x4_t mx4 = vdupq_n_f32(-INFINITY);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) mx4 = vmaxq_f32(mx4, vld1q_f32(s + i));
+    float mx = vmaxvq_f32(mx4);
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    float32x4_t vm = vdupq_n_f32(mx), sum4 = vdupq_n_f32(0.0f);
+    for (i = 0; i + 4 <= n; i += 4) {
+        float32x4_t e = exp4(vsubq_f32(vld1q_f32(s + i), vm));
+        vst1q_f32(s + i, e);
+        sum4 = vaddq_f32(sum4, e);
+    }
+    float sum = vaddvq_f32(sum4);
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    *m = mx, *l = sum;
+}
+
+static inline float dot_neon(const float *q, const float *row, int d) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
+    for (int i = 0; i < d; i += 8) {
+        s0 = vfmaq_f32(s0, vld1q_f32(q + i), vld1q_f32(row + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), vld1q_f32(row + i + 4));
+    }
+    return vaddvq_f32(vaddq_f32(s0, s1));
+}
+
+static inline void axpy_neon(float *acc, float p, const float *row, int d) {
+    float32x4_t pv = vdupq_n_f32(p);
+    for (int i = 0; i < d; i += 4) vst1q_f32(acc + i, vfmaq_f32(vld1q_f32(acc + i), pv, vld1q_f32(row + i)));
+}
+
+/* R rows of one sequence over one K/V head (see rl_attn_rows_avx2), row r's partial at m[r], l[r], acc[r]:
+ * each key and value row is converted once for all R * G heads; a head's scores, softmax and weighted sum
+ * take the same operations in the same order whatever R is, so a row's result is the same bits alone and
+ * in a group. Any head_dim that is a multiple of 8 (decode_step.c sends the others to the reference). */
+static void attn_rows(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
+                      float *const *m, float *const *l, float *const *acc, float *scratch) {
+    const int d = a->d, G = a->G, H = R * G, f16 = a->kv_f16, K0 = k0[0], n = k1[R - 1] - K0;
+    float *row = scratch + (size_t)H * n;
+    int64_t *off = rl_offsets_in(scratch, H, n, d);
+    rl_key_offsets(a, K0, K0 + n, off);
     for (int t = 0; t < n; t++) {
         kv_row(a->kbase + off[t], row, d, f16);
+        for (int r = 0; r < R; r++)
+            if (K0 + t >= k0[r] && K0 + t < k1[r])
+                for (int g = 0; g < G; g++)
+                    scratch[(size_t)(r * G + g) * n + t] = dot_neon(q[r] + (size_t)g * d, row, d) * a->scale;
+    }
+    for (int r = 0; r < R; r++)
         for (int g = 0; g < G; g++) {
-            const float *q = a->q + (size_t)g * d;
-            float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
-            for (int i = 0; i < d; i += 8) {
-                s0 = vfmaq_f32(s0, vld1q_f32(q + i), vld1q_f32(row + i));
-                s1 = vfmaq_f32(s1, vld1q_f32(q + i + 4), vld1q_f32(row + i + 4));
-            }
-            scratch[(size_t)g * n + t] = vaddvq_f32(vaddq_f32(s0, s1)) * a->scale;
+            softmax_neon(scratch + (size_t)(r * G + g) * n + (k0[r] - K0), k1[r] - k0[r], m[r] + g, l[r] + g);
+            for (int z = 0; z < d; z++) acc[r][(size_t)g * d + z] = 0.0f;
         }
-    }
-    for (int g = 0; g < G; g++) {
-        float *s = scratch + (size_t)g * n;
-        float32x4_t mx4 = vdupq_n_f32(-INFINITY);
-        int i = 0;
-        for (; i + 4 <= n; i += 4) mx4 = vmaxq_f32(mx4, vld1q_f32(s + i));
-        float mx = vmaxvq_f32(mx4);
-        for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-        float32x4_t vm = vdupq_n_f32(mx), sum4 = vdupq_n_f32(0.0f);
-        for (i = 0; i + 4 <= n; i += 4) {
-            float32x4_t e = exp4(vsubq_f32(vld1q_f32(s + i), vm));
-            vst1q_f32(s + i, e);
-            sum4 = vaddq_f32(sum4, e);
-        }
-        float sum = vaddvq_f32(sum4);
-        for (; i < n; i++) {
-            s[i] = expf(s[i] - mx);
-            sum += s[i];
-        }
-        m[g] = mx, l[g] = sum;
-        for (int z = 0; z < d; z++) acc[(size_t)g * d + z] = 0.0f;
-    }
     for (int t = 0; t < n; t++) {
         kv_row(a->vbase + off[t], row, d, f16);
-        for (int g = 0; g < G; g++) {
-            float *ag = acc + (size_t)g * d;
-            float32x4_t p = vdupq_n_f32(scratch[(size_t)g * n + t]);
-            for (int i = 0; i < d; i += 4) vst1q_f32(ag + i, vfmaq_f32(vld1q_f32(ag + i), p, vld1q_f32(row + i)));
-        }
+        for (int r = 0; r < R; r++)
+            if (K0 + t >= k0[r] && K0 + t < k1[r])
+                for (int g = 0; g < G; g++)
+                    axpy_neon(acc[r] + (size_t)g * d, scratch[(size_t)(r * G + g) * n + t], row, d);
     }
+}
+
+int rl_attn_rows_neon(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
+                      float *const *out, float *scratch) {
+    float *m[RL_ATTN_ROWS_HEADS], *l[RL_ATTN_ROWS_HEADS], *acc[RL_ATTN_ROWS_HEADS];
+    if (R > RL_ATTN_ROWS_HEADS) return 0;
+    for (int r = 0; r < R; r++) m[r] = out[r], l[r] = out[r] + a->G, acc[r] = out[r] + 2 * a->G;
+    attn_rows(a, R, q, k0, k1, m, l, acc, scratch);
+    return 1;
+}
+
+/* one row: the reference's structure (rl_attn_part_ref) with NEON dot products, exp and FMAs */
+void rl_attn_part_neon(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc) {
+    const float *q = a->q;
+    attn_rows(a, 1, &q, &k0, &k1, &m, &l, &acc, scratch);
 }
 #endif

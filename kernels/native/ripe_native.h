@@ -109,9 +109,10 @@ void rl_attn_part_ref(const rl_attn_args *a, int k0, int k1, float *scratch, flo
 void rl_attn_part_avx2(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
 /* R rows of one sequence (same block table, consecutive positions) over one K/V head at once: row r's G
  * query heads at q[r], keys k0[r]..k1[r]-1 (non-decreasing in r, at most one ATTN_CHUNK span in all),
- * partial (m, l, acc as rl_attn_part) at out[r]; a->q unused, a->table the last row's. scratch holds
- * R * G * n + d + 2 n + 1 floats (n = k1[R-1] - k0[0]). Returns 0 where it has no kernel (R * G over
- * RL_ATTN_ROWS_HEADS, or a head size other than 64): then each row runs alone. */
+ * partial at out[r] (m [G], l [G], acc [G][d], as rl_attn_part writes them); a->q unused, a->table the
+ * last row's. scratch holds R * G * n + d + 2 n + 1 floats (n = k1[R-1] - k0[0]). Returns 0 where the
+ * kernel does not take the shape (AVX2: head sizes other than 64; R * G over RL_ATTN_ROWS_HEADS): then
+ * each row runs alone. */
 #define RL_ATTN_ROWS_HEADS 64
 int rl_attn_rows_avx2(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
                       float *const *out, float *scratch);
@@ -128,6 +129,8 @@ void rl_matvec_q6_dotprod(const rl_matrix *, const rl_qact *, int, int, float *,
 void rl_matvec_t2_dotprod(const rl_matrix *, const rl_qact *, int, int, float *, int, int, int);
 void rl_exp_neon(float *x, int n);
 void rl_attn_part_neon(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc);
+int rl_attn_rows_neon(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
+                      float *const *out, float *scratch);
 
 /* code i (0..31) of row r in an RL_Q4, RL_Q4_0, RL_Q5 or RL_Q6 group-block gb (see repack.c) */
 static inline int rl_code(int fmt, const uint8_t *gb, int r, int i) {
