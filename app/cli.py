@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ripelm import retrieval_cli
 
     retrieval_cli.add_parsers(sub, model_args=_add_model_args, sampling_args=_add_sampling_args)
-    from ripelm.bench_draft import add_bench_draft_args
+    from ripelm.bench.draft import add_bench_draft_args
     from ripelm.quantize_cli import add_parser as add_quantize_parser
 
     add_bench_draft_args(bench)
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return server_cli.cmd_ps(args) if args.command == "ps" else server_cli.cmd_stop(args)
         if args.command == "bench" and args.draft:
-            from ripelm.bench_draft import cmd_bench_draft
+            from ripelm.bench.draft import cmd_bench_draft
 
             return cmd_bench_draft(args)
         if args.command == "quantize":
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return cmd_quantize(args)
         if args.command == "bench":
-            from ripelm.bench import cmd_bench
+            from ripelm.bench.compare import cmd_bench
 
             return cmd_bench(args)
         from ripelm.retrieval_cli import HANDLERS as RETRIEVAL

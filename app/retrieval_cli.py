@@ -82,7 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction, *, model_args: ArgAdder, sampli
     co.add_argument("action", nargs="?", choices=["list", "rm", "embedders"], default="list")
     co.add_argument("name", nargs="?", help="collection to remove (with rm)")
 
-    from ripelm import retrieval_bench
+    from ripelm.bench import retrieval as retrieval_bench
 
     retrieval_bench.add_parsers(sub)
 
@@ -364,7 +364,7 @@ def cmd_collections(args: argparse.Namespace) -> int:
 
 def _bench(name: str):
     def run(args: argparse.Namespace) -> int:
-        from ripelm import retrieval_bench
+        from ripelm.bench import retrieval as retrieval_bench
 
         return retrieval_bench.HANDLERS[name](args)
 

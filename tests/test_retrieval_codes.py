@@ -194,7 +194,7 @@ def test_float16_rerank_reads_the_chosen_rows():
 
 
 def test_scale_bench_reports_recall_latency_bandwidth_and_memory():
-    from ripelm.runtime.retrieval.scale_bench import memory_bandwidth, run_scale
+    from ripelm.bench.retrieval_scale import memory_bandwidth, run_scale
 
     real = spectrum_vectors(600, seed=2)
     results = run_scale(real[:500], real[500:520], n=25_000, shortlists=(1000, 3000), n_queries=30)

@@ -81,7 +81,7 @@ def _index(store_file: Path, name: str, paths: list[Path], emb, chunk_size: int 
 
 
 def cmd_retrieval_eval(args: argparse.Namespace) -> int:
-    from ripelm.runtime.retrieval import evaluation as E
+    from ripelm.bench import retrieval_eval as E
     from ripelm.runtime.retrieval.dense_index import DenseIndex
     from ripelm.runtime.retrieval.fusion import FusionParams
     from ripelm.runtime.retrieval.search import Searcher
@@ -203,7 +203,7 @@ def _tree(root: Path, n_files: int, docs: Path) -> None:
 def cmd_retrieval_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ripelm.runtime.retrieval.scale_bench import memory_bandwidth, run_scale
+    from ripelm.bench.retrieval_scale import memory_bandwidth, run_scale
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     emb = _open_embedder(args.embedder)

@@ -53,7 +53,7 @@ def add_bench_draft_args(bench: argparse.ArgumentParser) -> None:
 
 def run_once(target: str, draft: str, args: argparse.Namespace) -> dict:
     cmd = [
-        sys.executable, "-m", "ripelm.runtime.spec_bench_worker", "--model", target, "--draft", draft,
+        sys.executable, "-m", "ripelm.bench.spec_worker", "--model", target, "--draft", draft,
         "--k", str(args.draft_k), "--prompt-tokens", str(args.prompt_tokens),
         "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--temp", str(args.temp),
     ]  # fmt: skip

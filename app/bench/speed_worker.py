@@ -114,7 +114,7 @@ def _sync(b) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ripelm.runtime.bench_worker")
+    p = argparse.ArgumentParser(prog="python -m ripelm.bench.speed_worker")
     p.add_argument("--engine", required=True, choices=["native", "llama.cpp"])
     p.add_argument("--model", required=True)
     p.add_argument("--prompt-tokens", type=int, default=512)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ripelm.runtime.bench_worker import prompt_tokens
+from ripelm.bench.speed_worker import prompt_tokens
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.spec_control import expected_tokens
 
@@ -136,7 +136,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ripelm.runtime.spec_bench_worker")
+    p = argparse.ArgumentParser(prog="python -m ripelm.bench.spec_worker")
     p.add_argument("--model", required=True)
     p.add_argument("--draft", required=True)
     p.add_argument("--k", type=int, default=4)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ripelm.runtime.bench_worker import prompt_tokens
+from ripelm.bench.speed_worker import prompt_tokens
 from ripelm.runtime.engine import Engine
 from ripelm.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ripelm.runtime.native import LoadedModel
@@ -165,7 +165,7 @@ def bench_chat(model: str, n_prompt: int, n_gen: int, device: str | None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ripelm.runtime.bench_engine")
+    p = argparse.ArgumentParser(prog="python -m ripelm.bench.engine_worker")
     p.add_argument("--mode", required=True, choices=["batch", "kv", "chat"])
     p.add_argument("--model", required=True)
     p.add_argument("--batch", type=int, default=8)

@@ -23,7 +23,7 @@ def run_once(engine: str, model: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "ripelm.runtime.bench_worker",
+        "ripelm.bench.speed_worker",
         "--engine",
         engine,
         "--model",
@@ -53,7 +53,7 @@ def run_engine_bench(mode: str, model: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "ripelm.runtime.bench_engine",
+        "ripelm.bench.engine_worker",
         "--mode",
         mode,
         "--model",
