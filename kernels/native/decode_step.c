@@ -640,7 +640,8 @@ static void attend(rl_step_ctx *c, int layer, int tid, int nth) {
         rl_attn_args a = {qs[nr - 1], G, d, m->block_size, m->kv_f16,
                           m->k_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
                           m->v_pool + (int64_t)layer * m->layer_stride + (int64_t)kvh * d,
-                          (int64_t)m->n_kv * d, table_of(c, layer, rs[nr - 1]), m->scale};
+                          (int64_t)m->n_kv * d, table_of(c, layer, rs[nr - 1]), m->scale,
+                          kvh == 0 && m->n_kv > 1};
         if (nr > 1 && grouped && m->kern->attn_rows(&a, nr, qs, k0s, k1s, outs, m->scratch[tid].f)) continue;
         for (int i = 0; i < nr; i++) {
             a.q = qs[i], a.table = table_of(c, layer, rs[i]);

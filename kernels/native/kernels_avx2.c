@@ -404,6 +404,13 @@ AVX2 static void attn_part_generic(const rl_attn_args *a, int k0, int k1, float 
     }
 }
 
+/* a head-64 key's K and V rows ahead of use: this head's 128 bytes, or with a->whole_rows every head's */
+AVX2 static inline __attribute__((always_inline)) void prefetch_key(const rl_attn_args *a, int64_t off) {
+    const char *kn = (const char *)(a->kbase + off), *vn = (const char *)(a->vbase + off);
+    const int bytes = a->whole_rows ? 2 * (int)a->key_stride : 128;
+    for (int i = 0; i < bytes; i += 64) _mm_prefetch(kn + i, _MM_HINT_T0), _mm_prefetch(vn + i, _MM_HINT_T1);
+}
+
 /* weighted values of GN (1..3) heads over 32 dims (4 vectors) starting at vector c, in registers: one
  * value vector is converted at a time and used by every head, so the live registers are the 12
  * accumulators, the GN weights and that vector (no spills at GN = 3) */
@@ -452,9 +459,7 @@ RL_KI void attn_d64(const rl_attn_args *a, int k0, int k1, float *scratch, float
     rl_key_offsets(a, k0, k1, off);
     const __m256 scale = _mm256_set1_ps(a->scale);
     for (int t = 0; t < n && t < 16; t++) {
-        const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
-        _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
-        _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+        prefetch_key(a, off[t]);
     }
     __m256 part[RL_ATTN_MAX_G][8];
     for (int t0 = 0; t0 < n; t0 += 8) {
@@ -485,9 +490,7 @@ RL_KI void attn_d64(const rl_attn_args *a, int k0, int k1, float *scratch, float
         for (int j = 0; j < 8; j++) { /* the keys 16 ahead of this group of eight */
             int t = t0 + 16 + j;
             if (t >= n) break;
-            const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
-            _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
-            _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+            prefetch_key(a, off[t]);
         }
     }
     for (int g = 0; g < G; g++) softmax_part(scratch + (size_t)g * n, n, m + g, l + g);
@@ -507,9 +510,7 @@ RL_KI void attn_rows_d64(const rl_attn_args *a, int R, const float *const *q, co
     rl_key_offsets(a, K0, K0 + n, off);
     const __m256 scale = _mm256_set1_ps(a->scale);
     for (int t = 0; t < n && t < 16; t++) {
-        const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
-        _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
-        _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+        prefetch_key(a, off[t]);
     }
     __m256 part[RL_ATTN_ROWS_HEADS][8];
     for (int t0 = 0; t0 < n; t0 += 8) {
@@ -552,9 +553,7 @@ RL_KI void attn_rows_d64(const rl_attn_args *a, int R, const float *const *q, co
         for (int j = 0; j < 8; j++) {
             int t = t0 + 16 + j;
             if (t >= n) break;
-            const char *kn = (const char *)(a->kbase + off[t]), *vn = (const char *)(a->vbase + off[t]);
-            _mm_prefetch(kn, _MM_HINT_T0), _mm_prefetch(kn + 64, _MM_HINT_T0);
-            _mm_prefetch(vn, _MM_HINT_T1), _mm_prefetch(vn + 64, _MM_HINT_T1);
+            prefetch_key(a, off[t]);
         }
     }
     for (int r = 0; r < R; r++) {

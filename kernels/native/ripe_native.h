@@ -91,6 +91,10 @@ typedef struct {
     int64_t key_stride;
     const int32_t *table;
     float scale;
+    /* 1 for the first K/V head's task of a key range: it prefetches each key's whole row (every head's
+     * part, key_stride elements) for the other heads' tasks that follow it on the same thread
+     * (attend()); 0: its own part only */
+    int whole_rows;
 } rl_attn_args;
 /* element offsets of keys k0..k1-1 from kbase/vbase (one division per range, not per key) */
 static inline void rl_key_offsets(const rl_attn_args *a, int k0, int k1, int64_t *off) {
