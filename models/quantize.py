@@ -30,7 +30,7 @@ from ripelm.kernels.dequant import dequantize
 from ripelm.kernels.quant_types import QuantType, block_layout
 from ripelm.models.errors import RipelmError, UnsupportedModelError
 from ripelm.models.gguf_file import GGUFFile, TensorInfo, open_gguf
-from ripelm.models.gguf_writer import TensorOut, raw_metadata, replace_entries, uint32_entry, write_gguf
+from ripelm.models.gguf_output import Field, TensorOut, replace_fields, source_fields, write_gguf
 
 TARGETS: dict[str, QuantType] = {
     "q4_0": QuantType.Q4_0,
@@ -205,11 +205,11 @@ def quantize_model(
     g = open_gguf(src)
     try:
         plans = plan_model(g, t, h)
-        entries = replace_entries(
-            raw_metadata(g),
+        fields = replace_fields(
+            source_fields(src),
             [
-                uint32_entry("general.quantization_version", gguf.GGML_QUANT_VERSION),
-                uint32_entry("general.file_type", FILE_TYPES[t]),
+                Field("general.quantization_version", gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32),
+                Field("general.file_type", FILE_TYPES[t], gguf.GGUFValueType.UINT32),
             ],
         )
         outs = [TensorOut(p.name, p.shape, int(p.dst_type), _converter(g, p)) for p in plans]
@@ -223,7 +223,7 @@ def quantize_model(
                 progress(done, total, out.name)
 
         try:
-            write_gguf(dst, entries, outs, alignment=g.alignment, on_tensor=tick)
+            write_gguf(dst, fields, outs, alignment=g.alignment, on_tensor=tick)
         except OSError as e:
             raise QuantizeError(f"cannot write {dst}: {e.strerror or e}") from None
         src_bytes = sum(info.nbytes for info in g.tensors.values())
