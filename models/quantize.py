@@ -28,7 +28,7 @@ import numpy as np
 
 from ripelm.kernels.dequant import dequantize
 from ripelm.kernels.quant_types import QuantType, block_layout
-from ripelm.models.errors import RipelmError, UnsupportedModelError
+from ripelm.models.errors import QuantizeError, UnsupportedModelError
 from ripelm.models.gguf_file import GGUFFile, TensorInfo, open_gguf
 from ripelm.models.gguf_output import Field, TensorOut, replace_fields, source_fields, write_gguf
 
@@ -57,10 +57,6 @@ _NOT_QUANTIZED = re.compile(
     r"(_norm\.weight|ffn_gate_inp\.weight|^position_embd\.weight|^token_types\.weight|attn_rel_b\.weight)$"
 )
 CHUNK_ELEMENTS = 1 << 24  # rows converted at a time: bounds the float32 temporaries to ~64 MB
-
-
-class QuantizeError(RipelmError):
-    """`ripe quantize` cannot do what was asked (unknown type, unreadable tensor type, bad output path)."""
 
 
 @dataclass(frozen=True)
