@@ -192,3 +192,30 @@ def test_head_type_override(f32_model, tmp_path):
     res = quantize_model(f32_model, tmp_path / "h.gguf", "q4_1", head="q4_0")
     types = {p.name: p.dst_type for p in res.plans}
     assert types["token_embd.weight"] == QuantType.Q4_0 and types["blk.0.attn_q.weight"] == QuantType.Q4_1
+
+
+def test_metadata_copies_keep_bytes_and_types(tmp_path):
+    """Strings that are not UTF-8 and every scalar/array element type survive a copy unchanged."""
+    from ripelm.models.gguf_output import TensorOut, source_fields, write_gguf
+
+    VT = gguf.GGUFValueType
+    src = tmp_path / "src.gguf"
+    w = gguf.GGUFWriter(src, "llama")
+    w.add_key_value("x.bad_utf8", b"ab\xff\xfe", VT.STRING)
+    w.add_key_value("x.strings", [b"\xc3\x28", "tok\u00e9n"], VT.ARRAY, VT.STRING)
+    for i, vt in enumerate(VT):
+        if vt in (VT.STRING, VT.ARRAY):
+            continue
+        value = 1.5 if vt in (VT.FLOAT32, VT.FLOAT64) else True if vt == VT.BOOL else 7
+        w.add_key_value(f"x.scalar{i}", value, vt)
+        w.add_key_value(f"x.array{i}", [value, value], VT.ARRAY, vt)
+    w.add_tensor("t.weight", np.arange(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "out.gguf"
+    t = TensorOut("t.weight", (32,), int(QuantType.F32), lambda: np.arange(32, dtype=np.float32))
+    write_gguf(out, source_fields(src), [t])
+    assert raw_metadata(out) == raw_metadata(src)
+    assert out.read_bytes() == src.read_bytes()
