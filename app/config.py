@@ -39,14 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from ripelm.assistant_tools.settings import ToolSettings, parse_tool_config
-from ripelm.models.errors import RipelmError
+from ripelm.errors import ConfigError
 from ripelm.models.store import config_dir
 
 ENGINE_CHOICES = ("auto", "native", "llama.cpp", "openai")
-
-
-class ConfigError(RipelmError):
-    """config.toml cannot be read or has a setting of the wrong kind."""
 
 
 @dataclass

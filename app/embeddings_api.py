@@ -17,16 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ripelm.errors import EmbeddingsError
 from ripelm.models.bundled_embedder import EMBEDDER_NAME
 
 if TYPE_CHECKING:
     from ripelm.runtime.retrieval.embedder import Embedder
 
 MAX_INPUTS = 2048  # OpenAI's own limit per request
-
-
-class EmbeddingsError(Exception):
-    """A bad /v1/embeddings request: the server answers 400 with this message."""
 
 
 class EmbeddingsApi:

@@ -24,15 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ripelm.errors import PoolFullError
 from ripelm.models.errors import RipelmError
 from ripelm.runtime.backend import Backend, GenerationStats
 from ripelm.runtime.sampling import SamplingParams
 
 UNSET: Any = object()
-
-
-class PoolFullError(RipelmError):
-    """No room in the memory budget while other models are busy (answered with a 503)."""
 
 
 @dataclass

@@ -18,16 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ripelm.errors import NotFound
 from ripelm.models.errors import ModelNotFoundError, RipelmError
 from ripelm.runtime.reasoning import thinks  # ollama_api reads it from here too
 
 _INFO_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
 _DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-class NotFound(RipelmError):
-    """A model name the store does not have (answered with a 404)."""
 
 
 def rfc3339(ts: float | None = None) -> str:

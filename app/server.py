@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ripelm.embeddings_api import EmbeddingsApi, EmbeddingsError
+from ripelm.errors import ApiError
 from ripelm.models.errors import RipelmError
 from ripelm.openai_chat import plan_chat
 from ripelm.openai_choices import choice_options, chunks, completion
@@ -35,15 +36,6 @@ MAX_BODY = 16 << 20
 SOCKET_TIMEOUT = 120.0
 log = logging.getLogger("ripelm.serve")
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, TimeoutError)
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", extra: dict | None = None
-    ):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-        self.extra = extra or {}  # more fields of the error object
 
 
 def request_error(e: RipelmError) -> ApiError:

@@ -1,94 +1,21 @@
-"""GGML tensor types: their numeric ids and block layouts, and the byte-size arithmetic built on them.
+"""GGML tensor types and the byte-size arithmetic the kernels compute with.
 
-This module owns the mapping from GGML's type ids to (elements per block, bytes per block). It knows nothing
-about the GGUF container; the ids and sizes match ggml's `ggml_type` / `type_traits` tables.
+The type ids and block layouts are the `gguf` package's (`GGMLQuantizationType`, `GGML_QUANT_SIZES`), the
+single source for them in ripelm; this module only adds the checks and sizes the kernels need. Ids ggml has
+removed (4, 5, 31-33, 36-38) are absent from gguf-py's table, so a file using them is reported as unknown
+rather than misread.
 """
 
 from collections.abc import Sequence
-from enum import IntEnum
 from math import prod
 
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QuantType
 
-class QuantType(IntEnum):
-    """GGML tensor types by their on-disk numeric id.
-
-    Ids 4, 5 and 31-33, 36-38 belonged to formats ggml has since removed; they are deliberately absent so that
-    a file using them is reported as unknown rather than misread.
-    """
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-    TQ1_0 = 34
-    TQ2_0 = 35
-    MXFP4 = 39
-    NVFP4 = 40
-    Q1_0 = 41
-
+__all__ = ["BLOCK_LAYOUT", "QuantType", "block_layout", "quant_type", "row_bytes", "tensor_bytes"]
 
 # (elements per block, bytes per block). A row's length must be a whole number of blocks.
-BLOCK_LAYOUT: dict[QuantType, tuple[int, int]] = {
-    QuantType.F32: (1, 4),
-    QuantType.F16: (1, 2),
-    QuantType.Q4_0: (32, 18),
-    QuantType.Q4_1: (32, 20),
-    QuantType.Q5_0: (32, 22),
-    QuantType.Q5_1: (32, 24),
-    QuantType.Q8_0: (32, 34),
-    QuantType.Q8_1: (32, 40),
-    QuantType.Q2_K: (256, 84),
-    QuantType.Q3_K: (256, 110),
-    QuantType.Q4_K: (256, 144),
-    QuantType.Q5_K: (256, 176),
-    QuantType.Q6_K: (256, 210),
-    QuantType.Q8_K: (256, 292),
-    QuantType.IQ2_XXS: (256, 66),
-    QuantType.IQ2_XS: (256, 74),
-    QuantType.IQ3_XXS: (256, 98),
-    QuantType.IQ1_S: (256, 50),
-    QuantType.IQ4_NL: (32, 18),
-    QuantType.IQ3_S: (256, 110),
-    QuantType.IQ2_S: (256, 82),
-    QuantType.IQ4_XS: (256, 136),
-    QuantType.I8: (1, 1),
-    QuantType.I16: (1, 2),
-    QuantType.I32: (1, 4),
-    QuantType.I64: (1, 8),
-    QuantType.F64: (1, 8),
-    QuantType.IQ1_M: (256, 56),
-    QuantType.BF16: (1, 2),
-    QuantType.TQ1_0: (256, 54),
-    QuantType.TQ2_0: (256, 66),
-    QuantType.MXFP4: (32, 17),
-    QuantType.NVFP4: (64, 36),
-    QuantType.Q1_0: (128, 18),
-}
+BLOCK_LAYOUT: dict[QuantType, tuple[int, int]] = dict(GGML_QUANT_SIZES)
 
 
 def quant_type(qtype: int) -> QuantType:

@@ -28,19 +28,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ripelm.models.errors import ModelNotFoundError, RipelmError
+from ripelm.models.errors import DiskFullError, ModelNotFoundError, StoreError
 
 MANIFEST_VERSION = 1
 CHUNK = 1 << 20
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class StoreError(RipelmError):
-    """The model store cannot be read or written (damaged manifest, permissions, a name clash...)."""
-
-
-class DiskFullError(StoreError):
-    """No room left for a model file (disk full, quota, or file size limit)."""
 
 
 @dataclass

@@ -33,15 +33,11 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ripelm.models.errors import ModelNotFoundError, RipelmError
+from ripelm.models.errors import CatalogError, ModelNotFoundError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*(:[a-z0-9][a-z0-9._-]*)?$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_TAG = "latest"
-
-
-class CatalogError(RipelmError):
-    """A user catalog file that cannot be read or has a bad entry."""
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,9 @@ import httpx2
 from ripelm import __version__
 from ripelm.models.blobstore import CHUNK, DiskFullError, disk_error, human_size
 from ripelm.models.catalog import SHA256_RE
-from ripelm.models.errors import RipelmError
+from ripelm.models.errors import DownloadError
 
 HEADROOM = 16 << 20  # keep this much free beyond the file itself
-
-
-class DownloadError(RipelmError):
-    """A model file could not be fetched (not found, network failure, server error, bad answer)."""
-
-
-class ChecksumError(DownloadError):
-    """The bytes (or the hub's record of them) do not have the sha256 the catalog expects."""
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
+from ripelm.kernels.quant_types import BLOCK_LAYOUT
 from ripelm.models.errors import ModelFileChangedError, ModelFormatError, ModelNotFoundError
 from ripelm.models.file_guard import FileState, changed_message
 from ripelm.models.gguf_reader import (
@@ -64,9 +64,9 @@ class GGMLTypeInfo:
     type_size: int
 
 
-# The size table comes from the gguf package so that new quant types need no change here.
+# The size table is the gguf package's (through kernels.quant_types), so new quant types need no change here.
 GGML_TYPES: dict[int, GGMLTypeInfo] = {
-    int(t): GGMLTypeInfo(int(t), t.name, int(bs), int(ts)) for t, (bs, ts) in gguf.GGML_QUANT_SIZES.items()
+    int(t): GGMLTypeInfo(int(t), t.name, int(bs), int(ts)) for t, (bs, ts) in BLOCK_LAYOUT.items()
 }
 
 

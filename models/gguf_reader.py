@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGUFValueType
 
 from ripelm.models.errors import ModelFormatError
 
@@ -36,24 +37,6 @@ _INITIAL_READ = 2 << 20
 # A count or length that would not fit in the file is reported as "absurd" from this size on, and as
 # truncation below it (a cut-off file is the likelier story for a modest number).
 ABSURD_COUNT = 1 << 24
-
-
-class GGUFValueType:
-    """GGUF metadata value type ids (the file format's enum)."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
 
 
 _VT = GGUFValueType

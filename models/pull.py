@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from ripelm.models.blobstore import ManifestEntry, ModelStore, new_entry
 from ripelm.models.catalog import CatalogEntry
-from ripelm.models.downloader import ChecksumError, DownloadError, fetch_to_part, resolve_remote
+from ripelm.models.downloader import fetch_to_part, resolve_remote
+from ripelm.models.errors import ChecksumError, DownloadError
 
 
 @dataclass

@@ -28,9 +28,9 @@ import numpy as np
 
 from ripelm.kernels.dequant import dequantize
 from ripelm.kernels.quant_types import QuantType, block_layout
-from ripelm.models.errors import RipelmError, UnsupportedModelError
+from ripelm.models.errors import QuantizeError, UnsupportedModelError
 from ripelm.models.gguf_file import GGUFFile, TensorInfo, open_gguf
-from ripelm.models.gguf_writer import TensorOut, raw_metadata, replace_entries, uint32_entry, write_gguf
+from ripelm.models.gguf_output import Field, TensorOut, replace_fields, source_fields, write_gguf
 
 TARGETS: dict[str, QuantType] = {
     "q4_0": QuantType.Q4_0,
@@ -57,10 +57,6 @@ _NOT_QUANTIZED = re.compile(
     r"(_norm\.weight|ffn_gate_inp\.weight|^position_embd\.weight|^token_types\.weight|attn_rel_b\.weight)$"
 )
 CHUNK_ELEMENTS = 1 << 24  # rows converted at a time: bounds the float32 temporaries to ~64 MB
-
-
-class QuantizeError(RipelmError):
-    """`ripe quantize` cannot do what was asked (unknown type, unreadable tensor type, bad output path)."""
 
 
 @dataclass(frozen=True)
@@ -205,11 +201,11 @@ def quantize_model(
     g = open_gguf(src)
     try:
         plans = plan_model(g, t, h)
-        entries = replace_entries(
-            raw_metadata(g),
+        fields = replace_fields(
+            source_fields(src),
             [
-                uint32_entry("general.quantization_version", gguf.GGML_QUANT_VERSION),
-                uint32_entry("general.file_type", FILE_TYPES[t]),
+                Field("general.quantization_version", gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32),
+                Field("general.file_type", FILE_TYPES[t], gguf.GGUFValueType.UINT32),
             ],
         )
         outs = [TensorOut(p.name, p.shape, int(p.dst_type), _converter(g, p)) for p in plans]
@@ -223,7 +219,7 @@ def quantize_model(
                 progress(done, total, out.name)
 
         try:
-            write_gguf(dst, entries, outs, alignment=g.alignment, on_tensor=tick)
+            write_gguf(dst, fields, outs, alignment=g.alignment, on_tensor=tick)
         except OSError as e:
             raise QuantizeError(f"cannot write {dst}: {e.strerror or e}") from None
         src_bytes = sum(info.nbytes for info in g.tensors.values())

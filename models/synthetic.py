@@ -26,22 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ripelm.kernels.quant_types import QuantType
+from ripelm.kernels.quant_types import QuantType, block_layout
 
 if TYPE_CHECKING:  # numpy and the writer load only when a model is built (the CLI lists SHAPES)
     import numpy as np
 
-    from ripelm.models.gguf_writer import RawEntry
-
-# (bytes, weights) per block, and where the fp16 scales sit
-_BLOCK = {
-    QuantType.Q4_0: (18, 32),
-    QuantType.Q5_0: (22, 32),
-    QuantType.Q8_0: (34, 32),
-    QuantType.Q4_K: (144, 256),
-    QuantType.Q6_K: (210, 256),
-}
-
+    from ripelm.models.gguf_output import Field
 
 @dataclass(frozen=True)
 class Shape:
@@ -99,7 +89,7 @@ def random_blocks(t: QuantType, n: int, k: int, rng: np.random.Generator) -> np.
     """Bytes of a random [n, k] weight of type t whose values have a standard deviation near 1/sqrt(k)."""
     import numpy as np
 
-    size, per = _BLOCK[t]
+    per, size = block_layout(t)
     blocks = n * (k // per)
     raw = rng.integers(0, 256, size=(blocks, size), dtype=np.uint8)
     std = 1.0 / np.sqrt(k)
@@ -118,15 +108,22 @@ def random_blocks(t: QuantType, n: int, k: int, rng: np.random.Generator) -> np.
     return raw.reshape(-1)
 
 
-def _entry(key: str, fmt: str, vtype: int, value: float | int | str) -> RawEntry:
-    from ripelm.models.gguf_writer import RawEntry
+def _u32(key: str, value: int) -> Field:
+    from ripelm.models.gguf_output import VT, Field
 
-    kb = key.encode()
-    head = struct.pack("<Q", len(kb)) + kb + struct.pack("<I", vtype)
-    if vtype == 8:
-        vb = str(value).encode()
-        return RawEntry(key, head + struct.pack("<Q", len(vb)) + vb)
-    return RawEntry(key, head + struct.pack(fmt, value))
+    return Field(key, value, VT.UINT32)
+
+
+def _f32(key: str, value: float) -> Field:
+    from ripelm.models.gguf_output import VT, Field
+
+    return Field(key, value, VT.FLOAT32)
+
+
+def _str(key: str, value: str) -> Field:
+    from ripelm.models.gguf_output import VT, Field
+
+    return Field(key, value, VT.STRING)
 
 
 def build_synthetic(
@@ -137,39 +134,39 @@ def build_synthetic(
     import numpy as np
 
     from ripelm.models.gguf_file import open_gguf
-    from ripelm.models.gguf_writer import TensorOut, raw_metadata, uint32_entry, write_gguf
+    from ripelm.models.gguf_output import TensorOut, source_fields, write_gguf
 
     s = SHAPES[name]
     if n_layers is not None:
         s = dataclasses.replace(s, layers=n_layers)
-    src = open_gguf(tokenizer_from)
+    src = open_gguf(tokenizer_from)  # validated before gguf-py reads it
     try:
-        tok = [e for e in raw_metadata(src) if e.key.startswith("tokenizer.")]
         vocab = len(src.metadata["tokenizer.ggml.tokens"])
     finally:
         src.close()
+    tok = source_fields(tokenizer_from, prefix="tokenizer.")
     a = s.arch
     head_dim = s.hidden // s.heads
     entries = [
-        _entry("general.architecture", "", 8, a),
-        _entry("general.name", "", 8, f"synthetic {name}"),
-        uint32_entry("general.quantization_version", 2),
-        uint32_entry(f"{a}.context_length", s.context),
-        uint32_entry(f"{a}.embedding_length", s.hidden),
-        uint32_entry(f"{a}.block_count", s.layers),
-        uint32_entry(f"{a}.feed_forward_length", s.ffn),
-        uint32_entry(f"{a}.attention.head_count", s.heads),
-        uint32_entry(f"{a}.attention.head_count_kv", s.kv_heads),
-        uint32_entry(f"{a}.rope.dimension_count", s.rope_dim or head_dim),
-        uint32_entry(f"{a}.vocab_size", vocab),
-        _entry(f"{a}.attention.layer_norm_rms_epsilon", "<f", 6, 1e-5),
-        _entry(f"{a}.rope.freq_base", "<f", 6, s.rope_theta),
+        _str("general.architecture", a),
+        _str("general.name", f"synthetic {name}"),
+        _u32("general.quantization_version", 2),
+        _u32(f"{a}.context_length", s.context),
+        _u32(f"{a}.embedding_length", s.hidden),
+        _u32(f"{a}.block_count", s.layers),
+        _u32(f"{a}.feed_forward_length", s.ffn),
+        _u32(f"{a}.attention.head_count", s.heads),
+        _u32(f"{a}.attention.head_count_kv", s.kv_heads),
+        _u32(f"{a}.rope.dimension_count", s.rope_dim or head_dim),
+        _u32(f"{a}.vocab_size", vocab),
+        _f32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+        _f32(f"{a}.rope.freq_base", s.rope_theta),
         *tok,
     ]
     if s.phi3:
         entries += [
-            uint32_entry(f"{a}.rope.scaling.original_context_length", 4096),
-            _entry(f"{a}.rope.scaling.attn_factor", "<f", 6, 1.19),
+            _u32(f"{a}.rope.scaling.original_context_length", 4096),
+            _f32(f"{a}.rope.scaling.attn_factor", 1.19),
         ]
     rng = np.random.default_rng(seed)
     tensors: list[TensorOut] = []

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ripelm.runtime.errors import ContextOverflowError, EmptyPromptError
+from ripelm.runtime.errors import EmptyPromptError, check_context
 from ripelm.runtime.sampling import SamplingParams
 from ripelm.runtime.stopping import StopStrings
 from ripelm.runtime.tokenizer import StreamDecoder, Tokenizer
@@ -90,12 +90,7 @@ def prompt_ids(backend: Backend, text: str, *, add_bos: bool | None = None) -> l
     if not text.strip():
         raise EmptyPromptError("the prompt is empty")
     ids = backend.tokenizer.encode(text, add_bos=add_bos)
-    if len(ids) >= backend.context_length:
-        raise ContextOverflowError(
-            f"the prompt is {len(ids)} tokens but the context window is {backend.context_length}",
-            prompt_tokens=len(ids),
-            context_length=backend.context_length,
-        )
+    check_context(len(ids), backend.context_length)
     return ids
 
 
@@ -111,12 +106,8 @@ def stream(
     params.validate()
     stats = stats or GenerationStats()
     stats.prompt_tokens, stats.engine = len(prompt), backend.name
+    check_context(len(prompt), backend.context_length)
     budget = min(params.max_tokens, backend.context_length - len(prompt))
-    if budget < 1:
-        raise ContextOverflowError(
-            f"the prompt is {len(prompt)} tokens and leaves no room in the context window of "
-            f"{backend.context_length}"
-        )
     decoder = StreamDecoder(backend.tokenizer)
     stops = StopStrings(params.stop)
     eog = backend.tokenizer.eog_ids

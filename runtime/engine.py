@@ -25,7 +25,7 @@ from ripelm.runtime.cuda_step import graphs_enabled, static_decode_or_none
 from ripelm.runtime.draft_runner import DraftRunner
 from ripelm.runtime.engine_counters import EngineCounters
 from ripelm.runtime.engine_spec import DEFAULT_SPEC_K, SPEC_MAX_ROWS, SPECULATE_MODES
-from ripelm.runtime.errors import BackendError, ContextOverflowError
+from ripelm.runtime.errors import BackendError, KVPoolError, check_context
 from ripelm.runtime.grammar import Constraint
 from ripelm.runtime.kv_cache import (
     DEFAULT_BLOCK_SIZE,
@@ -46,10 +46,6 @@ from ripelm.runtime.token_logprobs import token_logprobs
 DEFAULT_MAX_SEQS = 64
 DEFAULT_PREFILL_CHUNK = 512
 __all__ = ["DEFAULT_SPEC_K", "SPECULATE_MODES", "SPEC_MAX_ROWS", "Engine", "EngineCounters", "KVPoolError"]
-
-
-class KVPoolError(ContextOverflowError):
-    """A sequence cannot fit the KV pool even on its own."""
 
 
 class Engine:
@@ -149,15 +145,10 @@ class Engine:
             raise ValueError("speculate='draft' needs an engine made with a draft model")
         if not 0 <= spec_k <= MAX_K:
             raise ValueError(f"the number of proposed tokens must be in 0..{MAX_K}, got {spec_k}")
-        if len(prompt) >= self.context_length:
-            raise ContextOverflowError(
-                f"the prompt is {len(prompt)} tokens but the context window is {self.context_length}"
-            )
+        check_context(len(prompt), self.context_length)
         pool_tokens = self.allocator.num_blocks * self.allocator.block_size
         if len(prompt) >= pool_tokens:
-            raise KVPoolError(
-                f"the prompt is {len(prompt)} tokens but the KV pool holds {pool_tokens}; raise --kv-memory"
-            )
+            raise KVPoolError.for_tokens(len(prompt), pool_tokens)
         req = Request(next(self._ids), n)
         req._cancel_fn = self._request_cancel
         seq = Sequence(
@@ -224,7 +215,7 @@ class Engine:
         self._take_cancels()
         plan = self.scheduler.schedule()
         for seq, err in self.scheduler.failed:
-            self._finish(seq, "error", KVPoolError(str(err)))
+            self._finish(seq, "error", err)
         self.scheduler.failed.clear()
         if plan is not None:
             try:

@@ -1,5 +1,7 @@
 """Errors a user can cause at generation time (bad prompt, too long, bad settings)."""
 
+from __future__ import annotations
+
 from ripelm.models.errors import RipelmError
 
 
@@ -33,3 +35,25 @@ class BadSettingError(RipelmError):
 
 class DraftModelError(RipelmError):
     """A draft model that cannot pair with the target (different vocabulary, unusable file or settings)."""
+
+
+class KVPoolError(ContextOverflowError):
+    """A sequence cannot fit the KV pool even on its own (the pool, smaller than the window, is the limit)."""
+
+    @classmethod
+    def for_tokens(cls, n_tokens: int, pool_tokens: int) -> KVPoolError:
+        return cls(
+            f"the sequence is {n_tokens} tokens but the KV pool holds {pool_tokens}; raise --kv-memory"
+        )
+
+
+def check_context(n_prompt: int, context_length: int) -> None:
+    """The one check that a prompt leaves room for a token in the context window.
+
+    Its message is the format `ripe serve` answers with and `openai_backend` reads back the numbers from."""
+    if n_prompt >= context_length:
+        raise ContextOverflowError(
+            f"the prompt is {n_prompt} tokens but the context window is {context_length}",
+            prompt_tokens=n_prompt,
+            context_length=context_length,
+        )

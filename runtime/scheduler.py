@@ -25,11 +25,8 @@ from dataclasses import dataclass, field
 
 from ripelm.runtime import engine_spec
 from ripelm.runtime.block_allocator import BlockAllocator
+from ripelm.runtime.errors import KVPoolError
 from ripelm.runtime.sequence import SeqStatus, Sequence
-
-
-class PoolTooSmallError(RuntimeError):
-    """A single sequence needs more KV blocks than the whole pool has."""
 
 
 @dataclass
@@ -120,7 +117,7 @@ class Scheduler:
             a = self.allocator
             if -(-len(seq.tokens) // a.block_size) > a.num_blocks:
                 self.waiting.popleft()
-                self.failed.append((seq, PoolTooSmallError(self._too_small(seq))))
+                self.failed.append((seq, self._too_small(seq)))
                 continue
             seq.table = a.match_prefix(seq.tokens, limit=len(seq.tokens) - 1)
             count = min(seq.remaining, self.prefill_chunk)
@@ -207,7 +204,7 @@ class Scheduler:
                 self.running.remove(seq)
                 a.free(seq.table)
                 self._release_draft(seq)
-                self.failed.append((seq, PoolTooSmallError(self._too_small(seq))))
+                self.failed.append((seq, self._too_small(seq)))
                 return False
             self._preempt(victim)
             if victim is seq:
@@ -223,9 +220,7 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _too_small(self, seq: Sequence) -> str:
+    def _too_small(self, seq: Sequence) -> KVPoolError:
+        """A single sequence needs more KV blocks than the whole pool has."""
         a = self.allocator
-        return (
-            f"the KV pool holds {a.num_blocks * a.block_size} tokens, too few for this sequence "
-            f"({len(seq.tokens)} tokens and growing); raise --kv-memory"
-        )
+        return KVPoolError.for_tokens(len(seq.tokens), a.num_blocks * a.block_size)

@@ -19,7 +19,7 @@ from hub_server import LoopbackHub
 
 from ripelm.models.blobstore import ModelStore
 from ripelm.models.catalog import CatalogEntry
-from ripelm.models.downloader import ChecksumError, DownloadError
+from ripelm.models.errors import ChecksumError, DownloadError
 from ripelm.models.pull import pull
 from ripelm.models.store import resolve_model
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,6 @@ import torch
 from ripelm.kernels.dequant import dequantize
 from ripelm.kernels.quant_types import QuantType
 from ripelm.models.gguf_file import open_gguf
-from ripelm.models.gguf_writer import raw_metadata
 from ripelm.models.quantize import TARGETS, QuantizeError, quantize_model, summarize_fallbacks
 from ripelm.quantize_cli import TYPE_NAMES
 
@@ -38,6 +38,12 @@ def test_cli_choices_are_the_quantizer_targets():
     assert set(TYPE_NAMES) == set(TARGETS)
 
 
+def raw_metadata(path) -> dict[str, bytes]:
+    """Each key/value entry's bytes exactly as stored (key, type and value)."""
+    fields = gguf.GGUFReader(path).fields.values()
+    return {f.name: b"".join(p.tobytes() for p in f.parts) for f in fields if not f.name.startswith("GGUF.")}
+
+
 @pytest.mark.parametrize("target", ["q4_0", "q4_1", "q8_0", "f16", "f32"])
 def test_types_metadata_and_values(f32_model, tmp_path, target):
     res = quantize_model(f32_model, tmp_path / f"{target}.gguf", target)
@@ -45,8 +51,7 @@ def test_types_metadata_and_values(f32_model, tmp_path, target):
     try:
         t = TARGETS[target]
         # metadata: every entry byte for byte, except the file type written for the new precision
-        a = {e.key: e.data for e in raw_metadata(src)}
-        b = {e.key: e.data for e in raw_metadata(out)}
+        a, b = raw_metadata(f32_model), raw_metadata(res.path)
         assert set(b) - set(a) <= {"general.quantization_version"}
         changed = {k for k in a if a[k] != b[k]}
         assert changed <= {"general.file_type", "general.quantization_version"}
@@ -187,3 +192,30 @@ def test_head_type_override(f32_model, tmp_path):
     res = quantize_model(f32_model, tmp_path / "h.gguf", "q4_1", head="q4_0")
     types = {p.name: p.dst_type for p in res.plans}
     assert types["token_embd.weight"] == QuantType.Q4_0 and types["blk.0.attn_q.weight"] == QuantType.Q4_1
+
+
+def test_metadata_copies_keep_bytes_and_types(tmp_path):
+    """Strings that are not UTF-8 and every scalar/array element type survive a copy unchanged."""
+    from ripelm.models.gguf_output import TensorOut, source_fields, write_gguf
+
+    VT = gguf.GGUFValueType
+    src = tmp_path / "src.gguf"
+    w = gguf.GGUFWriter(src, "llama")
+    w.add_key_value("x.bad_utf8", b"ab\xff\xfe", VT.STRING)
+    w.add_key_value("x.strings", [b"\xc3\x28", "tok\u00e9n"], VT.ARRAY, VT.STRING)
+    for i, vt in enumerate(VT):
+        if vt in (VT.STRING, VT.ARRAY):
+            continue
+        value = 1.5 if vt in (VT.FLOAT32, VT.FLOAT64) else True if vt == VT.BOOL else 7
+        w.add_key_value(f"x.scalar{i}", value, vt)
+        w.add_key_value(f"x.array{i}", [value, value], VT.ARRAY, vt)
+    w.add_tensor("t.weight", np.arange(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "out.gguf"
+    t = TensorOut("t.weight", (32,), int(QuantType.F32), lambda: np.arange(32, dtype=np.float32))
+    write_gguf(out, source_fields(src), [t])
+    assert raw_metadata(out) == raw_metadata(src)
+    assert out.read_bytes() == src.read_bytes()

@@ -17,13 +17,10 @@ from typing import Any
 
 from ripelm.assistant_tools.registry import Tool
 from ripelm.assistant_tools.settings import McpServerConfig
+from ripelm.errors import McpError
 
 START_TIMEOUT_S = 20.0
 CALL_TIMEOUT_S = 60.0
-
-
-class McpError(Exception):
-    """A server that would not start or a call that failed at the transport (one line)."""
 
 
 def _text(result: Any) -> tuple[str, bool]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ripelm.chat_store.records import ChatStoreError, Memory
+from ripelm.chat_store.records import Memory
+from ripelm.errors import ChatStoreError
 
 MAX_MEMORY_CHARS = 1000  # one memory is a fact, not a document
 

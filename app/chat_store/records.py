@@ -5,14 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ripelm.models.errors import RipelmError
-
-
-class ChatStoreError(RipelmError):
-    """The chat database cannot be opened, is from a newer ripelm, or a chat, message or memory does not
-    exist."""
-
-
 # How a stored message ended. An assistant reply is written as "partial" while it streams and becomes
 # "done", "cancelled" (Esc: the text so far is kept) or "error" when it ends; a reply still "partial"
 # after a restart was cut off by a crash or a kill.

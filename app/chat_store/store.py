@@ -30,11 +30,11 @@ from ripelm.chat_store.records import (
     PARTIAL,
     STATES,
     Chat,
-    ChatStoreError,
     Message,
     SearchHit,
 )
 from ripelm.chat_store.upgrades import SCHEMA_VERSION, schema_version, upgrade
+from ripelm.errors import ChatStoreError
 from ripelm.models.store import data_dir
 
 
