@@ -38,7 +38,7 @@ from ripelm.runtime.kv_cache import (
 from ripelm.runtime.model import ForwardInterrupted, Transformer
 from ripelm.runtime.sampling import Sampler, SamplingParams
 from ripelm.runtime.scheduler import Scheduler, StepPlan
-from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence
+from ripelm.runtime.sequence import Finish, Request, SeqStatus, Sequence, SpecToken
 from ripelm.runtime.spec_control import MAX_K
 from ripelm.runtime.step_forward import StepForward
 from ripelm.runtime.token_logprobs import token_logprobs
@@ -338,16 +338,17 @@ class Engine:
         """Stream the tokens one target forward produced for `seq` (rows[i]: the logits token i was chosen
         from), ending it at the first stop token or at its budget (later tokens of the same forward are
         dropped). With `logprobs` asked for, each token's `TokenLogprob` goes just before it."""
-        if seq.spec is not None:
-            seq.spec.forwards += 1
-            seq.out.put(seq.spec.copy())  # the figures first, so a reader that stops at a token has them
+        spec = None
+        if seq.spec is not None:  # the figures travel with the step's first token: a reader stopping at
+            seq.spec.forwards += 1  # a token has them
+            spec = seq.spec.copy()
         top = seq.params.logprobs
         lps = token_logprobs(rows, tokens, top) if top is not None else None
         for i, tok in enumerate(tokens):
             if lps is not None:
                 seq.out.put(lps[i])
             seq.tokens.append(tok)
-            seq.out.put(tok)
+            seq.out.put(SpecToken(tok, spec) if spec is not None and i == 0 else tok)
             if tok in seq.stop_ids:
                 self._finish(seq, "stop")
                 return

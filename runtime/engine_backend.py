@@ -108,12 +108,14 @@ class EngineBackend:
         holds one `TokenLogprob` per token yielded."""
         stream = req.streams[index]
         stats.logprobs = stream.logprobs
+        noted = None
         try:
             for tok in stream:
                 if stream.cached_tokens is not None:
                     stats.cached_tokens = stream.cached_tokens
                 if stream.spec is not None:
-                    self._note_speculation(stats, stream.spec)
+                    if stream.spec is not noted:  # new figures come with a step's first token
+                        self._note_speculation(stats, noted := stream.spec)
                     stats.emitted_tokens += 1
                 yield tok
         finally:

@@ -27,6 +27,13 @@ WINDOW = 9  # timings kept per measured quantity; the median of these is the est
 MAX_K = 15
 BASELINE_SAMPLES = 2  # plain target steps timed (after a discarded first one) before any draft
 REMEASURE_EVERY = 32  # while speculating, one plain step per this many rounds re-times the target
+# Until a pass of m rows has TRUSTED_SAMPLES timings, its cost is at least c_t (1 + ROW_PRIOR (m - 1)): one
+# early sample on a busy machine can come out below a one-row step (seen: 2 rows at 0.82 of one, on a
+# prompt whose proposals were then accepted 7% of the time), which kept a losing sequence speculating. On
+# the 2-core AVX2 machine a verified row costs 0.2 to 0.35 of a one-row step; a GPU or a large
+# memory-bound model costs less, and measures it within a few rounds.
+ROW_PRIOR = 0.25
+TRUSTED_SAMPLES = 3
 
 
 class Timing:
@@ -71,8 +78,8 @@ class DraftPolicy:
     # stop drafting when the draft's top probability is below this (0: never). Measured on the bundled
     # model (f32 target, Q4_1 draft, greedy): 0.3 lost 15% against no threshold, 0.1 stayed within noise.
     min_confidence: float = 0.1
-    min_gain: float = 1.10  # turn speculation (back) on only when predicted to be this much faster
-    off_below: float = 1.03  # turn it off when no draft length is predicted to be faster than this
+    min_gain: float = 1.15  # turn speculation (back) on only when predicted to be this much faster
+    off_below: float = 1.10  # turn it off when no draft length is predicted to be faster than this
     probe_every: int = 64  # while off, one draft round every this many tokens
     prior_acceptance: float = 0.7
 
@@ -154,8 +161,17 @@ class SpecController:
 
     def verify_estimate(self, m: int, costs: dict[int, float] | None = None) -> float | None:
         """c_v(m): measured if seen, else a least-squares line through the measured sizes (`costs`: the
-        medians, when the caller has them already)."""
+        medians, when the caller has them already); for m > 1 at least ROW_PRIOR's line until trusted."""
         costs = self.verify_cost if costs is None else costs
+        estimate = self._fit(m, costs)
+        seen = self.verify_timing.get(m)
+        untrusted = seen is None or seen.count < TRUSTED_SAMPLES + 1  # its first timing is discarded
+        if estimate is not None and m > 1 and 1 in costs and untrusted:
+            estimate = max(estimate, costs[1] * (1.0 + ROW_PRIOR * (m - 1)))
+        return estimate
+
+    @staticmethod
+    def _fit(m: int, costs: dict[int, float]) -> float | None:
         if m in costs:
             return costs[m]
         pts = sorted(costs.items())

@@ -16,7 +16,7 @@ from test_speculative import exact_marginals
 from ripelm.runtime import engine_spec
 from ripelm.runtime.engine import SPEC_MAX_ROWS, Engine
 from ripelm.runtime.sampling import SamplingParams
-from ripelm.runtime.sequence import Finish, SpecTally
+from ripelm.runtime.sequence import Finish, SpecToken
 from ripelm.runtime.tokenizer import Tokenizer
 
 ENGLISH = (Path(__file__).parent / "data" / "english.txt").read_text()
@@ -185,7 +185,7 @@ def test_budget_and_stop_tokens_cut_exactly(bundled, prompts, plain):
         (s,) = generate(engine, [p], n, ["ngram"])
         assert list(s) == plain[0][:n] and s.finish.reason == "length"
     # The rounds of an unstopped run, read from the raw event queue: each decode step's figures come
-    # before its tokens. Pick a token whose first occurrence is not the last token of its round.
+    # with its first token. Pick a token whose first occurrence is not the last token of its round.
     req = engine.submit(
         p,
         SamplingParams(temperature=0, max_tokens=40),
@@ -196,8 +196,8 @@ def test_budget_and_stop_tokens_cut_exactly(bundled, prompts, plain):
     engine.run_until_idle()
     rounds: list[list[int]] = []
     while not isinstance(item := req.queues[0].get_nowait(), Finish):
-        if isinstance(item, SpecTally):
-            rounds.append([])
+        if isinstance(item, SpecToken):
+            rounds.append([item.token])
         elif isinstance(item, int):
             rounds[-1].append(item)
     out = [t for r in rounds for t in r]
