@@ -65,6 +65,17 @@ def within(db: Path, check, what: str) -> float:
     pytest.fail(f"{what} never reached the store")
 
 
+def settled(log: Path, quiet_s: float = 0.5, limit_s: float = 10.0) -> str:
+    """The watch's log once it has not changed for `quiet_s`."""
+    text, since, t0 = log.read_text(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - t0 < limit_s:
+        time.sleep(0.05)
+        now = log.read_text()
+        if now != text:
+            text, since = now, time.monotonic()
+    return text
+
+
 def test_watch_follows_edits_additions_and_deletions(tmp_path):
     home = make_home(tmp_path / "home")
     root = tmp_path / "notes"
@@ -89,7 +100,7 @@ def test_watch_follows_edits_additions_and_deletions(tmp_path):
         (root / "n2.md").rename(root / "moved.md")
         within(db, lambda d: "n2.md" not in d and "moved.md" in d, "a rename")
         # same content, new mtime: re-stamped by its hash, not re-embedded (same rules as `ripe index`)
-        before = out.read_text()
+        before = settled(out)  # the rename's report line is written just after its commit
         os.utime(root / "new.md", (time.time() + 5, time.time() + 5))
         time.sleep(1.0)
         assert out.read_text() == before  # nothing re-indexed, so nothing reported
