@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ripelm.kernels.quant_types import QuantType
 from ripelm.models.gguf_file import GGUFFile, open_gguf
+from ripelm.models.quant_types import QuantType
 from ripelm.models.quantize import quantize_model
 from ripelm.models.store import data_dir, resolve_model
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from ripelm.kernels.quant_types import BLOCK_LAYOUT
 from ripelm.models.errors import ModelFileChangedError, ModelFormatError, ModelNotFoundError
 from ripelm.models.file_guard import FileState, changed_message
 from ripelm.models.gguf_reader import (
@@ -41,6 +40,7 @@ from ripelm.models.gguf_reader import (
     HeaderReader,
     check_magic_and_version,
 )
+from ripelm.models.quant_types import BLOCK_LAYOUT
 
 __all__ = [
     "GGML_TYPES",
@@ -64,7 +64,7 @@ class GGMLTypeInfo:
     type_size: int
 
 
-# The size table is the gguf package's (through kernels.quant_types), so new quant types need no change here.
+# The size table is the gguf package's (through models.quant_types), so new quant types need no change here.
 GGML_TYPES: dict[int, GGMLTypeInfo] = {
     int(t): GGMLTypeInfo(int(t), t.name, int(bs), int(ts)) for t, (bs, ts) in BLOCK_LAYOUT.items()
 }

@@ -26,9 +26,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ripelm.kernels.quant_types import tensor_bytes
 from ripelm.models.errors import UnsupportedModelError
 from ripelm.models.gguf_file import open_gguf
+from ripelm.models.quant_types import tensor_bytes
 
 VT = gguf.GGUFValueType
 ARCH_KEY = "general.architecture"

@@ -27,10 +27,10 @@ import gguf
 import numpy as np
 
 from ripelm.kernels.dequant import dequantize
-from ripelm.kernels.quant_types import QuantType, block_layout
 from ripelm.models.errors import QuantizeError, UnsupportedModelError
 from ripelm.models.gguf_file import GGUFFile, TensorInfo, open_gguf
 from ripelm.models.gguf_output import Field, TensorOut, replace_fields, source_fields, write_gguf
+from ripelm.models.quant_types import QuantType, block_layout
 
 TARGETS: dict[str, QuantType] = {
     "q4_0": QuantType.Q4_0,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ripelm.kernels.quant_types import QuantType, block_layout
+from ripelm.models.quant_types import QuantType, block_layout
 
 if TYPE_CHECKING:  # numpy and the writer load only when a model is built (the CLI lists SHAPES)
     import numpy as np

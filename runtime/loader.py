@@ -25,10 +25,10 @@ from ripelm.kernels.packed_linear import (
     SplitInt8Linear,
     int4_shape_ok,
 )
-from ripelm.kernels.quant_types import QuantType
 from ripelm.models.config import ModelConfig, config_from_gguf
 from ripelm.models.errors import UnsupportedModelError
 from ripelm.models.gguf_file import GGUFFile, unsupported_tensor_types
+from ripelm.models.quant_types import QuantType
 from ripelm.runtime.model import LayerWeights, Transformer
 
 INT4_TYPES = {QuantType.Q4_0, QuantType.Q4_1, QuantType.Q4_K, QuantType.TQ1_0, QuantType.TQ2_0}

@@ -28,10 +28,10 @@ from ripelm.kernels.cpu_features import cpu_has_bf16_matmul
 from ripelm.kernels.native_lib import ptr as _ptr
 from ripelm.kernels.native_linear import Repacked, WeightArena
 from ripelm.kernels.packed_linear import DENSE_MIN_ROWS
-from ripelm.kernels.quant_types import BLOCK_LAYOUT, QuantType
 from ripelm.models.config import ModelConfig
 from ripelm.models.errors import ModelFileChangedError
 from ripelm.models.gguf_file import GGUFFile
+from ripelm.models.quant_types import BLOCK_LAYOUT, QuantType
 from ripelm.runtime.loader import gate_up_names, qkv_names
 from ripelm.runtime.model import REFINE_MARGIN, REFINE_MAX, ForwardInterrupted
 

@@ -100,7 +100,7 @@ def test_unknown_and_unsupported_types_raise_value_error() -> None:
         dequantize(np.zeros(64, np.uint8), 99, (2, 32))
     assert quant_type(gguf.GGMLQuantizationType.Q4_K) is QT.Q4_K
     with pytest.raises(ValueError, match="IQ2_XXS"):
-        dequantize(np.zeros(66, np.uint8), QT.IQ2_XXS, (1, 256))
+        dequantize(np.zeros(66, np.uint8), gguf.GGMLQuantizationType.IQ2_XXS, (1, 256))
     with pytest.raises(ValueError, match="Q8_0"):
         q4_codes_scales_offsets(np.zeros(34, np.uint8), QT.Q8_0, (1, 32))
 

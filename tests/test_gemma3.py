@@ -23,7 +23,7 @@ from real_models import gemma3_270m  # noqa: E402
 from test_vs_llama_cpp import compare, error_vs_exact  # noqa: E402
 
 from ripelm.kernels import native_lib  # noqa: E402
-from ripelm.kernels.quant_types import QuantType  # noqa: E402
+from ripelm.models.quant_types import QuantType  # noqa: E402
 from ripelm.runtime.backend import GenerationStats  # noqa: E402
 from ripelm.runtime.native_decode import NATIVE_FORMATS  # noqa: E402
 from ripelm.runtime.sampling import SamplingParams  # noqa: E402

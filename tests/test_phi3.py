@@ -23,7 +23,7 @@ from phi3_factory import tiny_phi3_cached  # noqa: E402
 from test_vs_llama_cpp import ENGLISH, _argmax_kl  # noqa: E402
 
 from ripelm.kernels import native_lib  # noqa: E402
-from ripelm.kernels.quant_types import QuantType  # noqa: E402
+from ripelm.models.quant_types import QuantType  # noqa: E402
 from ripelm.runtime.backend import GenerationStats  # noqa: E402
 from ripelm.runtime.llama_cpp_backend import LlamaCppBackend  # noqa: E402
 from ripelm.runtime.native_decode import NATIVE_FORMATS  # noqa: E402

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ripelm.kernels.dequant import dequantize
-from ripelm.kernels.quant_types import QuantType
 from ripelm.models.gguf_file import open_gguf
+from ripelm.models.quant_types import QuantType
 from ripelm.models.quantize import TARGETS, QuantizeError, quantize_model, summarize_fallbacks
 from ripelm.quantize_cli import TYPE_NAMES
 

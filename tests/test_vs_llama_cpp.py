@@ -21,7 +21,7 @@ pytest.importorskip("llama_cpp")
 from native_reference import NativeBackend  # noqa: E402
 
 from ripelm.kernels import native_lib  # noqa: E402
-from ripelm.kernels.quant_types import QuantType  # noqa: E402
+from ripelm.models.quant_types import QuantType  # noqa: E402
 from ripelm.runtime.llama_cpp_backend import LlamaCppBackend  # noqa: E402
 from ripelm.runtime.native_decode import NATIVE_FORMATS  # noqa: E402
 

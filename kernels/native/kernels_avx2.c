@@ -447,64 +447,17 @@ RL_KI void pv_heads(const rl_attn_args *a, const int64_t *off, int n, const floa
     }
 }
 
-/* The attention range for head_dim 64 (8 vectors; SmolLM2, Llama 3.2 1B, Qwen2.5 0.5B): a key's row is
- * converted once into registers and used by all G query heads, eight keys' dot products share one
- * horizontal reduction per head, and the weighted sum keeps up to three heads' accumulators for 32 dims
- * in registers per pass over the values. `f16` is a constant at both call sites (a copy each, no test of
- * the K/V type per load). */
-RL_KI void attn_d64(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l, float *acc,
-                    const int f16) {
-    const int n = k1 - k0, G = a->G;
-    int64_t *off = rl_offsets_in(scratch, G, n, 64);
-    rl_key_offsets(a, k0, k1, off);
-    const __m256 scale = _mm256_set1_ps(a->scale);
-    for (int t = 0; t < n && t < 16; t++) {
-        prefetch_key(a, off[t]);
-    }
-    __m256 part[RL_ATTN_MAX_G][8];
-    for (int t0 = 0; t0 < n; t0 += 8) {
-        int tn = n - t0 < 8 ? n - t0 : 8;
-        for (int j = 0; j < tn; j++) {
-            const uint16_t *kp = a->kbase + off[t0 + j];
-            __m256 k[8];
-            for (int i = 0; i < 8; i++) k[i] = kv8(kp + 8 * i, f16);
-            for (int g = 0; g < G; g++) {
-                const float *q = a->q + (size_t)g * 64;
-                __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(q), k[0]);
-                __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), k[1]);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), k[2], s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), k[3], s1);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 32), k[4], s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 40), k[5], s1);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 48), k[6], s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 56), k[7], s1);
-                part[g][j] = _mm256_add_ps(s0, s1);
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            for (int j = tn; j < 8; j++) part[g][j] = _mm256_setzero_ps();
-            float out[8];
-            _mm256_storeu_ps(out, _mm256_mul_ps(hsum8x8(part[g]), scale));
-            for (int j = 0; j < tn; j++) scratch[(size_t)g * n + t0 + j] = out[j];
-        }
-        for (int j = 0; j < 8; j++) { /* the keys 16 ahead of this group of eight */
-            int t = t0 + 16 + j;
-            if (t >= n) break;
-            prefetch_key(a, off[t]);
-        }
-    }
-    for (int g = 0; g < G; g++) softmax_part(scratch + (size_t)g * n, n, m + g, l + g);
-    pv_heads(a, off, n, scratch, n, G, acc, f16);
-}
-
-/* attn_d64 for R rows of one sequence at consecutive positions (a speculative verify, a chunk of a prompt):
- * row r attends over keys k0[r]..k1[r]-1 (both non-decreasing in r) with its G heads at q[r], and writes
- * its partial to out[r] (m [G], l [G], acc [G][64]). Each key's row is converted once for all R * G heads
- * and read from memory once; every row's scores, softmax and weighted sums take the same operations in
- * the same order as attn_d64 over its own range (a key's dot product and its lane in hsum8x8 do not
- * depend on its neighbours), so a row's result is the same bits alone and in a group. */
+/* The attention of R rows of one sequence at consecutive positions over one K/V head, head_dim 64 (8 vectors;
+ * SmolLM2, Llama 3.2 1B, Qwen2.5 0.5B); R = 1 is a single row's range. Row r attends over keys
+ * k0[r]..k1[r]-1 (both non-decreasing in r) with its G heads at q[r] and writes m[r] [G], l[r] [G],
+ * acc[r] [G][64]. Each key's row is read once and converted once into registers for all R * G heads, eight
+ * keys' dot products share one horizontal reduction per head, and the weighted sum keeps up to three heads'
+ * accumulators for 32 dims in registers per pass over the values. Every row's scores, softmax and weighted
+ * sums take the same operations in the same order whatever R is (a key's dot product and its lane in
+ * hsum8x8 do not depend on its neighbours), so a row's result is the same bits alone and in a group.
+ * `f16` is a constant at every call site (a copy each, no test of the K/V type per load). */
 RL_KI void attn_rows_d64(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
-                         float *const *out, float *scratch, const int f16) {
+                         float *const *m, float *const *l, float *const *acc, float *scratch, const int f16) {
     const int G = a->G, H = R * G, K0 = k0[0], n = k1[R - 1] - K0;
     int64_t *off = rl_offsets_in(scratch, H, n, 64);
     rl_key_offsets(a, K0, K0 + n, off);
@@ -559,8 +512,8 @@ RL_KI void attn_rows_d64(const rl_attn_args *a, int R, const float *const *q, co
     for (int r = 0; r < R; r++) {
         const int s0 = k0[r] - K0, nr = k1[r] - k0[r];
         float *p = scratch + (size_t)r * G * n + s0;
-        for (int g = 0; g < G; g++) softmax_part(p + (size_t)g * n, nr, out[r] + g, out[r] + G + g);
-        pv_heads(a, off + s0, nr, p, n, G, out[r] + 2 * G, f16);
+        for (int g = 0; g < G; g++) softmax_part(p + (size_t)g * n, nr, m[r] + g, l[r] + g);
+        pv_heads(a, off + s0, nr, p, n, G, acc[r], f16);
     }
 }
 
@@ -568,19 +521,21 @@ RL_KI void attn_rows_d64(const rl_attn_args *a, int R, const float *const *q, co
 AVX2 int rl_attn_rows_avx2(const rl_attn_args *a, int R, const float *const *q, const int *k0, const int *k1,
                            float *const *out, float *scratch) {
     if (a->d != 64 || R * a->G > RL_ATTN_ROWS_HEADS) return 0;
-    if (a->kv_f16) attn_rows_d64(a, R, q, k0, k1, out, scratch, 1);
-    else attn_rows_d64(a, R, q, k0, k1, out, scratch, 0);
+    float *m[RL_ATTN_ROWS_HEADS], *l[RL_ATTN_ROWS_HEADS], *acc[RL_ATTN_ROWS_HEADS];
+    for (int r = 0; r < R; r++) m[r] = out[r], l[r] = out[r] + a->G, acc[r] = out[r] + 2 * a->G;
+    if (a->kv_f16) attn_rows_d64(a, R, q, k0, k1, m, l, acc, scratch, 1);
+    else attn_rows_d64(a, R, q, k0, k1, m, l, acc, scratch, 0);
     return 1;
 }
 
 AVX2 static void attn_part_d64_f16(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l,
                                    float *acc) {
-    attn_d64(a, k0, k1, scratch, m, l, acc, 1);
+    attn_rows_d64(a, 1, &a->q, &k0, &k1, &m, &l, &acc, scratch, 1);
 }
 
 AVX2 static void attn_part_d64_bf16(const rl_attn_args *a, int k0, int k1, float *scratch, float *m, float *l,
                                     float *acc) {
-    attn_d64(a, k0, k1, scratch, m, l, acc, 0);
+    attn_rows_d64(a, 1, &a->q, &k0, &k1, &m, &l, &acc, scratch, 0);
 }
 #undef RL_KI
 
